@@ -1,0 +1,80 @@
+"""Dataclass configs as command lines: each field's ``metadata["help"]`` is its documented help text.
+
+    @dataclass
+    class TrainConfig:
+        steps: int = field(default=400, metadata={"help": "optimizer steps"})
+        def __post_init__(self): check(self.steps > 0, "steps must be > 0")
+
+    add_config_args(parser, TrainConfig); cfg = config_from_args(TrainConfig, parser.parse_args())
+
+``__post_init__`` validates with ``check``, which raises NestlingError: the CLI prints one line and exits 2.
+Stdlib only, so every stage (and the edge runtime) can use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, TypeVar
+
+from serve.errors import NestlingError
+
+T = TypeVar("T")
+
+
+def check(condition: bool, message: str) -> None:
+    if not condition:
+        raise NestlingError(message)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per dataclass field, typed, defaulting to the field's default, help from metadata."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        tp, _ = _unwrap_optional(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        )
+        help_ = f.metadata.get("help", "")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": f"{help_} (default: {default})"}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) in (list, tuple):
+            (inner, *_) = typing.get_args(tp) or (str,)
+            kwargs.update(nargs="+", type=inner)
+        else:
+            kwargs["type"] = tp if tp in (int, float, str) else str
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        group.add_argument(_flag(f.name), **kwargs)
+
+
+def config_from_args(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:
+    names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    values = {k: v for k, v in vars(ns).items() if k in names}
+    values.update(overrides)
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise NestlingError(f"{cls.__name__}: {e}") from None
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,356 @@
+"""Answers and explanations: extraction, step parsing and step checking, shared by every stage.
+
+The distillation filter drops rationales with a false step; the runtime shows which steps check out. Both
+call the same functions here, so a user sees exactly the checks the training data passed.
+
+    extract_answer("9 + 8 = 17. The answer is 17.")        -> "17"
+    answers_match("17.0", "17")                             -> True
+    parse_steps("Step 1: 9 + 8 = 17\\nAnswer: 17")          -> ["9 + 8 = 17"]
+    check_step("9 times 8 is 64, so 9 + 8 = 17").ok         -> False  (72 != 64)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+
+# ---- answer extraction -------------------------------------------------------------------------------
+
+_NUM = r"[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
+_ANSWER_LINE = re.compile(r"(?im)^\W*(?:final\s+)?answer\s*[:=]\s*(.+?)\s*$")
+_ANSWER_IS = re.compile(r"(?i)\b(?:final\s+)?answer\s+(?:is|=|:|would be|will be)\s*[:=]?\s*(.+?)(?:\.\s|\.$|\n|$)")
+_BOXED = re.compile(r"\\boxed\{([^{}]+)\}")
+_LAST_NUM = re.compile(_NUM)
+
+
+def clean_answer(s: str) -> str:
+    """Strip markup and trailing punctuation a model wraps around an answer."""
+    prev = None
+    while s != prev:
+        prev = s
+        s = s.strip().strip("*_`$ ").rstrip(".!;,").strip()
+        s = re.sub(r"^\\\(|\\\)$", "", s).strip()
+        if len(s) >= 2 and s[0] == s[-1] and s[0] in "\"'":
+            s = s[1:-1]
+    return s
+
+
+def extract_answer(text: str) -> str | None:
+    """Best-effort final answer from free text.
+
+    Order: the last ``Answer:`` line, "the answer is X", ``\\boxed{X}``, then the last number. Small models
+    often ignore the requested format, so each fallback matters; None when nothing answer-like is found.
+    """
+    if not text:
+        return None
+    for pattern in (_ANSWER_LINE, _ANSWER_IS, _BOXED):
+        hits = [clean_answer(m) for m in pattern.findall(text)]
+        hits = [h for h in hits if h]
+        if hits:
+            return hits[-1]
+    nums = _LAST_NUM.findall(text)
+    return clean_answer(nums[-1]) if nums else None
+
+
+def parse_number(s: str) -> Fraction | None:
+    """'1,234' / '-3.5' / '7/2' / '12.' as an exact Fraction; None when s is not one number."""
+    s = clean_answer(s).replace(" ", "")
+    if re.fullmatch(r"[-+]?\d{1,3}(,\d{3})+(\.\d+)?", s):
+        s = s.replace(",", "")
+    if not re.fullmatch(r"[-+]?(\d+(\.\d*)?|\.\d+)(/\d+)?", s) or len(s) > 64:
+        return None
+    try:
+        return Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def normalize_answer(s: str) -> str:
+    """Case-, space- and punctuation-insensitive form used for exact-match comparison and voting."""
+    n = parse_number(s)
+    if n is not None:
+        return str(n.numerator) if n.denominator == 1 else f"{n.numerator}/{n.denominator}"
+    return " ".join(clean_answer(s).lower().split())
+
+
+def answers_match(pred: str | None, gold: str) -> bool:
+    """Numeric equality when both are numbers, normalised exact match otherwise."""
+    if pred is None:
+        return False
+    return normalize_answer(pred) == normalize_answer(gold)
+
+
+# ---- steps -------------------------------------------------------------------------------------------
+
+_STEP_PREFIX = re.compile(r"^\s*(?:step\s*\d+\s*[:.)-]|\d+\s*[.):]|[-*\u2022]|#+)\s*", re.IGNORECASE)
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z(])")
+
+
+def parse_steps(text: str) -> list[str]:
+    """Rationale -> steps: one per line (numbering stripped), long lines split into sentences.
+
+    The final ``Answer:`` line is not a step.
+    """
+    steps: list[str] = []
+    for line in text.splitlines():
+        line = _STEP_PREFIX.sub("", line).strip()
+        if not line or _ANSWER_LINE.match(line):
+            continue
+        steps.extend(s.strip() for s in _SENTENCE_SPLIT.split(line) if s.strip())
+    return steps
+
+
+# ---- step checking -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Claim:
+    """One checkable statement in a step, e.g. ``9 * 8 = 64``: ``value`` is what it really equals."""
+
+    expr: str
+    stated: str
+    value: str
+    ok: bool
+
+
+@dataclass
+class StepCheck:
+    text: str
+    claims: list[Claim] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool | None:
+        """True: every claim holds; False: at least one is false; None: nothing checkable in the step."""
+        if not self.claims:
+            return None
+        return all(c.ok for c in self.claims)
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "ok": self.ok, "claims": [asdict(c) for c in self.claims]}
+
+
+StepChecker = Callable[[str], list[Claim]]
+
+
+class _Evaluator:
+    """Recursive-descent evaluator for + - * / ^ and parentheses over Fractions. Never calls eval()."""
+
+    _TOKEN = re.compile(r"\s*(\d+(?:\.\d+)?|[-+*/^()])")
+    MAX_EXPONENT = 64
+
+    def __init__(self, text: str):
+        self.tokens: list[str] = []
+        pos = 0
+        text = text.strip()
+        while pos < len(text):
+            m = self._TOKEN.match(text, pos)
+            if not m:
+                raise ValueError(f"bad token at {text[pos:]!r}")
+            self.tokens.append(m.group(1))
+            pos = m.end()
+        self.i = 0
+
+    def parse(self) -> Fraction:
+        value = self._sum()
+        if self.i != len(self.tokens):
+            raise ValueError("trailing tokens")
+        return value
+
+    def _peek(self) -> str | None:
+        return self.tokens[self.i] if self.i < len(self.tokens) else None
+
+    def _take(self) -> str:
+        tok = self._peek()
+        if tok is None:
+            raise ValueError("unexpected end")
+        self.i += 1
+        return tok
+
+    def _sum(self) -> Fraction:
+        value = self._product()
+        while self._peek() in ("+", "-"):
+            op = self._take()
+            rhs = self._product()
+            value = value + rhs if op == "+" else value - rhs
+        return value
+
+    def _product(self) -> Fraction:
+        value = self._power()
+        while self._peek() in ("*", "/"):
+            op = self._take()
+            rhs = self._power()
+            if op == "*":
+                value *= rhs
+            elif rhs == 0:
+                raise ValueError("division by zero")
+            else:
+                value /= rhs
+        return value
+
+    def _power(self) -> Fraction:
+        base = self._unary()
+        if self._peek() == "^":
+            self._take()
+            exp = self._power()
+            if exp.denominator != 1 or abs(exp) > self.MAX_EXPONENT:
+                raise ValueError("unsupported exponent")
+            return base ** int(exp)
+        return base
+
+    def _unary(self) -> Fraction:
+        if self._peek() in ("-", "+"):
+            sign = -1 if self._take() == "-" else 1
+            return sign * self._unary()
+        tok = self._take()
+        if tok == "(":
+            value = self._sum()
+            if self._take() != ")":
+                raise ValueError("unbalanced parentheses")
+            return value
+        if tok in "+-*/^)":
+            raise ValueError(f"unexpected {tok!r}")
+        return Fraction(tok)
+
+
+def safe_eval(expr: str) -> Fraction:
+    """Evaluate an arithmetic expression exactly; ValueError when it is not one."""
+    if len(expr) > 200:
+        raise ValueError("expression too long")
+    return _Evaluator(expr).parse()
+
+
+_NUMBER_WORDS = {
+    w: str(i)
+    for i, w in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+        "sixteen seventeen eighteen nineteen twenty".split()
+    )
+}
+_WORD_OPS = [
+    (r"\bmultiplied\s+by\b|\btimes\b", "*"),
+    (r"\bdivided\s+by\b", "/"),
+    (r"\bplus\b|\badded\s+to\b", "+"),
+    (r"\bminus\b|\bsubtract(?:ed)?\b(?=\s+\d)", "-"),
+    (r"\bto\s+the\s+power\s+of\b", "^"),
+    (r"\b(?:is\s+equal\s+to|equals?|is|are|gives?|makes?|results?\s+in|yields?)\b", "="),
+]
+_BINARY_PHRASES = [
+    (re.compile(r"\bthe\s+sum\s+of\s+(\S+)\s+and\s+(\S+)", re.I), r"\1 + \2"),
+    (re.compile(r"\bthe\s+product\s+of\s+(\S+)\s+and\s+(\S+)", re.I), r"\1 * \2"),
+    (re.compile(r"\bthe\s+difference\s+(?:between|of)\s+(\S+)\s+and\s+(\S+)", re.I), r"\1 - \2"),
+    (re.compile(r"\bthe\s+quotient\s+of\s+(\S+)\s+and\s+(\S+)", re.I), r"\1 / \2"),
+]
+_EXPR = r"[-+(]*\s*\d[\d.\s+\-*/^()]*"
+_CLAIM = re.compile(rf"(?=({_EXPR})=\s*([-+]?\s*\d+(?:\.\d+)?(?:\s*/\s*\d+)?)(?![\d.]*\s*[*/^]|\.\d))")
+
+
+def _symbolize(text: str) -> str:
+    """Words and typographic symbols -> ASCII arithmetic, so one regex finds every claim."""
+    t = text.replace("\u00d7", "*").replace("\u00f7", "/").replace("\u2212", "-").replace("\u2013", "-")
+    t = t.replace("**", "^").replace("\u22c5", "*").replace("\u00b7", "*")
+    t = re.sub(r"(?<=\d),(?=\d{3}\b)", "", t)
+    t = re.sub(r"(?<=\d)\s*[xX]\s*(?=\d)", " * ", t)
+    t = re.sub(r"\b(" + "|".join(_NUMBER_WORDS) + r")\b", lambda m: _NUMBER_WORDS[m.group(1).lower()], t,
+               flags=re.I)
+    for pattern, repl in _BINARY_PHRASES:
+        t = pattern.sub(repl, t)
+    for pattern, sym in _WORD_OPS:
+        t = re.sub(pattern, f" {sym} ", t, flags=re.I)
+    return t
+
+
+def _close_enough(value: Fraction, stated_text: str, stated: Fraction) -> bool:
+    if value == stated:
+        return True
+    # A rounded decimal ("10 / 3 = 3.33") is right when it is right to the digits it states.
+    if "." in stated_text:
+        digits = len(stated_text.split(".")[1])
+        return abs(value - stated) <= Fraction(1, 2 * 10**digits)
+    return False
+
+
+def arithmetic_claims(step: str) -> list[Claim]:
+    """Every ``expr = number`` with an operator in expr, in symbols or words ("9 times 8 is 72")."""
+    text = _symbolize(step)
+    claims: list[Claim] = []
+    seen_spans: set[int] = set()
+    for m in _CLAIM.finditer(text):
+        lhs, rhs = m.group(1), m.group(2)
+        # Keep the longest evaluable suffix of the left side: "so 2 + 3" -> "2 + 3".
+        lhs = lhs.strip()
+        eq_pos = m.start(1) + len(m.group(1))
+        if eq_pos in seen_spans or not re.search(r"\d\s*[-+*/^]\s*[-+(]*\s*\d", lhs):
+            continue
+        value = None
+        for start in range(len(lhs)):
+            if start and not (lhs[start - 1].isspace() or lhs[start - 1] in "(=,"):
+                continue
+            try:
+                value = safe_eval(lhs[start:])
+                lhs = lhs[start:].strip()
+                break
+            except (ValueError, ZeroDivisionError, OverflowError):
+                continue
+        if value is None or not re.search(r"\d\s*[-+*/^]\s*[-+(]*\s*\d", lhs):
+            continue
+        seen_spans.add(eq_pos)
+        stated_text = rhs.replace(" ", "")
+        try:
+            stated = safe_eval(stated_text)
+        except (ValueError, ZeroDivisionError):
+            continue
+        ok = _close_enough(value, stated_text, stated)
+        claims.append(Claim(expr=" ".join(lhs.split()), stated=stated_text, value=_fmt(value), ok=ok))
+    return claims
+
+
+def _fmt(x: Fraction) -> str:
+    if x.denominator == 1:
+        return str(x.numerator)
+    return f"{float(x):.6g}"
+
+
+# Per-task step checkers. Key: a task name prefix ("rg:basic_arithmetic") or "*" for every task.
+STEP_CHECKERS: dict[str, list[StepChecker]] = {"*": [arithmetic_claims]}
+
+
+def register_step_checker(checker: StepChecker, tasks: Iterable[str] = ("*",)) -> None:
+    """Add a checker for tasks whose name starts with one of `tasks` ("*" = all)."""
+    for t in tasks:
+        STEP_CHECKERS.setdefault(t, []).append(checker)
+
+
+def _checkers_for(task: str | None) -> list[StepChecker]:
+    out = list(STEP_CHECKERS.get("*", []))
+    if task:
+        for key, checkers in STEP_CHECKERS.items():
+            if key != "*" and task.startswith(key):
+                out.extend(checkers)
+    return out
+
+
+def check_step(step: str, task: str | None = None) -> StepCheck:
+    claims: list[Claim] = []
+    for checker in _checkers_for(task):
+        claims.extend(checker(step))
+    return StepCheck(text=step, claims=claims)
+
+
+def check_steps(steps: Iterable[str], task: str | None = None) -> list[StepCheck]:
+    return [check_step(s, task) for s in steps]
+
+
+def explanation_consistent(steps: list[str], answer: str | None) -> bool:
+    """The rationale's last stated result equals the answer (a claim's value, else the last number)."""
+    if answer is None or not steps:
+        return False
+    for step in reversed(steps):
+        claims = arithmetic_claims(step)
+        if claims:
+            return answers_match(claims[-1].stated, answer)
+        nums = _LAST_NUM.findall(step)
+        if nums:
+            return answers_match(nums[-1], answer)
+    return False
