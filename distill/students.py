@@ -1,4 +1,4 @@
-"""Students: always ``LlamaForCausalLM`` (so ONNX and GGUF export both work), saved in ``save_pretrained`` form.
+"""Students: always ``LlamaForCausalLM`` (ONNX and GGUF export both work), in ``save_pretrained`` form.
 
     tok = train_tokenizer(texts, vocab_size=2048)
     model = new_student("tiny", tok)          # from-scratch preset, ~3-5M parameters
@@ -84,14 +84,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedT
     )
 
 
-def new_student(preset: str | StudentPreset, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
+def new_student(
+    preset: str | StudentPreset, tokenizer: PreTrainedTokenizerFast, seed: int = 0
+) -> LlamaForCausalLM:
     """A randomly initialised llama student sized by `preset`, with tied embeddings."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if isinstance(preset, str):
         if preset not in PRESETS:
-            raise NestlingError(f"student preset {preset!r} does not exist; choose one of {', '.join(PRESETS)}")
+            raise NestlingError(
+                f"student preset {preset!r} does not exist; choose one of {', '.join(PRESETS)}"
+            )
         preset = PRESETS[preset]
     p = asdict(preset)
     head_dim = p["hidden_size"] // p["num_attention_heads"]
@@ -117,7 +121,7 @@ def count_params(model: LlamaForCausalLM) -> int:
 
 
 def save_student(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> Path:
-    """save_pretrained form: safetensors, tokenizer (with chat template), generation config that stops at eos."""
+    """save_pretrained form: safetensors, tokenizer with chat template, generation config stopping at eos."""
     from transformers import GenerationConfig
 
     out = Path(out_dir)

@@ -134,7 +134,9 @@ def try_read_manifest(out_dir: str | Path, stage: str | None = None) -> dict[str
         return None
 
 
-def verify_files(out_dir: str | Path, manifest: dict[str, Any], rel_paths: Iterable[str] | None = None) -> None:
+def verify_files(
+    out_dir: str | Path, manifest: dict[str, Any], rel_paths: Iterable[str] | None = None
+) -> None:
     """Check size and sha256 of the named files (default: all); a file under a named directory counts."""
     root = Path(out_dir)
     recorded: dict[str, dict[str, Any]] = manifest.get("files", {})
@@ -154,11 +156,13 @@ def verify_files(out_dir: str | Path, manifest: dict[str, Any], rel_paths: Itera
                     "or was replaced, re-export it"
                 )
             if sha256_file(p) != meta["sha256"]:
-                raise NestlingError(f"{p}: sha256 does not match the manifest; the file was modified, re-export it")
+                raise NestlingError(
+                    f"{p}: sha256 does not match the manifest; the file was modified, re-export it"
+                )
 
 
 def is_fresh(out_dir: str | Path, stage: str, config: Any, inputs: dict[str, Any]) -> bool:
-    """True when out_dir holds a complete run of `stage` with this config and these inputs (and intact files)."""
+    """True when out_dir holds an intact, complete run of `stage` with this config and these inputs."""
     m = try_read_manifest(out_dir, stage)
     if m is None:
         return False
