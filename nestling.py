@@ -15,6 +15,9 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
 
 from serve.errors import NestlingError
 
@@ -39,8 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _register_run(sub: argparse._SubParsersAction) -> None:
     from serve.config import add_config_args
 
-    from pipeline import RunConfig  # noqa: I001
-
     p = sub.add_parser("run", help="the one command: traces -> train -> eval -> export -> report")
     add_config_args(p, RunConfig)
     p.set_defaults(func=_cmd_run)
@@ -49,9 +50,8 @@ def _register_run(sub: argparse._SubParsersAction) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from serve.config import config_from_args
 
-    from pipeline import RunConfig, run
-
-    run(config_from_args(RunConfig, args))
+    report = run(config_from_args(RunConfig, args))
+    print(Path(report["paths"]["md"]).read_text())
     return 0
 
 
@@ -74,9 +74,167 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a bug, not bad input: keep the traceback one flag away
         if args.verbose or os.environ.get("NESTLING_DEBUG"):
             raise
-        print(f"error: unexpected {type(e).__name__}: {e} (re-run with -v for the traceback)", file=sys.stderr)
+        print(
+            f"error: unexpected {type(e).__name__}: {e} (re-run with -v for the traceback)", file=sys.stderr
+        )
         return 1
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---- the one command -----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    """`nestling run`: traces -> train -> eval -> export -> report. Every field has a working default."""
+
+    out: str = field(default="runs/default", metadata={"help": "run directory (re-run to resume)"})
+    task: str | None = field(default=None, metadata={"help": "task spec; default: the embedded easy mix"})
+    teacher: str | None = field(
+        default=None, metadata={"help": "teacher spec; default: gguf:smollm2 (bundled)"}
+    )
+    students: list[str] | None = field(default=None, metadata={"help": "student specs; default: distill's"})
+    objective: str | None = field(default=None, metadata={"help": "cot | multitask | answer-only"})
+    samples: int | None = field(default=None, metadata={"help": "teacher samples per question (k)"})
+    n: int | None = field(default=None, metadata={"help": "questions to draw (train + held-out)"})
+    seed: int | None = field(default=None, metadata={"help": "seed for sampling, splits and training"})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads per process"})
+    tolerance: float = field(
+        default=0.02, metadata={"help": "recommend the fastest artifact within this accuracy of the best"}
+    )
+
+    def __post_init__(self) -> None:
+        from serve.config import check
+
+        check(0.0 <= self.tolerance <= 1.0, f"--tolerance {self.tolerance}: must be in [0, 1], e.g. 0.02")
+
+
+def _overrides(cfg: RunConfig, target: type) -> dict[str, Any]:
+    """RunConfig values the user set, for the stage config fields of the same name."""
+    names = {f.name for f in fields(target) if f.init}
+    return {k: v for k, v in asdict(cfg).items() if v is not None and k in names}
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Distil (traces, students, eval), export every student, then write report.{json,md,png} in cfg.out."""
+    from distill.cli import DistillConfig, run_distill
+    from export.cli import ExportConfig, export_student
+
+    run_dir = Path(cfg.out)
+    distilled = run_distill(DistillConfig(**_overrides(cfg, DistillConfig)))
+    exports: dict[str, Path] = {}
+    for name, student_dir in distilled["students"].items():
+        out = run_dir / "exports" / name
+        export_student(ExportConfig(student=str(student_dir), out=str(out), **_overrides(cfg, ExportConfig)))
+        exports[name] = out
+    return write_report(run_dir, collect_report(run_dir), cfg.tolerance)
+
+
+def recommend(exports: dict[str, dict[str, Any]], tolerance: float) -> str | None:
+    """The fastest export whose accuracy is within `tolerance` of the most accurate export."""
+    scored = {k: v for k, v in exports.items() if v.get("accuracy") is not None and v.get("tokens_per_s")}
+    if not scored:
+        return None
+    best = max(v["accuracy"] for v in scored.values())
+    near = {k: v for k, v in scored.items() if v["accuracy"] >= best - tolerance - 1e-9}
+    return max(near, key=lambda k: near[k]["tokens_per_s"])
+
+
+def write_report(run_dir: Path, report: dict[str, Any], tolerance: float) -> dict[str, Any]:
+    """report.json (keys: teacher, baseline, students, exports, recommended), report.md and report.png."""
+    from serve.manifest import atomic_write_json, atomic_write_text
+
+    report = {
+        **report,
+        "tolerance": tolerance,
+        "recommended": recommend(report.get("exports", {}), tolerance),
+    }
+    paths = {k: str(run_dir / f"report.{k}") for k in ("json", "md", "png")}
+    report["paths"] = paths
+    atomic_write_text(paths["md"], _report_markdown(report))
+    _report_plot(report, Path(paths["png"]))
+    atomic_write_json(paths["json"], report)
+    return report
+
+
+def _fmt(x: Any, kind: str) -> str:
+    if x is None:
+        return "-"
+    if kind == "acc":
+        return f"{100 * x:.1f}%"
+    if kind == "params":
+        return f"{x / 1e6:.2f}M"
+    if kind == "bytes":
+        return f"{x / 2**20:.1f} MiB"
+    return f"{x:,.0f}"
+
+
+def _report_markdown(report: dict[str, Any]) -> str:
+    rows = [("teacher", "", report.get("teacher", {}))]
+    rows += [(f"student {k}", "", v) for k, v in report.get("students", {}).items()]
+    rows += [(f"export {k}", v.get("student", ""), v) for k, v in report.get("exports", {}).items()]
+    lines = [
+        "# nestling run report",
+        "",
+        f"Trivial baseline (always the most common training answer): "
+        f"{_fmt(report.get('baseline', {}).get('accuracy'), 'acc')}.",
+        f"Recommended artifact: **{report.get('recommended') or '-'}** (the fastest export within "
+        f"{100 * report['tolerance']:.0f} points of the most accurate one).",
+        "",
+        "| model | student | held-out accuracy | params | size | decode tokens/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, student, e in rows:
+        lines.append(
+            f"| {name} | {student} | {_fmt(e.get('accuracy'), 'acc')} | {_fmt(e.get('params'), 'params')} | "
+            f"{_fmt(e.get('bytes'), 'bytes')} | {_fmt(e.get('tokens_per_s'), 'tps')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _report_plot(report: dict[str, Any], path: Path) -> None:
+    """Accuracy vs decode speed (log x), marker area ~ file size; baseline dashed; recommended ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    points = [("teacher", report.get("teacher", {}), "tab:red", "*")]
+    points += [(f"student {k}", v, "tab:blue", "o") for k, v in report.get("students", {}).items()]
+    points += [(k, v, "tab:green", "s") for k, v in report.get("exports", {}).items()]
+    sizes = [e.get("bytes") or 0 for _, e, _, _ in points]
+    biggest = max(sizes + [1])
+    for (label, e, color, marker), size in zip(points, sizes, strict=True):
+        if e.get("accuracy") is None or not e.get("tokens_per_s"):
+            continue
+        area = 40 + 400 * (size / biggest) ** 0.5
+        ax.scatter(e["tokens_per_s"], 100 * e["accuracy"], s=area, c=color, marker=marker, alpha=0.7)
+        ax.annotate(
+            label,
+            (e["tokens_per_s"], 100 * e["accuracy"]),
+            fontsize=7,
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    rec = report.get("recommended")
+    if rec and rec in report.get("exports", {}):
+        e = report["exports"][rec]
+        ax.scatter(e["tokens_per_s"], 100 * e["accuracy"], s=600, facecolors="none", edgecolors="black")
+    base = report.get("baseline", {}).get("accuracy")
+    if base is not None:
+        ax.axhline(100 * base, ls="--", c="gray", label=f"trivial baseline {100 * base:.1f}%")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("decode tokens/s (log scale)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title("nestling: accuracy / speed / size (marker area ~ bytes)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)

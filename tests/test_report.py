@@ -1,0 +1,58 @@
+"""The run report: recommendation rule and the files `nestling run` promises."""
+
+from __future__ import annotations
+
+import json
+
+import nestling
+
+
+def _report():
+    return {
+        "teacher": {"accuracy": 0.50, "params": 134_500_000, "bytes": 98_000_000, "tokens_per_s": 100.0},
+        "baseline": {"accuracy": 0.08},
+        "students": {
+            "tiny": {"accuracy": 0.52, "params": 3_400_000, "bytes": 14_000_000, "tokens_per_s": 900.0}
+        },
+        "exports": {
+            "tiny-gguf-f16": {
+                "student": "tiny",
+                "accuracy": 0.52,
+                "params": 3_400_000,
+                "bytes": 7_000_000,
+                "tokens_per_s": 5000.0,
+            },
+            "tiny-gguf-q8_0": {
+                "student": "tiny",
+                "accuracy": 0.51,
+                "params": 3_400_000,
+                "bytes": 4_000_000,
+                "tokens_per_s": 6000.0,
+            },
+            "tiny-gguf-q4_k_m": {
+                "student": "tiny",
+                "accuracy": 0.45,
+                "params": 3_400_000,
+                "bytes": 2_500_000,
+                "tokens_per_s": 7000.0,
+            },
+        },
+    }
+
+
+def test_recommend_is_fastest_within_tolerance():
+    exports = _report()["exports"]
+    assert nestling.recommend(exports, tolerance=0.02) == "tiny-gguf-q8_0"
+    assert nestling.recommend(exports, tolerance=0.10) == "tiny-gguf-q4_k_m"
+    assert nestling.recommend(exports, tolerance=0.0) == "tiny-gguf-f16"
+    assert nestling.recommend({}, tolerance=0.02) is None
+
+
+def test_write_report_writes_json_md_png(tmp_path):
+    out = nestling.write_report(tmp_path, _report(), tolerance=0.02)
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert {"teacher", "baseline", "students", "exports", "recommended"} <= set(data)
+    assert data["recommended"] == out["recommended"] == "tiny-gguf-q8_0"
+    md = (tmp_path / "report.md").read_text()
+    assert "tiny-gguf-q8_0" in md and "8.0%" in md
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
