@@ -229,6 +229,7 @@ def _report_plot(report: dict[str, Any], path: Path) -> None:
         ax.axhline(100 * base, ls="--", c="gray", label=f"trivial baseline {100 * base:.1f}%")
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xscale("log")
+    ax.set_ylim(0, 105)  # from zero: small accuracy gaps should look small
     ax.set_xlabel("decode tokens/s (log scale)")
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title("nestling: accuracy / speed / size (marker area ~ bytes)")
