@@ -1,0 +1,135 @@
+"""A scripted, deterministic engine for the serve tests: byte-level tokens, no model, no torch.
+
+    eng = FakeEngine()                     # tokens are UTF-8 bytes (0-255), bos 256, eos 257
+    export = make_fake_export(tmp_path)    # an export dir whose manifest names engine "fake"
+    r = Reasoner.load(export)              # after register_fake()
+
+What it "generates" for ``Question: Q\\nExplain:`` (answer mode ``Answer:`` gives `` X``):
+  "What is A op B?"  -> "\\nStep 1: A op B = R\\nAnswer: R"     (R is right)
+  "... wrong ..."    -> "\\nStep 1: 9 * 8 = 64\\nStep 2: So the result is 64\\nAnswer: 64"  (step 1 is false)
+  "... unicode ..."  -> "\\nStep 1: caf\u00e9 \u2192 5 \u00d7 2\\nAnswer: 10 \u20ac"  (multi-byte characters)
+  "... ramble ..."   -> "la " forever (only max_tokens stops it)
+  "... after ..."    -> "\\nStep 1: 2 + 2 = 4\\nAnswer: 4\\nStep 2: more" (text after the answer line)
+Every byte of the script is one token; eos ends it.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from serve.manifest import write_manifest
+from serve.prompting import EXPLAIN_MARK
+
+BOS, EOS = 256, 257
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def script(prompt: str) -> str:
+    """The continuation of a student prompt (eos follows it)."""
+    explain = prompt.endswith(EXPLAIN_MARK)
+    q = prompt.split("\n")[0]
+    if "ramble" in q:
+        return "la " * 10_000
+    if "wrong" in q:
+        return "\nStep 1: 9 * 8 = 64\nStep 2: So the result is 64\nAnswer: 64" if explain else " 64"
+    if "unicode" in q:
+        return "\nStep 1: caf\u00e9 \u2192 5 \u00d7 2\nAnswer: 10 \u20ac" if explain else " 10 \u20ac"
+    if "after" in q:
+        return "\nStep 1: 2 + 2 = 4\nAnswer: 4\nStep 2: more"
+    m = re.search(r"(\d+)\s*([-+*])\s*(\d+)", q)
+    if m:
+        a, op, b = int(m.group(1)), m.group(2), int(m.group(3))
+        r = _OPS[op](a, b)
+        return f"\nStep 1: {a} {op} {b} = {r}\nAnswer: {r}" if explain else f" {r}"
+    return "\nStep 1: I do not know\nAnswer: unknown" if explain else " unknown"
+
+
+class FakeEngine:
+    """The engine protocol of docs/DESIGN.md over a byte vocabulary; refuses re-entrant use loudly.
+
+    ``gate``: when given, every token waits for it (tests hold a request in the engine deterministically).
+    """
+
+    kind = "fake"
+    bos_id = BOS
+    eos_id = EOS
+
+    def __init__(self, path: str = "fake", gate: threading.Event | None = None):
+        self.path = path
+        self.gate = gate
+        self.busy = threading.Lock()
+        self.started = threading.Event()  # set when a generation has begun (tests wait on it)
+        self.calls = 0
+        self.closed = False
+
+    def tokenize(self, text: str) -> list[int]:
+        return [BOS, *text.encode("utf-8")]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[int]:
+        if not self.busy.acquire(blocking=False):
+            raise RuntimeError("FakeEngine used by two threads at once")
+        try:
+            self.calls += 1
+            self.started.set()
+            text = script(self.detokenize(prompt_ids))
+            for n, b in enumerate(text.encode("utf-8")):
+                if n >= max_tokens:
+                    return
+                if self.gate is not None:
+                    self.gate.wait()
+                yield b
+        finally:
+            self.busy.release()
+
+    def logits(self, ids: list[int]):  # pragma: no cover - parity is export's business
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def register_fake(gate: threading.Event | None = None) -> list[FakeEngine]:
+    """Register engine kind "fake" with the runtime; returns the list every loaded FakeEngine is put in."""
+    from serve.runtime import register_engine
+
+    loaded: list[FakeEngine] = []
+
+    def load(path: str, n_threads: int) -> FakeEngine:
+        text = Path(path).read_text(encoding="utf-8")
+        if not text.startswith("fake-model"):
+            raise ValueError("not a fake model file")
+        eng = FakeEngine(path, gate)
+        loaded.append(eng)
+        return eng
+
+    register_engine("fake", load, lambda: True)
+    return loaded
+
+
+def make_fake_export(root: Path, name: str = "tiny", variants: dict[str, str] | None = None) -> Path:
+    """An export directory with fake-engine variants, a manifest with sha256 for each file."""
+    out = Path(root) / "exports" / name
+    variants = variants or {"fake-a": "fake", "fake-b": "fake"}
+    specs = {}
+    for v, engine in variants.items():
+        rel = f"{engine}/{v}.bin"
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(f"fake-model {v}\n" + "x" * 100, encoding="utf-8")
+        specs[v] = {"engine": engine, "path": rel, "bytes": (out / rel).stat().st_size}
+    write_manifest(
+        out,
+        stage="export",
+        files=[s["path"] for s in specs.values()],
+        prompt_format="nestling-v1",
+        student={"name": name, "sha256": "0" * 64, "params": 1},
+        task="rg:basic_arithmetic",
+        default_variant=next(iter(variants)),
+        variants=specs,
+    )
+    return out

@@ -1,0 +1,199 @@
+"""serve.runtime: Reasoner.load (variant choice, sha256 refusal), ask/stream, step checks, latency, locks."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from serve_fakes import FakeEngine, make_fake_export, register_fake
+
+from serve.errors import NestlingError
+from serve.runtime import ENGINES, Answer, Reasoner
+
+
+@pytest.fixture
+def fake_export(tmp_path):
+    register_fake()
+    yield make_fake_export(tmp_path)
+    ENGINES.pop("fake", None)
+
+
+def reasoner(gate=None) -> Reasoner:
+    return Reasoner(FakeEngine(gate=gate), variant="fake-a", task="rg:basic_arithmetic")
+
+
+def test_ask_explain_gives_checked_steps_answer_and_latency():
+    a = reasoner().ask("What is 7 + 5?")
+    assert a.answer == "12"
+    assert [s.text for s in a.steps] == ["7 + 5 = 12"]
+    assert a.steps[0].ok is True and a.steps[0].claims[0]["value"] == "12"
+    assert a.text == "\nStep 1: 7 + 5 = 12\nAnswer: 12"
+    assert a.finish_reason == "stop"
+    lat = a.latency
+    assert lat.prompt_tokens == 1 + len(b"Question: What is 7 + 5?\nExplain:")
+    assert lat.completion_tokens == len(a.text.encode())
+    assert 0 <= lat.ttft_s <= lat.total_s
+    assert lat.tokens_per_s > 0 and (lat.engine, lat.variant) == ("fake", "fake-a")
+
+
+def test_a_false_step_is_flagged_and_unverifiable_steps_are_none():
+    a = reasoner().ask("a wrong one")
+    assert [s.ok for s in a.steps] == [False, None]
+    claim = a.steps[0].claims[0]
+    assert (claim["stated"], claim["value"], claim["ok"]) == ("64", "72", False)
+    assert a.answer == "64"
+
+
+def test_answer_only_mode_is_the_fast_path():
+    r = reasoner()
+    quick, full = r.ask("What is 6 * 7?", explain=False), r.ask("What is 6 * 7?")
+    assert quick.answer == full.answer == "42"
+    assert quick.steps == [] and quick.text == " 42"
+    assert quick.latency.completion_tokens < full.latency.completion_tokens
+
+
+def test_stream_pieces_join_to_the_text_and_never_split_characters():
+    r = reasoner()
+    s = r.stream("unicode please")
+    pieces = list(s)
+    assert "".join(pieces) == s.answer.text == "\nStep 1: caf\u00e9 \u2192 5 \u00d7 2\nAnswer: 10 \u20ac"
+    assert all("\ufffd" not in p for p in pieces)
+    # bytes of one character arrive as several tokens but leave as one piece
+    assert "\u20ac" in pieces and "\u2192" in pieces
+    assert s.answer.answer == "10 \u20ac"
+    assert s.answer.latency.completion_tokens == len(s.answer.text.encode())
+
+
+def test_max_tokens_cuts_and_says_length():
+    a = reasoner().ask("ramble on", max_tokens=7)
+    assert a.finish_reason == "length"
+    assert a.latency.completion_tokens == 7 and a.text == "la la l"
+
+
+def test_text_after_the_answer_line_is_cut():
+    a = reasoner().ask("what comes after")
+    assert a.text == "\nStep 1: 2 + 2 = 4\nAnswer: 4"
+    assert a.answer == "4" and len(a.steps) == 1 and a.finish_reason == "stop"
+
+
+def test_cancel_stops_a_stream_early():
+    cancel = threading.Event()
+    s = reasoner().stream("ramble on", max_tokens=5000, cancel=cancel)
+    got = [next(s), next(s)]
+    cancel.set()
+    rest = list(s)
+    assert s.answer.finish_reason == "cancelled"
+    assert len("".join(got + rest)) < 50
+
+
+@pytest.mark.parametrize("bad", [{"question": "  "}, {"question": "hi", "max_tokens": 0}])
+def test_bad_arguments_are_nestling_errors(bad):
+    with pytest.raises(NestlingError):
+        reasoner().ask(**bad)
+
+
+def test_concurrent_calls_are_serialized():
+    r = reasoner()
+    out: list[Answer] = []
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            out.append(r.ask(f"What is {i} + {i}?"))
+        except BaseException as e:  # FakeEngine raises on re-entrant use
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(int(a.answer) for a in out) == [2 * i for i in range(8)]
+
+
+def test_an_abandoned_stream_releases_the_engine():
+    r = reasoner()
+    s = r.stream("ramble on", max_tokens=100)
+    next(s)
+    s.close()
+    assert r.ask("What is 1 + 1?").answer == "2"
+
+
+# ---- load ------------------------------------------------------------------------------------------
+
+
+def test_load_verifies_and_picks_the_default_variant(fake_export):
+    r = Reasoner.load(fake_export)
+    assert (r.variant, r.name, r.task) == ("fake-a", "tiny", "rg:basic_arithmetic")
+    assert r.ask("What is 2 + 3?").answer == "5"
+    assert Reasoner.load(fake_export, variant="fake-b").variant == "fake-b"
+
+
+def test_auto_skips_a_variant_whose_engine_is_not_installed(fake_export):
+    m = json.loads((fake_export / "manifest.json").read_text())
+    m["variants"]["fake-a"]["engine"] = "missing"
+    m["default_variant"] = "fake-a"
+    (fake_export / "manifest.json").write_text(json.dumps(m))
+    from serve.runtime import register_engine
+
+    register_engine("missing", lambda p, n: None, lambda: False)
+    try:
+        assert Reasoner.load(fake_export).variant == "fake-b"
+        with pytest.raises(NestlingError, match="not installed"):
+            Reasoner.load(fake_export, engine="missing")
+    finally:
+        ENGINES.pop("missing", None)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:10]), "truncated"),
+        (lambda p: p.write_bytes(p.read_bytes()[:-1] + b"!"), "sha256"),
+        (lambda p: p.unlink(), "missing"),
+    ],
+)
+def test_a_damaged_artifact_is_refused_at_load(fake_export, damage, message):
+    damage(fake_export / "fake" / "fake-a.bin")
+    with pytest.raises(NestlingError, match=message):
+        Reasoner.load(fake_export)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"variant": "nope"}, "not in the export"),
+        ({"engine": "tpu"}, "unknown"),
+        ({"engine": "gguf"}, "no such variant"),
+        ({"n_threads": 0}, "threads"),
+    ],
+)
+def test_bad_load_options_say_what_to_do(fake_export, kwargs, message):
+    with pytest.raises(NestlingError, match=message):
+        Reasoner.load(fake_export, **kwargs)
+
+
+def test_load_refuses_a_directory_without_an_export_manifest(tmp_path):
+    with pytest.raises(NestlingError, match="no manifest"):
+        Reasoner.load(tmp_path)
+    with pytest.raises(NestlingError, match="not a directory"):
+        Reasoner.load(tmp_path / "nope")
+
+
+def test_an_unloadable_file_with_a_matching_hash_is_a_clear_error(tmp_path):
+    register_fake()
+    try:
+        out = make_fake_export(tmp_path)
+        p = out / "fake" / "fake-a.bin"
+        p.write_text("garbage")
+        from serve.manifest import write_manifest
+
+        m = json.loads((out / "manifest.json").read_text())
+        extra = {k: m[k] for k in ("prompt_format", "student", "task", "default_variant", "variants")}
+        write_manifest(out, stage="export", files=list(m["files"]), **extra)
+        with pytest.raises(NestlingError, match="cannot load"):
+            Reasoner.load(out)
+    finally:
+        ENGINES.pop("fake", None)
