@@ -255,7 +255,7 @@ def prune_layers(model: LlamaForCausalLM, keep: int) -> LlamaForCausalLM:
 
 
 def init_student(
-    spec: StudentSpec | str, texts: Iterable[str] = ()
+    spec: StudentSpec | str, texts: Iterable[str] = (), seed: int | None = None
 ) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """A fresh student for `spec`: presets get a tokenizer trained on `texts`; hf: specs load and prune."""
     if isinstance(spec, str):
@@ -271,7 +271,7 @@ def init_student(
                 f"student {spec.name!r}: a from-scratch preset needs texts to train a tokenizer"
             )
         tok = train_tokenizer(texts, vocab_size=spec.vocab_size or PRESETS[spec.source].vocab_size)
-        model = new_student(spec.source, tok, seed=spec.seed)
+        model = new_student(spec.source, tok, seed=spec.seed if seed is None else seed)
     tok.chat_template = CHAT_TEMPLATE
     return model, tok
 
