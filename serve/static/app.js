@@ -1,0 +1,95 @@
+// The nestling page: POST /v1/answer with stream=true, read server-sent events from the fetch body, show
+// tokens as they arrive, then the checked steps and the latency.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const MARK = { true: ["\u2713", "ok", "checks out"], false: ["\u2717", "bad", "a calculation is wrong"],
+               null: ["\u00b7", "unchecked", "nothing to check"] };
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("key").value.trim();
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
+async function health() {
+  try {
+    const r = await fetch("/health");
+    const j = await r.json();
+    $("model").textContent = r.ok ? `${j.model} · ${j.variant} (${j.engine})` : `${j.status}…`;
+    if (!r.ok) setTimeout(health, 1000);
+  } catch (e) { $("model").textContent = "unreachable"; }
+}
+
+function showAnswer(a, clientTtft) {
+  const ol = $("steps");
+  ol.innerHTML = "";
+  for (const s of a.steps) {
+    const [sym, cls, title] = MARK[String(s.ok)];
+    const li = document.createElement("li");
+    li.className = "step " + cls;
+    li.title = title;
+    li.textContent = `${sym} ${s.text}`;
+    ol.appendChild(li);
+  }
+  $("answer").textContent = "Answer: " + (a.answer ?? "(none)");
+  const l = a.latency;
+  $("latency").textContent =
+    `time to first token ${(1000 * l.ttft_s).toFixed(1)} ms · total ${(1000 * l.total_s).toFixed(1)} ms · ` +
+    `${l.prompt_tokens} prompt + ${l.completion_tokens} completion tokens · ${l.tokens_per_s.toFixed(0)} tokens/s · ` +
+    `${l.variant} (${l.engine}) · in the browser: first token after ${clientTtft.toFixed(0)} ms` +
+    (a.finish_reason === "length" ? " · cut at max tokens" : "");
+}
+
+async function ask(ev) {
+  ev.preventDefault();
+  for (const id of ["live", "answer", "latency", "error"]) $(id).textContent = "";
+  $("steps").innerHTML = "";
+  $("go").disabled = true;
+  const t0 = performance.now();
+  let firstAt = null;
+  try {
+    const body = { question: $("question").value, explain: $("explain").checked, stream: true };
+    const n = parseInt($("max_tokens").value, 10);
+    if (n > 0) body.max_tokens = n;
+    const r = await fetch("/v1/answer", { method: "POST", headers: headers(), body: JSON.stringify(body) });
+    if (!r.ok) {
+      const j = await r.json().catch(() => ({}));
+      throw new Error(`${r.status}: ${(j.error && j.error.message) || r.statusText}`);
+    }
+    const reader = r.body.getReader();
+    const dec = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buf += dec.decode(value, { stream: true });
+      let cut;
+      while ((cut = buf.indexOf("\n\n")) >= 0) {
+        const raw = buf.slice(0, cut);
+        buf = buf.slice(cut + 2);
+        let event = "message", data = "";
+        for (const line of raw.split("\n")) {
+          if (line.startsWith("event: ")) event = line.slice(7);
+          else if (line.startsWith("data: ")) data += line.slice(6);
+        }
+        const msg = JSON.parse(data);
+        if (event === "token") {
+          if (firstAt === null) firstAt = performance.now() - t0;
+          $("live").textContent += msg.text;
+        } else if (event === "answer") {
+          showAnswer(msg, firstAt ?? performance.now() - t0);
+        } else if (event === "error") {
+          throw new Error(msg.error.message);
+        }
+      }
+    }
+  } catch (e) {
+    $("error").textContent = String(e.message || e);
+  } finally {
+    $("go").disabled = false;
+  }
+}
+
+$("ask").addEventListener("submit", ask);
+health();

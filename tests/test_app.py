@@ -1,0 +1,295 @@
+"""serve.app: /v1/answer, OpenAI-compatible chat (TestClient and the openai SDK on a real uvicorn), health while
+loading, auth, limits, overload (429/503), JSON errors, metrics."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from serve_fakes import FakeEngine, serve_in_thread
+
+from serve.app import create_app
+from serve.errors import NestlingError
+from serve.runtime import Reasoner
+from serve.settings import Settings, load_settings
+
+
+def make_app(gate=None, **settings):
+    r = Reasoner(FakeEngine(gate=gate), variant="fake-a", name="tiny", task="rg:basic_arithmetic")
+    return create_app(Settings(**settings), reasoner=r), r
+
+
+@pytest.fixture
+def client():
+    app, _ = make_app()
+    with TestClient(app) as c:
+        yield c
+
+
+def sse_events(text: str) -> list[tuple[str, dict]]:
+    out = []
+    for block in text.strip().split("\n\n"):
+        event, data = "message", ""
+        for line in block.split("\n"):
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data += line[6:]
+        out.append((event, data if data == "[DONE]" else json.loads(data)))
+    return out
+
+
+def test_answer_returns_checked_steps_latency_and_model(client):
+    r = client.post("/v1/answer", json={"question": "What is 9 * 8? Or a wrong one"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["answer"] == "64" and body["model"] == "tiny"
+    assert [s["ok"] for s in body["steps"]] == [False, None]
+    assert set(body["latency"]) == {
+        "ttft_s", "total_s", "prompt_tokens", "completion_tokens", "tokens_per_s", "engine", "variant",
+    }  # fmt: skip
+    assert body["latency"]["completion_tokens"] == len(body["text"].encode())
+    quick = client.post("/v1/answer", json={"question": "What is 3 + 4?", "explain": False}).json()
+    assert (quick["answer"], quick["steps"]) == ("7", [])
+
+
+def test_answer_streams_tokens_then_the_answer(client):
+    r = client.post("/v1/answer", json={"question": "unicode please", "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    tokens = [d["text"] for e, d in events if e == "token"]
+    (last_event, final) = events[-1]
+    assert last_event == "answer" and len(tokens) > 5
+    assert "".join(tokens) == final["text"] and final["answer"] == "10 \u20ac"
+
+
+def test_chat_completions_non_streaming_and_length(client):
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "What is 2 + 5?"}]
+    body = client.post(
+        "/v1/chat/completions", json={"model": "tiny", "messages": msgs, "temperature": 0.3}
+    ).json()
+    choice = body["choices"][0]
+    assert body["object"] == "chat.completion" and choice["finish_reason"] == "stop"
+    assert choice["message"] == {"role": "assistant", "content": "Step 1: 2 + 5 = 7\nAnswer: 7"}
+    assert (
+        body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    )
+    assert body["nestling"]["answer"] == "7" and body["nestling"]["steps"][0]["ok"] is True
+    cut = client.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": "ramble"}], "max_tokens": 4}
+    ).json()
+    assert cut["choices"][0]["finish_reason"] == "length" and cut["usage"]["completion_tokens"] == 4
+
+
+def test_chat_completions_streaming_with_usage(client):
+    req = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "What is 4 * 4?"}]}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    events = sse_events(client.post("/v1/chat/completions", json=req).text)
+    assert events[-1] == ("message", "[DONE]")
+    chunks = [d for _, d in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert content == "Step 1: 4 * 4 = 16\nAnswer: 16"
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finishes[-1] == "stop" and set(finishes[:-1]) == {None}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(
+        b"\n" + content.encode()
+    )
+
+
+def test_models_and_unknown_model(client):
+    assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+    r = client.post(
+        "/v1/chat/completions", json={"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert r.status_code == 404 and "tiny" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, fragment",
+    [
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+        ({"json": {}}, 422, "question"),
+        ({"json": {"question": "hi", "max_tokens": 0}}, 422, "max_tokens"),
+        ({"json": {"question": "hi", "max_tokens": 100_000}}, 422, "cap"),
+        ({"json": {"question": "x" * 3000}}, 422, "3000 characters"),
+        ({"json": {"question": "   "}}, 422, "empty"),
+        ({"json": {"question": "hi", "bogus": 1}}, 422, "bogus"),
+        ({"json": ["question"]}, 422, ""),
+        ({"content": b'{"question": "' + b"x" * 20_000 + b'"}'}, 413, "body over"),
+    ],
+)
+def test_malformed_requests_get_4xx_json(client, kwargs, status, fragment):
+    r = client.post("/v1/answer", **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"] and err["code"] == status
+
+
+def test_body_limit_also_applies_without_content_length(client):
+    def chunks():
+        for _ in range(40):
+            yield b"x" * 1000
+
+    r = client.post("/v1/answer", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_unknown_paths_and_methods_are_json(client):
+    r = client.get("/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == 404
+    r = client.get("/v1/answer")
+    assert r.status_code == 405 and "error" in r.json()
+    chat = client.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "x"}]})
+    assert chat.status_code == 422 and "user message" in chat.json()["error"]["message"]
+
+
+def test_api_key_guards_the_api_but_not_health_or_the_page():
+    app, _ = make_app(api_key="s3cret")
+    with TestClient(app) as c:
+        assert c.post("/v1/answer", json={"question": "What is 1 + 1?"}).status_code == 401
+        wrong = c.post("/v1/answer", json={"question": "hi"}, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "unauthorized"
+        assert c.get("/metrics").status_code == 401 and c.get("/v1/models").status_code == 401
+        ok = c.post(
+            "/v1/answer", json={"question": "What is 1 + 1?"}, headers={"Authorization": "Bearer s3cret"}
+        )
+        assert ok.status_code == 200 and ok.json()["answer"] == "2"
+        assert c.get("/v1/models", headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert c.get("/health").status_code == 200 and c.get("/").status_code == 200
+
+
+def test_api_key_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("NESTLING_API_KEY", "from-env")
+    monkeypatch.setenv("NESTLING_MAX_QUEUE", "3")
+    s = load_settings(port=9000)
+    assert s.api_key.get_secret_value() == "from-env" and s.max_queue == 3 and s.port == 9000
+    assert s.host == "127.0.0.1"
+    with pytest.raises(NestlingError, match="max_queue"):
+        load_settings(max_queue=0)
+
+
+def test_health_is_503_while_loading_then_200():
+    release, loaded = threading.Event(), []
+
+    def slow_loader(settings):
+        release.wait(30)
+        r = Reasoner(FakeEngine(), variant="fake-a", name="tiny")
+        loaded.append(r)
+        return r
+
+    app = create_app(Settings(model_dir="unused"), loader=slow_loader)
+    with TestClient(app) as c:
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        busy = c.post("/v1/answer", json={"question": "What is 1 + 1?"})
+        assert busy.status_code == 503 and busy.json()["error"]["type"] == "model_not_ready"
+        release.set()
+        for _ in range(3000):  # the load finishes on another thread; bounded wait for it
+            if c.get("/health").status_code == 200:
+                break
+            threading.Event().wait(0.01)
+        assert c.get("/health").json() == {
+            "status": "ok",
+            "model": "tiny",
+            "engine": "fake",
+            "variant": "fake-a",
+        }
+        assert c.post("/v1/answer", json={"question": "What is 1 + 1?"}).json()["answer"] == "2"
+    assert loaded[0].engine.closed  # the app loaded it, so the app closes it
+
+
+def test_a_failed_load_reports_and_calls_back():
+    failures = []
+
+    def broken(settings):
+        raise NestlingError("model.gguf: sha256 does not match the manifest")
+
+    app = create_app(Settings(model_dir="x"), loader=broken, on_load_failed=failures.append)
+    with TestClient(app) as c:
+        for _ in range(3000):
+            if failures:
+                break
+            threading.Event().wait(0.01)
+        r = c.get("/health")
+        assert r.status_code == 503 and "sha256" in r.json()["error"]
+    assert "sha256" in str(failures[0])
+
+
+def test_no_model_dir_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("NESTLING_MODEL_DIR", raising=False)
+    with pytest.raises(NestlingError, match="NESTLING_MODEL_DIR"):
+        create_app(Settings())
+
+
+def test_overload_answers_429_and_503_and_recovers():
+    gate = threading.Event()
+    app, r = make_app(gate=gate, max_queue=2, queue_timeout_s=0.5)
+    state = app.state.model
+    results: dict[str, int] = {}
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+
+        def post(name: str, q: str) -> None:
+            results[name] = c.post("/v1/answer", json={"question": q}).status_code
+
+        first = threading.Thread(target=post, args=("first", "What is 1 + 2?"))
+        first.start()
+        assert r.engine.started.wait(10)  # the first request is inside the engine, held by the gate
+        second = threading.Thread(target=post, args=("second", "What is 2 + 2?"))
+        second.start()
+        for _ in range(3000):
+            if state.admitted == 2:
+                break
+            threading.Event().wait(0.01)
+        third = c.post("/v1/answer", json={"question": "What is 3 + 3?"})
+        assert third.status_code == 429 and third.headers["retry-after"] == "1"
+        second.join(30)
+        assert results["second"] == 503  # waited queue_timeout_s for the engine
+        gate.set()
+        first.join(30)
+        assert results["first"] == 200
+        assert c.post("/v1/answer", json={"question": "What is 5 + 5?"}).json()["answer"] == "10"
+        metrics = c.get("/metrics").text
+    assert 'nestling_requests_total{endpoint="/v1/answer",status="429"} 1' in metrics
+    assert 'nestling_errors_total{endpoint="/v1/answer",status="503"} 1' in metrics
+    assert state.admitted == 0
+
+
+def test_metrics_count_requests_tokens_and_ttft(client):
+    answers = [client.post("/v1/answer", json={"question": f"What is {i} + 1?"}).json() for i in range(3)]
+    text = client.get("/metrics").text
+    tokens = sum(a["latency"]["completion_tokens"] for a in answers)
+    assert f"nestling_completion_tokens_total {tokens}" in text
+    assert 'nestling_requests_total{endpoint="/v1/answer",status="200"} 3' in text
+    assert "nestling_ttft_seconds_count 3" in text
+    assert 'nestling_request_seconds_bucket{endpoint="/v1/answer",le="+Inf"} 3' in text
+    assert "# TYPE nestling_ttft_seconds histogram" in text and "nestling_model_ready 1" in text
+
+
+def test_openai_sdk_against_a_real_server():
+    openai = pytest.importorskip("openai")
+    app, _ = make_app(api_key="k")
+    with serve_in_thread(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        assert [m.id for m in client.models.list()] == ["tiny"]
+        msgs = [{"role": "user", "content": "What is 6 + 7?"}]
+        done = client.chat.completions.create(model="tiny", messages=msgs)
+        assert done.choices[0].message.content == "Step 1: 6 + 7 = 13\nAnswer: 13"
+        assert done.choices[0].finish_reason == "stop" and done.usage.completion_tokens > 0
+        stream = client.chat.completions.create(
+            model="tiny", messages=msgs, stream=True, stream_options={"include_usage": True}, max_tokens=9
+        )
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == "Step 1: "  # 9 tokens: the opening newline (not sent) and 8 characters
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+        assert chunks[-1].usage.completion_tokens == 9
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
