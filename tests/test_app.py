@@ -1,5 +1,5 @@
-"""serve.app: /v1/answer, OpenAI-compatible chat (TestClient and the openai SDK on a real uvicorn), health while
-loading, auth, limits, overload (429/503), JSON errors, metrics."""
+"""serve.app: /v1/answer, OpenAI-compatible chat (TestClient, and the openai SDK on a real uvicorn), health
+while loading, auth, limits, overload (429/503), JSON errors, metrics."""
 
 from __future__ import annotations
 
