@@ -259,8 +259,8 @@ class OpenAITeacher(Teacher):
                     )
                 else:
                     raise NestlingError(
-                        f"teacher {self.spec!r}: HTTP {r.status_code} from {self.base_url}: {r.text[:150]!r}; "
-                        "check the model name and request options"
+                        f"teacher {self.spec!r}: HTTP {r.status_code} from {self.base_url}: "
+                        f"{r.text[:150]!r}; check the model name and request options"
                     )
             if attempt < self.retries:
                 # Exponential backoff with jitter so concurrent workers do not retry in lockstep.

@@ -20,7 +20,9 @@ from fractions import Fraction
 
 _NUM = r"[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
 _ANSWER_LINE = re.compile(r"(?im)^\W*(?:final\s+)?answer\s*[:=]\s*(.+?)\s*$")
-_ANSWER_IS = re.compile(r"(?i)\b(?:final\s+)?answer\s+(?:is|=|:|would be|will be)\s*[:=]?\s*(.+?)(?:\.\s|\.$|\n|$)")
+_ANSWER_IS = re.compile(
+    r"(?i)\b(?:final\s+)?answer\s+(?:is|=|:|would be|will be)\s*[:=]?\s*(.+?)(?:\.\s|\.$|\n|$)"
+)
 _BOXED = re.compile(r"\\boxed\{([^{}]+)\}")
 _LAST_NUM = re.compile(_NUM)
 
@@ -85,6 +87,7 @@ def answers_match(pred: str | None, gold: str) -> bool:
 # ---- steps -------------------------------------------------------------------------------------------
 
 _STEP_PREFIX = re.compile(r"^\s*(?:step\s*\d+\s*[:.)-]|\d+\s*[.):]|[-*\u2022]|#+)\s*", re.IGNORECASE)
+_BOLD = re.compile(r"\*\*(?!\s*\d)|(?<!\d)\*\*|__")
 _SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z(])")
 
 
@@ -95,11 +98,40 @@ def parse_steps(text: str) -> list[str]:
     """
     steps: list[str] = []
     for line in text.splitlines():
+        # Markdown bold ("**Step 1:**") is layout, not content; "2**3" (a power) is kept.
+        line = _BOLD.sub("", line)
         line = _STEP_PREFIX.sub("", line).strip()
         if not line or _ANSWER_LINE.match(line):
             continue
         steps.extend(s.strip() for s in _SENTENCE_SPLIT.split(line) if s.strip())
     return steps
+
+
+_FILLER = re.compile(
+    r"(?i)^(?:sure|okay|ok|great|alright|of course|certainly|let'?s|let us|to (?:solve|find|calculate)|"
+    r"we (?:need|want|have) to|i (?:will|'ll)|here'?s|here is|first,? we|step by step)\b"
+)
+_RESTATED_ANSWER = re.compile(
+    r"(?i)^(?:so,?\s+|therefore,?\s+|thus,?\s+|hence,?\s+)?(?:the\s+)?(?:final\s+)?(?:answer|result)\s+"
+    r"(?:is|=|would be|will be)\b"
+)
+
+
+def clean_steps(steps: list[str]) -> list[str]:
+    """Drop steps that carry no reasoning: pleasantries without numbers, and restated final answers.
+
+    Conservative on purpose: a step is dropped only when it has no checkable claim, and filler only when
+    it contains no digit, so a step that says something about the problem is never lost.
+    """
+    out = []
+    for step in steps:
+        if not arithmetic_claims(step):
+            if _RESTATED_ANSWER.match(step):
+                continue
+            if _FILLER.match(step) and not re.search(r"\d", step):
+                continue
+        out.append(step)
+    return out
 
 
 # ---- step checking -----------------------------------------------------------------------------------
@@ -252,8 +284,9 @@ def _symbolize(text: str) -> str:
     t = t.replace("**", "^").replace("\u22c5", "*").replace("\u00b7", "*")
     t = re.sub(r"(?<=\d),(?=\d{3}\b)", "", t)
     t = re.sub(r"(?<=\d)\s*[xX]\s*(?=\d)", " * ", t)
-    t = re.sub(r"\b(" + "|".join(_NUMBER_WORDS) + r")\b", lambda m: _NUMBER_WORDS[m.group(1).lower()], t,
-               flags=re.I)
+    t = re.sub(
+        r"\b(" + "|".join(_NUMBER_WORDS) + r")\b", lambda m: _NUMBER_WORDS[m.group(1).lower()], t, flags=re.I
+    )
     for pattern, repl in _BINARY_PHRASES:
         t = pattern.sub(repl, t)
     for pattern, sym in _WORD_OPS:
@@ -312,8 +345,65 @@ def _fmt(x: Fraction) -> str:
     return f"{float(x):.6g}"
 
 
+_QUOTED = r"[\"'\u201c\u201d\u2018\u2019]"
+_COUNT = r"(\d+|" + "|".join(_NUMBER_WORDS) + r"|once|twice|no)"
+_LETTER_PATTERNS = [
+    # letter "a" appears 2 times in "banana" / the letter a occurs twice in the word "banana"
+    re.compile(
+        rf"(?i)\bletter\s+{_QUOTED}?(?P<letter>[a-z]){_QUOTED}?\s+(?:appears|occurs|shows up)\s+"
+        rf"{_COUNT.replace('(', '(?P<count>', 1)}(?:\s+times?)?\s+in\s+(?:the\s+(?:word|text|string)\s+)?"
+        rf"{_QUOTED}(?P<text>[^\"'\u201c\u201d\u2018\u2019]+){_QUOTED}"
+    ),
+    # "banana" has 3 a's / "green" contains 2 "e"s
+    re.compile(
+        rf"(?i){_QUOTED}(?P<text>[^\"'\u201c\u201d\u2018\u2019]+){_QUOTED}\s+(?:has|contains|includes)\s+"
+        rf"{_COUNT.replace('(', '(?P<count>', 1)}\s+(?:(?:letter|occurrences? of(?: the letter)?)\s+)?"
+        rf"{_QUOTED}?(?P<letter>[a-z]){_QUOTED}?(?:'?s)?\b"
+    ),
+    # there are 2 "r"s in "strawberry"
+    re.compile(
+        rf"(?i)\bthere\s+(?:is|are)\s+{_COUNT.replace('(', '(?P<count>', 1)}\s+(?:letter\s+)?"
+        rf"{_QUOTED}?(?P<letter>[a-z]){_QUOTED}?(?:'?s)?\s+in\s+(?:the\s+(?:word|text|string)\s+)?"
+        rf"{_QUOTED}(?P<text>[^\"'\u201c\u201d\u2018\u2019]+){_QUOTED}"
+    ),
+]
+
+
+def _count_word(word: str) -> int:
+    w = word.lower()
+    special = {"once": 1, "twice": 2, "no": 0}
+    return special[w] if w in special else int(_NUMBER_WORDS.get(w, w))
+
+
+def letter_count_claims(step: str) -> list[Claim]:
+    """Claims such as 'the letter "a" appears 2 times in "banana"' (counted case-insensitively)."""
+    claims: list[Claim] = []
+    seen: set[tuple[str, str, str]] = set()
+    for pattern in _LETTER_PATTERNS:
+        for m in pattern.finditer(step):
+            letter, text, count = m.group("letter").lower(), m.group("text"), m.group("count")
+            key = (letter, text, count.lower())
+            if key in seen:
+                continue
+            seen.add(key)
+            stated = _count_word(count)
+            value = text.lower().count(letter)
+            claims.append(
+                Claim(
+                    expr=f'count("{letter}" in "{text}")',
+                    stated=str(stated),
+                    value=str(value),
+                    ok=value == stated,
+                )
+            )
+    return claims
+
+
 # Per-task step checkers. Key: a task name prefix ("rg:basic_arithmetic") or "*" for every task.
-STEP_CHECKERS: dict[str, list[StepChecker]] = {"*": [arithmetic_claims]}
+STEP_CHECKERS: dict[str, list[StepChecker]] = {
+    "*": [arithmetic_claims],
+    "rg:letter_counting": [letter_count_claims],
+}
 
 
 def register_step_checker(checker: StepChecker, tasks: Iterable[str] = ("*",)) -> None:
@@ -325,9 +415,11 @@ def register_step_checker(checker: StepChecker, tasks: Iterable[str] = ("*",)) -
 def _checkers_for(task: str | None) -> list[StepChecker]:
     out = list(STEP_CHECKERS.get("*", []))
     if task:
+        # A mix ("mix:rg:a,rg:b") gets the checkers of every task it names.
+        parts = re.split(r"[,:](?=\s*(?:rg|file|hf):)", task) if task.startswith("mix:") else [task]
         for key, checkers in STEP_CHECKERS.items():
-            if key != "*" and task.startswith(key):
-                out.extend(checkers)
+            if key != "*" and any(p.strip().startswith(key) for p in parts):
+                out.extend(c for c in checkers if c not in out)
     return out
 
 
