@@ -171,6 +171,7 @@ def write_gguf(
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
+    logging.getLogger("gguf").setLevel(logging.WARNING)  # its INFO lines repeat what we log below
     w = gguf.GGUFWriter(str(tmp), "llama")
     try:
         w.add_name(cfg.get("_name_or_path") and Path(cfg["_name_or_path"]).name or d.parent.name or "student")

@@ -1,0 +1,287 @@
+"""Parity of every exported artifact with the PyTorch student, checked through ``serve.engines``.
+
+    ref = torch_reference(model, tokenizer, prompts, max_new_tokens=64)
+    res = check_variant("onnx-fp32", engine, ref, tokenizer, prompts, max_new_tokens=64, logit_tol=1e-3,
+                        exact=True)
+    raise_on_failures({"onnx-fp32": res})     # NestlingError when an exact variant does not match
+
+Definitions (per variant, over the held-out prompts):
+- ``tokenization_match``: share of texts (prompts, PyTorch's outputs, a fixed set of tricky strings) that the
+  engine tokenizes exactly like the Hugging Face tokenizer.
+- ``greedy_match``: share of prompts whose whole greedy continuation equals PyTorch's, token for token.
+- ``greedy_match_within_tol``: the same, counting a divergence as a match when it happens at a near tie
+  (PyTorch's logits for both candidate tokens within 2x the logit tolerance, so f16 rounding may flip it).
+- ``teacher_forced_top1``: on PyTorch's own sequences, share of generated positions where the engine's
+  argmax equals PyTorch's.
+- ``max_abs_logit_diff``: largest |engine - PyTorch| logit over every position of those sequences.
+- ``accuracy``: held-out accuracy of the engine's own greedy outputs; ``accuracy_delta`` = minus PyTorch's.
+- ``tokens_per_s``: decode speed (tokens after the first / time after the first), greedy, this machine.
+
+Unquantized variants (``exact=True``) must have tokenization_match 1.0, greedy_match_within_tol 1.0 and
+max_abs_logit_diff <= logit_tol, else NestlingError: an export that silently lost accuracy never ships.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from serve.errors import NestlingError
+from serve.explain import answers_match, extract_answer
+from serve.prompting import student_prompt
+
+if TYPE_CHECKING:
+    from serve.engines import Engine
+
+log = logging.getLogger(__name__)
+
+# Digits, spacing, punctuation and non-ASCII: where byte-level BPE ports most often disagree.
+TOKENIZATION_PROBES = [
+    "What is 12 + 345?",
+    "1234567890 0.5 -3 1,000 3/4 1e-5",
+    "  leading spaces",
+    "trailing spaces   ",
+    "tabs\tand\nnew\n\nlines",
+    "Ünïcödé naïve café",
+    "日本語のテキスト",
+    "emoji 🙂👍🏽",
+    "Step 1: 9 + 8 = 17\nAnswer: 17",
+    "don't won't it's I'm we'll they've",
+    "MiXeD CaSe and UPPER",
+    "a" * 40,
+    "x=y+z;(a*b)/c%d",
+]
+
+
+@dataclass
+class Prompt:
+    """One held-out question, rendered in the student prompt format."""
+
+    question: str
+    gold: str | None
+    text: str = ""
+    example: Any = None  # distill.tasks.Example when the task is known
+
+    def __post_init__(self) -> None:
+        if not self.text:
+            self.text = student_prompt(self.question, explain=True)
+
+
+@dataclass
+class Reference:
+    """PyTorch's greedy continuations and teacher-forced logits for each prompt."""
+
+    prompt_ids: list[list[int]]
+    outputs: list[list[int]]  # greedy continuation, eos excluded
+    logits: list[np.ndarray]  # (T, V) over prompt + output
+    texts: list[str]
+    accuracy: float | None
+    tokens_per_s: float
+
+
+@dataclass
+class VariantResult:
+    tokenization_match: float
+    greedy_match: float
+    greedy_match_within_tol: float
+    teacher_forced_top1: float
+    max_abs_logit_diff: float
+    accuracy: float | None
+    accuracy_delta: float | None
+    tokens_per_s: float
+    logit_tol: float | None = None
+    exact_required: bool = False
+    failures: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+Scorer = Callable[[str, Prompt], bool]
+
+
+def default_scorer(task: Any = None) -> Scorer:
+    """The task's own extractor and scorer when known, else serve.explain's lenient extraction + match."""
+
+    def score(text: str, p: Prompt) -> bool:
+        if task is not None and p.example is not None:
+            return bool(task.score(task.extract(text), p.example))
+        pred = extract_answer(text)
+        return p.gold is not None and pred is not None and answers_match(pred, p.gold)
+
+    return score
+
+
+def _accuracy(texts: list[str], prompts: list[Prompt], scorer: Scorer) -> float | None:
+    graded = [(t, p) for t, p in zip(texts, prompts, strict=True) if p.gold is not None or p.example]
+    if not graded:
+        return None
+    return sum(scorer(t, p) for t, p in graded) / len(graded)
+
+
+def torch_reference(
+    model: Any, tokenizer: Any, prompts: list[Prompt], max_new_tokens: int, scorer: Scorer | None = None
+) -> Reference:
+    """Greedy decoding with a KV cache in PyTorch (the ground truth), plus teacher-forced logits."""
+    import torch
+    from rich.progress import Progress
+
+    scorer = scorer or default_scorer()
+    eos = tokenizer.eos_token_id
+    pids, outs, logits, texts = [], [], [], []
+    decode_tokens, decode_s = 0, 0.0
+    with torch.inference_mode(), Progress(transient=True) as bar:
+        job = bar.add_task("PyTorch reference", total=len(prompts))
+        for p in prompts:
+            ids = tokenizer(p.text)["input_ids"]
+            out: list[int] = []
+            res = model(input_ids=torch.tensor([ids]), use_cache=True)
+            t_first = None
+            for _ in range(max_new_tokens):
+                tok = int(res.logits[0, -1].argmax())
+                if tok == eos:
+                    break
+                out.append(tok)
+                if t_first is None:
+                    t_first = time.perf_counter()
+                if len(out) == max_new_tokens:
+                    break
+                res = model(
+                    input_ids=torch.tensor([[tok]]), past_key_values=res.past_key_values, use_cache=True
+                )
+            if t_first is not None and len(out) > 1:
+                decode_tokens += len(out) - 1
+                decode_s += time.perf_counter() - t_first
+            full = model(input_ids=torch.tensor([ids + out])).logits[0].float().numpy()
+            pids.append(ids)
+            outs.append(out)
+            logits.append(full)
+            texts.append(tokenizer.decode(out, skip_special_tokens=True))
+            bar.advance(job)
+    return Reference(
+        prompt_ids=pids,
+        outputs=outs,
+        logits=logits,
+        texts=texts,
+        accuracy=_accuracy(texts, prompts, scorer),
+        tokens_per_s=decode_tokens / decode_s if decode_s > 0 else 0.0,
+    )
+
+
+def tokenization_match(engine: Engine, tokenizer: Any, texts: list[str]) -> tuple[float, list[str]]:
+    """Share of texts tokenized identically by engine and HF tokenizer, and the first few that differ."""
+    bad = [t for t in texts if engine.tokenize(t) != tokenizer(t)["input_ids"]]
+    return 1.0 - len(bad) / max(1, len(texts)), bad[:3]
+
+
+def check_variant(
+    name: str,
+    engine: Engine,
+    ref: Reference,
+    tokenizer: Any,
+    prompts: list[Prompt],
+    *,
+    max_new_tokens: int,
+    logit_tol: float | None = None,
+    exact: bool = False,
+    scorer: Scorer | None = None,
+) -> VariantResult:
+    """Compare one engine with the PyTorch reference; with exact=True raise NestlingError on any mismatch."""
+    from rich.progress import Progress
+
+    scorer = scorer or default_scorer()
+    probe_texts = [p.text for p in prompts] + [t for t in ref.texts if t] + TOKENIZATION_PROBES
+    tok_match, tok_bad = tokenization_match(engine, tokenizer, probe_texts)
+
+    greedy, within, agree, positions = 0, 0, 0, 0
+    max_diff = 0.0
+    texts: list[str] = []
+    decode_tokens, decode_s = 0, 0.0
+    divergences: list[str] = []
+    with Progress(transient=True) as bar:
+        job = bar.add_task(f"parity {name}", total=len(prompts))
+        for i, ids in enumerate(ref.prompt_ids):
+            out: list[int] = []
+            t_first = None
+            for tok in engine.stream(ids, max_new_tokens):
+                out.append(tok)
+                if t_first is None:
+                    t_first = time.perf_counter()
+            if t_first is not None and len(out) > 1:
+                decode_tokens += len(out) - 1
+                decode_s += time.perf_counter() - t_first
+            texts.append(engine.detokenize(out))
+
+            want = ref.outputs[i]
+            tf_ref = ref.logits[i]
+            if out == want:
+                greedy += 1
+                within += 1
+            else:
+                k = next((j for j, (a, b) in enumerate(zip(out, want, strict=False)) if a != b), None)
+                pos = len(ids) - 1 + (k if k is not None else min(len(out), len(want)))
+                got = out[k] if k is not None else (out[len(want)] if len(out) > len(want) else engine.eos_id)
+                exp = (
+                    want[k] if k is not None else (want[len(out)] if len(want) > len(out) else engine.eos_id)
+                )
+                margin = (
+                    float(tf_ref[pos, exp] - tf_ref[pos, got]) if got is not None and exp is not None else 0
+                )
+                if logit_tol is not None and abs(margin) <= 2 * logit_tol:
+                    within += 1
+                divergences.append(f"prompt {i} at token {pos - len(ids) + 1} (PyTorch margin {margin:.4f})")
+
+            seq = ids + want
+            tf = engine.logits(seq)
+            max_diff = max(max_diff, float(np.abs(tf - tf_ref).max()))
+            gen = slice(len(ids) - 1, len(seq))  # positions predicting each output token and the final eos
+            agree += int((tf[gen].argmax(-1) == tf_ref[gen].argmax(-1)).sum())
+            positions += len(seq) - len(ids) + 1
+            bar.advance(job)
+
+    acc = _accuracy(texts, prompts, scorer)
+    n = max(1, len(prompts))
+    res = VariantResult(
+        tokenization_match=tok_match,
+        greedy_match=greedy / n,
+        greedy_match_within_tol=within / n,
+        teacher_forced_top1=agree / max(1, positions),
+        max_abs_logit_diff=max_diff,
+        accuracy=acc,
+        accuracy_delta=(acc - ref.accuracy) if acc is not None and ref.accuracy is not None else None,
+        tokens_per_s=decode_tokens / decode_s if decode_s > 0 else 0.0,
+        logit_tol=logit_tol,
+        exact_required=exact,
+    )
+    if tok_match < 1.0:
+        res.failures.append(f"tokenization differs from Hugging Face on {tok_bad!r}")
+    if exact:
+        if res.greedy_match_within_tol < 1.0:
+            res.failures.append(f"greedy tokens differ from PyTorch: {'; '.join(divergences[:3])}")
+        if logit_tol is not None and max_diff > logit_tol:
+            res.failures.append(f"max |logit diff| {max_diff:.4g} exceeds the tolerance {logit_tol:g}")
+    log.info(
+        "%s: tok %.3f greedy %.3f tf-top1 %.3f max|dlogit| %.4g acc %s %.0f tok/s",
+        name,
+        tok_match,
+        res.greedy_match,
+        res.teacher_forced_top1,
+        max_diff,
+        acc,
+        res.tokens_per_s,
+    )
+    return res
+
+
+def raise_on_failures(results: dict[str, VariantResult]) -> None:
+    """NestlingError naming every variant that mis-tokenizes, or must match exactly and does not."""
+    bad = {k: r.failures for k, r in results.items() if r.failures}
+    if bad:
+        detail = " | ".join(f"{k}: {'; '.join(v)}" for k, v in bad.items())
+        raise NestlingError(f"export parity failed, nothing written: {detail}")

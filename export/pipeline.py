@@ -1,0 +1,442 @@
+"""`nestling export STUDENT_DIR --out DIR`: every artifact, checked against the PyTorch student.
+
+    manifest = export_student(ExportConfig(student="runs/x/students/tiny/model", out="runs/x/exports/tiny"))
+
+Builds ONNX fp32/int8 and GGUF f16/Q8_0/Q4_K_M in ``OUT.tmp-XXXX``, runs each through ``serve.engines``
+against PyTorch on held-out prompts (``export.parity``), writes the Modelfile, the model card and
+manifest.json, and only then renames the directory to OUT. An unquantized artifact that does not match
+PyTorch raises NestlingError and leaves no OUT behind. A complete OUT with the same config and student is
+skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from export.parity import Prompt, Scorer, VariantResult, check_variant, raise_on_failures, torch_reference
+from serve.config import check
+from serve.errors import NestlingError
+from serve.manifest import describe_files, fingerprint, is_fresh, read_manifest, write_manifest
+from serve.prompting import PROMPT_FORMAT
+
+log = logging.getLogger(__name__)
+
+VARIANTS: dict[str, dict[str, str]] = {
+    "onnx-fp32": {"engine": "onnx", "path": "onnx/fp32"},
+    "onnx-int8": {"engine": "onnx", "path": "onnx/int8"},
+    "gguf-f16": {"engine": "gguf", "path": "gguf/model-f16.gguf"},
+    "gguf-q8_0": {"engine": "gguf", "path": "gguf/model-q8_0.gguf"},
+    "gguf-q4_k_m": {"engine": "gguf", "path": "gguf/model-q4_k_m.gguf"},
+}
+EXACT = {"onnx-fp32", "gguf-f16"}  # unquantized: must match PyTorch or the export fails
+SOURCE_OF = {"onnx-int8": "onnx-fp32", "gguf-q8_0": "gguf-f16", "gguf-q4_k_m": "gguf-f16"}
+
+BUILTIN_QUESTIONS = [
+    ("What is 3 + 4?", "7"),
+    ("What is 9 - 2?", "7"),
+    ("What is 6 * 7?", "42"),
+    ("What is 8 + 5?", "13"),
+    ("What is 12 - 9?", "3"),
+    ("What is 2 * 9?", "18"),
+    ("What is 15 + 27?", "42"),
+    ("What is 100 - 1?", "99"),
+]
+
+
+@dataclass
+class ExportConfig:
+    """`nestling export`: ONNX + GGUF artifacts of one student, parity-checked at export time."""
+
+    student: str = field(default="", metadata={"help": "student directory in save_pretrained form"})
+    out: str = field(default="", metadata={"help": "export directory to create (built as OUT.tmp-*)"})
+    variants: list[str] = field(
+        default_factory=lambda: list(VARIANTS), metadata={"help": f"which of {', '.join(VARIANTS)}"}
+    )
+    prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "held-out prompts for parity: .jsonl with question (+gold) or .txt, one question a line; "
+            "default: RUN/traces/questions.jsonl split heldout, else built-in arithmetic"
+        },
+    )
+    task: str | None = field(
+        default=None, metadata={"help": "task spec for scoring (default: the questions' own task)"}
+    )
+    parity_prompts: int = field(default=32, metadata={"help": "how many held-out prompts to check"})
+    max_new_tokens: int = field(default=96, metadata={"help": "greedy tokens per parity prompt"})
+    threads: int = field(default=1, metadata={"help": "CPU threads for every engine (tokens/s are per this)"})
+    fp32_logit_tol: float = field(
+        default=1e-3, metadata={"help": "max |logit diff| allowed for onnx-fp32 vs PyTorch"}
+    )
+    f16_logit_tol: float = field(
+        default=0.5, metadata={"help": "max |logit diff| allowed for gguf-f16 vs PyTorch (f16 weights)"}
+    )
+    tolerance: float = field(
+        default=0.02,
+        metadata={"help": "default variant: the fastest whose held-out accuracy is within this of PyTorch's"},
+    )
+    gguf_pre: str | None = field(
+        default=None, metadata={"help": "override llama.cpp's tokenizer.ggml.pre (default: detected)"}
+    )
+    force: bool = field(default=False, metadata={"help": "re-export even when OUT is complete and fresh"})
+
+    def __post_init__(self) -> None:
+        check(bool(self.student), "export: pass the student directory, e.g. runs/x/students/tiny/model")
+        check(bool(self.out), "export: pass --out DIR, e.g. runs/x/exports/tiny")
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        check(not unknown, f"--variants {unknown}: unknown; choose from {', '.join(VARIANTS)}")
+        check(bool(self.variants), f"--variants: name at least one of {', '.join(VARIANTS)}")
+        check(self.parity_prompts >= 1, f"--parity-prompts {self.parity_prompts}: must be >= 1")
+        check(self.max_new_tokens >= 1, f"--max-new-tokens {self.max_new_tokens}: must be >= 1")
+        check(self.threads >= 1, f"--threads {self.threads}: must be >= 1")
+        check(self.fp32_logit_tol > 0 and self.f16_logit_tol > 0, "logit tolerances must be > 0")
+        check(0.0 <= self.tolerance <= 1.0, f"--tolerance {self.tolerance}: must be in [0, 1], e.g. 0.02")
+        check(
+            Path(self.student).resolve() != Path(self.out).resolve(), "--out must differ from the student dir"
+        )
+
+
+# ---- inputs ------------------------------------------------------------------------------------------
+
+
+def check_student_dir(d: Path) -> dict[str, Any]:
+    """Refuse anything export cannot handle with a one-line fix, before any work starts."""
+    if not d.is_dir():
+        raise NestlingError(f"{d}: student directory not found; pass RUN/students/<name>/model")
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise NestlingError(f"{d}: no config.json; pass a student directory written by `nestling train`")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise NestlingError(f"{cfg_path}: not valid JSON ({e}); re-save the student") from None
+    if cfg.get("model_type") != "llama":
+        raise NestlingError(
+            f"{d}: model_type is {cfg.get('model_type')!r}; only llama-architecture students can be exported"
+        )
+    if not (d / "tokenizer.json").is_file():
+        raise NestlingError(
+            f"{d}: no tokenizer.json; save the student with its fast tokenizer (save_student)"
+        )
+    if not list(d.glob("*.safetensors")):
+        raise NestlingError(f"{d}: no .safetensors weights (pickled weights are never loaded)")
+    return cfg
+
+
+def student_fingerprint(d: Path) -> str:
+    """sha256 over every file of the student directory (names and contents)."""
+    files = [p.relative_to(d).as_posix() for p in sorted(d.rglob("*")) if p.is_file()]
+    return fingerprint({k: v["sha256"] for k, v in describe_files(d, files).items()})
+
+
+def _find_run_dir(student_dir: Path) -> Path | None:
+    for parent in student_dir.resolve().parents:
+        if (parent / "traces" / "questions.jsonl").is_file():
+            return parent
+    return None
+
+
+def _student_name(student_dir: Path) -> str:
+    d = student_dir.resolve()
+    if d.name == "model" and d.parent.parent.name == "students":
+        return d.parent.name
+    return d.name
+
+
+def load_prompts(
+    cfg: ExportConfig, given: list[tuple[str, str]] | None
+) -> tuple[list[Prompt], str, str | None]:
+    """(prompts, where they came from, task spec)."""
+    n = cfg.parity_prompts
+    if given is not None:
+        return [Prompt(q, g) for q, g in given[:n]], "given by the caller", cfg.task
+    if cfg.prompts:
+        p = Path(cfg.prompts)
+        if not p.is_file():
+            raise NestlingError(f"--prompts {p}: file not found; pass a .jsonl (question, gold) or .txt file")
+        if p.suffix == ".jsonl":
+            rows = _read_jsonl(p)
+            bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or "question" not in r]
+            if bad:
+                raise NestlingError(f"--prompts {p}: line {bad[0] + 1} has no 'question' field")
+            return _rows_to_prompts(rows[:n], cfg.task), str(p), cfg.task
+        lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not lines:
+            raise NestlingError(f"--prompts {p}: empty; put one question per line")
+        return [Prompt(q, None) for q in lines[:n]], str(p), cfg.task
+    run = _find_run_dir(Path(cfg.student))
+    if run is not None:
+        qpath = run / "traces" / "questions.jsonl"
+        rows = [r for r in _read_jsonl(qpath) if r.get("split") == "heldout"]
+        if rows:
+            random.Random(0).shuffle(rows)
+            task = cfg.task or (rows[0].get("task") if len({r.get("task") for r in rows}) == 1 else None)
+            return _rows_to_prompts(rows[:n], task), f"{qpath} (split heldout)", task
+    return [Prompt(q, g) for q, g in BUILTIN_QUESTIONS[:n]], "built-in arithmetic questions", cfg.task
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise NestlingError(f"{path}:{i}: not valid JSON ({e})") from None
+    return rows
+
+
+def _rows_to_prompts(rows: list[dict[str, Any]], task: str | None) -> list[Prompt]:
+    out = []
+    for i, r in enumerate(rows):
+        example = None
+        if r.get("task") or task:
+            try:
+                from distill.tasks import Example
+
+                example = Example.from_row({"id": r.get("id", f"p{i}"), "task": r.get("task") or task, **r})
+            except (ImportError, NestlingError):
+                example = None
+        gold = r.get("gold")
+        out.append(Prompt(str(r["question"]), None if gold is None else str(gold), example=example))
+    return out
+
+
+def make_scorer(prompts: list[Prompt], task_spec: str | None) -> Scorer:
+    """Score with distill.tasks (the task's own extractor and full-credit scorer) when it loads."""
+    from export.parity import default_scorer
+
+    specs = {p.example.task for p in prompts if p.example is not None}
+    if task_spec:
+        specs.add(task_spec)
+    tasks: dict[str, Any] = {}
+    for spec in specs:
+        try:
+            from distill.tasks import load_task
+
+            tasks[spec] = load_task(spec)
+        except Exception as e:  # scoring falls back to lenient extraction; say so
+            log.warning("task %s: cannot load its scorer (%s); using serve.explain answer matching", spec, e)
+    fallback = default_scorer()
+
+    def score(text: str, p: Prompt) -> bool:
+        task = tasks.get(p.example.task) if p.example is not None else None
+        if task is not None:
+            return default_scorer(task)(text, p)
+        return fallback(text, p)
+
+    return score
+
+
+# ---- the export --------------------------------------------------------------------------------------
+
+
+def _build(name: str, cfg: ExportConfig, student: Path, root: Path) -> Path:
+    from export.gguf import quantize_gguf, write_gguf
+    from export.onnx import export_onnx_fp32, quantize_onnx_int8
+
+    dst = root / VARIANTS[name]["path"]
+    if name == "onnx-fp32":
+        return export_onnx_fp32(student, dst)
+    if name == "onnx-int8":
+        return quantize_onnx_int8(root / VARIANTS["onnx-fp32"]["path"], dst)
+    if name == "gguf-f16":
+        return write_gguf(student, dst, dtype="f16", pre=cfg.gguf_pre)
+    return quantize_gguf(root / VARIANTS["gguf-f16"]["path"], dst, name.removeprefix("gguf-"), cfg.threads)
+
+
+def _bytes(p: Path) -> int:
+    return sum(q.stat().st_size for q in p.rglob("*") if q.is_file()) if p.is_dir() else p.stat().st_size
+
+
+def choose_default(variants: dict[str, dict[str, Any]], tolerance: float) -> str:
+    """The fastest variant whose accuracy is within `tolerance` of PyTorch's (gguf-q8_0 when unscored)."""
+    ok = {
+        k: v
+        for k, v in variants.items()
+        if v.get("accuracy_delta") is not None and v["accuracy_delta"] >= -tolerance - 1e-9
+    }
+    if ok:
+        return max(ok, key=lambda k: ok[k].get("tokens_per_s") or 0.0)
+    return "gguf-q8_0" if "gguf-q8_0" in variants else next(iter(variants))
+
+
+def export_config_dict(cfg: ExportConfig) -> dict[str, Any]:
+    """What the manifest records as config: everything but the paths (the student's hash is an input)."""
+    d = asdict(cfg)
+    for k in ("student", "out", "force"):
+        d.pop(k)
+    return d
+
+
+def export_student(cfg: ExportConfig, prompts: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Export, check and publish one student; returns the manifest. See the module docstring."""
+    from serve.engines import load_engine
+
+    student, out = Path(cfg.student), Path(cfg.out)
+    check_student_dir(student)
+    plist, source, task = load_prompts(cfg, prompts)
+    config = export_config_dict(cfg)
+    inputs = {
+        "student": student_fingerprint(student),
+        "prompts": fingerprint([(p.text, p.gold) for p in plist]),
+    }
+    if not cfg.force and is_fresh(out, "export", config, inputs):
+        log.info("%s: complete and matching this student and config; skipped", out)
+        return read_manifest(out, "export")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the published export is an ordinary directory
+    t0 = time.perf_counter()
+    try:
+        manifest = _export_into(tmp, cfg, student, plist, source, task, config, inputs, load_engine)
+        # A finished OUT appears in one rename; an older export is moved aside first, then deleted.
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info(
+        "export %s: done in %.0f s, default variant %s",
+        out,
+        time.perf_counter() - t0,
+        manifest["default_variant"],
+    )
+    return read_manifest(out, "export")
+
+
+def _export_into(
+    root: Path,
+    cfg: ExportConfig,
+    student: Path,
+    plist: list[Prompt],
+    source: str,
+    task: str | None,
+    config: dict[str, Any],
+    inputs: dict[str, Any],
+    load_engine: Any,
+) -> dict[str, Any]:
+    import torch
+
+    from distill.students import count_params, load_student
+    from export.card import model_card, modelfile
+
+    t0 = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    model, tok = load_student(student)
+    scorer = make_scorer(plist, task)
+    ref = torch_reference(model, tok, plist, cfg.max_new_tokens, scorer)
+    params = count_params(model)
+    del model
+
+    wanted = [v for v in VARIANTS if v in cfg.variants]
+    needed = [v for v in VARIANTS if v in wanted or v in {SOURCE_OF.get(w) for w in wanted}]
+    results: dict[str, VariantResult] = {}
+    for name in needed:
+        t = time.perf_counter()
+        path = _build(name, cfg, student, root)
+        log.info("built %s in %.1f s", name, time.perf_counter() - t)
+        if name not in wanted:
+            continue
+        kind = VARIANTS[name]["engine"]
+        tol = cfg.fp32_logit_tol if name == "onnx-fp32" else cfg.f16_logit_tol if name == "gguf-f16" else None
+        engine = load_engine(path, kind=kind, n_threads=cfg.threads)
+        try:
+            results[name] = check_variant(
+                name,
+                engine,
+                ref,
+                tok,
+                plist,
+                max_new_tokens=cfg.max_new_tokens,
+                logit_tol=tol,
+                exact=name in EXACT,
+                scorer=scorer,
+            )
+        finally:
+            engine.close()
+    raise_on_failures(results)
+    for name in needed:
+        if name not in wanted:  # a prerequisite only (e.g. fp32 for int8): not shipped
+            p = root / VARIANTS[name]["path"]
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    variants: dict[str, dict[str, Any]] = {}
+    for name in wanted:
+        r = results[name].to_dict()
+        variants[name] = {
+            **VARIANTS[name],
+            "bytes": _bytes(root / VARIANTS[name]["path"]),
+            "parity": {
+                k: r[k]
+                for k in (
+                    "tokenization_match",
+                    "greedy_match",
+                    "greedy_match_within_tol",
+                    "teacher_forced_top1",
+                    "max_abs_logit_diff",
+                    "logit_tol",
+                    "exact_required",
+                )
+            },
+            "accuracy": r["accuracy"],
+            "accuracy_delta": r["accuracy_delta"],
+            "tokens_per_s": round(r["tokens_per_s"], 1),
+        }
+    default = choose_default(variants, cfg.tolerance)
+    name = _student_name(student)
+    student_info = {"name": name, "sha256": inputs["student"], "params": params}
+    pytorch = {
+        "accuracy": ref.accuracy,
+        "tokens_per_s": round(ref.tokens_per_s, 1),
+        "bytes": sum(p.stat().st_size for p in student.glob("*.safetensors")),
+        "params": params,
+    }
+    run = _find_run_dir(student)
+    datacard = None
+    if run is not None and (run / "traces" / "datacard.json").is_file():
+        try:
+            datacard = json.loads((run / "traces" / "datacard.json").read_text())
+        except json.JSONDecodeError:
+            log.warning("%s: unreadable data card; the model card omits it", run / "traces" / "datacard.json")
+
+    gguf_default = default if VARIANTS[default]["engine"] == "gguf" else "gguf-q8_0"
+    files = [VARIANTS[v]["path"] for v in wanted]
+    if gguf_default in variants:
+        (root / "Modelfile").write_text(modelfile(VARIANTS[gguf_default]["path"], tok.eos_token))
+        files.append("Modelfile")
+    (root / "README.md").write_text(
+        model_card(name, student_info, task, variants, default, pytorch, datacard, source, len(plist))
+    )
+    files.append("README.md")
+    return write_manifest(
+        root,
+        stage="export",
+        config=config,
+        inputs=inputs,
+        files=files,
+        metrics={
+            "pytorch": pytorch,
+            "parity_prompts": len(plist),
+            "prompt_source": source,
+            "seconds": round(time.perf_counter() - t0, 1),
+        },
+        prompt_format=PROMPT_FORMAT,
+        student=student_info,
+        task=task,
+        default_variant=default,
+        variants=variants,
+    )
