@@ -197,3 +197,34 @@ def test_an_unloadable_file_with_a_matching_hash_is_a_clear_error(tmp_path):
             Reasoner.load(out)
     finally:
         ENGINES.pop("fake", None)
+
+
+# ---- `nestling ask` --------------------------------------------------------------------------------------
+
+
+def test_cli_ask_prints_marked_steps_answer_and_one_latency_line(fake_export, capsys):
+    import nestling
+
+    assert nestling.main(["ask", str(fake_export), "a wrong one"]) == 0
+    lines = capsys.readouterr().out.rstrip("\n").split("\n")
+    assert lines[0] == "  \u2717 Step 1: 9 * 8 = 64"
+    assert lines[1] == "  \u00b7 Step 2: So the result is 64"
+    assert lines[2] == "Answer: 64"
+    assert lines[3].startswith("latency: first token ") and "(fake-a on fake)" in lines[3] and len(lines) == 4
+    argv = ["ask", str(fake_export), "What is 2 + 2?", "--no-explain", "--variant", "fake-b"]
+    assert nestling.main(argv) == 0
+    lines = capsys.readouterr().out.strip().split("\n")
+    assert lines[0] == "Answer: 4" and "(fake-b on fake)" in lines[1]
+
+
+def test_cli_ask_and_serve_turn_bad_input_into_one_line_errors(fake_export, tmp_path, capsys):
+    import nestling
+
+    assert nestling.main(["ask", str(fake_export), "hi", "--max-tokens", "0"]) == 2
+    assert nestling.main(["ask", str(tmp_path / "missing"), "hi"]) == 2
+    assert nestling.main(["serve", str(fake_export), "--variant", "nope"]) == 2
+    assert nestling.main(["serve", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().split("\n")
+    assert len(err) == 4 and all(e.startswith("error: ") for e in err)
+    assert "--max-tokens 0" in err[0] and "not a directory" in err[1]
+    assert "nope" in err[2] and "manifest" in err[3]
