@@ -76,7 +76,8 @@ async function ask(ev) {
         const msg = JSON.parse(data);
         if (event === "token") {
           if (firstAt === null) firstAt = performance.now() - t0;
-          $("live").textContent += msg.text;
+          const live = $("live");
+          live.textContent += live.textContent ? msg.text : msg.text.replace(/^\n+/, "");
         } else if (event === "answer") {
           showAnswer(msg, firstAt ?? performance.now() - t0);
         } else if (event === "error") {
