@@ -1,0 +1,429 @@
+"""The traces stage: a teacher writes k rationales per training question; an append-only store keeps them.
+
+    nestling traces --task rg:basic_arithmetic --teacher gguf:smollm2 --samples 4 --n 200 --out runs/x
+
+    run_traces(TracesConfig(out="runs/x"))  # -> runs/x/traces/
+
+Writes RUN/traces/{questions.jsonl, traces.jsonl, kept.jsonl, datacard.json, manifest.json}. traces.jsonl
+is append-only: one os.write() of a whole line per record, then fsync. Kill the process at any moment and
+re-run the same command: a torn last line is cut off, finished records are kept and skipped, and the run
+continues where it stopped. Sample j of every question uses seed ``seed * 1000 + j``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distill.filters import FilterConfig, filter_traces
+from distill.prompts import prompt_card, prompt_hash, teacher_messages
+from distill.tasks import DEFAULT_TASK, Example, load_task, split_examples
+from distill.teachers import DEFAULT_TEACHER, Sampling, load_teacher
+from serve.config import check
+from serve.errors import NestlingError
+from serve.explain import normalize_answer
+from serve.manifest import atomic_write_json, atomic_write_text, fingerprint, is_fresh, write_manifest
+
+log = logging.getLogger(__name__)
+
+STAGE = "traces"
+FILES = ["questions.jsonl", "traces.jsonl", "kept.jsonl", "datacard.json"]
+
+
+@dataclass
+class TracesConfig:
+    task: str = field(
+        default=DEFAULT_TASK, metadata={"help": "task spec: rg:NAME?k=v, mix:A,B, file:PATH, hf:NAME"}
+    )
+    teacher: str = field(
+        default=DEFAULT_TEACHER,
+        metadata={"help": "teacher spec: gguf:smollm2, gguf:PATH, openai:MODEL@URL, hf:PATH"},
+    )
+    samples: int = field(default=4, metadata={"help": "rationales per training question (k)"})
+    # 300 questions x 4 samples is ~1,000 rationales: ~4 min for SmolLM2 on 2 free cores, ~8 with contention.
+    n: int = field(default=300, metadata={"help": "questions to draw (train + held-out)"})
+    heldout: float = field(
+        default=0.2, metadata={"help": "held-out questions: a fraction < 1 or a count >= 1"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed for drawing, splitting and sampling"})
+    out: str = field(default="runs/default", metadata={"help": "run directory; traces go to OUT/traces"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (0 = greedy)"})
+    top_p: float = field(default=0.95, metadata={"help": "nucleus sampling mass"})
+    # The default teacher's verified rationales are ~20 tokens; 64 leaves room and cuts rambling short.
+    max_tokens: int = field(default=64, metadata={"help": "generated tokens per rationale"})
+    fewshot: bool = field(default=True, metadata={"help": "show a worked example in the prompt"})
+    threads: int | None = field(
+        default=None, metadata={"help": "CPU threads for the teacher (default min(2, cores))"}
+    )
+    batch: int | None = field(
+        default=None, metadata={"help": "questions per teacher call (default: the backend's)"}
+    )
+    vote_threshold: float = field(
+        default=0.5,
+        metadata={"help": "no-gold questions: majority share needed for a self-consistency label"},
+    )
+    check_steps: bool = field(default=True, metadata={"help": "drop rationales with a false step"})
+    max_steps: int = field(default=12, metadata={"help": "drop rationales with more steps than this"})
+
+    def __post_init__(self) -> None:
+        check(
+            self.task.startswith(("rg:", "mix:", "file:", "hf:")),
+            f"--task {self.task!r}: use rg:NAME, mix:A,B, file:PATH or hf:NAME",
+        )
+        check(
+            self.teacher.startswith(("gguf:", "openai:", "hf:")),
+            f"--teacher {self.teacher!r}: use gguf:smollm2, gguf:PATH, openai:MODEL@URL or hf:PATH",
+        )
+        check(self.samples >= 1, f"--samples {self.samples}: must be >= 1, e.g. 4")
+        check(self.n >= 1, f"--n {self.n}: must be >= 1, e.g. 300")
+        check(self.heldout >= 0, f"--heldout {self.heldout}: must be >= 0 (a fraction < 1 or a count)")
+        check(
+            self.heldout < 1 or self.heldout == int(self.heldout),
+            f"--heldout {self.heldout}: a count must be whole",
+        )
+        check(self.heldout < self.n, f"--heldout {self.heldout}: must be smaller than --n {self.n}")
+        check(self.temperature >= 0, f"--temperature {self.temperature}: must be >= 0 (0 = greedy)")
+        check(0 < self.top_p <= 1, f"--top-p {self.top_p}: must be in (0, 1]")
+        check(self.max_tokens >= 1, f"--max-tokens {self.max_tokens}: must be >= 1, e.g. 64")
+        check(self.threads is None or self.threads >= 1, f"--threads {self.threads}: must be >= 1")
+        check(self.batch is None or self.batch >= 1, f"--batch {self.batch}: must be >= 1")
+        check(bool(self.out), "--out: pass a run directory, e.g. runs/x")
+        self.filters()  # validates the filter fields
+
+    def filters(self) -> FilterConfig:
+        return FilterConfig(
+            vote_threshold=self.vote_threshold, check_steps=self.check_steps, max_steps=self.max_steps
+        )
+
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_p, self.max_tokens, seed=self.seed * 1000)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide the stage's output (threads and batch only change speed)."""
+        d = asdict(self)
+        d.pop("threads")
+        d.pop("batch")
+        return d
+
+
+class TraceStore:
+    """Append-only JSONL of records with unique ``id``: one write() per whole line, fsync after each."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.repaired_bytes = 0
+        self.records: list[dict] = self._load()
+        self.ids = {r["id"] for r in self.records}
+
+    def _load(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                # A record is written by one write(); anything after the last newline is a torn tail.
+                cut = data.rfind(b"\n") + 1
+                self.repaired_bytes = len(data) - cut
+                f.truncate(cut)
+                f.flush()
+                os.fsync(f.fileno())
+                data = data[:cut]
+                log.warning("%s: dropped a torn last line (%d bytes)", self.path, self.repaired_bytes)
+        records, seen = [], set()
+        for i, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                rid = rec["id"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise NestlingError(
+                    f"{self.path}: line {i} is not a trace record; remove that line or use a new --out"
+                ) from None
+            if rid not in seen:  # a duplicate can only come from a hand edit; keep the first
+                seen.add(rid)
+                records.append(rec)
+        return records
+
+    def append(self, record: dict) -> bool:
+        """Write one record durably; False (nothing written) if its id is already stored."""
+        if record["id"] in self.ids:
+            return False
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(fd, line)
+            while written < len(line):  # short writes are rare on regular files but legal
+                written += os.write(fd, line[written:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.records.append(record)
+        self.ids.add(record["id"])
+        return True
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise NestlingError(
+                    f"{path}: line {i} is not JSON; delete the file to redraw the questions"
+                ) from None
+    return rows
+
+
+def _questions(cfg: TracesConfig, out_dir: Path) -> tuple[list[Example], list[Example], dict[str, int]]:
+    """Draw and split the questions; an existing questions.jsonl must be the same draw (same config)."""
+    task = load_task(cfg.task)
+    examples = task.examples(cfg.n, cfg.seed)
+    if not examples:
+        raise NestlingError(f"task {cfg.task!r}: no questions drawn; check the task spec")
+    if len(examples) < cfg.n:
+        log.warning("task %s: %d distinct questions available (asked for %d)", cfg.task, len(examples), cfg.n)
+    heldout = cfg.heldout if cfg.heldout < 1 else min(int(cfg.heldout), len(examples) - 1)
+    train, held = split_examples(examples, heldout, cfg.seed)
+    held_ids = {ex.id for ex in held}
+    rows = [{**ex.to_row(), "split": "heldout" if ex.id in held_ids else "train"} for ex in examples]
+    path = out_dir / "questions.jsonl"
+    if path.exists():
+        old = _read_jsonl(path)
+        key = lambda rs: [(r.get("id"), r.get("question"), r.get("gold"), r.get("split")) for r in rs]  # noqa: E731
+        if key(old) != key(rows):
+            raise NestlingError(
+                f"{path}: drawn with another task, n, heldout or seed; use a new --out or the same settings"
+            )
+    else:
+        _write_jsonl(path, rows)
+    return train, held, task.stats()
+
+
+def _check_compatible(store: TraceStore, cfg: TracesConfig, sampling: dict) -> None:
+    for r in store.records[:1] + store.records[-1:]:
+        if r.get("teacher") != cfg.teacher or r.get("sampling") != sampling:
+            raise NestlingError(
+                f"{store.path}: written with teacher {r.get('teacher')!r} and sampling {r.get('sampling')}; "
+                "re-run with the same settings or use a new --out"
+            )
+
+
+def run_traces(cfg: TracesConfig, progress: bool = True) -> Path:
+    """Generate (or resume) the traces stage in cfg.out/traces and return that directory."""
+    out_dir = Path(cfg.out) / "traces"
+    inputs = {"task": cfg.task, "teacher": cfg.teacher}
+    if is_fresh(out_dir, STAGE, cfg.identity(), inputs):
+        log.info("%s is complete for this config; skipping", out_dir)
+        return out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train, held, task_stats = _questions(cfg, out_dir)
+    task = load_task(cfg.task)
+    sampling = cfg.sampling()
+    sampling_rec = {
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "max_tokens": sampling.max_tokens,
+    }
+    store = TraceStore(out_dir / "traces.jsonl")
+    _check_compatible(store, cfg, sampling_rec)
+    todo = [ex for ex in train if any(f"{ex.id}:{j}" not in store.ids for j in range(cfg.samples))]
+    t0 = time.perf_counter()
+    if todo:
+        _generate(cfg, task, todo, store, sampling, sampling_rec, len(train), progress)
+    wall = time.perf_counter() - t0
+    train_ids = {ex.id for ex in train}
+    records = [r for r in store.records if r["qid"] in train_ids and int(r["sample"]) < cfg.samples]
+    kept, fstats = filter_traces(records, train, cfg.filters())
+    _write_jsonl(out_dir / "kept.jsonl", kept)
+    card = datacard(cfg, train, held, task_stats, records, fstats, wall, store.repaired_bytes)
+    atomic_write_json(out_dir / "datacard.json", card)
+    write_manifest(
+        out_dir,
+        stage=STAGE,
+        config=cfg.identity(),
+        inputs=inputs,
+        files=FILES,
+        metrics={k: card[k] for k in ("records", "kept", "coverage", "sample_accuracy", "rationales_per_s")},
+    )
+    return out_dir
+
+
+def _generate(
+    cfg: TracesConfig,
+    task: Any,
+    todo: list[Example],
+    store: TraceStore,
+    sampling: Sampling,
+    sampling_rec: dict,
+    n_train: int,
+    progress: bool,
+) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    teacher = load_teacher(cfg.teacher, n_threads=cfg.threads)
+    batch = cfg.batch or teacher.batch
+    need = sum(1 for ex in todo for j in range(cfg.samples) if f"{ex.id}:{j}" not in store.ids)
+    done = right = 0
+    t0 = time.perf_counter()
+    columns = [
+        TextColumn("[bold]traces"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.1f} rationales/s  right {task.fields[yield_]:.0%}"),
+        TimeRemainingColumn(),
+    ]
+    log.info(
+        "teacher %s: %d rationales to write for %d of %d training questions",
+        cfg.teacher,
+        need,
+        len(todo),
+        n_train,
+    )
+    try:
+        with Progress(*columns, disable=not progress, transient=False) as bar:
+            tid = bar.add_task("traces", total=need, rate=0.0, yield_=0.0)
+            for start in range(0, len(todo), batch):
+                chunk = todo[start : start + batch]
+                messages = [teacher_messages(ex.question, cfg.fewshot) for ex in chunk]
+                gens = teacher.generate(messages, cfg.samples, sampling)
+                for ex, msgs, samples in zip(chunk, messages, gens, strict=True):
+                    phash = prompt_hash(msgs)
+                    for j, g in enumerate(samples):
+                        answer = task.extract(g.text)
+                        correct = task.score(answer, ex) if ex.gold is not None else None
+                        rec = {
+                            "id": f"{ex.id}:{j}",
+                            "qid": ex.id,
+                            "sample": j,
+                            "task": ex.task,
+                            "question": ex.question,
+                            "gold": ex.gold,
+                            "teacher": cfg.teacher,
+                            "sampling": sampling_rec,
+                            "seed": sampling.seed + j,
+                            "prompt_hash": phash,
+                            "rationale": g.text,
+                            "answer": answer,
+                            "correct": correct,
+                            "tokens": g.tokens,
+                            "seconds": round(g.seconds, 4),
+                            "truncated": g.truncated,
+                        }
+                        if store.append(rec):
+                            done += 1
+                            right += bool(correct)
+                elapsed = max(time.perf_counter() - t0, 1e-9)
+                bar.update(tid, completed=done, rate=done / elapsed, yield_=right / max(done, 1))
+    finally:
+        teacher.close()
+
+
+def datacard(
+    cfg: TracesConfig,
+    train: list[Example],
+    held: list[Example],
+    task_stats: dict[str, int],
+    records: list[dict],
+    fstats: dict[str, Any],
+    wall: float,
+    repaired_bytes: int,
+) -> dict[str, Any]:
+    """Counts, yields, teacher, prompt, sampling and time, as datacard.json records them."""
+    graded = [r for r in records if r.get("correct") is not None]
+    by_q: dict[str, list[dict]] = {}
+    for r in graded:
+        by_q.setdefault(r["qid"], []).append(r)
+    golds = Counter(normalize_answer(ex.gold) for ex in train if ex.gold is not None)
+    baseline_answer, baseline_count = golds.most_common(1)[0] if golds else (None, 0)
+    held_golds = [normalize_answer(ex.gold) for ex in held if ex.gold is not None]
+    teacher_s = sum(float(r.get("seconds") or 0) for r in records)
+    tokens = sum(int(r.get("tokens") or 0) for r in records)
+    sampling = cfg.sampling()
+    return {
+        "stage": STAGE,
+        "task": cfg.task,
+        "task_stats": task_stats,
+        "questions": {
+            "requested": cfg.n,
+            "drawn": len(train) + len(held),
+            "train": len(train),
+            "heldout": len(held),
+        },
+        "teacher": {"spec": cfg.teacher, "params": _teacher_params(cfg.teacher)},
+        "prompt": prompt_card(cfg.fewshot),
+        "sampling": {**asdict(sampling), "samples_per_question": cfg.samples},
+        "records": len(records),
+        "answered": sum(r.get("answer") is not None for r in records),
+        "answer_line": round(
+            sum("answer:" in (r.get("rationale") or "").lower() for r in records) / len(records), 4
+        )
+        if records
+        else 0.0,
+        "sample_accuracy": round(sum(bool(r["correct"]) for r in graded) / len(graded), 4)
+        if graded
+        else None,
+        "questions_any_correct": round(
+            sum(any(r["correct"] for r in rs) for rs in by_q.values()) / len(train), 4
+        )
+        if train
+        else 0.0,
+        "trivial_baseline": {
+            "answer": baseline_answer,
+            "train_accuracy": round(baseline_count / sum(golds.values()), 4) if golds else None,
+            "heldout_accuracy": round(held_golds.count(baseline_answer) / len(held_golds), 4)
+            if held_golds
+            else None,
+        },
+        "filters": fstats["filters"],
+        "right_answer_wrong_steps": fstats["right_answer_wrong_steps"],
+        "right_answer_inconsistent_steps": fstats["right_answer_inconsistent_steps"],
+        "vote": fstats["vote"],
+        "kept": fstats["kept"],
+        "yield": fstats["yield"],
+        "questions_covered": fstats["questions_covered"],
+        "coverage": fstats["coverage"],
+        "time": {
+            "teacher_seconds": round(teacher_s, 2),
+            "generation_wall_seconds_last_run": round(wall, 2),
+            "tokens": tokens,
+        },
+        "tokens_per_s": round(tokens / teacher_s, 1) if teacher_s else None,
+        "rationales_per_s": round(len(records) / teacher_s, 3) if teacher_s else None,
+        "torn_bytes_repaired": repaired_bytes,
+        "config_fingerprint": fingerprint(cfg.identity()),
+    }
+
+
+_PARAMS_CACHE: dict[str, int | None] = {}
+
+
+def _teacher_params(spec: str) -> int | None:
+    """Parameter count for the card without loading the model twice: read GGUF metadata if cheap."""
+    if spec in _PARAMS_CACHE:
+        return _PARAMS_CACHE[spec]
+    params = None
+    if spec.startswith("gguf:"):
+        try:
+            from distill.teachers import resolve_gguf
+
+            path = resolve_gguf(spec.removeprefix("gguf:"))
+            from gguf import GGUFReader
+
+            reader = GGUFReader(str(path))
+            params = int(sum(int(t.n_elements) for t in reader.tensors))
+        except Exception:  # the card is still useful without it
+            params = None
+    _PARAMS_CACHE[spec] = params
+    return params
