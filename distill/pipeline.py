@@ -1,0 +1,143 @@
+"""`nestling distill`: traces -> train (each student) -> eval, resumable, ending with a side-by-side table.
+
+    python3 nestling.py distill --out runs/x
+    python3 nestling.py distill --out runs/x --students tiny,pruned=hf:smollm2?keep_layers=8 --objective cot
+
+Each stage is skipped when its manifest records the same config and inputs (serve.manifest.is_fresh), so
+re-running the command after an interruption continues where it stopped; training itself resumes from its
+newest checkpoint. Torch is imported by the stages, never by this module.
+
+Student recipes: from-scratch presets and pretrained (``hf:``) students need different learning rates and
+step counts; ``recipe_for`` holds the measured defaults, and ``--steps`` / ``--lr`` override them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from serve.config import check
+from serve.errors import NestlingError
+
+log = logging.getLogger(__name__)
+
+# The embedded default: a fast from-scratch student (<= 1/20 of the teacher's parameters) and a
+# pretrained, depth-pruned SmolLM2 that keeps the arithmetic facts the tiny one cannot learn.
+DEFAULT_STUDENTS = ["tiny", "hf:smollm2?keep_layers=12"]
+
+# Measured defaults per student kind (see the module docstring of distill.train and the benchmarks).
+OBJECTIVE_CHOICES = ("cot", "multitask", "answer-only")  # distill.train.OBJECTIVES, without importing it
+PRESET_RECIPE = {"steps": 600, "lr": 3e-3, "batch_size": 16, "warmup": 30}
+PRETRAINED_RECIPE = {"steps": 120, "lr": 1e-4, "batch_size": 8, "warmup": 10}
+
+
+def recipe_for(spec: str) -> dict[str, Any]:
+    from distill.students import parse_student_spec
+
+    return dict(PRETRAINED_RECIPE if parse_student_spec(spec).pretrained else PRESET_RECIPE)
+
+
+@dataclass
+class DistillConfig:
+    """`nestling distill`: traces -> train each student -> eval on the held-out split."""
+
+    out: str = field(default="runs/default", metadata={"help": "run directory (re-run to resume)"})
+    task: str | None = field(default=None, metadata={"help": "task spec (default: the traces stage's mix)"})
+    teacher: str | None = field(default=None, metadata={"help": "teacher spec (default: gguf:smollm2)"})
+    students: list[str] = field(
+        default_factory=lambda: list(DEFAULT_STUDENTS),
+        metadata={"help": "student specs, comma- or space-separated (see distill.students)"},
+    )
+    objective: str = field(
+        default="multitask", metadata={"help": "cot | multitask | answer-only", "choices": OBJECTIVE_CHOICES}
+    )
+    alpha: float = field(default=0.5, metadata={"help": "multitask weight of the answer loss"})
+    samples: int | None = field(default=None, metadata={"help": "teacher samples per question (k)"})
+    n: int | None = field(default=None, metadata={"help": "questions to draw (train + held-out)"})
+    seed: int = field(default=0, metadata={"help": "seed for traces, splits and training"})
+    steps: int | None = field(default=None, metadata={"help": "optimizer steps for every student"})
+    lr: float | None = field(default=None, metadata={"help": "peak learning rate for every student"})
+    eval_limit: int | None = field(default=None, metadata={"help": "evaluate at most this many questions"})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads per process"})
+
+    def __post_init__(self) -> None:
+        from distill.students import parse_student_spec
+        from distill.train import OBJECTIVES
+
+        if isinstance(self.students, str):
+            self.students = [self.students]
+        self.students = [s.strip() for item in self.students for s in _split_specs(item) if s.strip()]
+        check(bool(self.students), "--students: name at least one student, e.g. tiny")
+        names = [parse_student_spec(s).name for s in self.students]
+        check(len(set(names)) == len(names), f"--students: duplicate student names {names}; use NAME=SPEC")
+        check(
+            self.objective in OBJECTIVES,
+            f"--objective {self.objective!r}: use one of {', '.join(OBJECTIVES)}",
+        )
+        check(self.steps is None or self.steps > 0, f"--steps {self.steps}: must be > 0")
+        check(self.lr is None or self.lr > 0, f"--lr {self.lr}: must be > 0")
+
+
+def _split_specs(text: str) -> list[str]:
+    """Commas separate students; a spec's own options are joined by '&', so they never hold one."""
+    return text.split(",")
+
+
+def _traces(cfg: DistillConfig) -> Path:
+    from distill.traces import TracesConfig, run_traces
+
+    names = {f.name for f in dataclasses.fields(TracesConfig) if f.init}
+    wanted = {
+        "out": cfg.out,
+        "task": cfg.task,
+        "teacher": cfg.teacher,
+        "samples": cfg.samples,
+        "n": cfg.n,
+        "seed": cfg.seed,
+        "threads": cfg.threads,
+    }
+    return run_traces(TracesConfig(**{k: v for k, v in wanted.items() if v is not None and k in names}))
+
+
+def run_distill(cfg: DistillConfig) -> dict[str, Any]:
+    """Traces, then each student, then eval. Returns {run, students: {name: model_dir}, eval, table}."""
+    from distill.evaluate import EvalConfig, evaluate
+    from distill.students import parse_student_spec
+    from distill.train import TrainConfig, train
+
+    run = Path(cfg.out)
+    _traces(cfg)
+    models: dict[str, Path] = {}
+    for spec in cfg.students:
+        recipe = recipe_for(spec)
+        if cfg.steps is not None:
+            recipe["steps"] = cfg.steps
+        if cfg.lr is not None:
+            recipe["lr"] = cfg.lr
+        recipe["warmup"] = min(recipe["warmup"], recipe["steps"] // 5)
+        tcfg = TrainConfig(
+            run=str(run),
+            student=spec,
+            objective=cfg.objective,
+            alpha=cfg.alpha,
+            seed=cfg.seed,
+            threads=cfg.threads,
+            **recipe,
+        )
+        out = train(tcfg)
+        models[parse_student_spec(spec).name] = out / "model"
+    result = evaluate(
+        EvalConfig(
+            run=str(run),
+            students=list(models),
+            teacher=cfg.teacher,
+            limit=cfg.eval_limit,
+            threads=cfg.threads,
+        )
+    )
+    if not models:
+        raise NestlingError("no student trained")
+    return {"run": run, "students": models, "eval": result, "table": result["table"]}
