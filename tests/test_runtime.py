@@ -228,3 +228,57 @@ def test_cli_ask_and_serve_turn_bad_input_into_one_line_errors(fake_export, tmp_
     assert len(err) == 4 and all(e.startswith("error: ") for e in err)
     assert "--max-tokens 0" in err[0] and "not a directory" in err[1]
     assert "nope" in err[2] and "manifest" in err[3]
+
+
+# ---- real artifacts: the tiny student exported to GGUF and ONNX (tests/conftest.py) ------------------------
+
+
+@pytest.mark.parametrize("kind", ["gguf", "onnx"])
+def test_real_engines_answer_stream_and_match_the_raw_engine(tiny_export_dir, kind):
+    with Reasoner.load(tiny_export_dir, engine=kind) as r:
+        assert r.engine.kind == kind and r.manifest["variants"][r.variant]["engine"] == kind
+        a = r.ask("What is 3 + 4?", max_tokens=48)
+        s = r.stream("What is 3 + 4?", max_tokens=48)
+        assert "".join(s) == s.answer.text == a.text
+        # the runtime adds nothing to the engine: same greedy tokens, decoded
+        prompt = r.engine.tokenize("Question: What is 3 + 4?\nExplain:")
+        raw = list(r.engine.stream(prompt, 48))
+        assert a.latency.prompt_tokens == len(prompt)
+        assert a.latency.completion_tokens <= len(raw)
+        assert r.engine.detokenize(raw).startswith(a.text)
+        assert a.finish_reason == ("length" if a.latency.completion_tokens == 48 else "stop")
+        quick = r.ask("What is 3 + 4?", explain=False, max_tokens=16)
+        assert quick.steps == [] and quick.latency.variant == r.variant
+
+
+def test_auto_loads_the_default_variant(tiny_export_dir):
+    m = json.loads((tiny_export_dir / "manifest.json").read_text())
+    with Reasoner.load(tiny_export_dir) as r:
+        assert r.variant == m["default_variant"]
+
+
+@pytest.mark.parametrize("variant", ["gguf-q8_0", "onnx-fp32"])
+def test_truncated_or_tampered_real_artifacts_are_refused(tiny_export_dir, tmp_path, variant):
+    import shutil
+
+    from serve.manifest import write_manifest
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_export_dir, out)
+    m = json.loads((out / "manifest.json").read_text())
+    rel = m["variants"][variant]["path"]
+    target = out / rel if (out / rel).is_file() else out / rel / "model.onnx"
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2])
+    with pytest.raises(NestlingError, match="truncated"):
+        Reasoner.load(out, variant=variant)
+    target.write_bytes(data[:-9] + bytes(b ^ 0xFF for b in data[-9:]))
+    with pytest.raises(NestlingError, match="sha256"):
+        Reasoner.load(out, variant=variant)
+    # A truncated file whose manifest was rewritten to match is still refused, by the engine, in one line.
+    target.write_bytes(data[: len(data) // 2])
+    extra = {k: v for k, v in m.items() if k not in ("format", "stage", "created", "files")}
+    write_manifest(out, stage="export", files=list(m["files"]), **extra)
+    with pytest.raises(NestlingError) as e:
+        Reasoner.load(out, variant=variant)
+    assert "\n" not in str(e.value) and "re-export" in str(e.value)
