@@ -468,6 +468,7 @@ def train(cfg: TrainConfig) -> Path:
             "train_tokens": state["tokens"],
             "train_seconds": round(state["seconds"], 2),
             "train_tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
+            "initial_loss": round(sum(state["losses"][:5]) / max(1, len(state["losses"][:5])), 4),
             "final_loss": round(sum(tail) / max(1, len(tail)), 4),
             "device": str(device),
             "processes": world,

@@ -1,0 +1,219 @@
+"""The training recipe: targets and masks, schedule, data order, checkpoints, exact resume after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fake_run import make_run
+
+from distill.train import (
+    TrainConfig,
+    batch_indices,
+    build_examples,
+    collate,
+    lr_at,
+    train,
+    training_rows,
+)
+from serve.errors import NestlingError
+from serve.prompting import answer_target, explain_target, student_prompt
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from distill.students import train_tokenizer
+
+    rows = training_rows(make_run(Path(os.environ.get("TMPDIR", "/tmp")) / f"nestling-tok-{os.getpid()}"))
+    texts = [student_prompt(r["question"]) + explain_target(r["steps"], r["answer"]) for r in rows]
+    return train_tokenizer(texts, vocab_size=300)
+
+
+def _cfg(run: Path, **kw) -> TrainConfig:
+    base = dict(
+        run=str(run), student="nano", steps=30, batch_size=8, lr=3e-3, warmup=3, threads=1, progress=False
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def test_objectives_build_the_prompt_format_and_mask_the_prompt(tmp_path, tok):
+    rows = training_rows(make_run(tmp_path / "run", n=20, heldout=5))
+    cot = build_examples(rows, tok, "cot", 0.5, 192)
+    ans = build_examples(rows, tok, "answer-only", 0.5, 192)
+    multi = build_examples(rows, tok, "multitask", 0.3, 192)
+    assert len(cot) == len(ans) == len(rows) and len(multi) == 2 * len(rows)
+    assert sorted({e.weight for e in multi}) == [0.3, 0.7]  # alpha on answers, 1 - alpha on explanations
+
+    r, e = rows[0], cot[0]
+    assert tok.decode(e.ids[: e.n_prompt], skip_special_tokens=True) == student_prompt(r["question"], True)
+    assert tok.decode(e.ids[e.n_prompt :]) == explain_target(r["steps"], r["answer"]) + tok.eos_token
+    assert tok.decode(ans[0].ids[ans[0].n_prompt :]) == answer_target(r["answer"]) + tok.eos_token
+
+    batch = collate(cot[:3], tok.pad_token_id)
+    for i, ex in enumerate(cot[:3]):
+        labels = batch["labels"][i].tolist()
+        assert labels[: ex.n_prompt] == [-100] * ex.n_prompt  # no loss on the question
+        assert labels[ex.n_prompt : len(ex.ids)] == ex.ids[ex.n_prompt :]
+        assert all(x == -100 for x in labels[len(ex.ids) :])  # nor on padding
+
+
+def test_examples_longer_than_max_len_are_dropped_not_truncated(tmp_path, tok):
+    rows = training_rows(make_run(tmp_path / "run", n=20, heldout=5))
+    longest = max(len(e.ids) for e in build_examples(rows, tok, "cot", 0.5, 192))
+    kept = build_examples(rows, tok, "cot", 0.5, longest - 1)
+    assert 0 < len(kept) < len(rows) and all(len(e.ids) < longest for e in kept)
+    with pytest.raises(NestlingError, match="max-len"):
+        build_examples(rows, tok, "cot", 0.5, 8)
+
+
+def test_warmup_then_cosine_to_the_floor():
+    cfg = TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    lrs = [lr_at(s, cfg) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))  # monotone decay after warmup
+    assert lr_at(100, cfg) == pytest.approx(1e-4)
+
+
+def test_data_order_is_a_function_of_seed_and_step_and_covers_each_epoch():
+    cfg = TrainConfig(batch_size=4, grad_accum=2, seed=3)
+    n = 16  # two optimizer steps per epoch
+    epoch0 = [i for s in range(2) for m in range(2) for i in batch_indices(s, m, cfg, n)]
+    assert sorted(epoch0) == list(range(n))
+    assert batch_indices(5, 1, cfg, n) == batch_indices(5, 1, cfg, n)
+    other = TrainConfig(batch_size=4, grad_accum=2, seed=4)
+    assert batch_indices(0, 0, cfg, n) != batch_indices(0, 0, other, n)
+
+
+def test_heldout_questions_never_reach_training(tmp_path):
+    run = make_run(tmp_path / "run", n=20, heldout=5)
+    questions = [json.loads(x) for x in (run / "traces/questions.jsonl").read_text().splitlines()]
+    held = next(q for q in questions if q["split"] == "heldout")
+    with open(run / "traces/kept.jsonl", "a") as f:  # a filter bug that kept a held-out question
+        row = {"qid": held["id"], "task": held["task"], "question": held["question"], "answer": held["gold"]}
+        f.write(json.dumps({**row, "steps": ["x"], "source": "verified"}) + "\n")
+    assert held["id"] not in {r["qid"] for r in training_rows(run)}
+
+
+def test_no_verified_rows_is_a_clear_error(tmp_path):
+    run = make_run(tmp_path / "run", n=20, heldout=5, kept=False)
+    with pytest.raises(NestlingError, match="no verified training rows"):
+        train(_cfg(run))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, nestling; sys.exit(nestling.main(sys.argv[1:]))",
+            "train",
+            "--run",
+            str(run),
+            "--student",
+            "nano",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+
+
+def test_bad_config_values_are_rejected():
+    with pytest.raises(NestlingError, match="objective"):
+        TrainConfig(objective="rl")
+    with pytest.raises(NestlingError, match="alpha"):
+        TrainConfig(alpha=1.5)
+
+
+def test_training_lowers_loss_and_writes_the_student_stage(tmp_path):
+    from distill.students import load_student
+
+    run = make_run(tmp_path / "run")
+    out = train(_cfg(run, steps=40, checkpoint_every=10))
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["stage"] == "train" and m["config"]["objective"] == "multitask"
+    assert set(m["inputs"]) == {"kept.jsonl", "questions.jsonl"}
+    assert {"model/config.json", "model/model.safetensors", "model/tokenizer.json"} <= set(m["files"])
+    metrics = m["metrics"]
+    assert metrics["train_tokens_per_s"] > 0 and metrics["params"] > 100_000
+    assert metrics["final_loss"] < 0.5 * metrics["initial_loss"]
+    model, tok = load_student(out / "model")
+    assert model.config.model_type == "llama" and tok.eos_token_id == model.generation_config.eos_token_id
+    assert not (out / "checkpoints").exists()  # superseded by the final model
+
+    before = (out / "manifest.json").stat().st_mtime_ns
+    train(_cfg(run, steps=40, checkpoint_every=10))  # same recipe, same traces: skipped
+    assert (out / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_kd_needs_a_pretrained_student(tmp_path):
+    run = make_run(tmp_path / "run", n=20, heldout=5)
+    with pytest.raises(NestlingError, match="kd-alpha"):
+        train(_cfg(run, kd_alpha=0.5))
+
+
+_TRAIN_SCRIPT = """
+import sys
+from distill.train import TrainConfig, train
+train(TrainConfig(run=sys.argv[1], student="nano", steps=int(sys.argv[2]), batch_size=4, lr=3e-3, warmup=3,
+                  checkpoint_every=5, threads=1, progress=False))
+"""
+
+
+def _train_proc(run: Path, steps: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-c", _TRAIN_SCRIPT, str(run), str(steps)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(model_dir / "model.safetensors")
+
+
+def test_kill_9_then_resume_reaches_the_uninterrupted_weights(tmp_path):
+    import torch
+
+    steps = 150  # long enough that the kill lands mid-run: checkpoints every 5 steps, polled every 20 ms
+    a = make_run(tmp_path / "a")
+    b = make_run(tmp_path / "b")
+    ref = _train_proc(a, steps)
+
+    killed = _train_proc(b, steps)
+    ckpts = tmp_path / "b/students/nano/checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(ckpts.glob("step-*/trainer_state.json")) and time.monotonic() < deadline:
+        assert killed.poll() is None, killed.stderr.read().decode()[-2000:]
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "b/students/nano/model").exists(), "the kill came too late to test resume"
+    resumed_from = max(int(p.name.split("-")[1]) for p in ckpts.glob("step-*"))
+    assert 0 < resumed_from < steps
+
+    resumed = _train_proc(b, steps)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-2000:]
+    assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()[-2000:]
+    wa, wb = _weights(tmp_path / "a/students/nano/model"), _weights(tmp_path / "b/students/nano/model")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    ma = json.loads((tmp_path / "a/students/nano/manifest.json").read_text())["metrics"]
+    mb = json.loads((tmp_path / "b/students/nano/manifest.json").read_text())["metrics"]
+    assert ma["steps"] == mb["steps"] == steps and ma["train_tokens"] == mb["train_tokens"]
