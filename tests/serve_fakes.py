@@ -16,8 +16,11 @@ Every byte of the script is one token; eos ends it.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -162,3 +165,116 @@ def serve_in_thread(app, timeout: float = 30.0) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout)
         sock.close()
+
+
+@contextlib.contextmanager
+def serve_process(
+    export_dir: Path, env: dict[str, str] | None = None, timeout: float = 60.0
+) -> Iterator[tuple]:
+    """`nestling serve DIR` in a child process on a free port; yields (Popen, URL) once /health is 200."""
+    import httpx
+
+    root = Path(__file__).resolve().parents[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = "import sys, nestling; sys.exit(nestling.main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", code, "serve", str(export_dir), "--port", str(port)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen(cmd, cwd=root, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:  # readiness poll, bounded by `timeout`
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not become healthy")
+            time.sleep(0.05)
+        yield proc, url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_load(
+    url: str,
+    clients: int = 32,
+    seconds: float = 10.0,
+    pid: int | None = None,
+    api_key: str | None = None,
+    body: dict | None = None,
+) -> dict:
+    """`clients` concurrent loops POSTing /v1/answer for `seconds`, then stop. Latency percentiles over 200s;
+    a 429/503 is answered by waiting its Retry-After (capped at 50 ms) as a polite client would."""
+    import asyncio
+
+    import httpx
+
+    body = body or {"question": "What is 3 + 4?", "max_tokens": 32}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    statuses: dict[int, int] = {}
+    latencies: list[float] = []
+    rss: list[float] = []
+    failures: list[str] = []
+
+    async def client(c: httpx.AsyncClient, stop: float) -> None:
+        while time.monotonic() < stop:
+            t0 = time.perf_counter()
+            try:
+                r = await c.post("/v1/answer", json=body, headers=headers)
+            except httpx.HTTPError as e:
+                failures.append(f"{type(e).__name__}: {e}")
+                continue
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            if r.status_code == 200:
+                latencies.append(time.perf_counter() - t0)
+            elif r.status_code in (429, 503):
+                await asyncio.sleep(0.05)
+
+    async def sample(stop: float) -> None:
+        while pid is not None and time.monotonic() < stop:
+            rss.append(rss_mb(pid))
+            await asyncio.sleep(0.25)
+
+    async def main() -> float:
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+            t0 = time.monotonic()
+            stop = t0 + seconds
+            await asyncio.gather(sample(stop), *(client(c, stop) for _ in range(clients)))
+            return time.monotonic() - t0
+
+    wall = asyncio.run(main())
+    latencies.sort()
+
+    def pct(p: float) -> float | None:
+        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else None
+
+    return {
+        "clients": clients,
+        "seconds": wall,
+        "requests": sum(statuses.values()),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "transport_failures": failures[:5],
+        "answers_per_s": len(latencies) / wall,
+        "p50_s": pct(0.50),
+        "p99_s": pct(0.99),
+        "rss_mb": rss,
+    }
