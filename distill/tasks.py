@@ -183,10 +183,18 @@ class ReasoningGymTask(Task):
         size = max(2 * n, 16)
         # Small configs run out of distinct questions; grow the pool a bounded number of times.
         for _ in range(4):
-            ds = self._make(size=size, seed=seed)
+            # reasoning-gym seeds item i with seed + i: space run seeds apart so seeds 3 and 4 do not
+            # draw the same items shifted by one.
+            ds = self._make(size=size, seed=seed * 1_000_003)
             out, seen, wrong_gold, duplicates = [], set(), 0, 0
             for i in range(size):
-                entry = ds[i]
+                try:
+                    entry = ds[i]
+                except (IndexError, ValueError, TypeError, KeyError, AssertionError) as e:
+                    raise NestlingError(
+                        f"task {self.name!r}: reasoning-gym cannot generate items with this config "
+                        f"({type(e).__name__}: {e}); fix the query"
+                    ) from None
                 key = normalize_question(entry["question"])
                 if key in seen:
                     duplicates += 1
