@@ -38,7 +38,7 @@ class Engine(Protocol):
 
     def tokenize(self, text: str) -> list[int]: ...
     def detokenize(self, ids: list[int]) -> str: ...
-    def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[int]: ...
+    def stream(self, prompt_ids: list[int], max_tokens: int, stop_at_eos: bool = True) -> Iterator[int]: ...
     def logits(self, ids: list[int]) -> np.ndarray: ...
     def close(self) -> None: ...
 
@@ -126,7 +126,8 @@ class GGUFEngine:
         if n > self.n_ctx:
             raise NestlingError(f"{n} tokens exceed the context of {self.n_ctx}; shorten the prompt")
 
-    def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[int]:
+    def stream(self, prompt_ids: list[int], max_tokens: int, stop_at_eos: bool = True) -> Iterator[int]:
+        """Greedy tokens after the prompt; eos ends the stream unyielded (stop_at_eos=False: benchmarks)."""
         if not prompt_ids:
             raise NestlingError("empty prompt: tokenize a non-empty text first")
         max_tokens = min(max_tokens, self.n_ctx - len(prompt_ids))
@@ -135,7 +136,7 @@ class GGUFEngine:
         self._llm.eval(list(prompt_ids))
         for i in range(max_tokens):
             tok = int(np.argmax(self._last_logits()))
-            if tok == self.eos_id:
+            if tok == self.eos_id and stop_at_eos:
                 return
             yield tok
             if i + 1 < max_tokens:
@@ -270,7 +271,8 @@ class ONNXEngine:
         out = self._sess.run(["logits", *self._present_names], feed)
         return out[0][0], out[1:]
 
-    def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[int]:
+    def stream(self, prompt_ids: list[int], max_tokens: int, stop_at_eos: bool = True) -> Iterator[int]:
+        """Greedy tokens after the prompt; eos ends the stream unyielded (stop_at_eos=False: benchmarks)."""
         if not prompt_ids:
             raise NestlingError("empty prompt: tokenize a non-empty text first")
         if len(prompt_ids) > self.n_ctx:
@@ -280,7 +282,7 @@ class ONNXEngine:
         pos = len(prompt_ids)
         for i in range(max_tokens):
             tok = int(np.argmax(logits[-1]))
-            if tok in self._stops:
+            if tok in self._stops and stop_at_eos:
                 return
             yield tok
             if i + 1 < max_tokens:
