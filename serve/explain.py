@@ -34,6 +34,7 @@ def clean_answer(s: str) -> str:
         prev = s
         s = s.strip().strip("*_`$ ").rstrip(".!;,").strip()
         s = re.sub(r"^\\\(|\\\)$", "", s).strip()
+        s = re.sub(r"^\\(?:boxed|text|mathrm)\{([^{}]*)\}$", r"\1", s).strip()
         if len(s) >= 2 and s[0] == s[-1] and s[0] in "\"'":
             s = s[1:-1]
     return s
