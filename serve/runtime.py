@@ -110,6 +110,7 @@ class Answer:
     text: str
     latency: Latency
     finish_reason: str = "stop"  # "length" when max_tokens cut the generation short
+    stopped_by: str = "eos"  # eos | answer_line (text after the answer was dropped) | max_tokens | cancelled
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -314,7 +315,7 @@ class Reasoner:
             # window cancels out because both decodes start at the same token.
             prefix_off = read_off = 0
             first = last = t0
-            finish = "length"
+            finish, stopped_by = "length", "max_tokens"
             cut = False  # stopped at the end of the answer line, the rest is not part of the answer
             gen = eng.stream(prompt_ids, max_tokens)
             try:
@@ -324,7 +325,7 @@ class Reasoner:
                         first = last
                     ids.append(tok)
                     if cancel is not None and cancel.is_set():
-                        finish = "cancelled"
+                        finish = stopped_by = "cancelled"
                         break
                     prefix_text = eng.detokenize(ids[prefix_off:read_off]) if read_off > prefix_off else ""
                     new_text = eng.detokenize(ids[prefix_off:])
@@ -334,7 +335,7 @@ class Reasoner:
                         stop = _stop_index(text + piece, explain)
                         if stop is not None:
                             piece = piece[: stop - len(text)]
-                            finish, cut = "stop", True
+                            finish, cut, stopped_by = "stop", True, "answer_line"
                         if piece:
                             text += piece
                             yield piece
@@ -342,6 +343,7 @@ class Reasoner:
                             break
                 else:
                     finish = "length" if len(ids) >= max_tokens else "stop"
+                    stopped_by = "max_tokens" if finish == "length" else "eos"
             finally:
                 close = getattr(gen, "close", None)
                 if close is not None:
@@ -353,7 +355,9 @@ class Reasoner:
                 if tail:
                     text += tail
                     yield tail
-        holder.append(self._finish(text, explain, prompt_ids, ids, t0, first, last, finish))
+        answer = self._finish(text, explain, prompt_ids, ids, t0, first, last, finish)
+        answer.stopped_by = stopped_by
+        holder.append(answer)
 
     def _finish(
         self,

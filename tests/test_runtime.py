@@ -29,7 +29,7 @@ def test_ask_explain_gives_checked_steps_answer_and_latency():
     assert [s.text for s in a.steps] == ["7 + 5 = 12"]
     assert a.steps[0].ok is True and a.steps[0].claims[0]["value"] == "12"
     assert a.text == "\nStep 1: 7 + 5 = 12\nAnswer: 12"
-    assert a.finish_reason == "stop"
+    assert (a.finish_reason, a.stopped_by) == ("stop", "eos")
     lat = a.latency
     assert lat.prompt_tokens == 1 + len(b"Question: What is 7 + 5?\nExplain:")
     assert lat.completion_tokens == len(a.text.encode())
@@ -67,14 +67,15 @@ def test_stream_pieces_join_to_the_text_and_never_split_characters():
 
 def test_max_tokens_cuts_and_says_length():
     a = reasoner().ask("ramble on", max_tokens=7)
-    assert a.finish_reason == "length"
+    assert (a.finish_reason, a.stopped_by) == ("length", "max_tokens")
     assert a.latency.completion_tokens == 7 and a.text == "la la l"
 
 
 def test_text_after_the_answer_line_is_cut():
     a = reasoner().ask("what comes after")
     assert a.text == "\nStep 1: 2 + 2 = 4\nAnswer: 4"
-    assert a.answer == "4" and len(a.steps) == 1 and a.finish_reason == "stop"
+    assert a.answer == "4" and len(a.steps) == 1
+    assert (a.finish_reason, a.stopped_by) == ("stop", "answer_line")
 
 
 def test_cancel_stops_a_stream_early():
