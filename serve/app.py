@@ -425,7 +425,7 @@ async def chat_completions(req: ChatRequest, state: StateDep) -> Any:
 
     if not req.stream:
         a = await state.ask(question, req.explain, max_tokens)
-        message = {"role": "assistant", "content": a.text.lstrip("\n")}
+        message = {"role": "assistant", "content": a.text.lstrip()}
         return {
             **head,
             "object": "chat.completion",
@@ -446,7 +446,7 @@ async def chat_completions(req: ChatRequest, state: StateDep) -> Any:
         started = False
         async for kind, value in events:
             if kind == "piece":
-                text = value if started else value.lstrip("\n")  # the explain target opens with a newline
+                text = value if started else value.lstrip()  # targets open with a newline or a space
                 if text:
                     started = True
                     yield chunk({"content": text})

@@ -293,3 +293,28 @@ def test_openai_sdk_against_a_real_server():
         assert chunks[-1].usage.completion_tokens == 9
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_chat_answer_only_mode_via_the_explain_extension(client):
+    req = {"messages": [{"role": "user", "content": "What is 2 + 9?"}], "explain": False}
+    body = client.post("/v1/chat/completions", json=req).json()
+    assert body["choices"][0]["message"]["content"] == "11" and body["nestling"]["steps"] == []
+
+
+def test_cli_serve_exits_2_when_the_background_load_fails(tmp_path, capsys):
+    import socket
+
+    from serve_fakes import make_fake_export
+
+    import nestling
+
+    export = make_fake_export(tmp_path, variants={"gguf-x": "gguf"})
+    (export / "gguf" / "gguf-x.bin").write_text("fake-model gguf-x\n" + "y" * 100)  # same size, new bytes
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert nestling.main(["serve", str(export), "--port", str(port)]) == 2
+    captured = capsys.readouterr()
+    assert f"http://127.0.0.1:{port}" in captured.out
+    last = captured.err.strip().split("\n")[-1]
+    assert last.startswith("error: ") and "sha256 does not match" in last
