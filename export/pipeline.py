@@ -38,6 +38,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "gguf-q4_k_m": {"engine": "gguf", "path": "gguf/model-q4_k_m.gguf"},
 }
 EXACT = {"onnx-fp32", "gguf-f16"}  # unquantized: must match PyTorch or the export fails
+MIN_TOP1 = 0.95  # a default variant must agree with PyTorch's next token this often, teacher-forced
 SOURCE_OF = {"onnx-int8": "onnx-fp32", "gguf-q8_0": "gguf-f16", "gguf-q4_k_m": "gguf-f16"}
 
 BUILTIN_QUESTIONS = [
@@ -259,11 +260,15 @@ def _bytes(p: Path) -> int:
 
 
 def choose_default(variants: dict[str, dict[str, Any]], tolerance: float) -> str:
-    """The fastest variant whose accuracy is within `tolerance` of PyTorch's (gguf-q8_0 when unscored)."""
+    """The fastest variant whose accuracy is within `tolerance` of PyTorch's and whose teacher-forced top-1
+    agreement is at least MIN_TOP1 (accuracy alone says little when the student scores near zero);
+    gguf-q8_0 when none qualifies."""
     ok = {
         k: v
         for k, v in variants.items()
-        if v.get("accuracy_delta") is not None and v["accuracy_delta"] >= -tolerance - 1e-9
+        if v.get("accuracy_delta") is not None
+        and v["accuracy_delta"] >= -tolerance - 1e-9
+        and v["parity"]["teacher_forced_top1"] >= MIN_TOP1
     }
     if ok:
         return max(ok, key=lambda k: ok[k].get("tokens_per_s") or 0.0)

@@ -165,3 +165,37 @@ def test_llama_cpp_server_serves_f16_with_same_greedy_tokens(tiny_export_dir: Pa
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@pytest.mark.slow
+def test_pretrained_smollm2_student_gqa_and_its_tokenizer(tmp_path: Path):
+    """SmolLM2 (vocab 49152, hidden 576, GQA 9/3), depth-pruned to 2 layers: the writer's GQA permutation and
+    its tokenizer must hold; K-quant rows of 576 fall back, which is fine."""
+    import torch
+
+    from distill.students import init_student, save_student
+    from export.pipeline import ExportConfig, export_student
+    from tests.test_engines import tricky_texts
+
+    torch.set_num_threads(1)
+    model, tok = init_student("hf:smollm2?keep_layers=2")
+    student = save_student(model, tok, tmp_path / "smol" / "model")
+    out = tmp_path / "export"
+    cfg = ExportConfig(
+        student=str(student),
+        out=str(out),
+        variants=["onnx-fp32", "gguf-f16", "gguf-q8_0"],
+        parity_prompts=4,
+        max_new_tokens=24,
+    )
+    m = export_student(cfg)  # raises if f16 GGUF or fp32 ONNX did not match PyTorch
+    assert m["variants"]["gguf-f16"]["parity"]["greedy_match_within_tol"] == 1.0
+    kv, tensors = _fields(out / "gguf" / "model-f16.gguf")
+    assert kv["llama.attention.head_count"] == 9 and kv["llama.attention.head_count_kv"] == 3
+    assert kv["llama.vocab_size"] == len(kv["tokenizer.ggml.tokens"]) == 49152
+    assert "output.weight" not in tensors
+    for variant in ("gguf/model-f16.gguf", "onnx/fp32"):
+        e = load_engine(out / variant)
+        texts = tricky_texts(200, seed=1)
+        assert [e.tokenize(t) for t in texts] == [tok(t)["input_ids"] for t in texts]
+        e.close()
