@@ -68,9 +68,20 @@ def model_card(
         f"- Teacher: {teacher}",
         f"- Task: {task or 'unknown'}",
     ]
-    for key in ("questions", "traces", "kept", "yields"):
-        if key in dc:
-            out.append(f"- {key.capitalize()}: {dc[key]}")
+    q = dc.get("questions") or {}
+    if q:
+        out.append(f"- Questions: {q.get('train', '?')} train, {q.get('heldout', '?')} held out")
+    if "records" in dc:
+        yld = dc.get("yield")
+        yld_s = _fmt(yld, True) if isinstance(yld, float) else str(yld)
+        acc_s = _fmt(dc.get("sample_accuracy"), True)
+        out.append(
+            f"- Teacher samples: {dc['records']} (per-sample accuracy {acc_s});"
+            f" kept after verification and filters: {dc.get('kept', '?')} (yield {yld_s})"
+        )
+    base = (dc.get("trivial_baseline") or {}).get("heldout_accuracy")
+    if base is not None:
+        out.append(f"- Trivial baseline (most common answer) on held-out: {_fmt(base, True)}")
     out += [
         f"- Student: `{student.get('name')}` (sha256 of its files {str(student.get('sha256', ''))[:12]}...)",
         "",

@@ -15,7 +15,8 @@ Definitions (per variant, over the held-out prompts):
   argmax equals PyTorch's.
 - ``max_abs_logit_diff``: largest |engine - PyTorch| logit over every position of those sequences.
 - ``accuracy``: held-out accuracy of the engine's own greedy outputs; ``accuracy_delta`` = minus PyTorch's.
-- ``tokens_per_s``: decode speed (tokens after the first / time after the first), greedy, this machine.
+- ``tokens_per_s``: decode speed, greedy, eos ignored, SPEED_TOKENS tokens after the first prompt (tokens
+  after the first / time after the first), median of SPEED_REPEATS, on this machine as it is at the time.
 
 Unquantized variants (``exact=True``) must have tokenization_match 1.0, greedy_match_within_tol 1.0 and
 max_abs_logit_diff <= logit_tol, else NestlingError: an export that silently lost accuracy never ships.
@@ -56,6 +57,45 @@ TOKENIZATION_PROBES = [
     "a" * 40,
     "x=y+z;(a*b)/c%d",
 ]
+
+
+SPEED_TOKENS = 64
+SPEED_REPEATS = 3
+
+
+def decode_speed(
+    engine: Engine, ids: list[int], n: int = SPEED_TOKENS, repeats: int = SPEED_REPEATS
+) -> float:
+    """Median decode tokens/s over a fixed count (eos ignored, so every variant decodes the same work)."""
+    rates = []
+    for _ in range(repeats):
+        t_first, count = 0.0, 0
+        for _tok in engine.stream(ids, n, stop_at_eos=False):
+            count += 1
+            if count == 1:
+                t_first = time.perf_counter()
+        if count > 1:
+            rates.append((count - 1) / (time.perf_counter() - t_first))
+    return float(np.median(rates)) if rates else 0.0
+
+
+def torch_decode_speed(
+    model: Any, ids: list[int], n: int = SPEED_TOKENS, repeats: int = SPEED_REPEATS
+) -> float:
+    """The same measurement for the PyTorch student (greedy with its KV cache)."""
+    import torch
+
+    rates = []
+    with torch.inference_mode():
+        for _ in range(repeats):
+            res = model(input_ids=torch.tensor([ids]), use_cache=True)
+            nxt = res.logits[0, -1].argmax().view(1, 1)
+            t_first = time.perf_counter()
+            for _ in range(n - 1):
+                res = model(input_ids=nxt, past_key_values=res.past_key_values, use_cache=True)
+                nxt = res.logits[0, -1].argmax().view(1, 1)
+            rates.append((n - 1) / (time.perf_counter() - t_first))
+    return float(np.median(rates))
 
 
 @dataclass
@@ -135,29 +175,22 @@ def torch_reference(
     scorer = scorer or default_scorer()
     eos = tokenizer.eos_token_id
     pids, outs, logits, texts = [], [], [], []
-    decode_tokens, decode_s = 0, 0.0
     with torch.inference_mode(), Progress(transient=True) as bar:
         job = bar.add_task("PyTorch reference", total=len(prompts))
         for p in prompts:
             ids = tokenizer(p.text)["input_ids"]
             out: list[int] = []
             res = model(input_ids=torch.tensor([ids]), use_cache=True)
-            t_first = None
             for _ in range(max_new_tokens):
                 tok = int(res.logits[0, -1].argmax())
                 if tok == eos:
                     break
                 out.append(tok)
-                if t_first is None:
-                    t_first = time.perf_counter()
                 if len(out) == max_new_tokens:
                     break
                 res = model(
                     input_ids=torch.tensor([[tok]]), past_key_values=res.past_key_values, use_cache=True
                 )
-            if t_first is not None and len(out) > 1:
-                decode_tokens += len(out) - 1
-                decode_s += time.perf_counter() - t_first
             full = model(input_ids=torch.tensor([ids + out])).logits[0].float().numpy()
             pids.append(ids)
             outs.append(out)
@@ -170,7 +203,7 @@ def torch_reference(
         logits=logits,
         texts=texts,
         accuracy=_accuracy(texts, prompts, scorer),
-        tokens_per_s=decode_tokens / decode_s if decode_s > 0 else 0.0,
+        tokens_per_s=torch_decode_speed(model, pids[0]) if pids else 0.0,
     )
 
 
@@ -202,20 +235,11 @@ def check_variant(
     greedy, within, agree, positions = 0, 0, 0, 0
     max_diff = 0.0
     texts: list[str] = []
-    decode_tokens, decode_s = 0, 0.0
     divergences: list[str] = []
     with Progress(transient=True) as bar:
         job = bar.add_task(f"parity {name}", total=len(prompts))
         for i, ids in enumerate(ref.prompt_ids):
-            out: list[int] = []
-            t_first = None
-            for tok in engine.stream(ids, max_new_tokens):
-                out.append(tok)
-                if t_first is None:
-                    t_first = time.perf_counter()
-            if t_first is not None and len(out) > 1:
-                decode_tokens += len(out) - 1
-                decode_s += time.perf_counter() - t_first
+            out = list(engine.stream(ids, max_new_tokens))
             texts.append(engine.detokenize(out))
 
             want = ref.outputs[i]
@@ -255,7 +279,7 @@ def check_variant(
         max_abs_logit_diff=max_diff,
         accuracy=acc,
         accuracy_delta=(acc - ref.accuracy) if acc is not None and ref.accuracy is not None else None,
-        tokens_per_s=decode_tokens / decode_s if decode_s > 0 else 0.0,
+        tokens_per_s=decode_speed(engine, ref.prompt_ids[0]) if ref.prompt_ids else 0.0,
         logit_tol=logit_tol,
         exact_required=exact,
     )
