@@ -46,9 +46,10 @@ def tiny_export(cache: Path) -> Path:
 
     # Longer training than the test fixture's 80 steps, so the student writes whole rationales.
     student = build_tiny_student(cache / "student", steps=300)
-    export_student(
-        ExportConfig(student=str(student), out=str(out), threads=1), prompts=arithmetic_rows(12, 123)
-    )
+    # f16 logits drift more on a longer-trained student (up to ~0.8 seen) than export's default 0.5 allows;
+    # this benchmark times engines, it does not judge parity, so the gate is loosened here only.
+    cfg = ExportConfig(student=str(student), out=str(out), threads=1, f16_logit_tol=2.0)
+    export_student(cfg, prompts=arithmetic_rows(12, 123))
     return out
 
 
@@ -139,6 +140,7 @@ def bench_model(export: Path, repeats: int, max_tokens: int) -> dict:
             prompt = raw.tokenize(student_prompt(q, True).encode(), add_bos=True, special=True)
             out: list[int] = []
             # The same work as the Reasoner: n tokens, then (when it ended at eos) the step that finds eos.
+            raw.reset()  # no KV prefix reuse across prompts: the engine evaluates every prompt in full too
             gen = raw.generate(prompt, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True)
             for tok in gen:
                 if tok == eos:
@@ -148,7 +150,7 @@ def bench_model(export: Path, repeats: int, max_tokens: int) -> dict:
                     break
             text = raw.detokenize(out).decode("utf-8", errors="replace")
             theirs.append(time.perf_counter() - t0)
-            same += text == a.text
+            same += len(out) == n and text.startswith(a.text)  # a.text may end before the cut token's "\n"
     raw.close()
     res["reasoner_vs_llama_cpp"] = {
         "reasoner_ms": median_ms(ours), "llama_cpp_ms": median_ms(theirs),
