@@ -51,7 +51,9 @@ class EvalConfig:
         default=None, metadata={"help": "evaluate at most this many held-out questions"}
     )
     max_new_tokens: int = field(default=128, metadata={"help": "explain-mode generation budget per question"})
-    teacher_max_tokens: int = field(default=256, metadata={"help": "teacher generation budget per question"})
+    teacher_max_tokens: int | None = field(
+        default=None, metadata={"help": "teacher generation budget (default: the traces stage's, else 256)"}
+    )
     batch_size: int = field(default=32, metadata={"help": "student questions generated together"})
     latency_samples: int = field(default=5, metadata={"help": "questions timed one at a time for latency"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads (default min(2, cores))"})
@@ -60,7 +62,10 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check(self.limit is None or self.limit > 0, f"--limit {self.limit}: must be > 0")
         check(self.max_new_tokens > 0, f"--max-new-tokens {self.max_new_tokens}: must be > 0")
-        check(self.teacher_max_tokens > 0, f"--teacher-max-tokens {self.teacher_max_tokens}: must be > 0")
+        check(
+            self.teacher_max_tokens is None or self.teacher_max_tokens > 0,
+            f"--teacher-max-tokens {self.teacher_max_tokens}: must be > 0",
+        )
         check(self.batch_size > 0, f"--batch-size {self.batch_size}: must be > 0")
         check(self.latency_samples >= 0, f"--latency-samples {self.latency_samples}: must be >= 0")
         check(self.threads is None or self.threads > 0, f"--threads {self.threads}: must be > 0")
@@ -152,19 +157,26 @@ def score_outputs(rows: list[dict], texts: list[str], scorer: Scorer, explain: b
 # ---- teacher -------------------------------------------------------------------------------------------
 
 
+def traces_config(run: Path) -> dict[str, Any]:
+    """The traces stage's resolved config (teacher, prompt, budget), {} when its manifest is absent."""
+    return dict((try_read_manifest(run / "traces") or {}).get("config") or {})
+
+
 def default_teacher(run: Path) -> str:
     """The teacher that wrote the traces (their manifest records it), else the bundled SmolLM2."""
-    m = try_read_manifest(run / "traces") or {}
-    cfg = m.get("config") or {}
-    return str(cfg.get("teacher") or "gguf:smollm2")
+    return str(traces_config(run).get("teacher") or "gguf:smollm2")
 
 
 def teacher_eval(run: Path, spec: str, held: list[dict], scorer: Scorer, cfg: EvalConfig) -> dict[str, Any]:
-    """Greedy teacher accuracy with its own prompt; cached in RUN/teacher_eval.json by spec + questions."""
+    """Greedy teacher accuracy with the prompt and budget that wrote the traces; cached in
+    RUN/teacher_eval.json by spec + questions + prompt + budget."""
     from distill.prompts import teacher_messages
     from distill.teachers import Sampling, default_threads, load_teacher
 
-    key = fingerprint({"teacher": spec, "questions": held, "max_tokens": cfg.teacher_max_tokens})
+    tcfg = traces_config(run)
+    fewshot = bool(tcfg.get("fewshot", True))
+    max_tokens = cfg.teacher_max_tokens or int(tcfg.get("max_tokens") or 256)
+    key = fingerprint({"teacher": spec, "questions": held, "max_tokens": max_tokens, "fewshot": fewshot})
     cache_path = run / "teacher_eval.json"
     cached = try_read_json(cache_path)
     if cached and cached.get("key") == key:
@@ -173,11 +185,12 @@ def teacher_eval(run: Path, spec: str, held: list[dict], scorer: Scorer, cfg: Ev
     from tqdm.auto import tqdm
 
     teacher = load_teacher(spec, n_threads=cfg.threads or default_threads())
-    sampling = Sampling(temperature=0.0, max_tokens=cfg.teacher_max_tokens, seed=0)
+    sampling = Sampling(temperature=0.0, max_tokens=max_tokens, seed=0)
     gens = []
     try:
         for row in tqdm(held, desc="eval teacher", disable=not cfg.progress, mininterval=1.0):
-            gens.append(teacher.generate([teacher_messages(row["question"])], n=1, sampling=sampling)[0][0])
+            messages = teacher_messages(row["question"], fewshot=fewshot)
+            gens.append(teacher.generate([messages], n=1, sampling=sampling)[0][0])
         params = teacher.params
     finally:
         teacher.close()
@@ -186,6 +199,7 @@ def teacher_eval(run: Path, spec: str, held: list[dict], scorer: Scorer, cfg: Ev
     result = {
         "spec": spec,
         "params": params,
+        "prompt": {"fewshot": fewshot, "max_tokens": max_tokens},
         "explain": score_outputs(held, texts, scorer, explain=True),
         "mean_new_tokens": tokens / len(gens),
         "latency_s": seconds / len(gens),

@@ -229,29 +229,40 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def target_positions(labels: Any) -> Any:
+    """Sequence positions whose logits predict a target token: from one before the earliest target to the
+    end. The prompt's logits are never needed, and with SmolLM2's 49k vocabulary the output layer is a
+    large share of the cost, so the model computes logits only here (``logits_to_keep``)."""
+    import torch
+
+    cols = (labels[:, 1:] != -100).any(0).nonzero()
+    start = int(cols.min()) if len(cols) else 0
+    return torch.arange(start, labels.shape[1] - 1, device=labels.device)
+
+
 def weighted_loss(
-    logits: Any, batch: dict[str, Any], teacher_logits: Any = None, cfg: TrainConfig | None = None
-):
+    logits: Any, labels: Any, weights: Any, teacher_logits: Any = None, cfg: TrainConfig | None = None
+) -> Any:
     """Mean over examples of (objective weight x mean target-token loss), normalised by the weights.
 
-    Per-example means keep a long rationale from drowning a one-token answer in the multitask mix.
-    With teacher logits, the token loss is (1 - kd) * CE + kd * T^2 * KL(teacher || student).
+    `logits` (B, K, V) predict `labels` (B, K), the tokens one position later. Per-example means keep a
+    long rationale from drowning a one-token answer in the multitask mix. With teacher logits, the token
+    loss is (1 - kd) * CE + kd * T^2 * KL(teacher || student).
     """
     import torch.nn.functional as F
 
-    logits = logits[:, :-1].float()  # (B, T-1, V): position t predicts token t+1
-    labels = batch["labels"][:, 1:]  # (B, T-1)
-    mask = (labels != -100).float()
-    tok_loss = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")  # (B, T-1)
+    logits = logits.float()
+    mask = (labels != -100).float()  # (B, K)
+    tok_loss = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")  # (B, K)
     if teacher_logits is not None and cfg is not None and cfg.kd_alpha > 0:
         temp = cfg.kd_temperature
-        t = F.log_softmax(teacher_logits[:, :-1].float() / temp, dim=-1)
+        t = F.log_softmax(teacher_logits.float() / temp, dim=-1)
         s = F.log_softmax(logits / temp, dim=-1)
-        kl = (t.exp() * (t - s)).sum(-1) * temp**2  # (B, T-1)
+        kl = (t.exp() * (t - s)).sum(-1) * temp**2  # (B, K)
         tok_loss = (1 - cfg.kd_alpha) * tok_loss + cfg.kd_alpha * kl
     per_example = (tok_loss * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
-    w = batch["weights"].to(per_example.device)
-    return (per_example * w).sum() / w.sum().clamp(min=1e-8), int(mask.sum().item())
+    w = weights.to(per_example.device)
+    return (per_example * w).sum() / w.sum().clamp(min=1e-8)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------------
@@ -409,15 +420,15 @@ def train(cfg: TrainConfig) -> Path:
                 k: v.to(device) for k, v in collate([examples[i] for i in idx], tok.pad_token_id).items()
             }
             sync = micro == cfg.grad_accum - 1 or accel is None
+            keep = target_positions(batch["labels"])  # (K,)
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
             with nullcontext() if sync else accel.no_sync(model):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                logits = model(**inputs, logits_to_keep=keep).logits  # (B, K, V)
                 t_logits = None
                 if teacher is not None:
                     with torch.no_grad():
-                        t_logits = teacher(
-                            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                        ).logits
-                loss, n_tok = weighted_loss(logits, batch, t_logits, cfg)
+                        t_logits = teacher(**inputs, logits_to_keep=keep).logits
+                loss = weighted_loss(logits, batch["labels"][:, keep + 1], batch["weights"], t_logits, cfg)
                 scaled = loss / cfg.grad_accum
                 accel.backward(scaled) if accel else scaled.backward()
             step_loss += loss.item() / cfg.grad_accum

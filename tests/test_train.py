@@ -217,3 +217,29 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_weights(tmp_path):
     ma = json.loads((tmp_path / "a/students/nano/manifest.json").read_text())["metrics"]
     mb = json.loads((tmp_path / "b/students/nano/manifest.json").read_text())["metrics"]
     assert ma["steps"] == mb["steps"] == steps and ma["train_tokens"] == mb["train_tokens"]
+
+
+def test_logits_only_at_target_positions_give_the_full_loss(tmp_path, tok):
+    import torch
+    import torch.nn.functional as F
+
+    from distill.students import new_student
+    from distill.train import target_positions, weighted_loss
+
+    rows = training_rows(make_run(tmp_path / "run", n=20, heldout=5))
+    examples = build_examples(rows, tok, "cot", 0.5, 192)[:4]
+    batch = collate(examples, tok.pad_token_id)
+    model = new_student("nano", tok).eval()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    keep = target_positions(batch["labels"])
+    assert int(keep[0]) == min(e.n_prompt for e in examples) - 1  # the prompt's logits are skipped
+    with torch.no_grad():
+        fast = weighted_loss(
+            model(**inputs, logits_to_keep=keep).logits, batch["labels"][:, keep + 1], batch["weights"]
+        )
+        full = model(**inputs).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        per_tok = F.cross_entropy(full.transpose(1, 2), labels.clamp(min=0), reduction="none")
+        mask = (labels != -100).float()
+        reference = ((per_tok * mask).sum(1) / mask.sum(1)).mean()
+    torch.testing.assert_close(fast, reference)
