@@ -129,7 +129,7 @@ def bench_model(export: Path, repeats: int, max_tokens: int) -> dict:
         model_path=str(r.engine.path), n_ctx=r.engine.n_ctx, n_threads=1, n_threads_batch=1, verbose=False
     )
     eos = raw.token_eos()
-    ours, theirs, same = [], [], 0
+    ours, theirs, engine, same = [], [], [], 0
     for _ in range(repeats):
         for q in QUESTIONS:
             t0 = time.perf_counter()
@@ -151,9 +151,19 @@ def bench_model(export: Path, repeats: int, max_tokens: int) -> dict:
             text = raw.detokenize(out).decode("utf-8", errors="replace")
             theirs.append(time.perf_counter() - t0)
             same += len(out) == n and text.startswith(a.text)  # a.text may end before the cut token's "\n"
+            # serve.engines alone (no runtime): splits the gap into the engine's share and the runtime's
+            t0 = time.perf_counter()
+            eng_out = []
+            for tok in r.engine.stream(r.engine.tokenize(student_prompt(q, True)), max_tokens):
+                eng_out.append(tok)
+                if len(eng_out) >= n and a.stopped_by != "eos":
+                    break
+            r.engine.detokenize(eng_out)
+            engine.append(time.perf_counter() - t0)
     raw.close()
     res["reasoner_vs_llama_cpp"] = {
         "reasoner_ms": median_ms(ours), "llama_cpp_ms": median_ms(theirs),
+        "engine_only_ms": median_ms(engine),
         "ratio": statistics.median(ours) / statistics.median(theirs), "target": 1.1,
         "same_text": f"{same}/{len(ours)}",
     }  # fmt: skip
