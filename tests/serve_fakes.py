@@ -69,6 +69,7 @@ class FakeEngine:
         self.busy = threading.Lock()
         self.started = threading.Event()  # set when a generation has begun (tests wait on it)
         self.calls = 0
+        self.yielded = 0  # tokens handed out, over all calls
         self.closed = False
 
     def tokenize(self, text: str) -> list[int]:
@@ -89,6 +90,7 @@ class FakeEngine:
                     return
                 if self.gate is not None:
                     self.gate.wait()
+                self.yielded += 1
                 yield b
         finally:
             self.busy.release()

@@ -318,3 +318,26 @@ def test_cli_serve_exits_2_when_the_background_load_fails(tmp_path, capsys):
     assert f"http://127.0.0.1:{port}" in captured.out
     last = captured.err.strip().split("\n")[-1]
     assert last.startswith("error: ") and "sha256 does not match" in last
+
+
+def test_a_client_that_leaves_mid_stream_frees_the_engine():
+    gate = threading.Event()
+    app, r = make_app(gate=gate, max_tokens_cap=5000)
+    state = app.state.model
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+        req = {"question": "ramble on", "stream": True, "max_tokens": 5000}
+        with c.stream("POST", "/v1/answer", json=req) as resp:
+            assert resp.status_code == 200
+            assert r.engine.started.wait(10)
+        # the server notices the disconnect, returns, and the middleware counts the request
+        for _ in range(3000):
+            if any(e == "/v1/answer" for e, _ in state.metrics.requests):
+                break
+            threading.Event().wait(0.01)
+        gate.set()
+        for _ in range(3000):
+            if state.admitted == 0:
+                break
+            threading.Event().wait(0.01)
+        assert state.admitted == 0 and r.engine.yielded < 50  # stopped early, not after 5000 tokens
+        assert c.post("/v1/answer", json={"question": "What is 1 + 2?"}).json()["answer"] == "3"
