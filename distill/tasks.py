@@ -39,9 +39,10 @@ from serve.explain import answers_match, extract_answer, normalize_answer, safe_
 
 log = logging.getLogger(__name__)
 
-# Measured with the bundled SmolLM2 teacher (see docs and the traces data card): one-digit two-term
-# arithmetic without division (reasoning-gym's division golds are often wrong) and two-term chain sums are
-# where this teacher writes verifiable rationales for most questions given k >= 4 samples.
+# Measured with the bundled SmolLM2 teacher, k=4, temperature 0.7, the worked-example prompt, 40 training
+# questions each: basic_arithmetic (2 terms, operands 0-10, + - *) 82% of samples right, 92% of questions
+# with a kept rationale; chain_sum (2 one-digit terms) 63% / 82%. Division is left out: reasoning-gym's
+# division golds are mostly wrong (they are detected and dropped anyway).
 DEFAULT_TASK = (
     "mix:rg:basic_arithmetic?min_terms=2&max_terms=2&min_digits=1&max_digits=1&operators=+,-,*"
     "&allow_parentheses=false&allow_negation=false,"

@@ -46,8 +46,9 @@ class TracesConfig:
         metadata={"help": "teacher spec: gguf:smollm2, gguf:PATH, openai:MODEL@URL, hf:PATH"},
     )
     samples: int = field(default=4, metadata={"help": "rationales per training question (k)"})
-    # 300 questions x 4 samples is ~1,000 rationales: ~4 min for SmolLM2 on 2 free cores, ~8 with contention.
-    n: int = field(default=300, metadata={"help": "questions to draw (train + held-out)"})
+    # 240 questions -> 192 train x 4 samples = 768 rationales of ~19 tokens: ~4 min for SmolLM2 on one free
+    # core (~3 rationales/s), ~8 min with other work on the machine (1.5-1.6/s measured).
+    n: int = field(default=240, metadata={"help": "questions to draw (train + held-out)"})
     heldout: float = field(
         default=0.2, metadata={"help": "held-out questions: a fraction < 1 or a count >= 1"}
     )
