@@ -60,7 +60,7 @@ class TracesConfig:
     max_tokens: int = field(default=64, metadata={"help": "generated tokens per rationale"})
     fewshot: bool = field(default=True, metadata={"help": "show a worked example in the prompt"})
     threads: int | None = field(
-        default=None, metadata={"help": "CPU threads for the teacher (default min(2, cores))"}
+        default=None, metadata={"help": "CPU threads for the teacher (default: half the cores)"}
     )
     batch: int | None = field(
         default=None, metadata={"help": "questions per teacher call (default: the backend's)"}
