@@ -66,6 +66,10 @@ class TrainConfig:
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
     max_len: int = field(default=192, metadata={"help": "longest example in tokens; longer ones are dropped"})
     seed: int = field(default=0, metadata={"help": "seed for init, data order"})
+    train_layers: int = field(
+        default=0,
+        metadata={"help": "train only the top N decoder layers + final norm, embeddings frozen (0 = all)"},
+    )
     kd_alpha: float = field(
         default=0.0,
         metadata={"help": "white-box KD weight: KL to the teacher's logits (needs a shared tokenizer)"},
@@ -94,6 +98,7 @@ class TrainConfig:
         check(0.0 <= self.min_lr_ratio <= 1.0, f"--min-lr-ratio {self.min_lr_ratio}: must be in [0, 1]")
         check(self.warmup >= 0, f"--warmup {self.warmup}: must be >= 0")
         check(self.max_len >= 8, f"--max-len {self.max_len}: must be >= 8")
+        check(self.train_layers >= 0, f"--train-layers {self.train_layers}: must be >= 0 (0 = all)")
         check(0.0 <= self.kd_alpha <= 1.0, f"--kd-alpha {self.kd_alpha}: must be in [0, 1]")
         check(self.kd_temperature > 0, f"--kd-temperature {self.kd_temperature}: must be > 0")
         check(self.checkpoint_every >= 0, f"--checkpoint-every {self.checkpoint_every}: must be >= 0")
@@ -265,6 +270,24 @@ def weighted_loss(
     return (per_example * w).sum() / w.sum().clamp(min=1e-8)
 
 
+def freeze_below(model: Any, train_layers: int) -> list:
+    """Trainable parameters: all, or only the top `train_layers` decoder layers and the final norm.
+
+    Backpropagation then stops at the lowest trainable layer, so a 30-layer pretrained student trains at
+    roughly the cost of its forward pass while keeping what its frozen layers know.
+    """
+    if train_layers <= 0:
+        return [p for p in model.parameters() if p.requires_grad]
+    layers = model.model.layers
+    if train_layers > len(layers):
+        raise NestlingError(f"--train-layers {train_layers}: the student has only {len(layers)} layers")
+    model.requires_grad_(False)
+    for layer in layers[len(layers) - train_layers :]:
+        layer.requires_grad_(True)
+    model.model.norm.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 # ---- checkpoints ---------------------------------------------------------------------------------------
 
 
@@ -381,9 +404,8 @@ def train(cfg: TrainConfig) -> Path:
     device = accel.device if accel else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).train()
     model.config.use_cache = False
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
-    )
+    trainable = freeze_below(model, cfg.train_layers)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     if ckpt is not None:
         extra = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
         optimizer.load_state_dict(extra["optimizer"])
@@ -434,7 +456,7 @@ def train(cfg: TrainConfig) -> Path:
             step_loss += loss.item() / cfg.grad_accum
             state["tokens"] += int(batch["attention_mask"].sum().item()) * world
         if cfg.grad_clip > 0:
-            params_ = model.parameters()
+            params_ = trainable
             accel.clip_grad_norm_(params_, cfg.grad_clip) if accel else torch.nn.utils.clip_grad_norm_(
                 params_, cfg.grad_clip
             )

@@ -243,3 +243,28 @@ def test_logits_only_at_target_positions_give_the_full_loss(tmp_path, tok):
         mask = (labels != -100).float()
         reference = ((per_tok * mask).sum(1) / mask.sum(1)).mean()
     torch.testing.assert_close(fast, reference)
+
+
+def test_train_layers_updates_only_the_top_layers(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from distill.students import load_student
+
+    run = make_run(tmp_path / "run", n=40, heldout=5)
+    out = train(_cfg(run, student="tiny", steps=2, train_layers=1, warmup=0))
+    trained = load_file(out / "model/model.safetensors")
+    model, tok = load_student(out / "model")  # the same weights; rebuild the untrained init to compare
+    from distill.students import init_student
+    from serve.prompting import explain_target, student_prompt
+
+    rows = training_rows(run)
+    texts = [student_prompt(r["question"]) + explain_target(r["steps"], r["answer"]) for r in rows]
+    init, _ = init_student("tiny", texts, seed=0)
+    before = init.state_dict()
+    top = f"model.layers.{model.config.num_hidden_layers - 1}."
+    for name, w in trained.items():
+        changed = not torch.equal(w, before[name])
+        assert changed == (name.startswith(top) or name == "model.norm.weight"), name
+    with pytest.raises(NestlingError, match="only"):
+        train(_cfg(run, student="nano", steps=2, train_layers=5))
