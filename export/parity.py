@@ -9,8 +9,9 @@ Definitions (per variant, over the held-out prompts):
 - ``tokenization_match``: share of texts (prompts, PyTorch's outputs, a fixed set of tricky strings) that the
   engine tokenizes exactly like the Hugging Face tokenizer.
 - ``greedy_match``: share of prompts whose whole greedy continuation equals PyTorch's, token for token.
-- ``greedy_match_within_tol``: the same, counting a divergence as a match when it happens at a near tie
-  (PyTorch's logits for both candidate tokens within 2x the logit tolerance, so f16 rounding may flip it).
+- ``greedy_match_within_tol``: the same, counting a divergence as a match when it happens at a near tie:
+  PyTorch's margin between the two candidate tokens is at most twice the engine's measured logit error at
+  that position, and that error is within the tolerance (f16 rounding can flip such a tie, nothing else).
 - ``teacher_forced_top1``: on PyTorch's own sequences, share of generated positions where the engine's
   argmax equals PyTorch's.
 - ``max_abs_logit_diff``: largest |engine - PyTorch| logit over every position of those sequences.
@@ -136,6 +137,7 @@ class VariantResult:
     tokens_per_s: float
     logit_tol: float | None = None
     exact_required: bool = False
+    greedy_divergences: list[str] = field(default_factory=list)  # the first few, for the manifest
     failures: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -244,6 +246,10 @@ def check_variant(
 
             want = ref.outputs[i]
             tf_ref = ref.logits[i]
+            seq = ids + want
+            tf = engine.logits(seq)
+            diff = np.abs(tf - tf_ref)
+            max_diff = max(max_diff, float(diff.max()))
             if out == want:
                 greedy += 1
                 within += 1
@@ -257,13 +263,16 @@ def check_variant(
                 margin = (
                     float(tf_ref[pos, exp] - tf_ref[pos, got]) if got is not None and exp is not None else 0
                 )
-                if logit_tol is not None and abs(margin) <= 2 * logit_tol:
+                # A near tie: the engine's own logit error at this position is enough to flip the argmax
+                # (each of the two logits may move by up to that error), and that error is within tolerance.
+                local = float(diff[min(pos, len(seq) - 1)].max())
+                if logit_tol is not None and local <= logit_tol and abs(margin) <= 2 * local + 1e-6:
                     within += 1
-                divergences.append(f"prompt {i} at token {pos - len(ids) + 1} (PyTorch margin {margin:.4f})")
+                divergences.append(
+                    f"prompt {i} at token {pos - len(ids) + 1} (PyTorch margin {margin:.4f}, "
+                    f"local |dlogit| {local:.4f})"
+                )
 
-            seq = ids + want
-            tf = engine.logits(seq)
-            max_diff = max(max_diff, float(np.abs(tf - tf_ref).max()))
             gen = slice(len(ids) - 1, len(seq))  # positions predicting each output token and the final eos
             agree += int((tf[gen].argmax(-1) == tf_ref[gen].argmax(-1)).sum())
             positions += len(seq) - len(ids) + 1
@@ -282,6 +291,7 @@ def check_variant(
         tokens_per_s=decode_speed(engine, ref.prompt_ids[0]) if ref.prompt_ids else 0.0,
         logit_tol=logit_tol,
         exact_required=exact,
+        greedy_divergences=divergences[:5],
     )
     if tok_match < 1.0:
         res.failures.append(f"tokenization differs from Hugging Face on {tok_bad!r}")

@@ -395,6 +395,7 @@ def _export_into(
                     "max_abs_logit_diff",
                     "logit_tol",
                     "exact_required",
+                    "greedy_divergences",
                 )
             },
             "accuracy": r["accuracy"],
