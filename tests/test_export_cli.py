@@ -168,3 +168,55 @@ def test_scorer_falls_back_to_answer_matching():
     assert score("Step 1: 3 + 4 = 7\nAnswer: 7", Prompt("What is 3 + 4?", "7"))
     assert not score("Step 1: 3 + 4 = 8\nAnswer: 8", Prompt("What is 3 + 4?", "7"))
     assert not score("no idea", Prompt("What is 3 + 4?", None))
+
+
+class _ScriptedEngine:
+    """Replays fixed greedy tokens and teacher-forced logits: exercises parity's bookkeeping exactly."""
+
+    kind, eos_id, bos_id = "fake", 0, None
+
+    def __init__(self, out: list[int], logits):
+        self.out, self._logits = out, logits
+
+    def tokenize(self, text: str) -> list[int]:
+        return [len(text) % 7 + 1]
+
+    def stream(self, ids, max_tokens, stop_at_eos=True):
+        yield from self.out[:max_tokens]
+
+    def logits(self, ids):
+        return self._logits
+
+    def detokenize(self, ids) -> str:
+        return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize(("margin", "tie"), [(0.001, True), (0.5, False)])
+def test_greedy_divergence_counts_as_tie_only_within_measured_error(margin, tie):
+    import numpy as np
+
+    from export.parity import Reference, check_variant
+
+    ids, want = [3, 4], [7, 8]  # PyTorch: 7 then 8; the engine says 7 then 9
+    ref_logits = np.zeros((4, 10), dtype=np.float32)
+    ref_logits[1, 7] = 5.0
+    ref_logits[2, 8], ref_logits[2, 9] = 1.0, 1.0 - margin
+    ref_logits[3, 0] = 5.0
+    eng_logits = ref_logits.copy()
+    eng_logits[2, 9] += 0.002  # the engine's logit error at the divergence
+    ref = Reference([ids], [want], [ref_logits], ["7 8"], None, 100.0)
+    res = check_variant(
+        "x",
+        _ScriptedEngine([7, 9], eng_logits),
+        ref,
+        lambda t: {"input_ids": [len(t) % 7 + 1]},
+        [Prompt("q", None)],
+        max_new_tokens=8,
+        logit_tol=0.01,
+        exact=True,
+    )
+    assert res.greedy_match == 0.0 and res.max_abs_logit_diff == pytest.approx(0.002, abs=1e-6)
+    assert res.greedy_match_within_tol == (1.0 if tie else 0.0)
+    assert bool(res.failures) is (not tie)
+    # at the tie the engine's argmax flips (1 of 3 generated positions); 0.5 apart it does not
+    assert res.teacher_forced_top1 == pytest.approx(2 / 3 if tie else 1.0)
