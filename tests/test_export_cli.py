@@ -220,3 +220,22 @@ def test_greedy_divergence_counts_as_tie_only_within_measured_error(margin, tie)
     assert bool(res.failures) is (not tie)
     # at the tie the engine's argmax flips (1 of 3 generated positions); 0.5 apart it does not
     assert res.teacher_forced_top1 == pytest.approx(2 / 3 if tie else 1.0)
+
+
+def test_scorer_uses_the_task_when_it_loads(monkeypatch):
+    import distill.tasks
+    from distill.tasks import Example
+
+    class Words:  # a task whose own extractor and scorer differ from serve.explain's defaults
+        def extract(self, text: str) -> str:
+            return text.rsplit(" ", 1)[-1]
+
+        def score(self, answer, example) -> bool:
+            return answer == "forty-two" and example.gold == "42"
+
+    monkeypatch.setattr(distill.tasks, "load_task", lambda spec: Words())
+    ex = Example("q1", "words:x", "What is 6 * 7?", "42")
+    p = Prompt(ex.question, ex.gold, example=ex)
+    score = make_scorer([p], None)
+    assert score("Answer: forty-two", p)
+    assert not score("Answer: 42", p)  # the lenient default would have said yes
