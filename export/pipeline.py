@@ -259,20 +259,20 @@ def _bytes(p: Path) -> int:
     return sum(q.stat().st_size for q in p.rglob("*") if q.is_file()) if p.is_dir() else p.stat().st_size
 
 
-def choose_default(variants: dict[str, dict[str, Any]], tolerance: float) -> str:
-    """The fastest variant whose accuracy is within `tolerance` of PyTorch's and whose teacher-forced top-1
-    agreement is at least MIN_TOP1 (accuracy alone says little when the student scores near zero);
-    gguf-q8_0 when none qualifies."""
+def choose_default(variants: dict[str, dict[str, Any]], tolerance: float, engine: str | None = None) -> str:
+    """The fastest variant (of `engine`, if given) whose accuracy is within `tolerance` of PyTorch's (when
+    known) and whose teacher-forced top-1 agreement is at least MIN_TOP1 (accuracy alone says little when
+    the student scores near zero). Falls back to gguf-q8_0, then to the first variant."""
+    pool = {k: v for k, v in variants.items() if engine in (None, v["engine"])}
     ok = {
         k: v
-        for k, v in variants.items()
-        if v.get("accuracy_delta") is not None
-        and v["accuracy_delta"] >= -tolerance - 1e-9
+        for k, v in pool.items()
+        if (v.get("accuracy_delta") is None or v["accuracy_delta"] >= -tolerance - 1e-9)
         and v["parity"]["teacher_forced_top1"] >= MIN_TOP1
     }
     if ok:
         return max(ok, key=lambda k: ok[k].get("tokens_per_s") or 0.0)
-    return "gguf-q8_0" if "gguf-q8_0" in variants else next(iter(variants))
+    return "gguf-q8_0" if "gguf-q8_0" in pool else next(iter(pool))
 
 
 def export_config_dict(cfg: ExportConfig) -> dict[str, Any]:
@@ -419,9 +419,9 @@ def _export_into(
         except json.JSONDecodeError:
             log.warning("%s: unreadable data card; the model card omits it", run / "traces" / "datacard.json")
 
-    gguf_default = default if VARIANTS[default]["engine"] == "gguf" else "gguf-q8_0"
     files = [VARIANTS[v]["path"] for v in wanted]
-    if gguf_default in variants:
+    if any(v["engine"] == "gguf" for v in variants.values()):
+        gguf_default = choose_default(variants, cfg.tolerance, engine="gguf")
         (root / "Modelfile").write_text(modelfile(VARIANTS[gguf_default]["path"], tok.eos_token))
         files.append("Modelfile")
     (root / "README.md").write_text(

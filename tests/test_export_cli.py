@@ -239,3 +239,27 @@ def test_scorer_uses_the_task_when_it_loads(monkeypatch):
     score = make_scorer([p], None)
     assert score("Answer: forty-two", p)
     assert not score("Answer: 42", p)  # the lenient default would have said yes
+
+
+def test_default_variant_rule():
+    from export.pipeline import choose_default
+
+    def v(engine, delta, top1, speed):
+        return {
+            "engine": engine,
+            "accuracy_delta": delta,
+            "parity": {"teacher_forced_top1": top1},
+            "tokens_per_s": speed,
+        }
+
+    variants = {
+        "onnx-int8": v("onnx", 0.0, 0.99, 3000.0),
+        "gguf-q8_0": v("gguf", -0.01, 0.99, 6000.0),
+        "gguf-q4_k_m": v("gguf", -0.05, 0.97, 7000.0),  # fastest, but loses 5 points
+        "gguf-f16": v("gguf", 0.0, 0.90, 6500.0),  # agrees too rarely, teacher-forced
+    }
+    assert choose_default(variants, tolerance=0.02) == "gguf-q8_0"
+    assert choose_default(variants, tolerance=0.10) == "gguf-q4_k_m"
+    assert choose_default(variants, tolerance=0.02, engine="onnx") == "onnx-int8"
+    unscored = {k: {**x, "accuracy_delta": None} for k, x in variants.items()}
+    assert choose_default(unscored, tolerance=0.0) == "gguf-q4_k_m"
