@@ -50,6 +50,7 @@ def model_card(
     datacard: dict[str, Any] | None,
     prompt_source: str,
     n_prompts: int,
+    threads: int = 1,
 ) -> str:
     """README.md for the export directory."""
     dc = datacard or {}
@@ -86,7 +87,8 @@ def model_card(
         f"- Student: `{student.get('name')}` (sha256 of its files {str(student.get('sha256', ''))[:12]}...)",
         "",
         "## Accuracy and speed per variant",
-        f"Held-out accuracy on {n_prompts} prompts ({prompt_source}); decode tokens/s, greedy, one thread, on"
+        f"Held-out accuracy on {n_prompts} prompts ({prompt_source}); decode tokens/s, greedy, {threads}"
+        f" thread{'s' if threads > 1 else ''}, on"
         " the export machine (other processes may have been running). Parity is against the PyTorch student.",
         "",
         "| variant | file | bytes | accuracy | vs PyTorch | greedy match | teacher-forced top-1"

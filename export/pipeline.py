@@ -425,7 +425,9 @@ def _export_into(
         (root / "Modelfile").write_text(modelfile(VARIANTS[gguf_default]["path"], tok.eos_token))
         files.append("Modelfile")
     (root / "README.md").write_text(
-        model_card(name, student_info, task, variants, default, pytorch, datacard, source, len(plist))
+        model_card(
+            name, student_info, task, variants, default, pytorch, datacard, source, len(plist), cfg.threads
+        )
     )
     files.append("README.md")
     return write_manifest(
