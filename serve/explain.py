@@ -276,7 +276,10 @@ _BINARY_PHRASES = [
     (re.compile(r"\bthe\s+quotient\s+of\s+(\S+)\s+and\s+(\S+)", re.I), r"\1 / \2"),
 ]
 _EXPR = r"[-+(]*\s*\d[\d.\s+\-*/^()]*"
-_CLAIM = re.compile(rf"(?=({_EXPR})=\s*([-+]?\s*\d+(?:\.\d+)?(?:\s*/\s*\d+)?)(?![\d.]*\s*[*/^]|\.\d))")
+# The stated value must end its equation: in "2 - 7 = 2 - 7 = -5" the claim is -5, not 2.
+_CLAIM = re.compile(
+    rf"(?=({_EXPR})=\s*([-+]?\s*\d+(?:\.\d+)?(?:\s*/\s*\d+)?)(?![\d.]*\s*[*/^]|\.\d|\s*[-+]\s*\(?\s*\d))"
+)
 
 
 def _symbolize(text: str) -> str:
@@ -337,6 +340,54 @@ def arithmetic_claims(step: str) -> list[Claim]:
             continue
         ok = _close_enough(value, stated_text, stated)
         claims.append(Claim(expr=" ".join(lhs.split()), stated=stated_text, value=_fmt(value), ok=ok))
+    known = {(c.expr, c.value, c.ok) for c in claims}
+    return [c for c in _chain_claims(text) if (c.expr, c.value, c.ok) not in known] + claims
+
+
+_HAS_OP = re.compile(r"\d\s*[-+*/^]\s*[-+(]*\s*\d")
+_SEGMENT = r"[-+(]*\s*\d[\d.\s+\-*/^()]*"
+_CHAIN = re.compile(rf"{_SEGMENT}(?:=\s*{_SEGMENT}){{2,}}")
+
+
+def _eval_edge(segment: str, suffix: bool) -> Fraction | None:
+    """Value of the longest evaluable suffix (first segment) or prefix (last segment) of a chain end."""
+    seg = segment.strip()
+    cuts = range(len(seg)) if suffix else range(len(seg), 0, -1)
+    for cut in cuts:
+        part = seg[cut:] if suffix else seg[:cut]
+        try:
+            return safe_eval(part)
+        except (ValueError, ZeroDivisionError, OverflowError):
+            continue
+    return None
+
+
+def _chain_claims(text: str) -> list[Claim]:
+    """Inner links of ``a = b = c`` chains: "3 + 4 = 7 + 1 = 8" claims 3 + 4 equals 7 + 1, which is false.
+
+    The last link (``7 + 1 = 8``) is an ordinary claim found by arithmetic_claims.
+    """
+    claims: list[Claim] = []
+    for m in _CHAIN.finditer(text):
+        segs = m.group(0).split("=")
+        values: list[Fraction | None] = [_eval_edge(segs[0], suffix=True)]
+        for seg in segs[1:-1]:
+            try:
+                values.append(safe_eval(seg))
+            except (ValueError, ZeroDivisionError, OverflowError):
+                values.append(None)
+        for i in range(len(segs) - 2):
+            left, right = values[i], values[i + 1]
+            if left is None or right is None or not any(_HAS_OP.search(x) for x in segs[i : i + 2]):
+                continue
+            claims.append(
+                Claim(
+                    expr=" ".join(segs[i].split()),
+                    stated=" ".join(segs[i + 1].split()),
+                    value=_fmt(left),
+                    ok=left == right,
+                )
+            )
     return claims
 
 

@@ -68,6 +68,9 @@ def test_clean_steps_drops_filler_and_restated_answers_but_keeps_content():
         ("10 / 3 = 3.33", True),
         ("6 \u00d7 7 = 48", False),
         ("There is nothing to compute here", None),
+        ("2 - 7 = 2 - 7 = -5", True),  # a restated expression is not a claim that 2 - 7 = 2
+        ("3 + 4 = 7 + 1 = 8", False),  # running totals: 3 + 4 is not 7 + 1
+        ("(2 + 3) * 4 = 5 * 4 = 20", True),
     ],
 )
 def test_arithmetic_step_checks(step, ok):
