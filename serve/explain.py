@@ -118,6 +118,9 @@ _RESTATED_ANSWER = re.compile(
 )
 
 
+_LABEL = re.compile(r"(?i)^(?:question|first|second|third|then|next|finally|solution|calculation)\s*:\s*")
+
+
 def clean_steps(steps: list[str]) -> list[str]:
     """Drop steps that carry no reasoning: pleasantries without numbers, and restated final answers.
 
@@ -126,6 +129,10 @@ def clean_steps(steps: list[str]) -> list[str]:
     """
     out = []
     for step in steps:
+        # "Question: 0 + 2 = 2" / "Second: 6 - 1 = 5": the label is layout; a bare label ("Question: ?") goes.
+        step = _LABEL.sub("", step).strip()
+        if not re.search(r"[A-Za-z0-9]", step):
+            continue
         if not arithmetic_claims(step):
             if _RESTATED_ANSWER.match(step):
                 continue

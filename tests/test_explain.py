@@ -55,6 +55,10 @@ def test_clean_steps_drops_filler_and_restated_answers_but_keeps_content():
     # A restatement that carries a checkable claim stays (so a false one can still be caught).
     assert clean_steps(["So the answer is 3 + 4 = 8."]) == ["So the answer is 3 + 4 = 8."]
     assert clean_steps(["Let's add 3 and 4 to get 7"]) == ["Let's add 3 and 4 to get 7"]
+    assert clean_steps(["Question: ?", "Question: 0 + 2 = 2", "Second: 6 - 1 = 5."]) == [
+        "0 + 2 = 2",
+        "6 - 1 = 5.",
+    ]
 
 
 @pytest.mark.parametrize(
