@@ -80,10 +80,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # ---- the one command -----------------------------------------------------------------------------------
 
 
@@ -114,23 +110,98 @@ class RunConfig:
 
 def _overrides(cfg: RunConfig, target: type) -> dict[str, Any]:
     """RunConfig values the user set, for the stage config fields of the same name."""
-    names = {f.name for f in fields(target) if f.init}
+    names = {f.name for f in fields(target) if f.init} - {"out"}
     return {k: v for k, v in asdict(cfg).items() if v is not None and k in names}
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Distil (traces, students, eval), export every student, then write report.{json,md,png} in cfg.out."""
-    from distill.cli import DistillConfig, run_distill
-    from export.cli import ExportConfig, export_student
+    from distill.pipeline import DistillConfig, run_distill
+    from export.pipeline import ExportConfig, export_student
 
     run_dir = Path(cfg.out)
-    distilled = run_distill(DistillConfig(**_overrides(cfg, DistillConfig)))
+    distilled = run_distill(DistillConfig(out=cfg.out, **_overrides(cfg, DistillConfig)))
     exports: dict[str, Path] = {}
     for name, student_dir in distilled["students"].items():
         out = run_dir / "exports" / name
         export_student(ExportConfig(student=str(student_dir), out=str(out), **_overrides(cfg, ExportConfig)))
         exports[name] = out
     return write_report(run_dir, collect_report(run_dir), cfg.tolerance)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _teacher_bytes(spec: str | None) -> int | None:
+    if not spec or not spec.startswith("gguf:"):
+        return None
+    from distill.teachers import resolve_gguf
+
+    try:
+        return resolve_gguf(spec.removeprefix("gguf:")).stat().st_size
+    except (NestlingError, OSError):
+        return None
+
+
+def collect_report(run_dir: Path) -> dict[str, Any]:
+    """Gather the teacher, baseline, students (held-out eval) and exports (export-time checks) of a run."""
+    report: dict[str, Any] = {
+        "run": str(run_dir),
+        "teacher": {},
+        "baseline": {},
+        "students": {},
+        "exports": {},
+    }
+    teacher = _read_json(run_dir / "teacher_eval.json").get("result") or {}
+    if teacher:
+        report["teacher"] = {
+            "spec": teacher.get("spec"),
+            "accuracy": teacher.get("accuracy"),
+            "params": teacher.get("params"),
+            "bytes": _teacher_bytes(teacher.get("spec")),
+            "tokens_per_s": teacher.get("tokens_per_s"),
+        }
+    for eval_path in sorted(run_dir.glob("students/*/eval.json")):
+        name = eval_path.parent.name
+        ev = _read_json(eval_path)
+        res = ev.get("result") or {}
+        report["baseline"] = {k: v for k, v in (ev.get("baseline") or {}).items() if k in ("accuracy", "n")}
+        weights = sum(p.stat().st_size for p in (eval_path.parent / "model").glob("*.safetensors"))
+        report["students"][name] = {
+            "accuracy": res.get("accuracy"),
+            "accuracy_answer_only": res.get("accuracy_answer"),
+            "steps_all_right": (res.get("explain") or {}).get("steps_all_right"),
+            "params": res.get("params"),
+            "bytes": weights or None,
+            "tokens_per_s": res.get("tokens_per_s"),
+        }
+    for manifest_path in sorted(run_dir.glob("exports/*/manifest.json")):
+        name = manifest_path.parent.name
+        m = _read_json(manifest_path)
+        params = (m.get("student") or {}).get("params")
+        pytorch = (m.get("metrics") or {}).get("pytorch") or {}
+        for variant, v in (m.get("variants") or {}).items():
+            report["exports"][f"{name}-{variant}"] = {
+                "student": name,
+                "variant": variant,
+                "engine": v.get("engine"),
+                "path": str(manifest_path.parent / v["path"]),
+                "accuracy": v.get("accuracy"),
+                "accuracy_delta_vs_pytorch": v.get("accuracy_delta"),
+                "pytorch_accuracy_same_prompts": pytorch.get("accuracy"),
+                "prompts": (m.get("metrics") or {}).get("parity_prompts"),
+                "params": params,
+                "bytes": v.get("bytes"),
+                "tokens_per_s": v.get("tokens_per_s"),
+                "parity": v.get("parity"),
+            }
+    return report
 
 
 def recommend(exports: dict[str, dict[str, Any]], tolerance: float) -> str | None:
@@ -239,3 +310,7 @@ def _report_plot(report: dict[str, Any], path: Path) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
