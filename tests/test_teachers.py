@@ -137,6 +137,16 @@ def test_openai_concurrent_samples_keep_order_and_seeds(fake_openai, monkeypatch
     t.close()
 
 
+def test_openai_concurrency_from_the_environment(fake_openai, monkeypatch):
+    srv = fake_openai()
+    monkeypatch.setenv("NESTLING_TEACHER_CONCURRENCY", "3")
+    t = load_teacher(f"openai:tiny@{srv.url}")
+    assert t.concurrency == 3 and t.batch == 3
+    monkeypatch.setenv("NESTLING_TEACHER_CONCURRENCY", "lots")
+    with pytest.raises(NestlingError, match="NESTLING_TEACHER_CONCURRENCY"):
+        load_teacher(f"openai:tiny@{srv.url}")
+
+
 def test_openai_retries_429_and_5xx_with_backoff(fake_openai):
     srv = fake_openai([429, 503, 500])
     t = load_teacher(f"openai:tiny@{srv.url}", concurrency=1, backoff=0.01)
