@@ -10,7 +10,7 @@
 Student specs (``--students``, comma-separated): a preset name (``nano``, ``tiny``, ``small``) trained from
 scratch, or ``hf:smollm2`` / ``hf:PATH`` (a save_pretrained llama directory, or a directory holding one
 ``.gguf``) initialised from pretrained weights. Options follow ``?`` as ``key=value`` pairs joined by ``&``:
-``keep_layers=N`` (depth pruning: the first N-1 decoder layers plus the last one), ``vocab=N`` (preset
+``keep_layers=N`` (depth pruning: N layers evenly spaced, first and last kept), ``vocab=N`` (preset
 tokenizer size), ``seed=N``. ``NAME=SPEC`` names the student directory, e.g.
 ``pruned=hf:smollm2?keep_layers=8``; without a name it is derived (``tiny``, ``smollm2``, ``smollm2-k8``).
 
@@ -233,10 +233,11 @@ def _fix_gguf_special_tokens(path: Path, model: LlamaForCausalLM, tok: PreTraine
 
 
 def prune_layers(model: LlamaForCausalLM, keep: int) -> LlamaForCausalLM:
-    """Depth pruning: keep the first `keep`-1 decoder layers and the last one (Minitron-style, then distil).
+    """Depth pruning (Minitron-style, then distil): keep `keep` layers spread evenly, first and last included.
 
-    Later middle layers are the most redundant in small llamas; the last layer maps onto the (tied)
-    output embedding, so it stays.
+    Measured on SmolLM2-135M (multitask loss on verified rationales before any training, full model 1.76):
+    keeping 24 of 30 layers evenly spaced gave 4.2, dropping a contiguous block before the last two 12.8,
+    keeping the first 23 plus the last 20.3. Small models have no redundant contiguous block.
     """
     import torch
 
@@ -246,7 +247,7 @@ def prune_layers(model: LlamaForCausalLM, keep: int) -> LlamaForCausalLM:
         raise NestlingError(f"keep_layers={keep}: the model has only {n} layers")
     if keep == n:
         return model
-    idx = list(range(keep - 1)) + [n - 1]
+    idx = [n - 1] if keep == 1 else sorted({round(i * (n - 1) / (keep - 1)) for i in range(keep)})
     model.model.layers = torch.nn.ModuleList(layers[i] for i in idx)
     for new_i, layer in enumerate(model.model.layers):
         layer.self_attn.layer_idx = new_i  # the KV cache is indexed by position in the list

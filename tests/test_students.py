@@ -72,24 +72,23 @@ def _tiny_llama(tok, layers=4):
     return new_student(StudentPreset(256, 512, layers, 4, 2, vocab_size=len(tok)), tok, seed=0)
 
 
-def test_pruning_keeps_first_layers_and_the_last_and_the_kv_cache_still_works(tok):
+def test_pruning_keeps_evenly_spaced_layers_and_the_kv_cache_still_works(tok):
     import torch
 
-    model = _tiny_llama(tok, layers=4).eval()
-    last = model.model.layers[3].mlp.down_proj.weight.clone()
-    first = model.model.layers[0].mlp.down_proj.weight.clone()
-    prune_layers(model, 2)
-    assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
-    assert torch.equal(model.model.layers[0].mlp.down_proj.weight, first)
-    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, last)
-    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]
+    model = _tiny_llama(tok, layers=5).eval()
+    weights = [layer.mlp.down_proj.weight.clone() for layer in model.model.layers]
+    prune_layers(model, 3)
+    assert len(model.model.layers) == 3 and model.config.num_hidden_layers == 3
+    for layer, original in zip(model.model.layers, (0, 2, 4), strict=True):  # evenly spaced, ends kept
+        assert torch.equal(layer.mlp.down_proj.weight, weights[original])
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2]
     ids = tok("Question: What is 3 + 4?\nExplain:", return_tensors="pt").input_ids
     with torch.no_grad():
         cached = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=True, min_new_tokens=8)
         uncached = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False, min_new_tokens=8)
     assert torch.equal(cached, uncached)
-    with pytest.raises(NestlingError, match="only 2 layers"):
-        prune_layers(model, 3)
+    with pytest.raises(NestlingError, match="only 3 layers"):
+        prune_layers(model, 4)
 
 
 def test_save_then_load_round_trip_with_the_nestling_chat_template(tmp_path, tok):
