@@ -236,11 +236,9 @@ def test_cli_prints_a_summary_table(tmp_path, capsys, fake_teacher):
 @pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_loses_nothing_and_duplicates_nothing(tmp_path):
     run = tmp_path / "run"
-    code = "import sys, nestling; sys.exit(nestling.main(sys.argv[1:]))"
     cmd = [
         sys.executable,
-        "-c",
-        code,
+        str(ROOT / "nestling.py"),
         "traces",
         "--task",
         EASY,
