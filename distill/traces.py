@@ -46,9 +46,10 @@ class TracesConfig:
         metadata={"help": "teacher spec: gguf:smollm2, gguf:PATH, openai:MODEL@URL, hf:PATH"},
     )
     samples: int = field(default=4, metadata={"help": "rationales per training question (k)"})
-    # 240 questions -> 192 train x 4 samples = 768 rationales of ~19 tokens: ~4 min for SmolLM2 on one free
-    # core (~3 rationales/s), ~8 min with other work on the machine (1.5-1.6/s measured).
-    n: int = field(default=240, metadata={"help": "questions to draw (train + held-out)"})
+    # 200 questions -> 160 train x 4 samples = 640 rationales of ~19 tokens. Measured at n=240 (768
+    # rationales): 9.3 min wall with three other jobs on the 2 cores (1.41 rationales/s); so ~7.5 min here
+    # under that load, ~3-4 min on a free core.
+    n: int = field(default=200, metadata={"help": "questions to draw (train + held-out)"})
     heldout: float = field(
         default=0.2, metadata={"help": "held-out questions: a fraction < 1 or a count >= 1"}
     )
