@@ -36,6 +36,8 @@ from serve.errors import NestlingError
 FORMAT = "nestling/1"
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -58,6 +60,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes files private; these are ordinary outputs
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

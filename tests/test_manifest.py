@@ -100,3 +100,8 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     atomic_write_json(tmp_path / "x.json", {"a": 2})
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_atomic_write_makes_an_ordinary_readable_file(tmp_path):
+    atomic_write_json(tmp_path / "m.json", {"a": 1})
+    assert (tmp_path / "m.json").stat().st_mode & 0o044 == 0o044  # group/other can read, as with open()
