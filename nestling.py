@@ -98,6 +98,11 @@ class RunConfig:
     n: int | None = field(default=None, metadata={"help": "questions to draw (train + held-out)"})
     seed: int | None = field(default=None, metadata={"help": "seed for sampling, splits and training"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads per process"})
+    steps: int | None = field(default=None, metadata={"help": "optimizer steps for every student"})
+    eval_limit: int | None = field(default=None, metadata={"help": "evaluate at most this many questions"})
+    parity_prompts: int | None = field(
+        default=None, metadata={"help": "held-out prompts each export is checked and scored on"}
+    )
     tolerance: float = field(
         default=0.02, metadata={"help": "recommend the fastest artifact within this accuracy of the best"}
     )
@@ -166,6 +171,7 @@ def collect_report(run_dir: Path) -> dict[str, Any]:
             "params": teacher.get("params"),
             "bytes": _teacher_bytes(teacher.get("spec")),
             "tokens_per_s": teacher.get("tokens_per_s"),
+            "n": (teacher.get("explain") or {}).get("n"),
         }
     for eval_path in sorted(run_dir.glob("students/*/eval.json")):
         name = eval_path.parent.name
@@ -180,6 +186,7 @@ def collect_report(run_dir: Path) -> dict[str, Any]:
             "params": res.get("params"),
             "bytes": weights or None,
             "tokens_per_s": res.get("tokens_per_s"),
+            "n": (res.get("explain") or {}).get("n"),
         }
     for manifest_path in sorted(run_dir.glob("exports/*/manifest.json")):
         name = manifest_path.parent.name
@@ -195,7 +202,7 @@ def collect_report(run_dir: Path) -> dict[str, Any]:
                 "accuracy": v.get("accuracy"),
                 "accuracy_delta_vs_pytorch": v.get("accuracy_delta"),
                 "pytorch_accuracy_same_prompts": pytorch.get("accuracy"),
-                "prompts": (m.get("metrics") or {}).get("parity_prompts"),
+                "n": (m.get("metrics") or {}).get("parity_prompts"),
                 "params": params,
                 "bytes": v.get("bytes"),
                 "tokens_per_s": v.get("tokens_per_s"),
@@ -255,14 +262,21 @@ def _report_markdown(report: dict[str, Any]) -> str:
         f"Recommended artifact: **{report.get('recommended') or '-'}** (the fastest export within "
         f"{100 * report['tolerance']:.0f} points of the most accurate one).",
         "",
-        "| model | student | held-out accuracy | params | size | decode tokens/s |",
-        "|---|---|---|---|---|---|",
+        "| model | student | held-out accuracy | questions | params | size | decode tokens/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, student, e in rows:
         lines.append(
-            f"| {name} | {student} | {_fmt(e.get('accuracy'), 'acc')} | {_fmt(e.get('params'), 'params')} | "
+            f"| {name} | {student} | {_fmt(e.get('accuracy'), 'acc')} | {e.get('n') or '-'} | "
+            f"{_fmt(e.get('params'), 'params')} | "
             f"{_fmt(e.get('bytes'), 'bytes')} | {_fmt(e.get('tokens_per_s'), 'tps')} |"
         )
+    lines += [
+        "",
+        "Teacher and students are scored on the held-out split (explain mode, greedy); each export on the "
+        "first `questions` held-out prompts at export time, beside its PyTorch student on the same prompts "
+        "(`accuracy_delta_vs_pytorch` in report.json). Decode speed is single-stream on this machine.",
+    ]
     return "\n".join(lines) + "\n"
 
 
