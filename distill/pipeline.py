@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distill.train import OBJECTIVES
 from serve.config import check
 from serve.errors import NestlingError
 
@@ -30,23 +31,13 @@ log = logging.getLogger(__name__)
 # 12 of 30 layers 6%, 24 of 30 31% held-out, against 77% unpruned (see the report in the session notes).
 DEFAULT_STUDENTS = ["tiny", "hf:smollm2"]
 
-# Measured defaults per student kind (see the module docstring of distill.train and the benchmarks).
-OBJECTIVE_CHOICES = ("cot", "multitask", "answer-only")  # distill.train.OBJECTIVES, without importing it
-PRESET_RECIPE = {"steps": 600, "lr": 3e-3, "batch_size": 16, "warmup": 30}
-# Pretrained: 40 steps of 8 (a third of an epoch of ~1,000 multitask examples), every layer, lr 5e-5: the
-# model already knows the facts and mostly learns the nestling format. Measured: 77% held-out vs 57% when
-# only the top 6 layers trained at lr 2e-4 for 60 steps; ~260 s on one contended thread.
-PRETRAINED_RECIPE = {"steps": 40, "lr": 5e-5, "batch_size": 8, "warmup": 4, "train_layers": 0}
-
 
 def recipe_for(spec: str) -> dict[str, Any]:
+    """The student's training recipe: distill.train's measured defaults for its kind."""
     from distill.students import parse_student_spec
+    from distill.train import PRESET_RECIPE, PRETRAINED_RECIPE
 
-    parsed = parse_student_spec(spec)
-    if not parsed.pretrained:
-        return dict(PRESET_RECIPE)
-    recipe = dict(PRETRAINED_RECIPE)
-    return recipe
+    return dict(PRETRAINED_RECIPE if parse_student_spec(spec).pretrained else PRESET_RECIPE)
 
 
 @dataclass
@@ -61,7 +52,7 @@ class DistillConfig:
         metadata={"help": "student specs, comma- or space-separated (see distill.students)"},
     )
     objective: str = field(
-        default="multitask", metadata={"help": "cot | multitask | answer-only", "choices": OBJECTIVE_CHOICES}
+        default="multitask", metadata={"help": "cot | multitask | answer-only", "choices": OBJECTIVES}
     )
     alpha: float = field(default=0.5, metadata={"help": "multitask weight of the answer loss"})
     samples: int | None = field(default=None, metadata={"help": "teacher samples per question (k)"})
@@ -74,7 +65,6 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         from distill.students import parse_student_spec
-        from distill.train import OBJECTIVES
 
         if isinstance(self.students, str):
             self.students = [self.students]

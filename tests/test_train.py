@@ -268,3 +268,13 @@ def test_train_layers_updates_only_the_top_layers(tmp_path):
         assert changed == (name.startswith(top) or name == "model.norm.weight"), name
     with pytest.raises(NestlingError, match="only"):
         train(_cfg(run, student="nano", steps=2, train_layers=5))
+
+
+def test_unset_flags_come_from_the_students_recipe():
+    from distill.train import PRESET_RECIPE, PRETRAINED_RECIPE
+
+    scratch, pretrained = TrainConfig(student="tiny"), TrainConfig(student="hf:smollm2")
+    assert (scratch.lr, scratch.steps) == (PRESET_RECIPE["lr"], PRESET_RECIPE["steps"])
+    assert (pretrained.lr, pretrained.steps) == (PRETRAINED_RECIPE["lr"], PRETRAINED_RECIPE["steps"])
+    assert TrainConfig(student="tiny", steps=50).warmup == 10  # warmup never exceeds a fifth of the run
+    assert TrainConfig(student="hf:smollm2", lr=1e-3).lr == 1e-3
