@@ -278,3 +278,18 @@ def test_unset_flags_come_from_the_students_recipe():
     assert (pretrained.lr, pretrained.steps) == (PRETRAINED_RECIPE["lr"], PRETRAINED_RECIPE["steps"])
     assert TrainConfig(student="tiny", steps=50).warmup == 10  # warmup never exceeds a fifth of the run
     assert TrainConfig(student="hf:smollm2", lr=1e-3).lr == 1e-3
+
+
+def test_kd_term_is_zero_against_itself_and_positive_against_another_teacher():
+    import torch
+
+    from distill.train import weighted_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    labels = torch.tensor([[1, 2, -100, -100, -100], [3, 4, 5, 6, 7]])
+    weights = torch.ones(2)
+    cfg = TrainConfig(kd_alpha=0.5, kd_temperature=2.0)
+    ce = weighted_loss(logits, labels, weights)
+    torch.testing.assert_close(weighted_loss(logits, labels, weights, logits.clone(), cfg), 0.5 * ce)
+    assert weighted_loss(logits, labels, weights, torch.randn(2, 5, 11), cfg) > 0.5 * ce
