@@ -368,28 +368,41 @@ def save_student(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, ou
     return out
 
 
-def load_student(model_dir: str | Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """Load a saved student, refusing anything that is not a llama checkpoint in safetensors form."""
+def check_student_dir(model_dir: str | Path) -> dict:
+    """Refuse, before any work, what is not a llama student in safetensors form with a fast tokenizer.
+
+    Returns the parsed config.json. Shared by training, evaluation and export.
+    """
     import json
 
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
     d = Path(model_dir)
+    if not d.is_dir():
+        raise NestlingError(f"{d}: student directory not found; pass RUN/students/<name>/model")
     cfg_path = d / "config.json"
     if not cfg_path.is_file():
         raise NestlingError(f"{d}: no config.json; pass a student directory written by `nestling train`")
     try:
         cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise NestlingError(f"{cfg_path}: not valid JSON ({e})") from None
-    if cfg.get("model_type") != "llama":
-        raise NestlingError(
-            f"{d}: model_type is {cfg.get('model_type')!r}; nestling students are llama-architecture only"
-        )
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NestlingError(f"{cfg_path}: not valid JSON ({e}); re-save the student") from None
+    if not isinstance(cfg, dict) or cfg.get("model_type") != "llama":
+        got = cfg.get("model_type") if isinstance(cfg, dict) else None
+        raise NestlingError(f"{d}: model_type is {got!r}; nestling students are llama-architecture only")
     if not list(d.glob("*.safetensors")):
         raise NestlingError(f"{d}: no .safetensors weights (pickled weights are never loaded)")
-    if not (d / "tokenizer.json").is_file() and not (d / "tokenizer_config.json").is_file():
-        raise NestlingError(f"{d}: no tokenizer files; the student directory is incomplete")
+    if not (d / "tokenizer.json").is_file():
+        raise NestlingError(
+            f"{d}: no tokenizer.json; save the student with its fast tokenizer (save_student)"
+        )
+    return cfg
+
+
+def load_student(model_dir: str | Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """Load a saved student, refusing anything that is not a llama checkpoint in safetensors form."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    d = Path(model_dir)
+    check_student_dir(d)
     try:
         model = LlamaForCausalLM.from_pretrained(d, use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(d)

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distill.students import check_student_dir
 from export.parity import Prompt, Scorer, VariantResult, check_variant, raise_on_failures, torch_reference
 from serve.config import check
 from serve.errors import NestlingError
@@ -108,30 +109,6 @@ class ExportConfig:
 
 
 # ---- inputs ------------------------------------------------------------------------------------------
-
-
-def check_student_dir(d: Path) -> dict[str, Any]:
-    """Refuse anything export cannot handle with a one-line fix, before any work starts."""
-    if not d.is_dir():
-        raise NestlingError(f"{d}: student directory not found; pass RUN/students/<name>/model")
-    cfg_path = d / "config.json"
-    if not cfg_path.is_file():
-        raise NestlingError(f"{d}: no config.json; pass a student directory written by `nestling train`")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise NestlingError(f"{cfg_path}: not valid JSON ({e}); re-save the student") from None
-    if cfg.get("model_type") != "llama":
-        raise NestlingError(
-            f"{d}: model_type is {cfg.get('model_type')!r}; only llama-architecture students can be exported"
-        )
-    if not (d / "tokenizer.json").is_file():
-        raise NestlingError(
-            f"{d}: no tokenizer.json; save the student with its fast tokenizer (save_student)"
-        )
-    if not list(d.glob("*.safetensors")):
-        raise NestlingError(f"{d}: no .safetensors weights (pickled weights are never loaded)")
-    return cfg
 
 
 def student_fingerprint(d: Path) -> str:
