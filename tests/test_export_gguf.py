@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from peers import llama_cpp_server
 
 from export.gguf import detect_pre_tokenizer, permute_qk
 from serve.engines import load_engine
@@ -124,34 +120,12 @@ def test_transformers_loads_f16_gguf_and_matches_pytorch(tiny_export_dir: Path, 
     assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
-def test_llama_cpp_server_serves_f16_with_same_greedy_tokens(tiny_export_dir: Path):
+def test_llama_cpp_server_serves_f16_with_same_greedy_tokens(tiny_export_dir: Path, tmp_path: Path):
     import httpx
 
     path = tiny_export_dir / "gguf" / "model-f16.gguf"
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--n_ctx", "256", "--n_threads", "1", "--n_threads_batch", "1"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:  # readiness poll with a deadline: the server needs a moment to import and load
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            try:
-                if httpx.get(f"{url}/v1/models", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "llama_cpp.server did not come up in 60 s"
-            time.sleep(0.2)
+    with llama_cpp_server(path, tmp_path / "server.log", n_ctx=256) as url:
         e = load_engine(path, kind="gguf")
         for q in ["What is 3 + 4?", "What is 9 - 2?"]:
             prompt = student_prompt(q)
@@ -162,9 +136,6 @@ def test_llama_cpp_server_serves_f16_with_same_greedy_tokens(tiny_export_dir: Pa
             assert r["usage"]["completion_tokens"] == len(want)
             assert r["choices"][0]["finish_reason"] == ("stop" if len(want) < 24 else "length")
         e.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 @pytest.mark.slow

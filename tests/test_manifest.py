@@ -1,4 +1,4 @@
-"""serve.manifest: the stage contract. Tampering and truncation must be caught; freshness must track inputs."""
+"""serve.manifest: the stage contract. Tampering and truncation are caught; freshness tracks inputs."""
 
 from __future__ import annotations
 

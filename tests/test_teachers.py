@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from peers import free_port, llama_cpp_server
 
 from distill.prompts import teacher_messages
 from distill.teachers import Sampling, load_teacher, resolve_gguf
@@ -169,15 +165,9 @@ def test_openai_gives_up_with_one_line_after_retries(fake_openai):
         t2.generate([teacher_messages("A?")], n=1, sampling=Sampling())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_openai_unreachable_endpoint_is_a_clear_error():
     with pytest.raises(NestlingError, match="cannot reach .*start the server"):
-        load_teacher(f"openai:m@http://127.0.0.1:{_free_port()}/v1")
+        load_teacher(f"openai:m@http://127.0.0.1:{free_port()}/v1")
 
 
 # ---- hf backend on a tiny llama built in the test ------------------------------------------------------
@@ -251,45 +241,9 @@ def test_gguf_smollm2_greedy_is_deterministic_and_samples_differ():
 @pytest.mark.slow
 def test_openai_backend_against_llama_cpp_server(tmp_path):
     model = resolve_gguf("smollm2")
-    port = _free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "llama_cpp.server",
-        "--model",
-        str(model),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--n_threads",
-        "1",
-        "--n_threads_batch",
-        "1",
-        "--n_ctx",
-        "1024",
-    ]
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    try:
-        import httpx
-
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "llama_cpp.server did not start in 120 s"
-            time.sleep(0.5)
+    with llama_cpp_server(model, tmp_path / "server.log") as url:
         # The server defaults repeat_penalty to 1.1; send 1.0 so greedy is plain argmax decoding.
-        t = load_teacher(
-            f"openai:smollm2@http://127.0.0.1:{port}/v1", concurrency=2, extra={"repeat_penalty": 1.0}
-        )
+        t = load_teacher(f"openai:smollm2@{url}/v1", concurrency=2, extra={"repeat_penalty": 1.0})
         msgs = [teacher_messages("Calculate 3 + 5."), teacher_messages("Calculate 2 * 4.")]
         g1 = t.generate(msgs, n=2, sampling=Sampling(temperature=0, max_tokens=24))
         g2 = t.generate(msgs, n=1, sampling=Sampling(temperature=0, max_tokens=24))
@@ -298,10 +252,3 @@ def test_openai_backend_against_llama_cpp_server(tmp_path):
         s = t.generate(msgs[:1], n=3, sampling=Sampling(temperature=1.0, max_tokens=24, seed=1))[0]
         assert len(s) == 3 and all(g.text for g in s)
         t.close()
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
