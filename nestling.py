@@ -281,41 +281,60 @@ def _report_markdown(report: dict[str, Any]) -> str:
 
 
 def _report_plot(report: dict[str, Any], path: Path) -> None:
-    """Accuracy vs decode speed (log x), marker area ~ file size; baseline dashed; recommended ringed."""
+    """Accuracy vs decode speed (log x): a colour per student, a marker per export variant, area ~ bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    points = [("teacher", report.get("teacher", {}), "tab:red", "*")]
-    points += [(f"student {k}", v, "tab:blue", "o") for k, v in report.get("students", {}).items()]
-    points += [(k, v, "tab:green", "s") for k, v in report.get("exports", {}).items()]
-    sizes = [e.get("bytes") or 0 for _, e, _, _ in points]
-    biggest = max(sizes + [1])
-    for (label, e, color, marker), size in zip(points, sizes, strict=True):
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    students = list(report.get("students", {}))
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(students)}
+    markers = {"onnx-fp32": "s", "onnx-int8": "D", "gguf-f16": "^", "gguf-q8_0": "v", "gguf-q4_k_m": "P"}
+    entries = [
+        report.get("teacher", {}),
+        *report.get("students", {}).values(),
+        *report.get("exports", {}).values(),
+    ]
+    biggest = max([e.get("bytes") or 0 for e in entries] + [1])
+
+    def plot(e: dict[str, Any], color: Any, marker: str, label: str | None = None) -> None:
         if e.get("accuracy") is None or not e.get("tokens_per_s"):
-            continue
-        area = 40 + 400 * (size / biggest) ** 0.5
-        ax.scatter(e["tokens_per_s"], 100 * e["accuracy"], s=area, c=color, marker=marker, alpha=0.7)
+            return
+        area = 30 + 400 * ((e.get("bytes") or 0) / biggest) ** 0.5
+        x, y = e["tokens_per_s"], 100 * e["accuracy"]
+        ax.scatter(x, y, s=area, color=color, marker=marker, alpha=0.75, edgecolors="black", linewidths=0.4)
+        if label:
+            ax.annotate(label, (x, y), fontsize=8, xytext=(6, 6), textcoords="offset points")
+
+    plot(report.get("teacher", {}), "tab:red", "*", "teacher")
+    for name, e in report.get("students", {}).items():
+        plot(e, colors[name], "o", f"{name} (PyTorch)")
+    for e in report.get("exports", {}).values():
+        plot(e, colors.get(e.get("student"), "gray"), markers.get(e.get("variant"), "x"))
+    rec = report.get("exports", {}).get(report.get("recommended") or "")
+    if rec and rec.get("tokens_per_s"):
+        ax.scatter(rec["tokens_per_s"], 100 * rec["accuracy"], s=700, facecolors="none", edgecolors="black")
         ax.annotate(
-            label,
-            (e["tokens_per_s"], 100 * e["accuracy"]),
-            fontsize=7,
-            xytext=(4, 4),
+            "recommended",
+            (rec["tokens_per_s"], 100 * rec["accuracy"]),
+            fontsize=8,
+            xytext=(0, -22),
             textcoords="offset points",
+            ha="center",
         )
-    rec = report.get("recommended")
-    if rec and rec in report.get("exports", {}):
-        e = report["exports"][rec]
-        ax.scatter(e["tokens_per_s"], 100 * e["accuracy"], s=600, facecolors="none", edgecolors="black")
     base = report.get("baseline", {}).get("accuracy")
     if base is not None:
-        ax.axhline(100 * base, ls="--", c="gray", label=f"trivial baseline {100 * base:.1f}%")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.axhline(100 * base, ls="--", c="gray")
+    handles = [Line2D([], [], ls="", marker=m, color="gray", label=v) for v, m in markers.items()]
+    handles += [Line2D([], [], ls="", marker="o", color=c, label=f"student {n}") for n, c in colors.items()]
+    if base is not None:
+        handles.append(Line2D([], [], ls="--", color="gray", label=f"trivial baseline {100 * base:.1f}%"))
+    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     ax.set_xscale("log")
     ax.set_ylim(0, 105)  # from zero: small accuracy gaps should look small
-    ax.set_xlabel("decode tokens/s (log scale)")
+    ax.set_xlabel("decode tokens/s, single stream (log scale)")
     ax.set_ylabel("held-out accuracy (%)")
     ax.set_title("nestling: accuracy / speed / size (marker area ~ bytes)")
     ax.grid(alpha=0.3)
