@@ -312,7 +312,7 @@ def _report_plot(report: dict[str, Any], path: Path) -> None:
     for name, e in report.get("students", {}).items():
         plot(e, colors[name], "o", f"{name} (PyTorch)")
     for e in report.get("exports", {}).values():
-        plot(e, colors.get(e.get("student"), "gray"), markers.get(e.get("variant"), "x"))
+        plot(e, colors.get(e.get("student"), "gray"), markers.get(e.get("variant"), "X"))
     rec = report.get("exports", {}).get(report.get("recommended") or "")
     if rec and rec.get("tokens_per_s"):
         ax.scatter(rec["tokens_per_s"], 100 * rec["accuracy"], s=700, facecolors="none", edgecolors="black")
