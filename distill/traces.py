@@ -28,7 +28,14 @@ from distill.teachers import DEFAULT_TEACHER, Sampling, load_teacher
 from serve.config import check
 from serve.errors import NestlingError
 from serve.explain import normalize_answer
-from serve.manifest import atomic_write_json, atomic_write_text, fingerprint, is_fresh, write_manifest
+from serve.manifest import (
+    atomic_write_json,
+    atomic_write_text,
+    fingerprint,
+    is_fresh,
+    read_jsonl,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -176,16 +183,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise NestlingError(
-                    f"{path}: line {i} is not JSON; delete the file to redraw the questions"
-                ) from None
-    return rows
+    return read_jsonl(path, fix="delete the file to redraw the questions")
 
 
 def _questions(cfg: TracesConfig, out_dir: Path) -> tuple[list[Example], list[Example], dict[str, int]]:

@@ -34,6 +34,7 @@ from typing import Any
 from serve.config import check
 from serve.errors import NestlingError
 from serve.manifest import atomic_write_json, is_fresh, sha256_file, write_manifest
+from serve.manifest import read_jsonl as _read_jsonl
 from serve.prompting import answer_target, explain_target, student_prompt
 
 log = logging.getLogger(__name__)
@@ -137,17 +138,7 @@ class TrainConfig:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise NestlingError(f"{path}: not found; run `nestling traces --out {path.parent.parent}` first")
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise NestlingError(f"{path}:{i}: not valid JSON ({e}); re-run `nestling traces`") from None
-    return rows
+    return _read_jsonl(path, fix=f"run `nestling traces --out {path.parent.parent}` first")
 
 
 def training_rows(run: Path) -> list[dict]:

@@ -26,7 +26,7 @@ from distill.students import check_student_dir
 from export.parity import Prompt, Scorer, VariantResult, check_variant, raise_on_failures, torch_reference
 from serve.config import check
 from serve.errors import NestlingError
-from serve.manifest import describe_files, fingerprint, is_fresh, read_manifest, write_manifest
+from serve.manifest import describe_files, fingerprint, is_fresh, read_jsonl, read_manifest, write_manifest
 from serve.prompting import PROMPT_FORMAT
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def load_prompts(
         if not p.is_file():
             raise NestlingError(f"--prompts {p}: file not found; pass a .jsonl (question, gold) or .txt file")
         if p.suffix == ".jsonl":
-            rows = _read_jsonl(p)
+            rows = read_jsonl(p)
             bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or "question" not in r]
             if bad:
                 raise NestlingError(f"--prompts {p}: line {bad[0] + 1} has no 'question' field")
@@ -155,23 +155,12 @@ def load_prompts(
     run = _find_run_dir(Path(cfg.student))
     if run is not None:
         qpath = run / "traces" / "questions.jsonl"
-        rows = [r for r in _read_jsonl(qpath) if r.get("split") == "heldout"]
+        rows = [r for r in read_jsonl(qpath) if r.get("split") == "heldout"]
         if rows:
             random.Random(0).shuffle(rows)
             task = cfg.task or (rows[0].get("task") if len({r.get("task") for r in rows}) == 1 else None)
             return _rows_to_prompts(rows[:n], task), f"{qpath} (split heldout)", task
     return [Prompt(q, g) for q, g in BUILTIN_QUESTIONS[:n]], "built-in arithmetic questions", cfg.task
-
-
-def _read_jsonl(path: Path) -> list[Any]:
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise NestlingError(f"{path}:{i}: not valid JSON ({e})") from None
-    return rows
 
 
 def _rows_to_prompts(rows: list[dict[str, Any]], task: str | None) -> list[Prompt]:

@@ -75,6 +75,21 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def read_jsonl(path: str | Path, fix: str = "re-run the stage that wrote it") -> list[Any]:
+    """Rows of a JSONL file; a missing file or a bad line is a NestlingError naming the line and `fix`."""
+    path = Path(path)
+    if not path.is_file():
+        raise NestlingError(f"{path}: not found; {fix}")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise NestlingError(f"{path}:{i}: not valid JSON ({e}); {fix}") from None
+    return rows
+
+
 def describe_files(root: str | Path, rel_paths: Iterable[str]) -> dict[str, dict[str, Any]]:
     """{rel_path: {bytes, sha256}} for files under root; a directory expands to every file in it."""
     root = Path(root)

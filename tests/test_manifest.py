@@ -105,3 +105,16 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
 def test_atomic_write_makes_an_ordinary_readable_file(tmp_path):
     atomic_write_json(tmp_path / "m.json", {"a": 1})
     assert (tmp_path / "m.json").stat().st_mode & 0o044 == 0o044  # group/other can read, as with open()
+
+
+def test_read_jsonl_names_the_bad_line_and_the_fix(tmp_path):
+    from serve.manifest import read_jsonl
+
+    p = tmp_path / "rows.jsonl"
+    p.write_text('{"a": 1}\n\n{"a": 2}\n{oops\n')
+    with pytest.raises(NestlingError, match=r"rows.jsonl:4: not valid JSON .*; redo it"):
+        read_jsonl(p, fix="redo it")
+    p.write_text('{"a": 1}\n\n{"a": 2}\n')
+    assert read_jsonl(p) == [{"a": 1}, {"a": 2}]
+    with pytest.raises(NestlingError, match="not found; redo it"):
+        read_jsonl(tmp_path / "missing.jsonl", fix="redo it")
