@@ -118,7 +118,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(s, on_load_failed=on_load_failed)
     # loop="asyncio", not uvloop even where installed: under 32-client load uvloop dropped a few keep-alive
     # connections mid-request (client ReadError) in 3 of 7 runs here; asyncio dropped none in 7.
-    config = uvicorn.Config(app, host=s.host, port=s.port, log_level="info", loop="asyncio")
+    config = uvicorn.Config(
+        app, host=s.host, port=s.port, log_level="info", loop="asyncio", timeout_keep_alive=s.keep_alive_s
+    )
     server = uvicorn.Server(config)
     key = "on" if s.api_key else "off"
     print(f"nestling: serving {s.model_dir} at http://{s.host}:{s.port} (API key {key}; Ctrl-C stops)")

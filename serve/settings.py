@@ -37,6 +37,13 @@ class Settings(BaseSettings):
         16, ge=1, description="requests admitted at once (running + waiting); more get 429"
     )
     queue_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer for the model gets 503")
+    keep_alive_s: float = Field(
+        75.0,
+        gt=0,
+        le=3600,
+        description="idle keep-alive connections close after this; uvicorn's 5 s default races clients that "
+        "reuse a pooled connection just as it closes (a dropped request under load)",
+    )
 
     @model_validator(mode="after")
     def _defaults_within_cap(self) -> Settings:
