@@ -50,7 +50,11 @@ def _cmd_traces(args: argparse.Namespace) -> int:
         "of questions have one",
     )
     base = card["trivial_baseline"]
-    table.add_row("trivial baseline", f"always {base['answer']!r}: {pct(base['train_accuracy'])} of train")
+    always = ", ".join(repr(a) for a in base["answers"].values()) or "-"
+    table.add_row(
+        "trivial baseline",
+        f"always {always}: {pct(base['train_accuracy'])} of train, {pct(base['heldout_accuracy'])} held-out",
+    )
     for f in card["filters"]:
         table.add_row(f"filter {f['name']}", f"{f['kept']}/{f['in']} kept ({pct(f['yield'])})")
     table.add_row("right answer, wrong steps", f"{card['right_answer_wrong_steps']} removed")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,14 +111,13 @@ class Scorer:
 
 
 def baseline(train: list[dict], held: list[dict], scorer: Scorer) -> dict[str, Any]:
-    """Always answer the most common training gold of the question's task."""
-    common: dict[str, str] = {}
-    for task in {r["task"] for r in held}:
-        golds = Counter(str(r["gold"]) for r in train if r["task"] == task and r.get("gold") is not None)
-        if golds:
-            common[task] = golds.most_common(1)[0][0]
-    right = [scorer.score(r, common.get(r["task"])) for r in held]
-    return {"accuracy": sum(right) / len(held), "answers": common, "n": len(held)}
+    """distill.tasks.trivial_baseline over question rows, scored by each row's task."""
+    from distill.tasks import Example, trivial_baseline
+
+    def score(answer: str | None, ex: Example) -> bool:
+        return bool(scorer.task(ex.task).score(answer, ex))
+
+    return trivial_baseline([Example.from_row(r) for r in train], [Example.from_row(r) for r in held], score)
 
 
 # ---- metrics -------------------------------------------------------------------------------------------

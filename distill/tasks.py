@@ -30,6 +30,8 @@ import json
 import logging
 import random
 import re
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -448,6 +450,34 @@ def load_task(spec: str) -> Task:
         f"task {spec!r}: unknown kind; use rg:NAME[?k=v&...], mix:SPEC,SPEC, "
         "file:PATH[.jsonl|.csv] or hf:NAME_OR_PATH"
     )
+
+
+def trivial_baseline(
+    train: list[Example], held: list[Example], score: Callable[[str | None, Example], bool]
+) -> dict[str, Any]:
+    """What a model that learned nothing scores: always the most common training gold of the question's task.
+
+    The one baseline every report shows beside an accuracy (data card, eval, run report). `score(answer,
+    example)` is the task's own scorer, e.g. ``load_task(spec).score``.
+    """
+    answers: dict[str, str] = {}
+    for task in sorted({ex.task for ex in train}):
+        golds = Counter(ex.gold for ex in train if ex.task == task and ex.gold is not None)
+        if golds:
+            answers[task] = golds.most_common(1)[0][0]
+
+    def accuracy(examples: list[Example]) -> float | None:
+        graded = [ex for ex in examples if ex.gold is not None]
+        return sum(score(answers.get(ex.task), ex) for ex in graded) / len(graded) if graded else None
+
+    held_acc = accuracy(held)
+    return {
+        "answers": answers,
+        "train_accuracy": accuracy(train),
+        "heldout_accuracy": held_acc,
+        "accuracy": held_acc,
+        "n": len(held),
+    }
 
 
 def split_examples(

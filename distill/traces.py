@@ -16,18 +16,16 @@ import json
 import logging
 import os
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from distill.filters import FilterConfig, filter_traces
 from distill.prompts import prompt_card, prompt_hash, teacher_messages
-from distill.tasks import DEFAULT_TASK, Example, load_task, split_examples
+from distill.tasks import DEFAULT_TASK, Example, load_task, split_examples, trivial_baseline
 from distill.teachers import DEFAULT_TEACHER, Sampling, load_teacher
 from serve.config import check
 from serve.errors import NestlingError
-from serve.explain import normalize_answer
 from serve.manifest import (
     atomic_write_json,
     atomic_write_text,
@@ -247,7 +245,8 @@ def run_traces(cfg: TracesConfig, progress: bool = True) -> Path:
     records = [r for r in store.records if r["qid"] in train_ids and int(r["sample"]) < cfg.samples]
     kept, fstats = filter_traces(records, train, cfg.filters())
     _write_jsonl(out_dir / "kept.jsonl", kept)
-    card = datacard(cfg, train, held, task_stats, records, fstats, wall, store.repaired_bytes)
+    baseline = trivial_baseline(train, held, task.score)
+    card = datacard(cfg, train, held, task_stats, records, fstats, wall, store.repaired_bytes, baseline)
     atomic_write_json(out_dir / "datacard.json", card)
     write_manifest(
         out_dir,
@@ -339,15 +338,13 @@ def datacard(
     fstats: dict[str, Any],
     wall: float,
     repaired_bytes: int,
+    baseline: dict[str, Any],
 ) -> dict[str, Any]:
     """Counts, yields, teacher, prompt, sampling and time, as datacard.json records them."""
     graded = [r for r in records if r.get("correct") is not None]
     by_q: dict[str, list[dict]] = {}
     for r in graded:
         by_q.setdefault(r["qid"], []).append(r)
-    golds = Counter(normalize_answer(ex.gold) for ex in train if ex.gold is not None)
-    baseline_answer, baseline_count = golds.most_common(1)[0] if golds else (None, 0)
-    held_golds = [normalize_answer(ex.gold) for ex in held if ex.gold is not None]
     teacher_s = sum(float(r.get("seconds") or 0) for r in records)
     tokens = sum(int(r.get("tokens") or 0) for r in records)
     sampling = cfg.sampling()
@@ -379,13 +376,7 @@ def datacard(
         )
         if train
         else 0.0,
-        "trivial_baseline": {
-            "answer": baseline_answer,
-            "train_accuracy": round(baseline_count / sum(golds.values()), 4) if golds else None,
-            "heldout_accuracy": round(held_golds.count(baseline_answer) / len(held_golds), 4)
-            if held_golds
-            else None,
-        },
+        "trivial_baseline": baseline,
         "filters": fstats["filters"],
         "right_answer_wrong_steps": fstats["right_answer_wrong_steps"],
         "right_answer_inconsistent_steps": fstats["right_answer_inconsistent_steps"],

@@ -194,3 +194,18 @@ def test_example_row_round_trip():
     assert Example.from_row(row).to_row() == row
     with pytest.raises(NestlingError):
         Example.from_row({"id": "x"})
+
+
+def test_trivial_baseline_is_per_task_and_scored_by_the_task():
+    from distill.tasks import Example, trivial_baseline
+
+    def ex(i, task, gold):
+        return Example(id=str(i), task=task, question=f"q{i}", gold=gold)
+
+    train = [ex(0, "a", "1"), ex(1, "a", "1"), ex(2, "a", "2"), ex(3, "b", "x"), ex(4, "b", None)]
+    held = [ex(5, "a", "1"), ex(6, "a", "3"), ex(7, "b", "x"), ex(8, "b", "y")]
+    base = trivial_baseline(train, held, lambda answer, e: answer == e.gold)
+    assert base["answers"] == {"a": "1", "b": "x"}
+    assert base["train_accuracy"] == pytest.approx(3 / 4)  # the gold-less row is not graded
+    assert base["heldout_accuracy"] == base["accuracy"] == pytest.approx(2 / 4)
+    assert base["n"] == 4
