@@ -50,7 +50,9 @@ PRESET_RECIPE = {"steps": 600, "lr": 3e-3, "batch_size": 16, "warmup": 30, "trai
 # thread.
 PRETRAINED_RECIPE = {"steps": 40, "lr": 5e-5, "batch_size": 8, "warmup": 4, "train_layers": 0}
 # Fields that change how a run executes but not what it computes: excluded from resume/freshness checks.
-RUNTIME_FIELDS = ("threads", "resume", "checkpoint_every", "keep_checkpoints", "progress")
+# `run` too: the traces it holds are compared by content (fingerprint_inputs), so a moved or respelled run
+# directory is the same training.
+RUNTIME_FIELDS = ("run", "threads", "resume", "checkpoint_every", "keep_checkpoints", "progress")
 
 
 @dataclass
@@ -369,7 +371,8 @@ def train(cfg: TrainConfig) -> Path:
     out = run / "students" / name
     ckpt_root = out / "checkpoints"
     rows = training_rows(run)
-    if is_fresh(out, "train", cfg.recipe(), fingerprint_inputs(run)):
+    traces_sha = fingerprint_inputs(run)
+    if is_fresh(out, "train", cfg.recipe(), traces_sha):
         log.info("%s is up to date (same recipe and traces); skipping", out)
         return out
     _threads(cfg)
@@ -387,6 +390,11 @@ def train(cfg: TrainConfig) -> Path:
     ckpt = newest_checkpoint(ckpt_root) if cfg.resume else None
     if ckpt is not None:
         saved = json.loads((ckpt / "trainer_state.json").read_text())
+        if saved.get("inputs") != traces_sha:
+            # Traces changed since the checkpoint: its weights and tokenizer belong to other data.
+            log.warning("%s: trained on other traces; starting over instead of resuming", ckpt)
+            ckpt = None
+    if ckpt is not None:
         if saved.get("recipe") != json.loads(json.dumps(cfg.recipe())):
             raise NestlingError(
                 f"{ckpt}: written with a different recipe; pass the same flags, --no-resume, "
@@ -489,6 +497,7 @@ def train(cfg: TrainConfig) -> Path:
             if is_main:
                 unwrapped = accel.unwrap_model(model) if accel else model
                 state["recipe"] = cfg.recipe()
+                state["inputs"] = traces_sha
                 save_checkpoint(
                     ckpt_root, state["step"], unwrapped, tok, optimizer, state, cfg.keep_checkpoints
                 )
@@ -524,7 +533,7 @@ def train(cfg: TrainConfig) -> Path:
             out,
             stage="train",
             config=cfg.recipe(),
-            inputs=fingerprint_inputs(run),
+            inputs=traces_sha,
             files=["model"],
             metrics=metrics,
             student=spec.to_dict(),
