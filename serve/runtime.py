@@ -342,7 +342,11 @@ class Reasoner:
                         if cut:
                             break
                 else:
-                    finish = "length" if len(ids) >= max_tokens else "stop"
+                    # Engines also stop at the end of their context: that is a cut, not an eos.
+                    budget = min(
+                        max_tokens, getattr(eng, "n_ctx", max_tokens + len(prompt_ids)) - len(prompt_ids)
+                    )
+                    finish = "length" if len(ids) >= budget else "stop"
                     stopped_by = "max_tokens" if finish == "length" else "eos"
             finally:
                 close = getattr(gen, "close", None)

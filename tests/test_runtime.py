@@ -283,3 +283,18 @@ def test_truncated_or_tampered_real_artifacts_are_refused(tiny_export_dir, tmp_p
     with pytest.raises(NestlingError) as e:
         Reasoner.load(out, variant=variant)
     assert "\n" not in str(e.value) and "re-export" in str(e.value)
+
+
+def test_a_reply_cut_by_the_engine_context_says_length():
+    class ShortContext(FakeEngine):
+        """Like the real engines: the context caps the generation budget."""
+
+        n_ctx = 40
+
+        def stream(self, prompt_ids, max_tokens):
+            return super().stream(prompt_ids, min(max_tokens, self.n_ctx - len(prompt_ids)))
+
+    r = Reasoner(ShortContext(), variant="fake-a", task="rg:basic_arithmetic")
+    a = r.ask("What is 7 + 5?", max_tokens=200)
+    assert a.latency.completion_tokens == 40 - a.latency.prompt_tokens
+    assert a.finish_reason == "length" and a.stopped_by == "max_tokens"
