@@ -250,6 +250,24 @@ def export_config_dict(cfg: ExportConfig) -> dict[str, Any]:
     return d
 
 
+def _publish(tmp: Path, out: Path) -> None:
+    """Make the finished `tmp` appear as `out` in one rename. An older export is moved aside first and
+    deleted only once the new one is in place; if the rename fails it is put back."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old / out.name, out)
+            shutil.rmtree(old, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def export_student(cfg: ExportConfig, prompts: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     """Export, check and publish one student; returns the manifest. See the module docstring."""
     from serve.engines import load_engine
@@ -272,12 +290,7 @@ def export_student(cfg: ExportConfig, prompts: list[tuple[str, str]] | None = No
     t0 = time.perf_counter()
     try:
         manifest = _export_into(tmp, cfg, student, plist, source, task, config, inputs, load_engine)
-        # A finished OUT appears in one rename; an older export is moved aside first, then deleted.
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, out)
+        _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

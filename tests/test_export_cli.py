@@ -263,3 +263,31 @@ def test_default_variant_rule():
     assert choose_default(variants, tolerance=0.02, engine="onnx") == "onnx-int8"
     unscored = {k: {**x, "accuracy_delta": None} for k, x in variants.items()}
     assert choose_default(unscored, tolerance=0.0) == "gguf-q4_k_m"
+
+
+def test_a_failed_publish_keeps_the_previous_export(tmp_path, monkeypatch):
+    import os
+
+    from export import pipeline
+
+    out, tmp = tmp_path / "out", tmp_path / "out.tmp-x"
+    out.mkdir()
+    (out / "manifest.json").write_text("old")
+    tmp.mkdir()
+    (tmp / "manifest.json").write_text("new")
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(src) == tmp:
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(pipeline.os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        pipeline._publish(tmp, out)
+    assert (out / "manifest.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.tmp-x"]
+    monkeypatch.setattr(pipeline.os, "replace", real_replace)
+    pipeline._publish(tmp, out)
+    assert (out / "manifest.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
