@@ -243,6 +243,8 @@ class ModelState:
                 for piece in s:
                     put(("piece", piece))
                 put(("answer", s.answer))
+            except NestlingError as e:  # the request's fault (e.g. a prompt longer than the context)
+                put(("error", e))
             except Exception as e:
                 log.exception("generation failed")
                 put(("error", e))
@@ -263,6 +265,13 @@ class ModelState:
                 cancel.set()  # the client left early: free the engine for the next request
 
         return events()
+
+
+def stream_error(e: BaseException) -> dict[str, Any]:
+    """The error event of a stream that already answered 200: the status its cause would have had."""
+    if isinstance(e, NestlingError):
+        return {"message": str(e), "type": "invalid_request_error", "code": 422}
+    return {"message": "generation failed", "type": "server_error", "code": 500}
 
 
 def get_state(request: Request) -> ModelState:
@@ -347,9 +356,7 @@ async def answer(req: AnswerRequest, state: StateDep) -> Any:
             elif kind == "answer":
                 yield sse(answer_body(value, state.model_name), "answer")
             else:
-                yield sse(
-                    {"error": {"message": "generation failed", "type": "server_error", "code": 500}}, "error"
-                )
+                yield sse({"error": stream_error(value)}, "error")
 
     return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -457,7 +464,7 @@ async def chat_completions(req: ChatRequest, state: StateDep) -> Any:
                         {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(value)}
                     )
             else:
-                yield sse({"error": {"message": "generation failed", "type": "server_error", "code": 500}})
+                yield sse({"error": stream_error(value)})
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)

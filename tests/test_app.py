@@ -341,3 +341,20 @@ def test_a_client_that_leaves_mid_stream_frees_the_engine():
             threading.Event().wait(0.01)
         assert state.admitted == 0 and r.engine.yielded < 50  # stopped early, not after 5000 tokens
         assert c.post("/v1/answer", json={"question": "What is 1 + 2?"}).json()["answer"] == "3"
+
+
+def test_a_stream_refused_by_the_engine_ends_with_a_4xx_error_event():
+    class TooLong(FakeEngine):
+        def stream(self, prompt_ids, max_tokens):
+            raise NestlingError(f"{len(prompt_ids)} tokens exceed the context of 8; shorten the prompt")
+
+    r = Reasoner(TooLong(), variant="fake-a", name="tiny", task="rg:basic_arithmetic")
+    with TestClient(create_app(Settings(), reasoner=r)) as c:
+        answer = sse_events(c.post("/v1/answer", json={"question": "q", "stream": True}).text)
+        chat = c.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": "q"}], "stream": True}
+        )
+    assert answer[-1][0] == "error" and answer[-1][1]["error"]["code"] == 422
+    assert "exceed the context" in answer[-1][1]["error"]["message"]
+    (_, err), (_, done) = sse_events(chat.text)[-2:]
+    assert err["error"]["code"] == 422 and done == "[DONE]"
