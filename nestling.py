@@ -126,21 +126,16 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     run_dir = Path(cfg.out)
     distilled = run_distill(DistillConfig(out=cfg.out, **_overrides(cfg, DistillConfig)))
-    exports: dict[str, Path] = {}
     for name, student_dir in distilled["students"].items():
         out = run_dir / "exports" / name
         export_student(ExportConfig(student=str(student_dir), out=str(out), **_overrides(cfg, ExportConfig)))
-        exports[name] = out
     return write_report(run_dir, collect_report(run_dir), cfg.tolerance)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
+    from distill.evaluate import try_read_json
 
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    return try_read_json(path) or {}
 
 
 def _teacher_bytes(spec: str | None) -> int | None:
@@ -156,6 +151,8 @@ def _teacher_bytes(spec: str | None) -> int | None:
 
 def collect_report(run_dir: Path) -> dict[str, Any]:
     """Gather the teacher, baseline, students (held-out eval) and exports (export-time checks) of a run."""
+    from serve.manifest import try_read_manifest
+
     report: dict[str, Any] = {
         "run": str(run_dir),
         "teacher": {},
@@ -190,7 +187,7 @@ def collect_report(run_dir: Path) -> dict[str, Any]:
         }
     for manifest_path in sorted(run_dir.glob("exports/*/manifest.json")):
         name = manifest_path.parent.name
-        m = _read_json(manifest_path)
+        m = try_read_manifest(manifest_path.parent, "export") or {}
         params = (m.get("student") or {}).get("params")
         pytorch = (m.get("metrics") or {}).get("pytorch") or {}
         for variant, v in (m.get("variants") or {}).items():

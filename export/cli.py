@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from export.pipeline import ExportConfig, export_student  # noqa: F401  (nestling.run imports them from here)
+from export.pipeline import ExportConfig, export_student  # light: torch loads inside export_student
 
 
 def register(sub: argparse._SubParsersAction) -> None:
