@@ -107,15 +107,16 @@ def test_bad_student_fails_cleanly(tiny_student_dir, tmp_path, capsys, how, mess
     assert not (out.parent.exists() and _leftovers(out.parent, "x"))
 
 
+@pytest.mark.parametrize("variant", ["gguf-f16", "gguf-q8_0"])  # q8_0 alone: its unshipped f16 is checked
 def test_parity_failure_fails_loudly_and_leaves_nothing(
-    tiny_student_dir, tiny_prompts, tmp_path, monkeypatch
+    tiny_student_dir, tiny_prompts, tmp_path, monkeypatch, variant
 ):
     import export.gguf
 
     # The classic converter bug: forget llama.cpp's q/k permutation.
     monkeypatch.setattr(export.gguf, "permute_qk", lambda w, n_head: w)
     out = tmp_path / "bad"
-    cfg = ExportConfig(student=str(tiny_student_dir), out=str(out), variants=["gguf-f16"])
+    cfg = ExportConfig(student=str(tiny_student_dir), out=str(out), variants=[variant])
     with pytest.raises(
         NestlingError, match="export parity failed.*gguf-f16.*greedy tokens differ|logit diff"
     ):
