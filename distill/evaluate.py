@@ -168,13 +168,15 @@ def default_teacher(run: Path) -> str:
 def teacher_eval(run: Path, spec: str, held: list[dict], scorer: Scorer, cfg: EvalConfig) -> dict[str, Any]:
     """Greedy teacher accuracy with the prompt and budget that wrote the traces; cached in
     RUN/teacher_eval.json by spec + questions + prompt + budget."""
-    from distill.prompts import teacher_messages
+    from distill.prompts import prompt_card, teacher_messages
     from distill.teachers import Sampling, default_threads, load_teacher
 
     tcfg = traces_config(run)
     fewshot = bool(tcfg.get("fewshot", True))
     max_tokens = cfg.teacher_max_tokens or int(tcfg.get("max_tokens") or 256)
-    key = fingerprint({"teacher": spec, "questions": held, "max_tokens": max_tokens, "fewshot": fewshot})
+    # The prompt's content, not just the fewshot flag: an edited template must not reuse a stale accuracy.
+    prompt = prompt_card(fewshot)["sha256"]
+    key = fingerprint({"teacher": spec, "questions": held, "max_tokens": max_tokens, "prompt": prompt})
     cache_path = run / "teacher_eval.json"
     cached = try_read_json(cache_path)
     if cached and cached.get("key") == key:

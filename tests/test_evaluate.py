@@ -76,7 +76,9 @@ def test_explanation_metrics_tell_right_steps_from_lucky_answers():
     assert m["by_task"] == {"rg:basic_arithmetic": 0.75}
 
 
-def test_eval_writes_files_caches_the_teacher_and_skips_unchanged_students(tmp_path, scripted_teacher):
+def test_eval_writes_files_caches_the_teacher_and_skips_unchanged_students(
+    tmp_path, scripted_teacher, monkeypatch
+):
     from conftest import build_tiny_student
 
     run = make_run(tmp_path / "run", n=60, heldout=12)
@@ -105,6 +107,13 @@ def test_eval_writes_files_caches_the_teacher_and_skips_unchanged_students(tmp_p
     assert ScriptedTeacher.loads == 1  # the teacher's answers came from RUN/teacher_eval.json
     assert (run / "students/tiny/eval.json").stat().st_mtime_ns == mtime
     assert again["students"]["tiny"] == json.loads(json.dumps(s))
+
+    import distill.prompts
+
+    # An edited template is not the cached one, even with the same fewshot flag.
+    monkeypatch.setattr(distill.prompts, "SYSTEM", distill.prompts.SYSTEM + " Be brief.")
+    evaluate(cfg)
+    assert ScriptedTeacher.loads == 2
 
 
 def test_eval_without_students_or_heldout_says_what_to_do(tmp_path):
