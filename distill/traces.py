@@ -216,6 +216,11 @@ def _check_compatible(store: TraceStore, cfg: TracesConfig, sampling: dict) -> N
                 f"{store.path}: written with teacher {r.get('teacher')!r} and sampling {r.get('sampling')}; "
                 "re-run with the same settings or use a new --out"
             )
+        if r.get("prompt_hash") != prompt_hash(teacher_messages(r["question"], cfg.fewshot)):
+            raise NestlingError(
+                f"{store.path}: written with another teacher prompt (--fewshot or the template changed); "
+                "re-run with the same settings or use a new --out"
+            )
 
 
 def run_traces(cfg: TracesConfig, progress: bool = True) -> Path:

@@ -155,6 +155,8 @@ def test_more_samples_extend_a_run_but_other_settings_are_refused(tmp_path, fake
     assert len(read_jsonl(out / "traces.jsonl")) == 48
     with pytest.raises(NestlingError, match="sampling"):
         run_traces(cfg(tmp_path, samples=3, temperature=0.2), progress=False)
+    with pytest.raises(NestlingError, match="another teacher prompt"):
+        run_traces(cfg(tmp_path, samples=3, fewshot=False), progress=False)
     with pytest.raises(NestlingError, match="another task, n, heldout or seed"):
         run_traces(cfg(tmp_path, seed=1), progress=False)
 
