@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from serve.config import check
 from serve.errors import NestlingError
@@ -29,23 +29,12 @@ from serve.explain import check_steps, clean_answer, extract_answer, parse_steps
 from serve.manifest import read_manifest, verify_files
 from serve.prompting import ANSWER_MARK, PROMPT_FORMAT, student_prompt
 
+if TYPE_CHECKING:  # the protocol only: importing serve.engines here would load numpy for nothing
+    from serve.engines import Engine
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
-
-
-class Engine(Protocol):
-    """What ``serve.engines.load_engine`` returns (docs/DESIGN.md, "Engines"). Not re-entrant."""
-
-    eos_id: int
-    bos_id: int | None
-    kind: str
-    path: str
-
-    def tokenize(self, text: str) -> list[int]: ...
-    def detokenize(self, ids: list[int]) -> str: ...
-    def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[int]: ...
-    def close(self) -> None: ...
 
 
 @dataclass
