@@ -22,7 +22,7 @@ from typing import Any
 
 from distill.filters import FilterConfig, filter_traces
 from distill.prompts import prompt_card, prompt_hash, teacher_messages
-from distill.tasks import DEFAULT_TASK, Example, load_task, split_examples, trivial_baseline
+from distill.tasks import DEFAULT_TASK, Example, Task, load_task, split_examples, trivial_baseline
 from distill.teachers import DEFAULT_TEACHER, Sampling, load_teacher
 from serve.config import check
 from serve.errors import NestlingError
@@ -184,9 +184,8 @@ def _read_jsonl(path: Path) -> list[dict]:
     return read_jsonl(path, fix="delete the file to redraw the questions")
 
 
-def _questions(cfg: TracesConfig, out_dir: Path) -> tuple[list[Example], list[Example], dict[str, int]]:
+def _questions(task: Task, cfg: TracesConfig, out_dir: Path) -> tuple[list[Example], list[Example], dict]:
     """Draw and split the questions; an existing questions.jsonl must be the same draw (same config)."""
-    task = load_task(cfg.task)
     examples = task.examples(cfg.n, cfg.seed)
     if not examples:
         raise NestlingError(f"task {cfg.task!r}: no questions drawn; check the task spec")
@@ -231,8 +230,8 @@ def run_traces(cfg: TracesConfig, progress: bool = True) -> Path:
         log.info("%s is complete for this config; skipping", out_dir)
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    train, held, task_stats = _questions(cfg, out_dir)
-    task = load_task(cfg.task)
+    task = load_task(cfg.task)  # once: an hf: task loads its whole dataset
+    train, held, task_stats = _questions(task, cfg, out_dir)
     sampling = cfg.sampling()
     sampling_rec = {
         "temperature": sampling.temperature,
