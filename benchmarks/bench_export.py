@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serve.manifest import atomic_write_json  # noqa: E402
+from nestling.serve.manifest import atomic_write_json  # noqa: E402
 
 PROMPT = "Question: What is 7 + 8? Think about the digits and carry carefully.\nExplain:"
 
@@ -41,7 +41,7 @@ def _engine_speed(engine, ids: list[int], n: int, repeats: int) -> float:
 def _torch_speed(student_dir: Path, n: int, repeats: int, threads: int) -> tuple[float, list[int]]:
     import torch
 
-    from distill.students import load_student
+    from nestling.distill.students import load_student
 
     torch.set_num_threads(threads)
     model, tok = load_student(student_dir)
@@ -64,7 +64,7 @@ def build_default_student(work: Path) -> Path:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import arithmetic_rows, training_texts
 
-    from distill.students import new_student, save_student, train_tokenizer
+    from nestling.distill.students import new_student, save_student, train_tokenizer
 
     tok = train_tokenizer(training_texts(arithmetic_rows(400)), vocab_size=2048)
     return save_student(new_student("tiny", tok), tok, work / "student")
@@ -81,10 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--teacher-tokens", type=int, default=64)
     args = ap.parse_args(argv)
 
-    from distill.students import bundled_smollm2
-    from export.pipeline import ExportConfig, export_student
-    from serve.engines import load_engine
-    from serve.manifest import read_manifest
+    from nestling.distill.students import bundled_smollm2
+    from nestling.export.pipeline import ExportConfig, export_student
+    from nestling.serve.engines import load_engine
+    from nestling.serve.manifest import read_manifest
 
     work = Path(tempfile.mkdtemp(prefix="bench_export-"))
     student = args.student or build_default_student(work)

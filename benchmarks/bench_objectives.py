@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from serve.manifest import atomic_write_json  # noqa: E402
+from nestling.serve.manifest import atomic_write_json  # noqa: E402
 
 OBJECTIVES = ("answer-only", "cot", "multitask")
 
@@ -44,9 +44,9 @@ def _arm_run(out: Path, arm: str, source: Path) -> Path:
 
 def _examples_and_tokens(run: Path, student: str, objective: str) -> tuple[int, float]:
     """(examples, mean tokens per example) for an objective, with the student's tokenizer."""
-    from distill.students import init_student
-    from distill.train import build_examples, training_rows
-    from serve.prompting import explain_target, student_prompt
+    from nestling.distill.students import init_student
+    from nestling.distill.train import build_examples, training_rows
+    from nestling.serve.prompting import explain_target, student_prompt
 
     rows = training_rows(run)
     texts = [student_prompt(r["question"]) + explain_target(list(r["steps"]), str(r["answer"])) for r in rows]
@@ -56,8 +56,8 @@ def _examples_and_tokens(run: Path, student: str, objective: str) -> tuple[int, 
 
 
 def objectives(args: argparse.Namespace) -> dict:
-    from distill.evaluate import EvalConfig, evaluate
-    from distill.train import TrainConfig, train
+    from nestling.distill.evaluate import EvalConfig, evaluate
+    from nestling.distill.train import TrainConfig, train
 
     source, out = Path(args.run), Path(args.out)
     sizes = {o: _examples_and_tokens(source, args.student, o) for o in OBJECTIVES}
@@ -175,7 +175,7 @@ def _plot(results: dict, path: Path) -> None:
 
 def throughput(args: argparse.Namespace) -> dict:
     """Training tokens/s per student spec: a short multitask run each (first steps excluded by warm-up)."""
-    from distill.train import TrainConfig, train
+    from nestling.distill.train import TrainConfig, train
 
     source, out = Path(args.run), Path(args.out)
     res = {}

@@ -42,7 +42,7 @@ def tiny_export(cache: Path) -> Path:
         return out
     from conftest import arithmetic_rows, build_tiny_student
 
-    from export.pipeline import ExportConfig, export_student
+    from nestling.export.pipeline import ExportConfig, export_student
 
     # Longer training than the test fixture's 80 steps, so the student writes whole rationales.
     student = build_tiny_student(cache / "student", steps=300)
@@ -55,7 +55,7 @@ def tiny_export(cache: Path) -> Path:
 
 def smollm2_export(cache: Path) -> Path:
     """The bundled SmolLM2-135M Q4_1 GGUF behind an export manifest (a symlink, hashed once)."""
-    from serve.manifest import write_manifest
+    from nestling.serve.manifest import write_manifest
 
     out = cache / "smollm2"
     if (out / "manifest.json").is_file():
@@ -86,8 +86,8 @@ def bench_model(export: Path, repeats: int, max_tokens: int) -> dict:
     import llama_cpp
     from serve_fakes import serve_process
 
-    from serve.prompting import student_prompt
-    from serve.runtime import Reasoner
+    from nestling.serve.prompting import student_prompt
+    from nestling.serve.runtime import Reasoner
 
     r = Reasoner.load(export, engine="gguf", n_threads=1)
     res: dict = {"export": str(export), "variant": r.variant}
@@ -276,7 +276,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "serve")
     args = ap.parse_args()
 
-    from serve.manifest import atomic_write_json
+    from nestling.serve.manifest import atomic_write_json
 
     export = args.export or tiny_export(args.cache)
     targets = {"tiny": export}

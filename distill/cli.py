@@ -12,8 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _register_traces(sub: argparse._SubParsersAction) -> None:
     """Owner: traces stage (issue 2)."""
-    from distill.traces import TracesConfig
-    from serve.config import add_config_args
+    from nestling.distill.traces import TracesConfig
+    from nestling.serve.config import add_config_args
 
     p = sub.add_parser(
         "traces",
@@ -31,8 +31,8 @@ def _cmd_traces(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from distill.traces import TracesConfig, run_traces
-    from serve.config import config_from_args
+    from nestling.distill.traces import TracesConfig, run_traces
+    from nestling.serve.config import config_from_args
 
     out = run_traces(config_from_args(TracesConfig, args))
     card = json.loads((out / "datacard.json").read_text())
@@ -75,10 +75,10 @@ def _cmd_traces(args: argparse.Namespace) -> int:
 
 def _register_train(sub: argparse._SubParsersAction) -> None:
     """Owner: student stage (issue 3): `train`, `eval`, `distill`."""
-    from distill.evaluate import EvalConfig
-    from distill.pipeline import DistillConfig
-    from distill.train import TrainConfig
-    from serve.config import add_config_args
+    from nestling.distill.evaluate import EvalConfig
+    from nestling.distill.pipeline import DistillConfig
+    from nestling.distill.train import TrainConfig
+    from nestling.serve.config import add_config_args
 
     p = sub.add_parser("train", help="train one student on a run directory's verified traces")
     add_config_args(p, TrainConfig)
@@ -95,12 +95,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import json
     import os
 
-    from serve.config import config_from_args
+    from nestling.serve.config import config_from_args
 
     # Before torch loads OpenMP: passive waiting keeps PyTorch fast when other processes share the cores
     # (FIELD-NOTES: spinning made 2-thread training ~30x slower). Set here, not globally: it slows llama.cpp.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from distill.train import TrainConfig, train
+    from nestling.distill.train import TrainConfig, train
 
     out = train(config_from_args(TrainConfig, args))
     m = json.loads((out / "manifest.json").read_text())["metrics"]
@@ -112,8 +112,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from distill.evaluate import EvalConfig, evaluate
-    from serve.config import config_from_args
+    from nestling.distill.evaluate import EvalConfig, evaluate
+    from nestling.serve.config import config_from_args
 
     result = evaluate(config_from_args(EvalConfig, args))
     print(result["table"], end="")
@@ -121,11 +121,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
-    from serve.config import config_from_args
+    from nestling.serve.config import config_from_args
 
     result = run_distill(config_from_args(DistillConfig, args))
     print(result["table"], end="")
     return 0
 
 
-from distill.pipeline import DistillConfig, run_distill  # noqa: E402  (re-exported for nestling.run)
+from nestling.distill.pipeline import DistillConfig, run_distill  # noqa: E402  (re-exported for nestling.run)

@@ -1,7 +1,7 @@
 """Held-out evaluation: the teacher (greedy), the trivial baseline and each student in both modes.
 
-    python3 nestling.py eval --run runs/x                    # every student under runs/x/students/
-    python3 nestling.py eval --run runs/x --students tiny --limit 50
+    nestling eval --run runs/x                    # every student under runs/x/students/
+    nestling eval --run runs/x --students tiny --limit 50
 
 For each held-out question of RUN/traces/questions.jsonl: the teacher answers greedily with its own prompt
 (cached in RUN/teacher_eval.json, keyed by teacher spec + questions, because it is the slow part); each
@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve.config import check
-from serve.errors import NestlingError
-from serve.explain import check_steps, explanation_consistent, parse_steps
-from serve.manifest import atomic_write_json, atomic_write_text, fingerprint, try_read_manifest
-from serve.prompting import student_prompt
+from nestling.serve.config import check
+from nestling.serve.errors import NestlingError
+from nestling.serve.explain import check_steps, explanation_consistent, parse_steps
+from nestling.serve.manifest import atomic_write_json, atomic_write_text, fingerprint, try_read_manifest
+from nestling.serve.prompting import student_prompt
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class EvalConfig:
 
 def load_questions(run: Path) -> tuple[list[dict], list[dict]]:
     """(train rows, held-out rows with a gold answer) from RUN/traces/questions.jsonl."""
-    from distill.train import read_jsonl
+    from nestling.distill.train import read_jsonl
 
     rows = read_jsonl(run / "traces" / "questions.jsonl")
     train = [r for r in rows if r.get("split") == "train"]
@@ -95,7 +95,7 @@ class Scorer:
         self._tasks: dict[str, Any] = {}
 
     def task(self, name: str) -> Any:
-        from distill.tasks import load_task
+        from nestling.distill.tasks import load_task
 
         if name not in self._tasks:
             self._tasks[name] = load_task(name)
@@ -105,14 +105,14 @@ class Scorer:
         return self.task(row["task"]).extract(text)
 
     def score(self, row: dict, answer: str | None) -> bool:
-        from distill.tasks import Example
+        from nestling.distill.tasks import Example
 
         return bool(self.task(row["task"]).score(answer, Example.from_row(row)))
 
 
 def baseline(train: list[dict], held: list[dict], scorer: Scorer) -> dict[str, Any]:
     """distill.tasks.trivial_baseline over question rows, scored by each row's task."""
-    from distill.tasks import Example, trivial_baseline
+    from nestling.distill.tasks import Example, trivial_baseline
 
     def score(answer: str | None, ex: Example) -> bool:
         return bool(scorer.task(ex.task).score(answer, ex))
@@ -168,8 +168,8 @@ def default_teacher(run: Path) -> str:
 def teacher_eval(run: Path, spec: str, held: list[dict], scorer: Scorer, cfg: EvalConfig) -> dict[str, Any]:
     """Greedy teacher accuracy with the prompt and budget that wrote the traces; cached in
     RUN/teacher_eval.json by spec + questions + prompt + budget."""
-    from distill.prompts import prompt_card, teacher_messages
-    from distill.teachers import Sampling, default_threads, load_teacher
+    from nestling.distill.prompts import prompt_card, teacher_messages
+    from nestling.distill.teachers import Sampling, default_threads, load_teacher
 
     tcfg = traces_config(run)
     fewshot = bool(tcfg.get("fewshot", True))
@@ -262,7 +262,7 @@ def student_eval(
     """Both modes, batched for accuracy; a few questions one at a time for latency."""
     import torch
 
-    from distill.students import count_params, load_student
+    from nestling.distill.students import count_params, load_student
 
     model, tok = load_student(model_dir)
     model.to("cuda" if torch.cuda.is_available() else "cpu")

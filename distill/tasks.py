@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve.errors import NestlingError
-from serve.explain import answers_match, extract_answer, normalize_answer, safe_eval
+from nestling.serve.errors import NestlingError
+from nestling.serve.explain import answers_match, extract_answer, normalize_answer, safe_eval
 
 log = logging.getLogger(__name__)
 

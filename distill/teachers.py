@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve.config import check
-from serve.errors import NestlingError
+from nestling.serve.config import check
+from nestling.serve.errors import NestlingError
 
 log = logging.getLogger(__name__)
 

@@ -20,13 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill.filters import FilterConfig, filter_traces
-from distill.prompts import prompt_card, prompt_hash, teacher_messages
-from distill.tasks import DEFAULT_TASK, Example, Task, load_task, split_examples, trivial_baseline
-from distill.teachers import DEFAULT_TEACHER, Sampling, load_teacher
-from serve.config import check
-from serve.errors import NestlingError
-from serve.manifest import (
+from nestling.distill.filters import FilterConfig, filter_traces
+from nestling.distill.prompts import prompt_card, prompt_hash, teacher_messages
+from nestling.distill.tasks import DEFAULT_TASK, Example, Task, load_task, split_examples, trivial_baseline
+from nestling.distill.teachers import DEFAULT_TEACHER, Sampling, load_teacher
+from nestling.serve.config import check
+from nestling.serve.errors import NestlingError
+from nestling.serve.manifest import (
     atomic_write_json,
     atomic_write_text,
     fingerprint,
@@ -411,7 +411,7 @@ def _teacher_params(spec: str) -> int | None:
     params = None
     if spec.startswith("gguf:"):
         try:
-            from distill.teachers import resolve_gguf
+            from nestling.distill.teachers import resolve_gguf
 
             path = resolve_gguf(spec.removeprefix("gguf:"))
             from gguf import GGUFReader

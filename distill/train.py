@@ -1,8 +1,8 @@
 """Train a student on the verified rationales of a trace store: one recipe, read top to bottom.
 
-    python3 nestling.py train --run runs/x --student tiny --objective multitask --steps 600
-    python3 nestling.py train --run runs/x --student "hf:smollm2?keep_layers=8" --steps 150 --lr 1e-4
-    accelerate launch nestling.py train --run runs/x --student small   # same code on GPUs (DDP)
+    nestling train --run runs/x --student tiny --objective multitask --steps 600
+    nestling train --run runs/x --student "hf:smollm2?keep_layers=8" --steps 150 --lr 1e-4
+    accelerate launch -m nestling train --run runs/x --student small   # same code on GPUs (DDP)
 
 Reads RUN/traces/kept.jsonl (+ questions.jsonl, to drop any held-out question) and writes
 RUN/students/<name>/model/ (save_pretrained) and RUN/students/<name>/manifest.json (stage "train").
@@ -31,11 +31,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from serve.config import check
-from serve.errors import NestlingError
-from serve.manifest import atomic_write_json, is_fresh, sha256_file, write_manifest
-from serve.manifest import read_jsonl as _read_jsonl
-from serve.prompting import answer_target, explain_target, student_prompt
+from nestling.serve.config import check
+from nestling.serve.errors import NestlingError
+from nestling.serve.manifest import atomic_write_json, is_fresh, sha256_file, write_manifest
+from nestling.serve.manifest import read_jsonl as _read_jsonl
+from nestling.serve.prompting import answer_target, explain_target, student_prompt
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self) -> None:
-        from distill.students import parse_student_spec
+        from nestling.distill.students import parse_student_spec
 
         # Unset fields come from the student's recipe: a from-scratch preset wants lr 3e-3 and hundreds of
         # steps, a pretrained model a gentle 5e-5 for a few dozen (3e-3 would wipe out what it knows).
@@ -319,7 +319,7 @@ def save_checkpoint(
     """Write step-NNNNNN under a temp name, then rename: a kill leaves nothing or a whole checkpoint."""
     import torch
 
-    from distill.students import save_student
+    from nestling.distill.students import save_student
 
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
@@ -362,7 +362,7 @@ def train(cfg: TrainConfig) -> Path:
     """setup -> train -> save; returns RUN/students/<name>. Resumable; runs under `accelerate launch`."""
     import torch
 
-    from distill.students import count_params, init_student, load_student, parse_student_spec, save_student
+    from nestling.distill.students import count_params, init_student, load_student, parse_student_spec, save_student
 
     # -- setup ------------------------------------------------------------------------------------------
     run = Path(cfg.run)
@@ -416,7 +416,7 @@ def train(cfg: TrainConfig) -> Path:
 
     teacher = None
     if cfg.kd_alpha > 0:
-        from distill.students import load_pretrained
+        from nestling.distill.students import load_pretrained
 
         teacher, teacher_tok = load_pretrained(cfg.kd_teacher)
         if teacher_tok.get_vocab() != tok.get_vocab():

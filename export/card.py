@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from serve.prompting import EXPLAIN_MARK, PROMPT_FORMAT
+from nestling.serve.prompting import EXPLAIN_MARK, PROMPT_FORMAT
 
 
 def modelfile(gguf_rel: str, eos_token: str | None) -> str:

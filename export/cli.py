@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
-from export.pipeline import ExportConfig, export_student  # light: torch loads inside export_student
+from nestling.export.pipeline import ExportConfig, export_student  # light: torch loads inside export_student
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Owner: export stage (issue 4)."""
-    from serve.config import add_config_args
+    from nestling.serve.config import add_config_args
 
     p = sub.add_parser(
         "export",
@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from serve.config import config_from_args
+    from nestling.serve.config import config_from_args
 
     cfg = config_from_args(ExportConfig, args)
     m = export_student(cfg)

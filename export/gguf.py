@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from serve.errors import NestlingError
-from serve.prompting import CHAT_TEMPLATE
+from nestling.serve.errors import NestlingError
+from nestling.serve.prompting import CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
 

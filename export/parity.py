@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serve.errors import NestlingError
-from serve.explain import answers_match, extract_answer
-from serve.prompting import student_prompt
+from nestling.serve.errors import NestlingError
+from nestling.serve.explain import answers_match, extract_answer
+from nestling.serve.prompting import student_prompt
 
 if TYPE_CHECKING:
-    from serve.engines import Engine
+    from nestling.serve.engines import Engine
 
 log = logging.getLogger(__name__)
 

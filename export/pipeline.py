@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from distill.students import check_student_dir
-from export.parity import Prompt, Scorer, VariantResult, check_variant, raise_on_failures, torch_reference
-from serve.config import check
-from serve.errors import NestlingError
-from serve.manifest import describe_files, fingerprint, is_fresh, read_jsonl, read_manifest, write_manifest
-from serve.prompting import PROMPT_FORMAT
+from nestling.distill.students import check_student_dir
+from nestling.export.parity import Prompt, Scorer, VariantResult, check_variant, raise_on_failures, torch_reference
+from nestling.serve.config import check
+from nestling.serve.errors import NestlingError
+from nestling.serve.manifest import describe_files, fingerprint, is_fresh, read_jsonl, read_manifest, write_manifest
+from nestling.serve.prompting import PROMPT_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def _rows_to_prompts(rows: list[dict[str, Any]], task: str | None) -> list[Promp
         example = None
         if r.get("task") or task:
             try:
-                from distill.tasks import Example
+                from nestling.distill.tasks import Example
 
                 example = Example.from_row({"id": r.get("id", f"p{i}"), "task": r.get("task") or task, **r})
             except (ImportError, NestlingError):
@@ -181,7 +181,7 @@ def _rows_to_prompts(rows: list[dict[str, Any]], task: str | None) -> list[Promp
 
 def make_scorer(prompts: list[Prompt], task_spec: str | None) -> Scorer:
     """Score with distill.tasks (the task's own extractor and full-credit scorer) when it loads."""
-    from export.parity import default_scorer
+    from nestling.export.parity import default_scorer
 
     specs = {p.example.task for p in prompts if p.example is not None}
     if task_spec:
@@ -189,7 +189,7 @@ def make_scorer(prompts: list[Prompt], task_spec: str | None) -> Scorer:
     tasks: dict[str, Any] = {}
     for spec in specs:
         try:
-            from distill.tasks import load_task
+            from nestling.distill.tasks import load_task
 
             tasks[spec] = load_task(spec)
         except Exception as e:  # scoring falls back to lenient extraction; say so
@@ -209,8 +209,8 @@ def make_scorer(prompts: list[Prompt], task_spec: str | None) -> Scorer:
 
 
 def _build(name: str, cfg: ExportConfig, student: Path, root: Path) -> Path:
-    from export.gguf import quantize_gguf, write_gguf
-    from export.onnx import export_onnx_fp32, quantize_onnx_int8
+    from nestling.export.gguf import quantize_gguf, write_gguf
+    from nestling.export.onnx import export_onnx_fp32, quantize_onnx_int8
 
     dst = root / VARIANTS[name]["path"]
     if name == "onnx-fp32":
@@ -270,7 +270,7 @@ def _publish(tmp: Path, out: Path) -> None:
 
 def export_student(cfg: ExportConfig, prompts: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     """Export, check and publish one student; returns the manifest. See the module docstring."""
-    from serve.engines import load_engine
+    from nestling.serve.engines import load_engine
 
     student, out = Path(cfg.student), Path(cfg.out)
     check_student_dir(student)
@@ -317,8 +317,8 @@ def _export_into(
     import numpy as np
     import torch
 
-    from distill.students import count_params, load_student
-    from export.card import model_card, modelfile
+    from nestling.distill.students import count_params, load_student
+    from nestling.export.card import model_card, modelfile
 
     t0 = time.perf_counter()
     torch.set_num_threads(cfg.threads)

@@ -34,9 +34,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve.errors import NestlingError
-from serve.runtime import Answer, Reasoner
-from serve.settings import Settings, load_settings
+from nestling.serve.errors import NestlingError
+from nestling.serve.runtime import Answer, Reasoner
+from nestling.serve.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from serve.config import add_config_args, check, config_from_args
-from serve.errors import NestlingError
+from nestling.serve.config import add_config_args, check, config_from_args
+from nestling.serve.errors import NestlingError
 
 if TYPE_CHECKING:
-    from serve.runtime import Answer
+    from nestling.serve.runtime import Answer
 
 ENGINE_CHOICES = ["auto", "gguf", "onnx"]
 MARKS = {True: "\u2713", False: "\u2717", None: "\u00b7"}
@@ -75,7 +75,7 @@ def format_answer(a: Answer) -> str:
 
 
 def _cmd_ask(args: argparse.Namespace) -> int:
-    from serve.runtime import Reasoner
+    from nestling.serve.runtime import Reasoner
 
     cfg = config_from_args(AskConfig, args)
     with Reasoner.load(args.dir, engine=cfg.engine, variant=cfg.variant, n_threads=cfg.threads) as r:
@@ -84,9 +84,9 @@ def _cmd_ask(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from serve.manifest import read_manifest
-    from serve.runtime import Reasoner
-    from serve.settings import load_settings
+    from nestling.serve.manifest import read_manifest
+    from nestling.serve.runtime import Reasoner
+    from nestling.serve.settings import load_settings
 
     s = load_settings(
         model_dir=args.dir, host=args.host, port=args.port, engine=args.engine, variant=args.variant,
@@ -105,7 +105,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from serve.app import create_app
+    from nestling.serve.app import create_app
 
     failures: list[BaseException] = []
     server: uvicorn.Server | None = None

@@ -19,7 +19,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
-from serve.errors import NestlingError
+from nestling.serve.errors import NestlingError
 
 T = TypeVar("T")
 

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from serve.errors import NestlingError
+from nestling.serve.errors import NestlingError
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The torch-free runtime: load an exported reasoner, ask it, get the answer, checked steps and latency.
 
-    from serve import Reasoner
+    from nestling.serve import Reasoner
     r = Reasoner.load("runs/default/exports/tiny")            # engine="auto": the manifest's default variant
     a = r.ask("What is 7 + 5?")                                 # explain=True: steps, then the answer
     a.answer, [(s.text, s.ok) for s in a.steps], a.latency.ttft_s
@@ -23,14 +23,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from serve.config import check
-from serve.errors import NestlingError
-from serve.explain import check_steps, clean_answer, extract_answer, parse_steps
-from serve.manifest import read_manifest, verify_files
-from serve.prompting import ANSWER_MARK, PROMPT_FORMAT, student_prompt
+from nestling.serve.config import check
+from nestling.serve.errors import NestlingError
+from nestling.serve.explain import check_steps, clean_answer, extract_answer, parse_steps
+from nestling.serve.manifest import read_manifest, verify_files
+from nestling.serve.prompting import ANSWER_MARK, PROMPT_FORMAT, student_prompt
 
 if TYPE_CHECKING:  # the protocol only: importing serve.engines here would load numpy for nothing
-    from serve.engines import Engine
+    from nestling.serve.engines import Engine
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class EngineKind:
 
 def _load_real(kind: str) -> Callable[[str, int], Engine]:
     def load(path: str, n_threads: int) -> Engine:
-        from serve.engines import load_engine  # the engine libraries load only when a model does
+        from nestling.serve.engines import load_engine  # the engine libraries load only when a model does
 
         return load_engine(path, kind=kind, n_threads=n_threads)
 

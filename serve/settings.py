@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from serve.errors import NestlingError
+from nestling.serve.errors import NestlingError
 
 
 class Settings(BaseSettings):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.prompting import explain_target, student_prompt
+from nestling.serve.prompting import explain_target, student_prompt
 
 TINY_STEPS = 80
 
@@ -42,7 +42,7 @@ def build_tiny_student(out_dir: Path, steps: int = TINY_STEPS, seed: int = 0) ->
     """Train and save the tiny student in ``save_pretrained`` form; returns out_dir."""
     import torch
 
-    from distill.students import StudentPreset, new_student, save_student, train_tokenizer
+    from nestling.distill.students import StudentPreset, new_student, save_student, train_tokenizer
 
     torch.manual_seed(seed)
     texts = training_texts(arithmetic_rows(400, seed))
@@ -90,7 +90,7 @@ def tiny_prompts() -> list[tuple[str, str]]:
 @pytest.fixture(scope="session")
 def tiny_export_dir(tiny_student_dir: Path, tiny_prompts, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every variant of the tiny student exported and parity-checked (the manifest records the checks)."""
-    from export.pipeline import ExportConfig, export_student
+    from nestling.export.pipeline import ExportConfig, export_student
 
     out = tmp_path_factory.mktemp("export") / "tiny"
     export_student(ExportConfig(student=str(tiny_student_dir), out=str(out), threads=1), prompts=tiny_prompts)

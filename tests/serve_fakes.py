@@ -26,8 +26,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from serve.manifest import write_manifest
-from serve.prompting import EXPLAIN_MARK
+from nestling.serve.manifest import write_manifest
+from nestling.serve.prompting import EXPLAIN_MARK
 
 BOS, EOS = 256, 257
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -104,7 +104,7 @@ class FakeEngine:
 
 def register_fake(gate: threading.Event | None = None) -> list[FakeEngine]:
     """Register engine kind "fake" with the runtime; returns the list every loaded FakeEngine is put in."""
-    from serve.runtime import register_engine
+    from nestling.serve.runtime import register_engine
 
     loaded: list[FakeEngine] = []
 
@@ -180,7 +180,7 @@ def serve_process(
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = "import sys, nestling; sys.exit(nestling.main(sys.argv[1:]))"
+    code = "import sys; from nestling.cli import main; sys.exit(main(sys.argv[1:]))"
     cmd = [sys.executable, "-c", code, "serve", str(export_dir), "--port", str(port)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.Popen(cmd, cwd=root, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

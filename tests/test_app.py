@@ -11,10 +11,10 @@ import pytest
 from fastapi.testclient import TestClient
 from serve_fakes import FakeEngine, serve_in_thread
 
-from serve.app import create_app
-from serve.errors import NestlingError
-from serve.runtime import Reasoner
-from serve.settings import Settings, load_settings
+from nestling.serve.app import create_app
+from nestling.serve.errors import NestlingError
+from nestling.serve.runtime import Reasoner
+from nestling.serve.settings import Settings, load_settings
 
 
 def make_app(gate=None, **settings):
@@ -306,14 +306,14 @@ def test_cli_serve_exits_2_when_the_background_load_fails(tmp_path, capsys):
 
     from serve_fakes import make_fake_export
 
-    import nestling
+    from nestling import cli as nestling_cli
 
     export = make_fake_export(tmp_path, variants={"gguf-x": "gguf"})
     (export / "gguf" / "gguf-x.bin").write_text("fake-model gguf-x\n" + "y" * 100)  # same size, new bytes
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert nestling.main(["serve", str(export), "--port", str(port)]) == 2
+    assert nestling_cli.main(["serve", str(export), "--port", str(port)]) == 2
     captured = capsys.readouterr()
     assert f"http://127.0.0.1:{port}" in captured.out
     last = captured.err.strip().split("\n")[-1]

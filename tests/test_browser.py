@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from serve_fakes import FakeEngine, serve_in_thread
 
-from serve.app import create_app
-from serve.runtime import Reasoner
-from serve.settings import Settings
+from nestling.serve.app import create_app
+from nestling.serve.runtime import Reasoner
+from nestling.serve.settings import Settings
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serve.engines import load_engine
-from serve.errors import NestlingError
-from serve.prompting import student_prompt
+from nestling.serve.engines import load_engine
+from nestling.serve.errors import NestlingError
+from nestling.serve.prompting import student_prompt
 
 ENGINES = {"gguf": "gguf/model-f16.gguf", "onnx": "onnx/fp32"}
 
@@ -34,7 +34,7 @@ def tricky_texts(n: int = 300, seed: int = 0) -> list[str]:
 
 @pytest.fixture(scope="module")
 def hf(tiny_student_dir: Path):
-    from distill.students import load_student
+    from nestling.distill.students import load_student
 
     return load_student(tiny_student_dir)
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from fake_run import make_run
 
-import distill.teachers
-from distill.evaluate import EvalConfig, Scorer, baseline, evaluate, load_questions, score_outputs
-from distill.teachers import Generation
-from serve.errors import NestlingError
+import nestling.distill.teachers as distill_teachers
+from nestling.distill.evaluate import EvalConfig, Scorer, baseline, evaluate, load_questions, score_outputs
+from nestling.distill.teachers import Generation
+from nestling.serve.errors import NestlingError
 
 
 class ScriptedTeacher:
@@ -42,7 +42,7 @@ class ScriptedTeacher:
 @pytest.fixture
 def scripted_teacher(monkeypatch):
     ScriptedTeacher.loads = 0
-    monkeypatch.setattr(distill.teachers, "load_teacher", ScriptedTeacher)
+    monkeypatch.setattr(distill_teachers, "load_teacher", ScriptedTeacher)
     return ScriptedTeacher
 
 
@@ -108,10 +108,10 @@ def test_eval_writes_files_caches_the_teacher_and_skips_unchanged_students(
     assert (run / "students/tiny/eval.json").stat().st_mtime_ns == mtime
     assert again["students"]["tiny"] == json.loads(json.dumps(s))
 
-    import distill.prompts
+    import nestling.distill.prompts as distill_prompts
 
     # An edited template is not the cached one, even with the same fewshot flag.
-    monkeypatch.setattr(distill.prompts, "SYSTEM", distill.prompts.SYSTEM + " Be brief.")
+    monkeypatch.setattr(distill_prompts, "SYSTEM", distill_prompts.SYSTEM + " Be brief.")
     evaluate(cfg)
     assert ScriptedTeacher.loads == 2
 
@@ -126,7 +126,7 @@ def test_eval_without_students_or_heldout_says_what_to_do(tmp_path):
 
 
 def test_distill_trains_each_student_evaluates_and_resumes(tmp_path, scripted_teacher, monkeypatch):
-    import distill.pipeline as pipeline
+    import nestling.distill.pipeline as pipeline
 
     calls = []
 
@@ -155,7 +155,7 @@ def test_distill_trains_each_student_evaluates_and_resumes(tmp_path, scripted_te
 
 
 def test_distill_rejects_duplicate_student_names():
-    from distill.pipeline import DistillConfig
+    from nestling.distill.pipeline import DistillConfig
 
     with pytest.raises(NestlingError, match="duplicate"):
         DistillConfig(students=["tiny", "tiny"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve.explain import (
+from nestling.serve.explain import (
     STEP_CHECKERS,
     answers_match,
     check_step,
@@ -112,9 +112,9 @@ def test_letter_checker_applies_to_letter_counting_and_mixes_only():
 
 
 def test_register_step_checker_extends_one_task(monkeypatch):
-    from serve.explain import Claim
+    from nestling.serve.explain import Claim
 
-    monkeypatch.setattr("serve.explain.STEP_CHECKERS", {k: list(v) for k, v in STEP_CHECKERS.items()})
+    monkeypatch.setattr("nestling.serve.explain.STEP_CHECKERS", {k: list(v) for k, v in STEP_CHECKERS.items()})
     never = lambda step: [Claim(step, "x", "y", False)] if "magic" in step else []  # noqa: E731
     register_step_checker(never, tasks=["file:"])
     assert check_steps(["magic word"], "file:x.jsonl")[0].ok is False

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-import nestling
-from export.parity import Prompt
-from export.pipeline import VARIANTS, ExportConfig, export_student, make_scorer, student_fingerprint
-from serve.errors import NestlingError
-from serve.manifest import read_manifest, verify_files
+from nestling import cli as nestling_cli
+from nestling.export.parity import Prompt
+from nestling.export.pipeline import VARIANTS, ExportConfig, export_student, make_scorer, student_fingerprint
+from nestling.serve.errors import NestlingError
+from nestling.serve.manifest import read_manifest, verify_files
 
 
 def _leftovers(parent: Path, name: str) -> list[str]:
@@ -52,7 +52,7 @@ def test_manifest_follows_the_design(tiny_export_dir: Path, tiny_student_dir: Pa
 
 
 def test_rerun_over_complete_export_is_skipped(tiny_export_dir, tiny_student_dir, tiny_prompts, monkeypatch):
-    import export.pipeline as pipeline
+    import nestling.export.pipeline as pipeline
 
     before = (tiny_export_dir / "manifest.json").read_text()
 
@@ -99,7 +99,7 @@ def test_bad_student_fails_cleanly(tiny_student_dir, tmp_path, capsys, how, mess
     if how != "missing":
         _broken_student(tiny_student_dir, student, how)
     out = tmp_path / "exports" / "x"
-    rc = nestling.main(["export", str(student), "--out", str(out), "--variants", "gguf-f16"])
+    rc = nestling_cli.main(["export", str(student), "--out", str(out), "--variants", "gguf-f16"])
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith("error: ") and message in err and "Traceback" not in err
@@ -111,10 +111,10 @@ def test_bad_student_fails_cleanly(tiny_student_dir, tmp_path, capsys, how, mess
 def test_parity_failure_fails_loudly_and_leaves_nothing(
     tiny_student_dir, tiny_prompts, tmp_path, monkeypatch, variant
 ):
-    import export.gguf
+    import nestling.export.gguf as export_gguf
 
     # The classic converter bug: forget llama.cpp's q/k permutation.
-    monkeypatch.setattr(export.gguf, "permute_qk", lambda w, n_head: w)
+    monkeypatch.setattr(export_gguf, "permute_qk", lambda w, n_head: w)
     out = tmp_path / "bad"
     cfg = ExportConfig(student=str(tiny_student_dir), out=str(out), variants=[variant])
     with pytest.raises(
@@ -125,7 +125,7 @@ def test_parity_failure_fails_loudly_and_leaves_nothing(
 
 
 def test_interrupted_export_leaves_nothing(tiny_student_dir, tiny_prompts, tmp_path, monkeypatch):
-    import export.pipeline as pipeline
+    import nestling.export.pipeline as pipeline
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
@@ -151,7 +151,7 @@ def test_cli_in_a_run_dir_uses_heldout_questions(tiny_student_dir, tmp_path, cap
     (run / "traces" / "questions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = run / "exports" / "tiny"
     argv = ["export", str(student), "--out", str(out), "--variants", "gguf-q8_0", "--parity-prompts", "4"]
-    assert nestling.main(argv) == 0
+    assert nestling_cli.main(argv) == 0
     stdout = capsys.readouterr().out
     assert "gguf-q8_0*" in stdout and "pytorch" in stdout
     m = read_manifest(out, "export")
@@ -196,7 +196,7 @@ class _ScriptedEngine:
 def test_greedy_divergence_counts_as_tie_only_within_measured_error(margin, tie):
     import numpy as np
 
-    from export.parity import Reference, check_variant
+    from nestling.export.parity import Reference, check_variant
 
     ids, want = [3, 4], [7, 8]  # PyTorch: 7 then 8; the engine says 7 then 9
     ref_logits = np.zeros((4, 10), dtype=np.float32)
@@ -224,8 +224,8 @@ def test_greedy_divergence_counts_as_tie_only_within_measured_error(margin, tie)
 
 
 def test_scorer_uses_the_task_when_it_loads(monkeypatch):
-    import distill.tasks
-    from distill.tasks import Example
+    import nestling.distill.tasks as distill_tasks
+    from nestling.distill.tasks import Example
 
     class Words:  # a task whose own extractor and scorer differ from serve.explain's defaults
         def extract(self, text: str) -> str:
@@ -243,7 +243,7 @@ def test_scorer_uses_the_task_when_it_loads(monkeypatch):
 
 
 def test_default_variant_rule():
-    from export.pipeline import choose_default
+    from nestling.export.pipeline import choose_default
 
     def v(engine, delta, top1, speed):
         return {
@@ -269,7 +269,7 @@ def test_default_variant_rule():
 def test_a_failed_publish_keeps_the_previous_export(tmp_path, monkeypatch):
     import os
 
-    from export import pipeline
+    from nestling.export import pipeline
 
     out, tmp = tmp_path / "out", tmp_path / "out.tmp-x"
     out.mkdir()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.prompting import student_prompt
+from nestling.serve.prompting import student_prompt
 
 VARIANTS = ["fp32", "int8"]
 
@@ -43,7 +43,7 @@ def test_optimum_ort_model_loads_and_generates(tiny_export_dir: Path, tiny_stude
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    from distill.students import load_student
+    from nestling.distill.students import load_student
 
     model, tok = load_student(tiny_student_dir)
     ort = ORTModelForCausalLM.from_pretrained(tiny_export_dir / "onnx" / variant)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from distill.filters import FilterConfig, filter_traces, vote_labels
-from distill.tasks import Example
-from serve.errors import NestlingError
+from nestling.distill.filters import FilterConfig, filter_traces, vote_labels
+from nestling.distill.tasks import Example
+from nestling.serve.errors import NestlingError
 
 TASK = "rg:basic_arithmetic"
 

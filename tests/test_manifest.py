@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from serve.errors import NestlingError
-from serve.manifest import (
+from nestling.serve.errors import NestlingError
+from nestling.serve.manifest import (
     atomic_write_json,
     fingerprint,
     is_fresh,
@@ -108,7 +108,7 @@ def test_atomic_write_makes_an_ordinary_readable_file(tmp_path):
 
 
 def test_read_jsonl_names_the_bad_line_and_the_fix(tmp_path):
-    from serve.manifest import read_jsonl
+    from nestling.serve.manifest import read_jsonl
 
     p = tmp_path / "rows.jsonl"
     p.write_text('{"a": 1}\n\n{"a": 2}\n{oops\n')

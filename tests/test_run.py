@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-import nestling
+from nestling import cli as nestling_cli
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def test_run_writes_the_report_and_a_rerun_skips_every_stage(tmp_path):
         "--threads",
         "1",
     ]
-    assert nestling.main(argv) == 0
+    assert nestling_cli.main(argv) == 0
 
     report = json.loads((out / "report.json").read_text())
     assert {"teacher", "baseline", "students", "exports", "recommended"} <= set(report)
@@ -51,5 +51,5 @@ def test_run_writes_the_report_and_a_rerun_skips_every_stage(tmp_path):
 
     stage_manifests = sorted(out.glob("**/manifest.json"))
     before = {p: p.read_text() for p in stage_manifests}
-    assert nestling.main(argv) == 0
+    assert nestling_cli.main(argv) == 0
     assert {p: p.read_text() for p in stage_manifests} == before  # nothing was redone

@@ -8,8 +8,8 @@ import threading
 import pytest
 from serve_fakes import FakeEngine, make_fake_export, register_fake
 
-from serve.errors import NestlingError
-from serve.runtime import ENGINES, Answer, Reasoner
+from nestling.serve.errors import NestlingError
+from nestling.serve.runtime import ENGINES, Answer, Reasoner
 
 
 @pytest.fixture
@@ -137,7 +137,7 @@ def test_auto_skips_a_variant_whose_engine_is_not_installed(fake_export):
     m["variants"]["fake-a"]["engine"] = "missing"
     m["default_variant"] = "fake-a"
     (fake_export / "manifest.json").write_text(json.dumps(m))
-    from serve.runtime import register_engine
+    from nestling.serve.runtime import register_engine
 
     register_engine("missing", lambda p, n: None, lambda: False)
     try:
@@ -189,7 +189,7 @@ def test_an_unloadable_file_with_a_matching_hash_is_a_clear_error(tmp_path):
         out = make_fake_export(tmp_path)
         p = out / "fake" / "fake-a.bin"
         p.write_text("garbage")
-        from serve.manifest import write_manifest
+        from nestling.serve.manifest import write_manifest
 
         m = json.loads((out / "manifest.json").read_text())
         extra = {k: m[k] for k in ("prompt_format", "student", "task", "default_variant", "variants")}
@@ -204,27 +204,27 @@ def test_an_unloadable_file_with_a_matching_hash_is_a_clear_error(tmp_path):
 
 
 def test_cli_ask_prints_marked_steps_answer_and_one_latency_line(fake_export, capsys):
-    import nestling
+    from nestling import cli as nestling_cli
 
-    assert nestling.main(["ask", str(fake_export), "a wrong one"]) == 0
+    assert nestling_cli.main(["ask", str(fake_export), "a wrong one"]) == 0
     lines = capsys.readouterr().out.rstrip("\n").split("\n")
     assert lines[0] == "  \u2717 Step 1: 9 * 8 = 64"
     assert lines[1] == "  \u00b7 Step 2: So the result is 64"
     assert lines[2] == "Answer: 64"
     assert lines[3].startswith("latency: first token ") and "(fake-a on fake)" in lines[3] and len(lines) == 4
     argv = ["ask", str(fake_export), "What is 2 + 2?", "--no-explain", "--variant", "fake-b"]
-    assert nestling.main(argv) == 0
+    assert nestling_cli.main(argv) == 0
     lines = capsys.readouterr().out.strip().split("\n")
     assert lines[0] == "Answer: 4" and "(fake-b on fake)" in lines[1]
 
 
 def test_cli_ask_and_serve_turn_bad_input_into_one_line_errors(fake_export, tmp_path, capsys):
-    import nestling
+    from nestling import cli as nestling_cli
 
-    assert nestling.main(["ask", str(fake_export), "hi", "--max-tokens", "0"]) == 2
-    assert nestling.main(["ask", str(tmp_path / "missing"), "hi"]) == 2
-    assert nestling.main(["serve", str(fake_export), "--variant", "nope"]) == 2
-    assert nestling.main(["serve", str(tmp_path)]) == 2
+    assert nestling_cli.main(["ask", str(fake_export), "hi", "--max-tokens", "0"]) == 2
+    assert nestling_cli.main(["ask", str(tmp_path / "missing"), "hi"]) == 2
+    assert nestling_cli.main(["serve", str(fake_export), "--variant", "nope"]) == 2
+    assert nestling_cli.main(["serve", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().split("\n")
     assert len(err) == 4 and all(e.startswith("error: ") for e in err)
     assert "--max-tokens 0" in err[0] and "not a directory" in err[1]
@@ -262,7 +262,7 @@ def test_auto_loads_the_default_variant(tiny_export_dir):
 def test_truncated_or_tampered_real_artifacts_are_refused(tiny_export_dir, tmp_path, variant):
     import shutil
 
-    from serve.manifest import write_manifest
+    from nestling.serve.manifest import write_manifest
 
     out = tmp_path / "copy"
     shutil.copytree(tiny_export_dir, out)

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 from serve_fakes import FakeEngine
 
-from serve.app import create_app
-from serve.runtime import Reasoner
-from serve.settings import Settings
+from nestling.serve.app import create_app
+from nestling.serve.runtime import Reasoner
+from nestling.serve.settings import Settings
 
 schemathesis = pytest.importorskip("schemathesis")
 

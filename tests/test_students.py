@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from distill.students import (
+from nestling.distill.students import (
     PRESETS,
     count_params,
     init_student,
@@ -16,8 +16,8 @@ from distill.students import (
     save_student,
     train_tokenizer,
 )
-from serve.errors import NestlingError
-from serve.prompting import CHAT_TEMPLATE
+from nestling.serve.errors import NestlingError
+from nestling.serve.prompting import CHAT_TEMPLATE
 
 TEXTS = [
     f"Question: What is {a} + {b}?\nExplain:\nStep 1: {a} + {b} = {a + b}\nAnswer: {a + b}"
@@ -67,7 +67,7 @@ def test_preset_sizes_and_kquant_friendly_shapes(tok, name, low, high):
 
 
 def _tiny_llama(tok, layers=4):
-    from distill.students import StudentPreset, new_student
+    from nestling.distill.students import StudentPreset, new_student
 
     return new_student(StudentPreset(256, 512, layers, 4, 2, vocab_size=len(tok)), tok, seed=0)
 

@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from distill.tasks import (
+from nestling.distill.tasks import (
     DEFAULT_TASK,
     Example,
     load_task,
     normalize_question,
     split_examples,
 )
-from serve.errors import NestlingError
-from serve.explain import normalize_answer, safe_eval
+from nestling.serve.errors import NestlingError
+from nestling.serve.explain import normalize_answer, safe_eval
 
 EASY = "rg:basic_arithmetic?min_terms=2&max_terms=2&min_digits=1&max_digits=1&allow_parentheses=false"
 
@@ -197,7 +197,7 @@ def test_example_row_round_trip():
 
 
 def test_trivial_baseline_is_per_task_and_scored_by_the_task():
-    from distill.tasks import Example, trivial_baseline
+    from nestling.distill.tasks import Example, trivial_baseline
 
     def ex(i, task, gold):
         return Example(id=str(i), task=task, question=f"q{i}", gold=gold)

@@ -9,9 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from peers import free_port, llama_cpp_server
 
-from distill.prompts import teacher_messages
-from distill.teachers import Sampling, load_teacher, resolve_gguf
-from serve.errors import NestlingError
+from nestling.distill.prompts import teacher_messages
+from nestling.distill.teachers import Sampling, load_teacher, resolve_gguf
+from nestling.serve.errors import NestlingError
 
 
 def test_sampling_validation():
@@ -176,7 +176,7 @@ def test_openai_unreachable_endpoint_is_a_clear_error():
 @pytest.fixture(scope="module")
 def tiny_hf_dir(tmp_path_factory):
     pytest.importorskip("torch")
-    from distill.students import StudentPreset, new_student, save_student, train_tokenizer
+    from nestling.distill.students import StudentPreset, new_student, save_student, train_tokenizer
 
     texts = [
         f"Question: What is {a} + {b}?\nExplain: {a} + {b} = {a + b}" for a in range(10) for b in range(10)

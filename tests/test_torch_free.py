@@ -15,11 +15,10 @@ HEAVY = ("torch", "transformers", "optimum")
 PROGRAM = r"""
 import json, sys
 sys.path[:0] = [{root!r}, {tests!r}]
-import serve
-from serve import Reasoner
-import serve.runtime, serve.app, serve.engines, serve.settings, serve.cli
-from serve.app import create_app
-from serve.settings import Settings
+from nestling.serve import Reasoner
+import nestling.serve.runtime, nestling.serve.app, nestling.serve.engines, nestling.serve.settings, nestling.serve.cli
+from nestling.serve.app import create_app
+from nestling.serve.settings import Settings
 from serve_fakes import make_fake_export, register_fake
 
 register_fake()

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-import nestling
-from distill.teachers import Generation, Teacher
-from distill.traces import TracesConfig, TraceStore, run_traces
-from serve.errors import NestlingError
-from serve.manifest import read_manifest
+from nestling import cli as nestling_cli
+from nestling.distill.teachers import Generation, Teacher
+from nestling.distill.traces import TracesConfig, TraceStore, run_traces
+from nestling.serve.errors import NestlingError
+from nestling.serve.manifest import read_manifest
 
 EASY = (
     "rg:basic_arithmetic?min_terms=2&max_terms=2&min_digits=1&max_digits=1&operators=+,-&allow_negation=false"
@@ -59,7 +59,7 @@ def fake_teacher(monkeypatch):
         teachers.append(t)
         return t
 
-    monkeypatch.setattr("distill.traces.load_teacher", load)
+    monkeypatch.setattr("nestling.distill.traces.load_teacher", load)
     return teachers
 
 
@@ -219,7 +219,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, args, fragment):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "1+1?", "answer": "2"}\n{oops\n')
     args = [a.format(port=_free_port(), bad=bad) for a in args]
-    code = nestling.main(["traces", "--n", "4", "--heldout", "1", "--out", str(tmp_path / "r"), *args])
+    code = nestling_cli.main(["traces", "--n", "4", "--heldout", "1", "--out", str(tmp_path / "r"), *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith("error: ") and fragment in err[-1]
@@ -227,7 +227,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, args, fragment):
 
 
 def test_cli_prints_a_summary_table(tmp_path, capsys, fake_teacher):
-    code = nestling.main(
+    code = nestling_cli.main(
         ["traces", "--task", EASY, "--n", "6", "--heldout", "2", "--out", str(tmp_path / "r")]
     )
     assert code == 0
@@ -240,7 +240,8 @@ def test_kill_9_mid_run_then_rerun_loses_nothing_and_duplicates_nothing(tmp_path
     run = tmp_path / "run"
     cmd = [
         sys.executable,
-        str(ROOT / "nestling.py"),
+        "-m",
+        "nestling",
         "traces",
         "--task",
         EASY,

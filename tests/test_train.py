@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fake_run import make_run
 
-from distill.train import (
+from nestling.distill.train import (
     TrainConfig,
     batch_indices,
     build_examples,
@@ -22,15 +22,15 @@ from distill.train import (
     train,
     training_rows,
 )
-from serve.errors import NestlingError
-from serve.prompting import answer_target, explain_target, student_prompt
+from nestling.serve.errors import NestlingError
+from nestling.serve.prompting import answer_target, explain_target, student_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from distill.students import train_tokenizer
+    from nestling.distill.students import train_tokenizer
 
     rows = training_rows(make_run(Path(os.environ.get("TMPDIR", "/tmp")) / f"nestling-tok-{os.getpid()}"))
     texts = [student_prompt(r["question"]) + explain_target(r["steps"], r["answer"]) for r in rows]
@@ -112,7 +112,7 @@ def test_no_verified_rows_is_a_clear_error(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, nestling; sys.exit(nestling.main(sys.argv[1:]))",
+            "import sys; from nestling.cli import main; sys.exit(main(sys.argv[1:]))",
             "train",
             "--run",
             str(run),
@@ -135,7 +135,7 @@ def test_bad_config_values_are_rejected():
 
 
 def test_training_lowers_loss_and_writes_the_student_stage(tmp_path):
-    from distill.students import load_student
+    from nestling.distill.students import load_student
 
     run = make_run(tmp_path / "run")
     out = train(_cfg(run, steps=40, checkpoint_every=10))
@@ -163,7 +163,7 @@ def test_kd_needs_a_pretrained_student(tmp_path):
 
 _TRAIN_SCRIPT = """
 import sys
-from distill.train import TrainConfig, train
+from nestling.distill.train import TrainConfig, train
 train(TrainConfig(run=sys.argv[1], student="nano", steps=int(sys.argv[2]), batch_size=4, lr=3e-3, warmup=3,
                   checkpoint_every=5, threads=1, progress=False))
 """
@@ -223,8 +223,8 @@ def test_logits_only_at_target_positions_give_the_full_loss(tmp_path, tok):
     import torch
     import torch.nn.functional as F
 
-    from distill.students import new_student
-    from distill.train import target_positions, weighted_loss
+    from nestling.distill.students import new_student
+    from nestling.distill.train import target_positions, weighted_loss
 
     rows = training_rows(make_run(tmp_path / "run", n=20, heldout=5))
     examples = build_examples(rows, tok, "cot", 0.5, 192)[:4]
@@ -249,14 +249,14 @@ def test_train_layers_updates_only_the_top_layers(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from distill.students import load_student
+    from nestling.distill.students import load_student
 
     run = make_run(tmp_path / "run", n=40, heldout=5)
     out = train(_cfg(run, student="tiny", steps=2, train_layers=1, warmup=0))
     trained = load_file(out / "model/model.safetensors")
     model, tok = load_student(out / "model")  # the same weights; rebuild the untrained init to compare
-    from distill.students import init_student
-    from serve.prompting import explain_target, student_prompt
+    from nestling.distill.students import init_student
+    from nestling.serve.prompting import explain_target, student_prompt
 
     rows = training_rows(run)
     texts = [student_prompt(r["question"]) + explain_target(r["steps"], r["answer"]) for r in rows]
@@ -271,7 +271,7 @@ def test_train_layers_updates_only_the_top_layers(tmp_path):
 
 
 def test_unset_flags_come_from_the_students_recipe():
-    from distill.train import PRESET_RECIPE, PRETRAINED_RECIPE
+    from nestling.distill.train import PRESET_RECIPE, PRETRAINED_RECIPE
 
     scratch, pretrained = TrainConfig(student="tiny"), TrainConfig(student="hf:smollm2")
     assert (scratch.lr, scratch.steps) == (PRESET_RECIPE["lr"], PRESET_RECIPE["steps"])
@@ -283,7 +283,7 @@ def test_unset_flags_come_from_the_students_recipe():
 def test_kd_term_is_zero_against_itself_and_positive_against_another_teacher():
     import torch
 
-    from distill.train import weighted_loss
+    from nestling.distill.train import weighted_loss
 
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11)

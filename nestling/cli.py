@@ -19,28 +19,28 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from serve.errors import NestlingError
+from nestling.serve.errors import NestlingError
 
 log = logging.getLogger("nestling")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import distill.cli
-    import export.cli
-    import serve.cli
+    from nestling.distill import cli as distill_cli
+    from nestling.export import cli as export_cli
+    from nestling.serve import cli as serve_cli
 
     parser = argparse.ArgumentParser(prog="nestling", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    distill.cli.register(sub)
-    export.cli.register(sub)
-    serve.cli.register(sub)
+    distill_cli.register(sub)
+    export_cli.register(sub)
+    serve_cli.register(sub)
     _register_run(sub)
     return parser
 
 
 def _register_run(sub: argparse._SubParsersAction) -> None:
-    from serve.config import add_config_args
+    from nestling.serve.config import add_config_args
 
     p = sub.add_parser("run", help="the one command: traces -> train -> eval -> export -> report")
     add_config_args(p, RunConfig)
@@ -48,7 +48,7 @@ def _register_run(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from serve.config import config_from_args
+    from nestling.serve.config import config_from_args
 
     report = run(config_from_args(RunConfig, args))
     print(Path(report["paths"]["md"]).read_text())
@@ -108,7 +108,7 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
-        from serve.config import check
+        from nestling.serve.config import check
 
         check(0.0 <= self.tolerance <= 1.0, f"--tolerance {self.tolerance}: must be in [0, 1], e.g. 0.02")
 
@@ -121,8 +121,8 @@ def _overrides(cfg: RunConfig, target: type) -> dict[str, Any]:
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Distil (traces, students, eval), export every student, then write report.{json,md,png} in cfg.out."""
-    from distill.pipeline import DistillConfig, run_distill
-    from export.pipeline import ExportConfig, export_student
+    from nestling.distill.pipeline import DistillConfig, run_distill
+    from nestling.export.pipeline import ExportConfig, export_student
 
     run_dir = Path(cfg.out)
     distilled = run_distill(DistillConfig(out=cfg.out, **_overrides(cfg, DistillConfig)))
@@ -133,7 +133,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    from distill.evaluate import try_read_json
+    from nestling.distill.evaluate import try_read_json
 
     return try_read_json(path) or {}
 
@@ -141,7 +141,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _teacher_bytes(spec: str | None) -> int | None:
     if not spec or not spec.startswith("gguf:"):
         return None
-    from distill.teachers import resolve_gguf
+    from nestling.distill.teachers import resolve_gguf
 
     try:
         return resolve_gguf(spec.removeprefix("gguf:")).stat().st_size
@@ -151,7 +151,7 @@ def _teacher_bytes(spec: str | None) -> int | None:
 
 def collect_report(run_dir: Path) -> dict[str, Any]:
     """Gather the teacher, baseline, students (held-out eval) and exports (export-time checks) of a run."""
-    from serve.manifest import try_read_manifest
+    from nestling.serve.manifest import try_read_manifest
 
     report: dict[str, Any] = {
         "run": str(run_dir),
@@ -220,7 +220,7 @@ def recommend(exports: dict[str, dict[str, Any]], tolerance: float) -> str | Non
 
 def write_report(run_dir: Path, report: dict[str, Any], tolerance: float) -> dict[str, Any]:
     """report.json (keys: teacher, baseline, students, exports, recommended), report.md and report.png."""
-    from serve.manifest import atomic_write_json, atomic_write_text
+    from nestling.serve.manifest import atomic_write_json, atomic_write_text
 
     report = {
         **report,
