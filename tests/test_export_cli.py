@@ -234,7 +234,7 @@ def test_scorer_uses_the_task_when_it_loads(monkeypatch):
         def score(self, answer, example) -> bool:
             return answer == "forty-two" and example.gold == "42"
 
-    monkeypatch.setattr(distill.tasks, "load_task", lambda spec: Words())
+    monkeypatch.setattr(distill_tasks, "load_task", lambda spec: Words())
     ex = Example("q1", "words:x", "What is 6 * 7?", "42")
     p = Prompt(ex.question, ex.gold, example=ex)
     score = make_scorer([p], None)
