@@ -79,6 +79,3 @@ def config_from_args(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> 
     except TypeError as e:
         raise NestlingError(f"{cls.__name__}: {e}") from None
 
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)

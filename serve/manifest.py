@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,8 +36,7 @@ from nestling.serve.errors import NestlingError
 FORMAT = "nestling/1"
 MANIFEST = "manifest.json"
 _CHUNK = 1 << 20
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+_REQUIRED: Any = object()
 
 
 def sha256_file(path: str | Path) -> str:
@@ -58,9 +57,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Write via a temp file in the same directory + os.replace: readers never see a torn file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    # os.open with 0o666 lets the process umask decide the mode, as for any ordinary output (mkstemp's files
+    # are private, and reading the umask means changing it process-wide).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes files private; these are ordinary outputs
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -73,6 +74,32 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | Path, default: Any = _REQUIRED, fix: str = "re-run the stage that wrote it") -> Any:
+    """A JSON file's content: a missing file gives `default` (or a NestlingError when none is given); a file
+    that is not valid JSON is always a NestlingError naming it and `fix`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if default is _REQUIRED:
+            raise NestlingError(f"{path}: not found; {fix}") from None
+        return default
+    except UnicodeDecodeError as e:
+        raise NestlingError(f"{path}: not UTF-8 text ({e}); {fix}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise NestlingError(f"{path}: not valid JSON ({e}); {fix}") from None
+
+
+def try_read_json(path: str | Path) -> Any:
+    """A cache's content, or None when it is missing or unreadable (the caller recomputes it)."""
+    try:
+        return read_json(path, default=None)
+    except (NestlingError, OSError):
+        return None
 
 
 def read_jsonl(path: str | Path, fix: str = "re-run the stage that wrote it") -> list[Any]:
@@ -134,10 +161,7 @@ def read_manifest(out_dir: str | Path, stage: str | None = None) -> dict[str, An
     path = Path(out_dir) / MANIFEST
     if not path.is_file():
         raise NestlingError(f"{path}: no manifest; is {out_dir} a nestling output directory?")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise NestlingError(f"{path}: not valid JSON ({e}); re-run the stage that wrote it") from None
+    manifest = read_json(path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise NestlingError(f"{path}: not a {FORMAT} manifest; re-run the stage that wrote it")
     if stage is not None and manifest.get("stage") != stage:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -118,3 +119,29 @@ def test_read_jsonl_names_the_bad_line_and_the_fix(tmp_path):
     assert read_jsonl(p) == [{"a": 1}, {"a": 2}]
     with pytest.raises(NestlingError, match="not found; redo it"):
         read_jsonl(tmp_path / "missing.jsonl", fix="redo it")
+
+
+def test_outputs_get_the_umask_mode_and_importing_leaves_the_umask_alone(tmp_path):
+    from nestling.serve.manifest import atomic_write_text
+
+    old = os.umask(0o027)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        assert os.umask(0o027) == 0o027  # nothing in between changed it
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_read_json_names_the_file_and_the_fix(tmp_path):
+    from nestling.serve.manifest import read_json, try_read_json
+
+    bad = tmp_path / "x.json"
+    bad.write_text("{not json")
+    with pytest.raises(NestlingError, match=r"x.json: not valid JSON .*; re-run"):
+        read_json(bad)
+    assert read_json(tmp_path / "missing.json", default={}) == {}
+    with pytest.raises(NestlingError, match="missing.json: not found"):
+        read_json(tmp_path / "missing.json")
+    assert try_read_json(bad) is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from nestling import cli as nestling_cli
+from nestling import report as nestling_report
 
 
 def _report():
@@ -42,14 +42,14 @@ def _report():
 
 def test_recommend_is_fastest_within_tolerance():
     exports = _report()["exports"]
-    assert nestling_cli.recommend(exports, tolerance=0.02) == "tiny-gguf-q8_0"
-    assert nestling_cli.recommend(exports, tolerance=0.10) == "tiny-gguf-q4_k_m"
-    assert nestling_cli.recommend(exports, tolerance=0.0) == "tiny-gguf-f16"
-    assert nestling_cli.recommend({}, tolerance=0.02) is None
+    assert nestling_report.recommend(exports, tolerance=0.02) == "tiny-gguf-q8_0"
+    assert nestling_report.recommend(exports, tolerance=0.10) == "tiny-gguf-q4_k_m"
+    assert nestling_report.recommend(exports, tolerance=0.0) == "tiny-gguf-f16"
+    assert nestling_report.recommend({}, tolerance=0.02) is None
 
 
 def test_write_report_writes_json_md_png(tmp_path):
-    out = nestling_cli.write_report(tmp_path, _report(), tolerance=0.02)
+    out = nestling_report.write_report(tmp_path, _report(), tolerance=0.02)
     data = json.loads((tmp_path / "report.json").read_text())
     assert {"teacher", "baseline", "students", "exports", "recommended"} <= set(data)
     assert data["recommended"] == out["recommended"] == "tiny-gguf-q8_0"

@@ -1,0 +1,61 @@
+"""`nestling run`: the one command, traces -> train -> eval -> export -> report, every field defaulted.
+
+    nestling run --out runs/default
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from nestling.report import collect_report, write_report
+
+
+@dataclass
+class RunConfig:
+    """`nestling run`: traces -> train -> eval -> export -> report. Every field has a working default."""
+
+    out: str = field(default="runs/default", metadata={"help": "run directory (re-run to resume)"})
+    task: str | None = field(default=None, metadata={"help": "task spec; default: the embedded easy mix"})
+    teacher: str | None = field(
+        default=None, metadata={"help": "teacher spec; default: gguf:smollm2 (bundled)"}
+    )
+    students: list[str] | None = field(default=None, metadata={"help": "student specs; default: distill's"})
+    objective: str | None = field(default=None, metadata={"help": "cot | multitask | answer-only"})
+    samples: int | None = field(default=None, metadata={"help": "teacher samples per question (k)"})
+    n: int | None = field(default=None, metadata={"help": "questions to draw (train + held-out)"})
+    seed: int | None = field(default=None, metadata={"help": "seed for sampling, splits and training"})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads per process"})
+    steps: int | None = field(default=None, metadata={"help": "optimizer steps for every student"})
+    eval_limit: int | None = field(default=None, metadata={"help": "evaluate at most this many questions"})
+    parity_prompts: int | None = field(
+        default=None, metadata={"help": "held-out prompts each export is checked and scored on"}
+    )
+    tolerance: float = field(
+        default=0.02, metadata={"help": "recommend the fastest artifact within this accuracy of the best"}
+    )
+
+    def __post_init__(self) -> None:
+        from nestling.serve.config import check
+
+        check(0.0 <= self.tolerance <= 1.0, f"--tolerance {self.tolerance}: must be in [0, 1], e.g. 0.02")
+
+
+def _overrides(cfg: RunConfig, target: type) -> dict[str, Any]:
+    """RunConfig values the user set, for the stage config fields of the same name."""
+    names = {f.name for f in fields(target) if f.init} - {"out"}
+    return {k: v for k, v in asdict(cfg).items() if v is not None and k in names}
+
+
+def run(cfg: RunConfig) -> dict[str, Any]:
+    """Distil (traces, students, eval), export every student, then write report.{json,md,png} in cfg.out."""
+    from nestling.distill.pipeline import DistillConfig, run_distill
+    from nestling.export.pipeline import ExportConfig, export_student
+
+    run_dir = Path(cfg.out)
+    distilled = run_distill(DistillConfig(out=cfg.out, **_overrides(cfg, DistillConfig)))
+    for name, student_dir in distilled["students"].items():
+        out = run_dir / "exports" / name
+        export_student(ExportConfig(student=str(student_dir), out=str(out), **_overrides(cfg, ExportConfig)))
+    return write_report(run_dir, collect_report(run_dir), cfg.tolerance)
