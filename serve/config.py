@@ -41,6 +41,17 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _help(f: dataclasses.Field, default: Any) -> str:
+    """The field's help with its default appended once: not when the help already says what the default is,
+    the field is required, or the default is empty (the help then says what empty means)."""
+    text = f.metadata.get("help", "")
+    if f.metadata.get("required") or "default" in text.lower() or default in (None, "", [], ()):
+        return text
+    if isinstance(default, list | tuple):
+        default = " ".join(map(str, default))
+    return f"{text} (default: {default})"
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """One ``--flag`` per dataclass field, typed, defaulting to the field's default, help from metadata."""
     hints = typing.get_type_hints(cls)
@@ -56,8 +67,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
             )
         )
-        help_ = f.metadata.get("help", "")
-        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": f"{help_} (default: {default})"}
+        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": _help(f, default)}
+        if f.metadata.get("required"):
+            kwargs.update(required=True, default=None)
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) in (list, tuple):
