@@ -1,0 +1,643 @@
+"""Compress a trained student: trim its vocabulary to the task, prune depth (and width), recover with KD.
+
+    python -m nestling.distill.compress --run runs/x --source smollm2 --keep-layers 18 --recover-steps 600
+
+Reads RUN/students/<source>/model (a save_pretrained llama, usually the self-distilled student) and writes
+  RUN/students/<source>-trim/   the source with its vocabulary trimmed: lossless on task text, and the KD
+                                teacher of the compact student (both share one tokenizer, as KD needs)
+  RUN/students/<name>/          the compact student: trimmed, depth/width pruned by measured importance,
+                                then trained by ``distill.train`` with logit KD from the trimmed source plus
+                                cross-entropy on the verified rationales and on fresh verified ones
+  RUN/compress/<name>/          the recovery run: traces/kept.jsonl = the run's verified rows + rows the
+                                source wrote (greedy, verified) for freshly drawn training questions
+Every directory is in save_pretrained form with a manifest, so ``nestling eval`` and ``nestling export``
+take them as they are.
+
+The pieces are usable alone:
+    model, tok, kept = trim_vocab(model, tok, texts)      # tokenization of `texts` is unchanged
+    scores = layer_importance(model, tok, texts)          # angular distance in/out of each layer
+    model = keep_layers(model, select_layers(scores, 15))
+    model = prune_mlp(model, tok, texts, intermediate_size=768)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nestling.serve.config import check
+from nestling.serve.errors import NestlingError
+from nestling.serve.manifest import is_fresh, write_manifest
+from nestling.serve.prompting import answer_target, explain_target, student_prompt
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
+
+
+# ---- vocabulary trimming -------------------------------------------------------------------------------
+
+
+def _merge_pairs(merges: list) -> list[tuple[str, str]]:
+    return [tuple(m.split(" ", 1)) if isinstance(m, str) else (m[0], m[1]) for m in merges]
+
+
+def kept_token_ids(tok: PreTrainedTokenizerFast, texts: Iterable[str]) -> list[int]:
+    """Ids a trimmed vocabulary must keep so that `texts` tokenize exactly as before.
+
+    Special and added tokens, the 256 byte-level symbols (any other text still encodes), every token the
+    texts encode to, and the merge closure: both parents of every kept merged token, recursively. BPE on a
+    word applies the lowest-ranked applicable merge each time; every merge it applied to a corpus word
+    produced a kept token, so with the other merges removed it makes the same choices.
+    """
+    from tokenizers import pre_tokenizers
+
+    tj = json.loads(tok.backend_tokenizer.to_str())
+    model = tj["model"]
+    if model.get("type") != "BPE":
+        raise NestlingError(f"vocabulary trimming needs a byte-level BPE tokenizer, not {model.get('type')}")
+    vocab: dict[str, int] = model["vocab"]
+    keep = {a["id"] for a in tj.get("added_tokens", [])} | set(tok.all_special_ids)
+    keep |= {vocab[ch] for ch in pre_tokenizers.ByteLevel.alphabet() if ch in vocab}
+    for ids in tok(list(texts), add_special_tokens=True)["input_ids"]:
+        keep.update(ids)
+    parents: dict[str, list[tuple[str, str]]] = {}
+    for a, b in _merge_pairs(model.get("merges", [])):
+        parents.setdefault(a + b, []).append((a, b))
+    by_id = {i: s for s, i in vocab.items()}
+    stack = [by_id[i] for i in keep if i in by_id]
+    kept_str = set(stack)
+    while stack:
+        for pair in parents.get(stack.pop(), []):
+            for part in pair:
+                if part not in kept_str and part in vocab:
+                    kept_str.add(part)
+                    keep.add(vocab[part])
+                    stack.append(part)
+    return sorted(keep)
+
+
+def _remap_ids(node: Any, old_to_new: dict[int, int]) -> Any:
+    """Post-processor templates name special tokens by id ({"id": "<s>", "ids": [1], ...}): remap them."""
+    if isinstance(node, dict):
+        out = {k: _remap_ids(v, old_to_new) for k, v in node.items()}
+        if isinstance(node.get("ids"), list) and "tokens" in node:
+            out["ids"] = [old_to_new[i] for i in node["ids"]]
+        return out
+    if isinstance(node, list):
+        return [_remap_ids(v, old_to_new) for v in node]
+    return node
+
+
+def trim_tokenizer(tok: PreTrainedTokenizerFast, kept: Sequence[int]) -> PreTrainedTokenizerFast:
+    """A copy of `tok` holding only the `kept` ids (renumbered 0.., order kept), merges filtered in rank
+    order, special tokens and post-processor remapped."""
+    from transformers import AutoTokenizer
+
+    old_to_new = {old: new for new, old in enumerate(kept)}
+    tj = json.loads(tok.backend_tokenizer.to_str())
+    vocab = tj["model"]["vocab"]
+    new_vocab = {s: old_to_new[i] for s, i in sorted(vocab.items(), key=lambda kv: kv[1]) if i in old_to_new}
+    merges = tj["model"].get("merges", [])
+    tj["model"]["merges"] = [
+        m for m, (a, b) in zip(merges, _merge_pairs(merges), strict=True) if a + b in new_vocab
+    ]
+    tj["model"]["vocab"] = new_vocab
+    tj["added_tokens"] = [
+        {**a, "id": old_to_new[a["id"]]} for a in tj.get("added_tokens", []) if a["id"] in old_to_new
+    ]
+    if tj.get("post_processor"):
+        tj["post_processor"] = _remap_ids(tj["post_processor"], old_to_new)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        (Path(tmp) / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+        cfg_path = Path(tmp) / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        decoder = cfg.get("added_tokens_decoder") or {}
+        cfg["added_tokens_decoder"] = {
+            str(old_to_new[int(i)]): v for i, v in decoder.items() if int(i) in old_to_new
+        }
+        cfg_path.write_text(json.dumps(cfg, ensure_ascii=False), encoding="utf-8")
+        trimmed = AutoTokenizer.from_pretrained(tmp)
+    trimmed.chat_template = tok.chat_template
+    return trimmed
+
+
+def trim_model(model: LlamaForCausalLM, kept: Sequence[int]) -> LlamaForCausalLM:
+    """Keep the embedding (and untied lm_head) rows of `kept`, in that order; in place."""
+    import torch
+
+    idx = torch.tensor(list(kept), dtype=torch.long)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    old_in = model.model.embed_tokens.weight.data
+    emb = torch.nn.Embedding(len(idx), old_in.shape[1], dtype=old_in.dtype)
+    emb.weight.data = old_in[idx].clone()
+    old_out = model.lm_head.weight.data
+    model.model.embed_tokens = emb
+    if tied:
+        model.lm_head.weight = emb.weight
+    else:
+        head = torch.nn.Linear(old_out.shape[1], len(idx), bias=False, dtype=old_out.dtype)
+        head.weight.data = old_out[idx].clone()
+        model.lm_head = head
+    model.config.vocab_size = len(idx)
+    return model
+
+
+def trim_vocab(
+    model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, texts: Iterable[str]
+) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, list[int]]:
+    """(model, tokenizer, kept old ids) restricted to the tokens `texts` need; see kept_token_ids."""
+    kept = kept_token_ids(tok, texts)
+    new_tok = trim_tokenizer(tok, kept)
+    model = trim_model(model, kept)
+    for key in ("bos", "eos", "pad"):
+        setattr(model.config, f"{key}_token_id", getattr(new_tok, f"{key}_token_id"))
+    log.info("vocabulary trimmed: %d -> %d tokens", len(tok), len(kept))
+    return model, new_tok, kept
+
+
+# ---- importance and pruning ----------------------------------------------------------------------------
+
+
+def _batches(tok: PreTrainedTokenizerFast, texts: Sequence[str], batch_size: int, max_len: int):
+    tok.padding_side = "right"
+    for i in range(0, len(texts), batch_size):
+        yield tok(
+            list(texts[i : i + batch_size]),
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=max_len,
+        )
+
+
+def _calibrate(
+    model: LlamaForCausalLM,
+    tok: PreTrainedTokenizerFast,
+    texts: Sequence[str],
+    hooks: Callable[[dict], list],
+    batch_size: int,
+    max_len: int,
+) -> None:
+    """Run `texts` through `model` with the hooks `hooks(state)` registers; state["mask"] is the batch's
+    (B, T) float attention mask, so hooks can ignore padding."""
+    import torch
+
+    check(len(texts) > 0, "calibration needs at least one text")
+    state: dict[str, Any] = {}
+    handles = hooks(state)
+    try:
+        model.eval()
+        with torch.no_grad():
+            for enc in _batches(tok, texts, batch_size, max_len):
+                state["mask"] = enc["attention_mask"].float()  # (B, T)
+                model(**enc, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def layer_importance(
+    model: LlamaForCausalLM,
+    tok: PreTrainedTokenizerFast,
+    texts: Sequence[str],
+    batch_size: int = 8,
+    max_len: int = 256,
+) -> list[float]:
+    """Mean angular distance arccos(cos(h_in, h_out)) / pi between each decoder layer's input and output
+    hidden states over the real tokens of `texts` (Gromov et al. 2024, one layer at a time): a layer
+    that barely turns the residual stream is the cheapest to drop."""
+    import torch
+
+    layers = model.model.layers
+    sums = [0.0] * len(layers)
+    count = [0.0]
+
+    def hooks(state: dict) -> list:
+        def make(i: int):
+            def hook(_mod, args, kwargs, out):
+                h_in = args[0] if args else kwargs["hidden_states"]  # (B, T, C)
+                h_out = out[0] if isinstance(out, tuple) else out  # (B, T, C)
+                cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)  # (B, T)
+                ang = torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
+                sums[i] += float((ang * state["mask"]).sum())
+                if i == 0:
+                    count[0] += float(state["mask"].sum())
+
+            return hook
+
+        return [layer.register_forward_hook(make(i), with_kwargs=True) for i, layer in enumerate(layers)]
+
+    _calibrate(model, tok, texts, hooks, batch_size, max_len)
+    return [s / max(count[0], 1.0) for s in sums]
+
+
+def select_layers(importance: Sequence[float], keep: int) -> list[int]:
+    """The first and last layer, plus the keep - 2 middle layers of largest importance, in order."""
+    n = len(importance)
+    check(2 <= keep <= n, f"keep_layers={keep}: must be between 2 and the model's {n} layers")
+    middle = sorted(range(1, n - 1), key=lambda i: importance[i], reverse=True)[: keep - 2]
+    return sorted({0, n - 1, *middle})
+
+
+def keep_layers(model: LlamaForCausalLM, idx: Sequence[int]) -> LlamaForCausalLM:
+    """Keep decoder layers `idx` (in order); in place."""
+    import torch
+
+    layers = model.model.layers
+    model.model.layers = torch.nn.ModuleList(layers[i] for i in idx)
+    for new_i, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new_i  # the KV cache is indexed by position in the list
+    model.config.num_hidden_layers = len(idx)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in idx]
+    return model
+
+
+def mlp_importance(
+    model: LlamaForCausalLM,
+    tok: PreTrainedTokenizerFast,
+    texts: Sequence[str],
+    batch_size: int = 8,
+    max_len: int = 256,
+) -> list[Any]:
+    """Per layer, the mean |act(gate(x)) * up(x)| of each MLP channel over real tokens (Minitron's
+    activation-based width importance): a (intermediate_size,) tensor per layer."""
+    import torch
+
+    layers = model.model.layers
+    sums = [torch.zeros(layer.mlp.down_proj.in_features) for layer in layers]
+
+    def hooks(state: dict) -> list:
+        def make(i: int):
+            def hook(_mod, args):
+                act = args[0].float().abs()  # (B, T, I): the down projection's input
+                sums[i] += (act * state["mask"].unsqueeze(-1)).sum((0, 1))
+
+            return hook
+
+        return [layer.mlp.down_proj.register_forward_pre_hook(make(i)) for i, layer in enumerate(layers)]
+
+    _calibrate(model, tok, texts, hooks, batch_size, max_len)
+    return sums
+
+
+def prune_mlp(
+    model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, texts: Sequence[str], intermediate_size: int
+) -> LlamaForCausalLM:
+    """Keep the `intermediate_size` most active MLP channels of every layer (one size for all layers, as
+    the llama config requires); in place."""
+    import torch
+
+    current = model.config.intermediate_size
+    check(
+        0 < intermediate_size <= current,
+        f"intermediate_size={intermediate_size}: must be in 1..{current} (the model's MLP width)",
+    )
+    if intermediate_size == current:
+        return model
+    for layer, score in zip(model.model.layers, mlp_importance(model, tok, texts), strict=True):
+        idx = torch.topk(score, intermediate_size).indices.sort().values
+        mlp = layer.mlp
+        for name in ("gate_proj", "up_proj"):
+            old = getattr(mlp, name)
+            new = torch.nn.Linear(old.in_features, intermediate_size, bias=False, dtype=old.weight.dtype)
+            new.weight.data = old.weight.data[idx].clone()
+            setattr(mlp, name, new)
+        old = mlp.down_proj
+        new = torch.nn.Linear(intermediate_size, old.out_features, bias=False, dtype=old.weight.dtype)
+        new.weight.data = old.weight.data[:, idx].clone()
+        mlp.down_proj = new
+        mlp.intermediate_size = intermediate_size
+    model.config.intermediate_size = intermediate_size
+    return model
+
+
+# ---- the stage -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompressConfig:
+    """`python -m nestling.distill.compress`: a compact student from a trained one."""
+
+    run: str = field(default="runs/default", metadata={"help": "run directory holding traces/ and students/"})
+    source: str = field(
+        default="smollm2", metadata={"help": "student under RUN/students to compress (its KD teacher too)"}
+    )
+    name: str | None = field(
+        default=None, metadata={"help": "compact student's name (default: SOURCE-cK[-wI])"}
+    )
+    keep_layers: int = field(
+        default=18, metadata={"help": "decoder layers kept, by angular distance (first and last always)"}
+    )
+    intermediate_size: int | None = field(
+        default=None, metadata={"help": "MLP channels kept per layer, by activation (default: all)"}
+    )
+    calib: int = field(default=64, metadata={"help": "training texts used to measure importance"})
+    fresh: int = field(
+        default=400,
+        metadata={"help": "fresh training questions the source answers (verified) for KD; never held-out"},
+    )
+    vocab_questions: int = field(
+        default=2000, metadata={"help": "task questions drawn to cover the task's vocabulary"}
+    )
+    recover_steps: int = field(default=600, metadata={"help": "recovery optimizer steps (0 = none)"})
+    lr: float = field(default=3e-4, metadata={"help": "recovery peak learning rate"})
+    batch_size: int = field(default=8, metadata={"help": "recovery examples per step"})
+    kd_alpha: float = field(
+        default=0.5, metadata={"help": "weight of the KL to the trimmed source's logits (rest: CE)"}
+    )
+    kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature for KD"})
+    seed: int = field(default=0, metadata={"help": "seed for fresh questions and recovery"})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads (default min(2, cores))"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self) -> None:
+        check(self.keep_layers >= 2, f"--keep-layers {self.keep_layers}: must be >= 2")
+        check(
+            self.intermediate_size is None or self.intermediate_size > 0,
+            f"--intermediate-size {self.intermediate_size}: must be > 0",
+        )
+        check(self.calib > 0, f"--calib {self.calib}: must be > 0")
+        check(self.fresh >= 0, f"--fresh {self.fresh}: must be >= 0")
+        check(self.vocab_questions >= 0, f"--vocab-questions {self.vocab_questions}: must be >= 0")
+        check(self.recover_steps >= 0, f"--recover-steps {self.recover_steps}: must be >= 0")
+        check(self.lr > 0, f"--lr {self.lr}: must be > 0")
+        check(self.batch_size > 0, f"--batch-size {self.batch_size}: must be > 0")
+        check(0.0 <= self.kd_alpha <= 1.0, f"--kd-alpha {self.kd_alpha}: must be in [0, 1]")
+        if self.name is None:
+            width = f"-w{self.intermediate_size}" if self.intermediate_size else ""
+            self.name = f"{self.source}-c{self.keep_layers}{width}"
+
+    def recipe(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in ("run", "threads", "progress")}
+
+
+def _held_keys(questions: list[dict]) -> set[str]:
+    """Normalised question texts and expressions of the held-out split: a fresh question matching either
+    is refused (the same sum asked in other words is still a held-out question)."""
+    from nestling.distill.tasks import normalize_question
+
+    keys = set()
+    for r in questions:
+        if r.get("split") == "heldout":
+            keys.add(normalize_question(r["question"]))
+            expr = (r.get("meta") or {}).get("expression")
+            if isinstance(expr, str):
+                keys.add("expr:" + " ".join(expr.split()))
+    return keys
+
+
+def draw_fresh(task_spec: str, questions: list[dict], n: int, seed: int) -> list[Any]:
+    """Up to n task questions that are not in the run (train or held-out) and share no expression with a
+    held-out question; drawn with a seed the run never used."""
+    from nestling.distill.tasks import load_task, normalize_question
+
+    if n == 0:
+        return []
+    held = _held_keys(questions)
+    seen = {normalize_question(r["question"]) for r in questions}
+    out = []
+    for ex in load_task(task_spec).examples(4 * n, seed=seed + 7919):
+        expr = ex.meta.get("expression")
+        key = normalize_question(ex.question)
+        if key in seen or key in held or (isinstance(expr, str) and "expr:" + " ".join(expr.split()) in held):
+            continue
+        seen.add(key)
+        ex.id = f"fresh{len(out):06d}"
+        out.append(ex)
+        if len(out) == n:
+            break
+    return out
+
+
+def task_texts(rows: list[dict], questions: list[Any]) -> list[str]:
+    """What the student reads and writes on this task: both prompt modes and targets of every verified
+    row, and both prompts (+ gold answer) of `questions`."""
+    texts = []
+    for r in rows:
+        texts.append(student_prompt(r["question"]) + explain_target(list(r["steps"]), str(r["answer"])))
+        texts.append(student_prompt(r["question"], explain=False) + answer_target(str(r["answer"])))
+    for ex in questions:
+        texts.append(student_prompt(ex.question))
+        texts.append(student_prompt(ex.question, explain=False) + answer_target(str(ex.gold or "")))
+    return texts
+
+
+def fresh_rows(
+    model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, examples: list, progress: bool
+) -> tuple:
+    """The source answers fresh questions greedily in explain mode; the same filters as the traces stage
+    keep the rows with a right answer and no false step. Returns (kept rows, filter stats)."""
+    from nestling.distill.evaluate import generate
+    from nestling.distill.filters import filter_traces
+    from nestling.serve.explain import extract_answer
+
+    if not examples:
+        return [], {}
+    prompts = [student_prompt(ex.question) for ex in examples]
+    texts, counts, _ = generate(model, tok, prompts, 96, 32, "fresh rationales", progress)
+    records = []
+    for ex, text, n in zip(examples, texts, counts, strict=True):
+        answer = extract_answer(text)
+        records.append(
+            {
+                "id": ex.id + ":0",
+                "qid": ex.id,
+                "task": ex.task,
+                "rationale": text,
+                "answer": answer,
+                "correct": answer is not None and bool(_score(ex, answer)),
+                "truncated": n >= 96,
+            }
+        )
+    kept, stats = filter_traces(records, examples)
+    for r in kept:
+        r["source"] = "fresh"
+    return kept, stats
+
+
+_TASKS: dict[str, Any] = {}
+
+
+def _score(ex: Any, answer: str) -> bool:
+    from nestling.distill.tasks import load_task
+
+    if ex.task not in _TASKS:
+        _TASKS[ex.task] = load_task(ex.task)
+    return bool(_TASKS[ex.task].score(answer, ex))
+
+
+def _source_inputs(run: Path, source: str) -> dict[str, Any]:
+    from nestling.distill.train import fingerprint_inputs
+    from nestling.serve.manifest import try_read_manifest
+
+    m = try_read_manifest(run / "students" / source) or {}
+    return {"source": m.get("files", {}), "traces": fingerprint_inputs(run)}
+
+
+def _publish(model: Any, tok: Any, out: Path, **manifest: Any) -> Path:
+    """Save to out/model through a temp directory, then write the manifest (never half-written)."""
+    from nestling.distill.students import save_student
+
+    tmp = out / f".tmp-model-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.config.use_cache = True
+    save_student(model.eval(), tok, tmp)
+    shutil.rmtree(out / "model", ignore_errors=True)
+    os.replace(tmp, out / "model")
+    write_manifest(out, stage="compress", files=["model"], **manifest)
+    return out / "model"
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def compress(cfg: CompressConfig) -> Path:
+    """trim -> prune -> recover; returns RUN/students/<name>. Re-running with the same inputs skips."""
+    import torch
+
+    from nestling.distill.evaluate import traces_config
+    from nestling.distill.students import count_params, load_student, save_student
+    from nestling.distill.tasks import Example
+    from nestling.distill.train import TrainConfig, read_jsonl, train, training_rows
+
+    run = Path(cfg.run)
+    src = run / "students" / cfg.source / "model"
+    out = run / "students" / str(cfg.name)
+    inputs = _source_inputs(run, cfg.source)
+    if is_fresh(out, "compress", cfg.recipe(), inputs):
+        log.info("%s is up to date; skipping", out)
+        return out
+    if not torch.cuda.is_available():
+        torch.set_num_threads(cfg.threads or max(1, min(2, os.cpu_count() or 1)))
+    model, tok = load_student(src)
+    teacher_params = count_params(model)
+    questions = read_jsonl(run / "traces" / "questions.jsonl")
+    rows = training_rows(run)
+    task = str(traces_config(run).get("task") or questions[0]["task"])
+    drawn = draw_fresh(task, questions, cfg.fresh + cfg.vocab_questions, cfg.seed)
+    train_qs = [Example.from_row(r) for r in questions if r.get("split") == "train"]
+
+    # -- trim: lossless on task text, so the trimmed source is the compact student's KD teacher ----------
+    model, tok, kept = trim_vocab(model, tok, task_texts(rows, train_qs + drawn))
+    trim_out = run / "students" / f"{cfg.source}-trim"
+    trim_dir = _publish(
+        model,
+        tok,
+        trim_out,
+        config={"source": cfg.source, "vocab_questions": cfg.vocab_questions},
+        inputs=inputs,
+        metrics={"params": count_params(model), "vocab": len(kept)},
+    )
+
+    # -- fresh verified rows for the recovery run (KD targets on questions the run never drew) -----------
+    fresh, fresh_stats = fresh_rows(model, tok, drawn[: cfg.fresh], cfg.progress)
+    rec_run = run / "compress" / str(cfg.name)
+    shutil.copyfile(run / "traces" / "questions.jsonl", _mkparent(rec_run / "traces" / "questions.jsonl"))
+    _write_jsonl(rec_run / "traces" / "kept.jsonl", read_jsonl(run / "traces" / "kept.jsonl") + fresh)
+
+    # -- prune by measured importance --------------------------------------------------------------------
+    calib = task_texts(rows, [])[:: max(1, 2 * len(rows) // cfg.calib)][: cfg.calib]
+    scores = layer_importance(model, tok, calib)
+    layers = select_layers(scores, cfg.keep_layers)
+    model = keep_layers(model, layers)
+    if cfg.intermediate_size:
+        model = prune_mlp(model, tok, calib, cfg.intermediate_size)
+    init_dir = rec_run / "init"
+    shutil.rmtree(init_dir, ignore_errors=True)
+    save_student(model, tok, init_dir)
+    params = count_params(model)
+    log.info(
+        "compact %s: layers %s, %.2fM parameters (%.2fx)",
+        cfg.name,
+        layers,
+        params / 1e6,
+        params / teacher_params,
+    )
+
+    # -- recover: logit KD from the trimmed source + CE on verified rows (distill.train) -----------------
+    metrics: dict[str, Any] = {}
+    if cfg.recover_steps:
+        tcfg = TrainConfig(
+            run=str(rec_run),
+            student=f"{cfg.name}=hf:{init_dir.resolve()}",
+            steps=cfg.recover_steps,
+            lr=cfg.lr,
+            batch_size=cfg.batch_size,
+            warmup=min(30, cfg.recover_steps // 10),
+            kd_alpha=cfg.kd_alpha,
+            kd_teacher=f"hf:{trim_dir.resolve()}",
+            kd_temperature=cfg.kd_temperature,
+            seed=cfg.seed,
+            threads=cfg.threads,
+            progress=cfg.progress,
+        )
+        trained = train(tcfg)
+        metrics = json.loads((trained / "manifest.json").read_text()).get("metrics", {})
+        model, tok = load_student(trained / "model")
+    result = _publish(
+        model,
+        tok,
+        out,
+        config=cfg.recipe(),
+        inputs=inputs,
+        metrics={
+            "params": params,
+            "teacher_params": teacher_params,
+            "param_ratio": round(params / teacher_params, 4),
+            "vocab": len(kept),
+            "layers_kept": layers,
+            "layer_importance": [round(s, 5) for s in scores],
+            "fresh_questions": len(drawn[: cfg.fresh]),
+            "fresh_rows": len(fresh),
+            "fresh_filters": fresh_stats.get("filters"),
+            "train_rows": len(rows),
+            "recovery": metrics,
+        },
+    )
+    return result.parent
+
+
+def _mkparent(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m nestling.distill.compress --run RUN --source smollm2 --keep-layers 18`."""
+    import argparse
+
+    from nestling.serve.config import add_config_args, config_from_args
+
+    p = argparse.ArgumentParser(
+        prog="python -m nestling.distill.compress", description=__doc__.split("\n")[0]
+    )
+    add_config_args(p, CompressConfig)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        out = compress(config_from_args(CompressConfig, args))
+    except NestlingError as e:
+        print(f"error: {e}")
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""Compression: vocabulary trimming is lossless on task text, importance finds the idle layer, a trimmed and
+pruned student saves, loads and exports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nestling.distill.compress import (
+    draw_fresh,
+    keep_layers,
+    kept_token_ids,
+    layer_importance,
+    prune_mlp,
+    select_layers,
+    trim_vocab,
+)
+from nestling.distill.students import (
+    StudentPreset,
+    count_params,
+    load_student,
+    new_student,
+    save_student,
+    train_tokenizer,
+)
+from nestling.serve.errors import NestlingError
+from nestling.serve.prompting import explain_target, student_prompt
+
+# A tokenizer trained on wider text than the task uses, so trimming has something to drop.
+WIDE = [
+    "The quick brown fox jumps over the lazy dog while zebras and yaks watch quietly.",
+    "Photosynthesis converts light energy into chemical energy stored in glucose molecules.",
+    "Ünïcödé · naïve café 日本語 emoji 🙂 and   spaces\ttabs",
+] * 20
+TASK = [
+    student_prompt(f"What is {a} + {b}?") + explain_target([f"{a} + {b} = {a + b}"], str(a + b))
+    for a in range(10)
+    for b in range(0, 10, 3)
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(WIDE + TASK, vocab_size=600)
+
+
+def tiny_llama(tok, layers: int = 4, seed: int = 0, tied: bool = True):
+    torch.manual_seed(seed)
+    model = new_student(StudentPreset(64, 128, layers, 4, 2, vocab_size=len(tok)), tok, seed=seed)
+    if not tied:
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.02)
+    return model.eval()
+
+
+def test_kept_ids_include_specials_bytes_and_merge_parents(tok):
+    kept = set(kept_token_ids(tok, TASK))
+    assert set(tok.all_special_ids) <= kept
+    assert len(kept) < len(tok)  # the wide text's words are gone
+    vocab = tok.get_vocab()
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    for m in merges:
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        if vocab.get(a + b) in kept:
+            assert vocab[a] in kept and vocab[b] in kept
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_trim_is_lossless_on_the_corpus(tok, tied):
+    model = tiny_llama(tok, tied=tied)
+    enc = tok(TASK[:8], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        before = model(**enc).logits  # (B, T, V)
+    small, small_tok, kept = trim_vocab(model, tok, TASK)
+    assert len(small_tok) == len(kept) == small.config.vocab_size < len(tok)
+    for text in TASK:
+        assert small_tok.tokenize(text) == tok.tokenize(text)
+        ids = small_tok(text)["input_ids"]
+        assert small_tok.convert_ids_to_tokens(ids) == tok.convert_ids_to_tokens(tok(text)["input_ids"])
+    assert small_tok.eos_token == tok.eos_token and small.config.eos_token_id == small_tok.eos_token_id
+    small_enc = small_tok(TASK[:8], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        after = small(**small_enc).logits
+    torch.testing.assert_close(after, before[..., kept], rtol=1e-5, atol=1e-5)
+    assert (small.lm_head.weight is small.model.embed_tokens.weight) == tied
+    # Text the corpus never used still encodes (byte-level symbols are kept) and decodes back.
+    other = "zebras 日本"
+    assert small_tok.decode(small_tok(other, add_special_tokens=False)["input_ids"]) == other
+
+
+def _identity_at(model, i: int):
+    """Layer i adds nothing to the residual stream: its output equals its input."""
+    layer = model.model.layers[i]
+    torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+    torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+    return model
+
+
+def test_importance_finds_the_identity_layer(tok):
+    model = _identity_at(tiny_llama(tok, layers=5, seed=1), 2)
+    scores = layer_importance(model, tok, TASK[:6], batch_size=4)
+    assert len(scores) == 5 and scores[2] < 1e-4 < min(s for i, s in enumerate(scores) if i != 2)
+    assert select_layers(scores, 4) == [0, 1, 3, 4]
+    assert select_layers(scores, 2) == [0, 4]
+    with pytest.raises(NestlingError, match="keep_layers"):
+        select_layers(scores, 6)
+
+
+def test_dropping_the_identity_layer_changes_nothing(tok):
+    model = _identity_at(tiny_llama(tok, layers=5, seed=2), 3)
+    enc = tok(TASK[:4], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        before = model(**enc).logits
+        after = keep_layers(model, [0, 1, 2, 4])(**enc).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    assert model.config.num_hidden_layers == 4
+
+
+def test_prune_mlp_keeps_the_active_channels(tok):
+    model = tiny_llama(tok, layers=2, seed=3)
+    for layer in model.model.layers:  # half the channels never fire: pruning them is exact
+        layer.mlp.up_proj.weight.data[64:] = 0
+    enc = tok(TASK[:4], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        before = model(**enc).logits
+        model = prune_mlp(model, tok, TASK[:8], intermediate_size=64)
+        after = model(**enc).logits
+    assert model.model.layers[0].mlp.down_proj.in_features == 64 == model.config.intermediate_size
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+def test_compressed_student_saves_and_loads(tok, tmp_path: Path):
+    model = tiny_llama(tok, layers=4, seed=4)
+    small, small_tok, _ = trim_vocab(model, tok, TASK)
+    small = keep_layers(small, select_layers(layer_importance(small, small_tok, TASK[:4]), 3))
+    small = prune_mlp(small, small_tok, TASK[:4], 64)
+    params = count_params(small)
+    save_student(small, small_tok, tmp_path / "model")
+    loaded, loaded_tok = load_student(tmp_path / "model")
+    assert count_params(loaded) == params and loaded.config.num_hidden_layers == 3
+    assert loaded_tok.get_vocab() == small_tok.get_vocab()
+    enc = small_tok(TASK[:3], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**enc).logits, small(**enc).logits)
+
+
+def test_fresh_questions_never_touch_the_heldout_split():
+    from nestling.distill.tasks import DEFAULT_TASK, load_task
+
+    task = load_task(DEFAULT_TASK)
+    rows = [
+        {**ex.to_row(), "split": "heldout" if i % 2 else "train"} for i, ex in enumerate(task.examples(60))
+    ]
+    fresh = draw_fresh(DEFAULT_TASK, rows, 40, seed=0)
+    held_q = {r["question"].lower() for r in rows if r["split"] == "heldout"}
+    held_expr = {r["meta"].get("expression") for r in rows if r["split"] == "heldout"}
+    seen = {r["question"].lower() for r in rows}
+    assert fresh and len({ex.question for ex in fresh}) == len(fresh)
+    for ex in fresh:
+        assert ex.question.lower() not in seen | held_q
+        assert ex.meta.get("expression") not in held_expr
+
+
+def test_trimmed_pruned_student_exports_with_parity(tiny_student_dir: Path, tiny_prompts, tmp_path: Path):
+    """A trimmed, width-pruned student goes through `nestling export` unchanged (GGUF tokenizer and
+    ONNX both parity-checked against PyTorch by the export stage itself)."""
+    from nestling.export.pipeline import ExportConfig, export_student
+    from nestling.serve.manifest import read_manifest
+
+    model, tok = load_student(tiny_student_dir)
+    corpus = [student_prompt(q) + explain_target([f"{q[8:-1]} = {g}"], g) for q, g in tiny_prompts]
+    small, small_tok, kept = trim_vocab(model, tok, corpus)
+    small = prune_mlp(small, small_tok, corpus, 256)
+    assert len(kept) < len(tok)
+    save_student(small, small_tok, tmp_path / "model")
+    out = tmp_path / "export"
+    cfg = ExportConfig(
+        student=str(tmp_path / "model"), out=str(out), variants=["gguf-f16", "onnx-fp32"], threads=1
+    )
+    export_student(cfg, prompts=tiny_prompts)
+    m = read_manifest(out, "export")
+    assert set(m["variants"]) >= {"gguf-f16", "onnx-fp32"}
+    for name in ("gguf-f16", "onnx-fp32"):
+        assert m["variants"][name]["parity"]["teacher_forced_top1"] >= 0.99, name
