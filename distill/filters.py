@@ -6,12 +6,23 @@
 
 Filters run in this order, each counted in ``stats["filters"]`` (in, kept, yield):
     format    an answer was extracted and at least one step remains after cleaning
-    length    not cut off by max_tokens, at most max_steps steps and max_chars characters
+    length    not cut off by max_tokens; a rationale without a chain also has at most max_steps steps and
+              max_chars characters (a reasoning chain is long by nature: only truncation drops it)
     correct   matches the gold answer; questions without gold use a self-consistency vote (the majority
               answer of the k samples is the label when its share reaches vote_threshold)
     steps     no false step (every arithmetic / per-task claim holds) and the last stated result is the
               answer; right-answer-wrong-steps rationales are counted separately
     dedupe    one copy of each distinct step list per question
+
+A reasoning teacher's record carries its chain apart from the answer part (``chain``); its steps are the
+chain's followed by the answer part's, split from free-form text by serve.explain.parse_steps, and every one
+is checked. Kept rows carry two rationale styles, both checked the same way:
+    steps_full    every step the teacher wrote
+    steps_short   the steps that carry a checkable claim (each distinct claim once), plus the conclusion;
+                  small students learn better from short chains (Li et al. 2025, "Small Models Struggle to
+                  Learn from Strong Reasoners")
+``steps`` is the style FilterConfig.style chose; ``training_text(row, style)`` renders either for training.
+A rationale without a chain has one style: both equal ``steps``.
 """
 
 from __future__ import annotations
@@ -23,12 +34,16 @@ from typing import Any
 from nestling.distill.tasks import Example
 from nestling.serve.config import check
 from nestling.serve.explain import (
+    check_step,
     check_steps,
     clean_steps,
     explanation_consistent,
     normalize_answer,
     parse_steps,
 )
+from nestling.serve.prompting import explain_target
+
+RATIONALE_STYLES = ("full", "short")
 
 
 @dataclass
@@ -48,6 +63,9 @@ class FilterConfig:
     )
     max_steps: int = field(default=12, metadata={"help": "drop rationales with more steps (rambling)"})
     max_chars: int = field(default=1500, metadata={"help": "drop rationales longer than this"})
+    style: str = field(
+        default="full", metadata={"help": "rationale style of a kept row's steps: full or short"}
+    )
 
     def __post_init__(self) -> None:
         check(
@@ -56,6 +74,46 @@ class FilterConfig:
         check(self.min_votes >= 1, f"min_votes {self.min_votes}: must be >= 1")
         check(self.max_steps >= 1, f"max_steps {self.max_steps}: must be >= 1")
         check(self.max_chars >= 1, f"max_chars {self.max_chars}: must be >= 1")
+        check(
+            self.style in RATIONALE_STYLES, f"style {self.style!r}: use one of {', '.join(RATIONALE_STYLES)}"
+        )
+
+
+def record_steps(record: dict, task: str | None = None) -> tuple[list[str], list[str]]:
+    """(full, short) steps of a trace record; the same list twice when the teacher wrote no chain."""
+    answer_part = clean_steps(parse_steps(record.get("rationale") or ""))
+    if not record.get("chain"):
+        return answer_part, answer_part
+    full = clean_steps(parse_steps(record["chain"])) + answer_part
+    return full, shorten(full, task)
+
+
+def shorten(steps: list[str], task: str | None = None) -> list[str]:
+    """The steps that state a new checkable claim, in order, then the conclusion (the last step)."""
+    short: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    for step in steps:
+        claims = {(c.expr, c.stated) for c in check_step(step, task).claims}
+        if claims - seen:
+            short.append(step)
+            seen |= claims
+    if steps and (not short or short[-1] != steps[-1]):
+        short.append(steps[-1])
+    return short
+
+
+def training_steps(row: dict, style: str | None = None) -> list[str]:
+    """The steps of a kept row in `style` (full | short); None = the style the traces stage chose.
+    Rows written before both styles were stored carry only ``steps``."""
+    if style is None:
+        return list(row["steps"])
+    check(style in RATIONALE_STYLES, f"rationale style {style!r}: use one of {', '.join(RATIONALE_STYLES)}")
+    return list(row.get(f"steps_{style}") or row["steps"])
+
+
+def training_text(row: dict, style: str | None = None) -> str:
+    """The explain-mode target a student learns from a kept row: serve.prompting's canonical rationale."""
+    return explain_target(training_steps(row, style), str(row["answer"]))
 
 
 def _degenerate(steps: list[str]) -> bool:
@@ -93,11 +151,12 @@ def filter_traces(
     kept: list[dict] = []
     for r in records:
         ex = by_id[r["qid"]]
-        steps = clean_steps(parse_steps(r.get("rationale") or ""))
+        steps, short = record_steps(r, r.get("task") or ex.task)
         if r.get("answer") is None or not steps or _degenerate(steps):
             continue
         passed["format"] += 1
-        if r.get("truncated") or len(steps) > cfg.max_steps or len(r.get("rationale") or "") > cfg.max_chars:
+        too_long = len(steps) > cfg.max_steps or len(r.get("rationale") or "") > cfg.max_chars
+        if r.get("truncated") or (too_long and not r.get("chain")):
             continue
         passed["length"] += 1
         if ex.gold is not None:
@@ -121,17 +180,18 @@ def filter_traces(
             continue
         seen.add(key)
         passed["dedupe"] += 1
-        kept.append(
-            {
-                "qid": ex.id,
-                "task": ex.task,
-                "question": ex.question,
-                "answer": answer,
-                "steps": steps,
-                "source": source,
-                "trace": r.get("id"),
-            }
-        )
+        row = {
+            "qid": ex.id,
+            "task": ex.task,
+            "question": ex.question,
+            "answer": answer,
+            "steps": short if cfg.style == "short" else steps,
+            "source": source,
+            "trace": r.get("id"),
+        }
+        if r.get("chain"):
+            row.update(steps_full=steps, steps_short=short, chain_source=r.get("chain_source"))
+        kept.append(row)
     filters = []
     prev = len(records)
     for n in names:
@@ -140,6 +200,8 @@ def filter_traces(
         )
         prev = passed[n]
     covered = {row["qid"] for row in kept}
+    chained = [row for row in kept if "steps_full" in row]
+    mean = lambda key: round(sum(len(row[key]) for row in chained) / len(chained), 2) if chained else None  # noqa: E731
     stats = {
         "records": len(records),
         "filters": filters,
@@ -149,6 +211,12 @@ def filter_traces(
         "yield": round(len(kept) / len(records), 4) if records else 0.0,
         "questions": len(examples),
         "questions_covered": len(covered),
+        "styles": {
+            "rows_with_chain": len(chained),
+            "mean_steps_full": mean("steps_full"),
+            "mean_steps_short": mean("steps_short"),
+            "style": cfg.style,
+        },
         "coverage": round(len(covered) / len(examples), 4) if examples else 0.0,
         "vote": {
             "questions_without_gold": sum(ex.gold is None for ex in examples),

