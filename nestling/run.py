@@ -9,7 +9,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from nestling.latency import measure_export
 from nestling.report import collect_report, write_report
+from nestling.serve.manifest import read_jsonl
 
 
 @dataclass
@@ -32,14 +34,22 @@ class RunConfig:
     parity_prompts: int | None = field(
         default=None, metadata={"help": "held-out prompts each export is checked and scored on"}
     )
-    tolerance: float = field(
-        default=0.02, metadata={"help": "recommend the fastest artifact within this accuracy of the best"}
+    recommend_within: float = field(
+        default=0.02,
+        metadata={"help": "recommend the export with the quickest answers within this accuracy of the best"},
+    )
+    latency_questions: int = field(
+        default=20, metadata={"help": "held-out questions each export answers one at a time, timed"}
     )
 
     def __post_init__(self) -> None:
         from nestling.serve.config import check
 
-        check(0.0 <= self.tolerance <= 1.0, f"--tolerance {self.tolerance}: must be in [0, 1], e.g. 0.02")
+        check(
+            0.0 <= self.recommend_within <= 1.0,
+            f"--recommend-within {self.recommend_within}: must be in [0, 1], e.g. 0.02",
+        )
+        check(self.latency_questions >= 1, f"--latency-questions {self.latency_questions}: must be >= 1")
 
 
 def _overrides(cfg: RunConfig, target: type) -> dict[str, Any]:
@@ -55,7 +65,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     run_dir = Path(cfg.out)
     distilled = run_distill(DistillConfig(out=cfg.out, **_overrides(cfg, DistillConfig)))
+    questions = _heldout_questions(run_dir, cfg.latency_questions)
     for name, student_dir in distilled["students"].items():
         out = run_dir / "exports" / name
         export_student(ExportConfig(student=str(student_dir), out=str(out), **_overrides(cfg, ExportConfig)))
-    return write_report(run_dir, collect_report(run_dir), cfg.tolerance)
+        measure_export(out, questions, n_threads=1, cache=run_dir / "latency" / f"{name}.json")
+    return write_report(run_dir, collect_report(run_dir), cfg.recommend_within)
+
+
+def _heldout_questions(run_dir: Path, n: int) -> list[str]:
+    rows = read_jsonl(run_dir / "traces" / "questions.jsonl", fix="re-run `nestling traces`")
+    return [r["question"] for r in rows if r.get("split") == "heldout"][:n]

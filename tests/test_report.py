@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from serve_fakes import make_fake_export, register_fake
+
 from nestling import report as nestling_report
 
 
@@ -56,3 +58,33 @@ def test_write_report_writes_json_md_png(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "tiny-gguf-q8_0" in md and "8.0%" in md
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_recommend_prefers_quicker_answers_over_decode_speed():
+    exports = _report()["exports"]
+    # f16 decodes slowest but answers quickest (a shorter explanation, say): what a user waits for decides.
+    exports["tiny-gguf-f16"]["answer_s"] = {"explain": 0.010, "answer": 0.002}
+    exports["tiny-gguf-q8_0"]["answer_s"] = {"explain": 0.030, "answer": 0.003}
+    assert nestling_report.recommend(exports, tolerance=0.02) == "tiny-gguf-f16"
+    # an untimed export ranks after every timed one
+    assert nestling_report.recommend(exports, tolerance=0.10) == "tiny-gguf-f16"
+
+
+def test_answers_are_timed_per_variant_in_both_modes_and_cached(tmp_path):
+    from nestling.latency import measure_export
+
+    loaded = register_fake()
+    export = make_fake_export(tmp_path)
+    questions = ["What is 2 + 3?", "What is 9 * 8?"]
+    cache = tmp_path / "latency" / "tiny.json"
+    timed = measure_export(export, questions, cache=cache)
+    assert set(timed) == {"fake-a", "fake-b"}
+    for modes in timed.values():
+        assert set(modes) == {"explain", "answer"}
+        assert modes["explain"]["n"] == 2 and modes["explain"]["median_s"] > 0
+    calls = sum(e.calls for e in loaded)
+    assert calls == 2 * 2 * (1 + len(questions))  # variants x modes x (warm-up + questions)
+    assert measure_export(export, questions, cache=cache) == timed
+    assert sum(e.calls for e in loaded) == calls  # served from the cache: nothing re-timed
+    measure_export(export, questions[:1], cache=cache)
+    assert sum(e.calls for e in loaded) > calls  # other questions: timed again
