@@ -185,17 +185,17 @@ def _calibrate(
     model: LlamaForCausalLM,
     tok: PreTrainedTokenizerFast,
     texts: Sequence[str],
-    hooks: Callable[[dict], list],
+    register: Callable[[int, Any, dict], Any],
     batch_size: int,
     max_len: int,
 ) -> None:
-    """Run `texts` through `model` with the hooks `hooks(state)` registers; state["mask"] is the batch's
-    (B, T) float attention mask, so hooks can ignore padding."""
+    """Run `texts` through `model` with one hook per decoder layer, ``register(i, layer, state)`` -> handle.
+    state["mask"] is the batch's (B, T) float attention mask, so hooks can ignore padding."""
     import torch
 
     check(len(texts) > 0, "calibration needs at least one text")
     state: dict[str, Any] = {}
-    handles = hooks(state)
+    handles = [register(i, layer, state) for i, layer in enumerate(model.model.layers)]
     try:
         model.eval()
         with torch.no_grad():
@@ -219,26 +219,20 @@ def layer_importance(
     that barely turns the residual stream is the cheapest to drop."""
     import torch
 
-    layers = model.model.layers
-    sums = [0.0] * len(layers)
+    sums = [0.0] * len(model.model.layers)
     count = [0.0]
 
-    def hooks(state: dict) -> list:
-        def make(i: int):
-            def hook(_mod, args, kwargs, out):
-                h_in = args[0] if args else kwargs["hidden_states"]  # (B, T, C)
-                h_out = out[0] if isinstance(out, tuple) else out  # (B, T, C)
-                cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)  # (B, T)
-                ang = torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
-                sums[i] += float((ang * state["mask"]).sum())
-                if i == 0:
-                    count[0] += float(state["mask"].sum())
+    def register(i: int, layer: Any, state: dict) -> Any:
+        def hook(_mod, args, kwargs, out):
+            h_in = args[0] if args else kwargs["hidden_states"]  # (B, T, C)
+            h_out = out[0] if isinstance(out, tuple) else out  # (B, T, C)
+            cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)  # (B, T)
+            sums[i] += float((torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi * state["mask"]).sum())
+            count[0] += float(state["mask"].sum()) if i == 0 else 0.0
 
-            return hook
+        return layer.register_forward_hook(hook, with_kwargs=True)
 
-        return [layer.register_forward_hook(make(i), with_kwargs=True) for i, layer in enumerate(layers)]
-
-    _calibrate(model, tok, texts, hooks, batch_size, max_len)
+    _calibrate(model, tok, texts, register, batch_size, max_len)
     return [s / max(count[0], 1.0) for s in sums]
 
 
@@ -275,20 +269,16 @@ def mlp_importance(
     activation-based width importance): a (intermediate_size,) tensor per layer."""
     import torch
 
-    layers = model.model.layers
-    sums = [torch.zeros(layer.mlp.down_proj.in_features) for layer in layers]
+    sums = [torch.zeros(layer.mlp.down_proj.in_features) for layer in model.model.layers]
 
-    def hooks(state: dict) -> list:
-        def make(i: int):
-            def hook(_mod, args):
-                act = args[0].float().abs()  # (B, T, I): the down projection's input
-                sums[i] += (act * state["mask"].unsqueeze(-1)).sum((0, 1))
+    def register(i: int, layer: Any, state: dict) -> Any:
+        def hook(_mod, args):
+            act = args[0].float().abs()  # (B, T, I): the down projection's input
+            sums[i] += (act * state["mask"].unsqueeze(-1)).sum((0, 1))
 
-            return hook
+        return layer.mlp.down_proj.register_forward_pre_hook(hook)
 
-        return [layer.mlp.down_proj.register_forward_pre_hook(make(i)) for i, layer in enumerate(layers)]
-
-    _calibrate(model, tok, texts, hooks, batch_size, max_len)
+    _calibrate(model, tok, texts, register, batch_size, max_len)
     return sums
 
 

@@ -1,0 +1,261 @@
+"""Compact students cut from the self-distilled SmolLM2 (trimmed vocabulary, depth pruned by angular
+distance, recovered by logit KD), side by side with the teacher: parameters, accuracy, per-answer latency.
+
+    nestling traces --out runs/compress --n 360 --heldout 200      # 160 train + 200 held-out questions
+    nestling train --run runs/compress --student hf:smollm2         # the self-distilled student
+    OMP_NUM_THREADS=2 python3 benchmarks/bench_compress.py --run runs/compress --layers 18 10 \\
+        --out benchmarks/results/compress
+
+For each --layers K, distill.compress builds RUN/students/smollm2-cK (resumable). Every model is then
+  - scored in PyTorch on the whole held-out split, explain and answer-only modes (nestling eval, cached),
+  - exported to GGUF Q8_0 (parity-checked by the export stage) and asked the first --latency-questions
+    held-out questions one at a time through nestling.serve.Reasoner (llama.cpp, 1 thread): per-answer
+    latency as a user waits for it, and the Q8_0 file's own accuracy,
+beside the teacher's GGUF answering the same questions with the prompt that wrote the traces (same engine,
+same thread count, timed in the same run). Writes OUT.json and OUT.png (accuracy against per-answer
+latency, marker area ~ parameters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nestling.serve.manifest import atomic_write_json  # noqa: E402
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of k successes in n (sane at 0 and n, unlike the normal one)."""
+    if n == 0:
+        return [0.0, 1.0]
+    p = k / n
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, mid - half), 4), round(min(1.0, mid + half), 4)]
+
+
+def acc(ok: list[bool]) -> dict:
+    return {"accuracy": round(sum(ok) / max(1, len(ok)), 4), "ci95": wilson(sum(ok), len(ok)), "n": len(ok)}
+
+
+def acc_of(result: dict, n: int) -> dict:
+    """An eval result's accuracy over n questions, with its interval (eval stores the rate, not the list)."""
+    k = round(result["accuracy"] * n)
+    return {"accuracy": round(k / n, 4), "ci95": wilson(k, n), "n": n}
+
+
+def _timing(seconds: list[float]) -> dict:
+    return {"mean_s": round(statistics.fmean(seconds), 4), "median_s": round(statistics.median(seconds), 4)}
+
+
+def time_teacher(run: Path, held: list[dict], scorer, threads: int) -> dict:
+    from nestling.distill.evaluate import default_teacher, traces_config
+    from nestling.distill.prompts import teacher_messages
+    from nestling.distill.teachers import Sampling, load_teacher
+
+    tcfg = traces_config(run)
+    fewshot = bool(tcfg.get("fewshot", True))
+    sampling = Sampling(temperature=0.0, max_tokens=int(tcfg.get("max_tokens") or 64), seed=0)
+    teacher = load_teacher(default_teacher(run), n_threads=threads)
+    ok, secs, tokens = [], [], []
+    try:
+        teacher.generate([teacher_messages(held[0]["question"], fewshot=fewshot)], n=1, sampling=sampling)
+        for row in held:
+            g = teacher.generate(
+                [teacher_messages(row["question"], fewshot=fewshot)], n=1, sampling=sampling
+            )[0][0]
+            ok.append(scorer.score(row, scorer.extract(row, g.text)))
+            secs.append(g.seconds)
+            tokens.append(g.tokens)
+    finally:
+        teacher.close()
+    return {"explain": {**acc(ok), **_timing(secs), "mean_new_tokens": statistics.fmean(tokens)}}
+
+
+def time_export(export_dir: Path, held: list[dict], scorer, threads: int) -> dict:
+    from nestling.serve.runtime import Reasoner
+
+    out = {}
+    with Reasoner.load(export_dir, variant="gguf-q8_0", n_threads=threads) as r:
+        r.ask(held[0]["question"], explain=False)  # warm-up: first-call allocations are not an answer
+        for mode, explain, budget in (("answer", False, 16), ("explain", True, 128)):
+            ok, secs, tokens = [], [], []
+            for row in held:
+                a = r.ask(row["question"], explain=explain, max_tokens=budget)
+                ok.append(scorer.score(row, a.answer))
+                secs.append(a.latency.total_s)
+                tokens.append(a.latency.completion_tokens)
+            out[mode] = {**acc(ok), **_timing(secs), "mean_new_tokens": statistics.fmean(tokens)}
+    return out
+
+
+def export_q8(run: Path, name: str, threads: int) -> Path:
+    from nestling.export.pipeline import ExportConfig, export_student
+
+    out = run / "exports" / f"{name}-q8"
+    cfg = ExportConfig(
+        student=str(run / "students" / name / "model"),
+        out=str(out),
+        variants=["gguf-q8_0"],
+        parity_prompts=16,
+        threads=threads,
+    )
+    export_student(cfg)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", default="runs/compress")
+    p.add_argument("--source", default="smollm2", help="the self-distilled student to compress")
+    p.add_argument("--layers", type=int, nargs="+", default=[18, 10], help="layers kept, one student each")
+    p.add_argument("--width", type=int, default=None, help="MLP channels kept (default: all)")
+    p.add_argument("--recover-steps", type=int, default=600)
+    p.add_argument("--fresh", type=int, default=400)
+    p.add_argument("--kd-alpha", type=float, default=0.5)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="training and PyTorch eval threads")
+    p.add_argument("--latency-questions", type=int, default=100, help="held-out questions timed one by one")
+    p.add_argument("--out", default="benchmarks/results/compress")
+    args = p.parse_args()
+
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from nestling.distill.compress import CompressConfig, compress
+    from nestling.distill.evaluate import EvalConfig, Scorer, evaluate, load_questions
+
+    run = Path(args.run)
+    names, seconds = [args.source, f"{args.source}-trim"], {}
+    for k in args.layers:
+        cfg = CompressConfig(
+            run=str(run),
+            source=args.source,
+            keep_layers=k,
+            intermediate_size=args.width,
+            recover_steps=args.recover_steps,
+            fresh=args.fresh,
+            kd_alpha=args.kd_alpha,
+            lr=args.lr,
+            seed=args.seed,
+            threads=args.threads,
+            progress=False,
+        )
+        t0 = time.perf_counter()
+        compress(cfg)
+        seconds[str(cfg.name)] = round(time.perf_counter() - t0, 1)
+        names.append(str(cfg.name))
+    ev = evaluate(
+        EvalConfig(run=str(run), students=names, latency_samples=0, threads=args.threads, progress=False)
+    )
+    _, held = load_questions(run)
+    timed = held[: args.latency_questions]
+    scorer = Scorer()
+    teacher = ev["teacher"]
+    res: dict = {
+        "run": str(run),
+        "heldout": len(held),
+        "latency_questions": len(timed),
+        "engine": "llama.cpp via nestling.serve.Reasoner (students, GGUF Q8_0) and the teacher backend "
+        "(bundled GGUF), 1 thread each, one question at a time",
+        "teacher": {
+            "spec": teacher["spec"],
+            "params": teacher["params"],
+            "heldout": acc_of(teacher, len(held)),
+            "gguf": time_teacher(run, timed, scorer, 1),
+        },
+        "students": {},
+    }
+    t_lat = res["teacher"]["gguf"]["explain"]["mean_s"]
+    for name in names:
+        s = ev["students"][name]
+        manifest = json.loads((run / "students" / name / "manifest.json").read_text())
+        exp = export_q8(run, name, 1)
+        gguf = time_export(exp, timed, scorer, 1)
+        q8_file = next(exp.glob("*q8_0*.gguf"), None)
+        row = {
+            "params": s["params"],
+            "param_ratio": round(s["params"] / teacher["params"], 4),
+            "q8_0_bytes": q8_file.stat().st_size if q8_file else None,
+            "pytorch": {mode: acc_of(s[mode], len(held)) for mode in ("explain", "answer")},
+            "gguf_q8_0": gguf,
+            "speedup_vs_teacher": {m: round(t_lat / gguf[m]["mean_s"], 2) for m in ("answer", "explain")},
+            "compress_seconds": seconds.get(name),
+            "compress": manifest.get("metrics"),
+        }
+        res["students"][name] = row
+    base = res["students"][args.source]["gguf_q8_0"]
+    for row in res["students"].values():
+        row["speedup_vs_self_distilled"] = {
+            m: round(base[m]["mean_s"] / row["gguf_q8_0"][m]["mean_s"], 2) for m in ("answer", "explain")
+        }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out.with_suffix(".json"), res)
+    plot(res, out.with_suffix(".png"))
+    print(json.dumps({k: _brief(v) for k, v in res["students"].items()}, indent=1))
+    print("teacher", json.dumps(res["teacher"]["heldout"]), json.dumps(res["teacher"]["gguf"]))
+
+
+def _brief(row: dict) -> dict:
+    return {
+        "params": row["params"],
+        "ratio": row["param_ratio"],
+        "pt_explain": row["pytorch"]["explain"]["accuracy"],
+        "pt_answer": row["pytorch"]["answer"]["accuracy"],
+        "q8_answer_s": row["gguf_q8_0"]["answer"]["mean_s"],
+        "q8_explain_s": row["gguf_q8_0"]["explain"]["mean_s"],
+        "speedup": row["speedup_vs_teacher"],
+    }
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    t = res["teacher"]
+    tl = t["gguf"]["explain"]["mean_s"]
+    ax.scatter([tl], [100 * t["heldout"]["accuracy"]], s=t["params"] / 4e5, c="black", marker="*")
+    ax.annotate(
+        "teacher (explain)",
+        (tl, 100 * t["heldout"]["accuracy"]),
+        fontsize=7,
+        xytext=(4, 4),
+        textcoords="offset points",
+    )
+    for name, row in res["students"].items():
+        for mode, color in (("answer", "tab:blue"), ("explain", "tab:orange")):
+            x = row["gguf_q8_0"][mode]["mean_s"]
+            y = 100 * row["pytorch"][mode]["accuracy"]
+            lo, hi = (100 * v for v in row["pytorch"][mode]["ci95"])
+            ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="none", ecolor=color, alpha=0.4)
+            ax.scatter([x], [y], s=row["params"] / 4e5, c=color, alpha=0.7)
+            ax.annotate(
+                f"{name} ({mode}, {row['param_ratio']:.2f}x)",
+                (x, y),
+                fontsize=6,
+                xytext=(4, -8),
+                textcoords="offset points",
+            )
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds per answer (GGUF, llama.cpp, 1 thread; log)")
+    ax.set_ylabel(f"held-out accuracy, % (n={res['heldout']}, 95% CI)")
+    ax.set_title("compact students vs the teacher (blue: answer-only, orange: explain)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    main()
