@@ -1,4 +1,4 @@
-"""Students: always ``LlamaForCausalLM`` (ONNX and GGUF export both work), in ``save_pretrained`` form.
+"""Students: Hugging Face causal LMs of the families every export path handles, in ``save_pretrained`` form.
 
     tok = train_tokenizer(texts, vocab_size=2048)
     model = new_student("tiny", tok)          # from-scratch preset, ~3-5M parameters
@@ -9,7 +9,9 @@
 
 Student specs (``--students``, comma-separated): a preset name (``nano``, ``tiny``, ``small``) trained from
 scratch, or ``hf:smollm2`` / ``hf:PATH`` (a save_pretrained llama directory, or a directory holding one
-``.gguf``) initialised from pretrained weights. Options follow ``?`` as ``key=value`` pairs joined by ``&``:
+``.gguf``) initialised from pretrained weights. ``hf:DIR`` may hold any model of the FAMILIES below
+(Llama 3.x / SmolLM2, Mistral, Qwen2/2.5, Qwen3, Gemma 3 text, Phi-3); ``hf:owner/name`` is read from the
+Hugging Face hub when the machine is online. Options follow ``?`` as ``key=value`` pairs joined by ``&``:
 ``keep_layers=N`` (depth pruning: N layers evenly spaced, first and last kept), ``vocab=N`` (preset
 tokenizer size), ``seed=N``. ``NAME=SPEC`` names the student directory, e.g.
 ``pruned=hf:smollm2?keep_layers=8``; without a name it is derived (``tiny``, ``smollm2``, ``smollm2-k8``).
@@ -30,9 +32,21 @@ from nestling.serve.errors import NestlingError
 from nestling.serve.prompting import CHAT_TEMPLATE
 
 if TYPE_CHECKING:
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
+
+# config.json model_type of every family that trains, exports (ONNX through optimum, GGUF through
+# export.gguf_arch's table) and serves; the from-scratch presets are llama.
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
+
+
+def check_family(model_type: object, where: object) -> None:
+    """NestlingError naming the supported families when `model_type` is not one of them."""
+    if model_type not in FAMILIES:
+        raise NestlingError(
+            f"{where}: model_type is {model_type!r}; nestling students are one of {', '.join(FAMILIES)}"
+        )
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]  # ids 0, 1, 2
@@ -154,14 +168,13 @@ def bundled_smollm2() -> Path:
     return resolve_gguf("smollm2")
 
 
-def load_pretrained(source: str) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """``hf:smollm2`` | ``hf:DIR`` (save_pretrained llama) | ``hf:FILE.gguf`` -> (model, tokenizer), fp32.
+def load_pretrained(source: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """``hf:smollm2`` | ``hf:DIR`` (save_pretrained) | ``hf:FILE.gguf`` | ``hf:owner/name`` (online) ->
+    (model, tokenizer), fp32.
 
     GGUF weights are dequantized by transformers' GGUF loader (SmolLM2-135M: 134.5M parameters, ~18 s).
     """
-    import json
-
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = source[3:] if source.startswith("hf:") else source
     path = bundled_smollm2() if target == "smollm2" else Path(target)
@@ -170,29 +183,27 @@ def load_pretrained(source: str) -> tuple[LlamaForCausalLM, PreTrainedTokenizerF
         if len(ggufs) != 1:
             raise NestlingError(f"{path}: neither a save_pretrained directory nor a directory with one .gguf")
         path = ggufs[0]
-    if not path.exists():
+    hub = not path.exists() and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", target) is not None
+    if not path.exists() and not hub:
         raise NestlingError(f"student {source!r}: {path} not found; pass hf:smollm2 or an existing directory")
     try:
         if path.suffix == ".gguf":
-            model = LlamaForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             _fix_gguf_special_tokens(path, model, tok)
         else:
-            cfg = json.loads((path / "config.json").read_text())
-            if cfg.get("model_type") != "llama":
-                raise NestlingError(
-                    f"{path}: model_type is {cfg.get('model_type')!r}; students must be llama-architecture"
-                )
-            if not list(path.glob("*.safetensors")):
-                raise NestlingError(f"{path}: no .safetensors weights (pickled weights are never loaded)")
-            model = LlamaForCausalLM.from_pretrained(path, use_safetensors=True)
-            tok = AutoTokenizer.from_pretrained(path)
+            where = target if hub else path
+            if not hub:
+                _check_checkpoint_files(path)
+            model_type = _config_model_type(where)
+            check_family(model_type, where)
+            model = AutoModelForCausalLM.from_pretrained(where, use_safetensors=True)
+            tok = AutoTokenizer.from_pretrained(where)
     except NestlingError:
         raise
     except Exception as e:
         raise NestlingError(f"student {source!r}: cannot load ({type(e).__name__}: {e})") from None
-    if model.config.model_type != "llama":
-        raise NestlingError(f"{path}: not a llama model ({model.config.model_type}); students must be llama")
+    check_family(model.config.model_type, path)
     if tok.eos_token_id is None:
         raise NestlingError(f"{path}: the tokenizer has no eos token; a student must be able to stop")
     if tok.pad_token_id is None:
@@ -201,7 +212,25 @@ def load_pretrained(source: str) -> tuple[LlamaForCausalLM, PreTrainedTokenizerF
     return model.float(), tok
 
 
-def _fix_gguf_special_tokens(path: Path, model: LlamaForCausalLM, tok: PreTrainedTokenizerFast) -> None:
+def _config_model_type(where: str | Path) -> object:
+    """model_type from config.json (local or hub) before any weights are read."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(where).model_type
+    except ValueError as e:  # an unknown model_type: transformers cannot even parse the config
+        raise NestlingError(f"{where}: {e}".splitlines()[0]) from None
+
+
+def _check_checkpoint_files(d: Path) -> None:
+    """Safetensors weights and a fast tokenizer, or a one-line refusal (pickles are never loaded)."""
+    if not list(d.glob("*.safetensors")):
+        raise NestlingError(f"{d}: no .safetensors weights (pickled weights are never loaded)")
+    if not (d / "tokenizer.json").is_file():
+        raise NestlingError(f"{d}: no tokenizer.json; save the student with its fast tokenizer ")
+
+
+def _fix_gguf_special_tokens(path: Path, model: PreTrainedModel, tok: PreTrainedTokenizerFast) -> None:
     """Take bos/eos/pad from the GGUF's metadata.
 
     transformers 4.57's GGUF tokenizer conversion reports SmolLM2's eos as <|im_start|> (id 1) while the
@@ -226,7 +255,7 @@ def _fix_gguf_special_tokens(path: Path, model: LlamaForCausalLM, tok: PreTraine
     model.config.pad_token_id = tok.pad_token_id
 
 
-def prune_layers(model: LlamaForCausalLM, keep: int) -> LlamaForCausalLM:
+def prune_layers(model: PreTrainedModel, keep: int) -> PreTrainedModel:
     """Depth pruning (Minitron-style, then distil): keep `keep` layers spread evenly, first and last included.
 
     Measured on SmolLM2-135M (multitask loss on verified rationales before any training, full model 1.76):
@@ -246,12 +275,14 @@ def prune_layers(model: LlamaForCausalLM, keep: int) -> LlamaForCausalLM:
     for new_i, layer in enumerate(model.model.layers):
         layer.self_attn.layer_idx = new_i  # the KV cache is indexed by position in the list
     model.config.num_hidden_layers = keep
+    if getattr(model.config, "layer_types", None):  # Gemma 3, Qwen2: per-layer sliding/full attention
+        model.config.layer_types = [model.config.layer_types[i] for i in idx]
     return model
 
 
 def init_student(
     spec: StudentSpec | str, texts: Iterable[str] = (), seed: int | None = None
-) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """A fresh student for `spec`: presets get a tokenizer trained on `texts`; hf: specs load and prune."""
     if isinstance(spec, str):
         spec = parse_student_spec(spec)
@@ -307,7 +338,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedT
 
 def new_student(
     preset: str | StudentPreset, tokenizer: PreTrainedTokenizerFast, seed: int = 0
-) -> LlamaForCausalLM:
+) -> PreTrainedModel:
     """A randomly initialised llama student sized by `preset`, with tied embeddings."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -336,12 +367,12 @@ def new_student(
     return LlamaForCausalLM(config)
 
 
-def count_params(model: LlamaForCausalLM) -> int:
+def count_params(model: PreTrainedModel) -> int:
     """Unique parameters (a tied embedding counts once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def save_student(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> Path:
+def save_student(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> Path:
     """save_pretrained form: safetensors, tokenizer with chat template, generation config stopping at eos."""
     from transformers import GenerationConfig
 
@@ -363,7 +394,7 @@ def save_student(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, ou
 
 
 def check_student_dir(model_dir: str | Path) -> dict:
-    """Refuse, before any work, what is not a llama student in safetensors form with a fast tokenizer.
+    """Refuse, before any work, what is not a student of FAMILIES in safetensors form with a fast tokenizer.
 
     Returns the parsed config.json. Shared by training, evaluation and export.
     """
@@ -379,26 +410,19 @@ def check_student_dir(model_dir: str | Path) -> dict:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise NestlingError(f"{cfg_path}: not valid JSON ({e}); re-save the student") from None
-    if not isinstance(cfg, dict) or cfg.get("model_type") != "llama":
-        got = cfg.get("model_type") if isinstance(cfg, dict) else None
-        raise NestlingError(f"{d}: model_type is {got!r}; nestling students are llama-architecture only")
-    if not list(d.glob("*.safetensors")):
-        raise NestlingError(f"{d}: no .safetensors weights (pickled weights are never loaded)")
-    if not (d / "tokenizer.json").is_file():
-        raise NestlingError(
-            f"{d}: no tokenizer.json; save the student with its fast tokenizer (save_student)"
-        )
+    check_family(cfg.get("model_type") if isinstance(cfg, dict) else None, d)
+    _check_checkpoint_files(d)
     return cfg
 
 
-def load_student(model_dir: str | Path) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    """Load a saved student, refusing anything that is not a llama checkpoint in safetensors form."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+def load_student(model_dir: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load a saved student, refusing anything that check_student_dir refuses."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     d = Path(model_dir)
     check_student_dir(d)
     try:
-        model = LlamaForCausalLM.from_pretrained(d, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(d, use_safetensors=True)
         tok = AutoTokenizer.from_pretrained(d)
     except Exception as e:  # corrupt safetensors, mismatched shapes, ...
         raise NestlingError(f"{d}: cannot load the student ({type(e).__name__}: {e})") from None

@@ -4,9 +4,12 @@
     quantize_gguf("exports/.../model-f16.gguf", "exports/.../model-q8_0.gguf", "q8_0")
 
 No converter ships with llama-cpp-python or gguf, so this module does what llama.cpp's convert_hf_to_gguf.py
-does for the llama architecture: permute q/k projections into llama.cpp's rotary layout, omit output.weight
-when embeddings are tied, and describe the byte-level BPE tokenizer so that llama.cpp tokenizes exactly like
-the Hugging Face tokenizer (checked at export time by export.parity).
+does for every family in ``export.gguf_arch.FAMILIES`` (llama, mistral, qwen2, qwen3, gemma3_text, phi3):
+tensor names, token types and file types come from gguf-py's tables, per-family conventions (q/k
+permutation, norm offsets, sliding window, hard-coded hyper-parameters) from the one table in gguf_arch, and
+the tokenizer is described so that llama.cpp tokenizes exactly like Hugging Face (byte-level BPE as "gpt2"
+with its pre-tokenizer name; byte-fallback BPE as sentencepiece-style "llama" with scores). export.parity
+checks the result at export time.
 """
 
 from __future__ import annotations
@@ -15,18 +18,27 @@ import ctypes
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 
+from nestling.export.gguf_arch import Family, add_space_prefix, family_for, pre_tokenizer_name
 from nestling.serve.errors import NestlingError
 from nestling.serve.prompting import CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
 
-# name -> llama_ftype (llama.h); the values are stable across llama.cpp releases.
-QUANT_TYPES: dict[str, int] = {"q8_0": 7, "q4_k_m": 15, "q4_0": 2, "q5_k_m": 17, "q6_k": 18}
+QUANT_TYPES: dict[str, gguf.LlamaFileType] = {
+    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+    "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M,
+    "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K,
+}
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -47,76 +59,92 @@ def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def detect_pre_tokenizer(tok_json: dict[str, Any]) -> str:
-    """llama.cpp's ``tokenizer.ggml.pre`` for a byte-level BPE tokenizer.json.
+    """llama.cpp's ``tokenizer.ggml.pre`` for a byte-level BPE tokenizer.json (see gguf_arch)."""
+    return pre_tokenizer_name(tok_json)
 
-    ByteLevel alone is GPT-2's regex ("gpt-2"); digits split one by one before ByteLevel is SmolLM2's
-    ("smollm", what the bundled SmolLM2 GGUF declares). Anything else is refused rather than guessed,
-    because a wrong value silently changes how llama.cpp splits digits.
-    """
-    pre = tok_json.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    types = [p.get("type") for p in parts]
-    if types == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt-2"
-    if types == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
-        return "smollm"
-    raise NestlingError(
-        f"pre-tokenizer {types} is not one llama.cpp is known to reproduce; use a byte-level BPE "
-        "tokenizer (distill.students.train_tokenizer) or pass the llama.cpp name with --gguf-pre"
-    )
+
+def _token_types(tokens: list[str | None], tj: dict[str, Any], unk: str | None) -> list[gguf.TokenType]:
+    special = {a["id"] for a in tj.get("added_tokens", []) if a.get("special")}
+    user = {a["id"] for a in tj.get("added_tokens", []) if not a.get("special")}
+    byte_fallback = bool(tj["model"].get("byte_fallback"))
+    types = []
+    for i, t in enumerate(tokens):
+        if t is None:
+            types.append(gguf.TokenType.UNUSED)
+        elif i in special:
+            types.append(gguf.TokenType.CONTROL)
+        elif i in user:
+            types.append(gguf.TokenType.USER_DEFINED)
+        elif t == unk:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif byte_fallback and _BYTE_TOKEN.fullmatch(t):
+            types.append(gguf.TokenType.BYTE)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    return types
+
+
+def _merge_scores(tokens: list[str], merges: list[Any]) -> list[float]:
+    """Sentencepiece-style scores from BPE merge ranks: llama.cpp's "llama" tokenizer merges the adjacent
+    pair whose result scores highest, so a token made by merge r scores -r and merges in HF's order."""
+    best: dict[str, int] = {}
+    for rank, m in enumerate(merges):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        best.setdefault(a + b, rank)
+    return [-float(best[t]) if t in best else 0.0 for t in tokens]
+
+
+def _template_ends(post: dict[str, Any] | None) -> tuple[str | None, str | None]:
+    """Special tokens HF's post-processor puts before and after a single text (bos, eos), if any."""
+    procs = (post or {}).get("processors", [post]) if post else []
+    for p in procs:
+        if p.get("type") == "TemplateProcessing" and p.get("single"):
+            single = p["single"]
+            first = single[0].get("SpecialToken", {}).get("id")
+            last = single[-1].get("SpecialToken", {}).get("id") if len(single) > 1 else None
+            return first, last
+    return None, None
 
 
 def _tokenizer_fields(model_dir: Path, vocab_size: int, pre: str | None) -> dict[str, Any]:
-    """Tokens, types, merges and special ids for the GGUF, read from tokenizer.json."""
+    """Tokens, types, scores or merges, and flags for the GGUF, read from tokenizer.json."""
     tok_path = model_dir / "tokenizer.json"
     if not tok_path.is_file():
         raise NestlingError(f"{model_dir}: no tokenizer.json; save the student with its fast tokenizer")
     tj = _read_json(tok_path)
     model = tj.get("model", {})
     if model.get("type") != "BPE":
-        raise NestlingError(f"{tok_path}: {model.get('type')} tokenizer; GGUF export supports byte-level BPE")
+        raise NestlingError(
+            f"{tok_path}: {model.get('type')} tokenizer; GGUF export supports byte-level or byte-fallback BPE"
+        )
     vocab: dict[str, int] = dict(model.get("vocab", {}))
-    special_ids: set[int] = set()
-    user_ids: set[int] = set()
     for added in tj.get("added_tokens", []):
         vocab[added["content"]] = added["id"]
-        (special_ids if added.get("special") else user_ids).add(added["id"])
     n = max(vocab_size, max(vocab.values()) + 1)
     tokens: list[str | None] = [None] * n
     for text, i in vocab.items():
         tokens[i] = text
-    types = []
-    for i, t in enumerate(tokens):
-        if t is None:  # the embedding is padded past the tokenizer: llama.cpp wants a name for every row
-            tokens[i] = f"[PAD{i}]"
-            types.append(5)  # UNUSED
-        else:
-            types.append(3 if i in special_ids else 4 if i in user_ids else 1)  # CONTROL / USER / NORMAL
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-
+    unk = model.get("unk_token")
+    types = _token_types(tokens, tj, unk)
+    # The embedding may be padded past the tokenizer: llama.cpp wants a name for every row.
+    names = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
+    spm = bool(model.get("byte_fallback"))
     cfg = _read_json(model_dir / "tokenizer_config.json")
-    by_text = {t: i for i, t in enumerate(tokens)}
+    first, last = _template_ends(tj.get("post_processor"))
 
-    def special(name: str) -> int | None:
-        v = cfg.get(name)
-        v = v.get("content") if isinstance(v, dict) else v
-        return by_text.get(v) if v is not None else None
+    def text_of(key: str) -> str | None:
+        v = cfg.get(key)
+        return v.get("content") if isinstance(v, dict) else v
 
-    # add_bos: does the HF tokenizer's post-processor put bos in front? (SmolLM2's does not.)
-    post = json.dumps(tj.get("post_processor") or {})
-    bos = special("bos_token")
-    bos_text = tokens[bos] if bos is not None else None
-    add_bos = bool(bos_text) and json.dumps(bos_text) in post
     return {
-        "tokens": tokens,
+        "model": "llama" if spm else "gpt2",
+        "pre": None if spm else (pre or pre_tokenizer_name(tj)),
+        "tokens": names,
         "types": types,
-        "merges": merges,
-        "pre": pre or detect_pre_tokenizer(tj),
-        "bos": bos,
-        "eos": special("eos_token"),
-        "pad": special("pad_token"),
-        "unk": special("unk_token"),
-        "add_bos": add_bos,
+        "scores": _merge_scores(names, model.get("merges", [])) if spm else None,
+        "add_space_prefix": add_space_prefix(tj) if spm else False,
+        "add_bos": first is not None and first == text_of("bos_token"),
+        "add_eos": last is not None and last == text_of("eos_token"),
     }
 
 
@@ -140,75 +168,125 @@ def _load_tensors(model_dir: Path) -> dict[str, np.ndarray]:
     return out
 
 
+class _Shape:
+    """The attention geometry of config.json that the writer and the tensor rules need."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.n_layer = int(cfg["num_hidden_layers"])
+        self.n_head = int(cfg["num_attention_heads"])
+        self.n_kv = int(cfg.get("num_key_value_heads") or self.n_head)
+        self.hidden = int(cfg["hidden_size"])
+        self.head_dim = int(cfg.get("head_dim") or self.hidden // self.n_head)
+        self.n_rot = int(self.head_dim * float(cfg.get("partial_rotary_factor", 1.0)))
+
+
+def _rope_scaling(w: gguf.GGUFWriter, d: Path, cfg: dict[str, Any], fam: Family) -> dict[str, np.ndarray]:
+    """Rope scaling metadata; returns the extra tensors it needs (Llama 3's per-frequency factors)."""
+    scaling = cfg.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return {}
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+        return {}
+    if kind == "llama3" and gguf.MODEL_TENSOR.ROPE_FREQS in gguf.MODEL_TENSORS[fam.arch]:
+        # llama.cpp divides each frequency by rope_freqs[i]: the ratio of HF's plain to scaled inv_freq,
+        # computed by transformers' own rope function so the two cannot drift apart.
+        from transformers import AutoConfig
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        conf = AutoConfig.from_pretrained(d)
+        scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](conf, "cpu")
+        plain, _ = ROPE_INIT_FUNCTIONS["default"](conf, "cpu")
+        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        return {name: (plain / scaled).float().numpy()}
+    raise NestlingError(f"{d}: rope_scaling {scaling} is not supported (default, linear, llama3 are)")
+
+
+def _add_hparams(w: gguf.GGUFWriter, cfg: dict[str, Any], fam: Family, shape: _Shape, dtype: str) -> None:
+    w.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
+    w.add_embedding_length(shape.hidden)
+    w.add_block_count(shape.n_layer)
+    w.add_feed_forward_length(int(cfg["intermediate_size"]))
+    w.add_head_count(shape.n_head)
+    w.add_head_count_kv(shape.n_kv)
+    w.add_rope_dimension_count(shape.n_rot)
+    w.add_key_length(shape.head_dim)
+    w.add_value_length(shape.head_dim)
+    w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
+    if fam.sliding_window:
+        w.add_sliding_window(int(cfg["sliding_window"]))
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
+
+
+def _add_tokenizer(w: gguf.GGUFWriter, d: Path, tokf: dict[str, Any]) -> None:
+    w.add_tokenizer_model(tokf["model"])
+    if tokf["pre"]:
+        w.add_tokenizer_pre(tokf["pre"])
+    w.add_token_list(tokf["tokens"])
+    w.add_token_types(tokf["types"])
+    if tokf["scores"] is not None:
+        w.add_token_scores(tokf["scores"])
+    # Merges (byte-level BPE), special token ids and the chat template, read as llama.cpp's converter does.
+    special = gguf.SpecialVocab(d, load_merges=tokf["scores"] is None, n_vocab=len(tokf["tokens"]))
+    gen = _read_json(d / "generation_config.json")
+    eos = gen.get("eos_token_id")
+    if eos is not None:  # what generate() stops at, when the tokenizer config says otherwise
+        special.special_token_ids["eos"] = int(eos[0] if isinstance(eos, list) else eos)
+    special.add_special_token = {}  # decided from the post-processor below: what HF's encode() does
+    if special.chat_template is None:
+        special.chat_template = CHAT_TEMPLATE
+    special.add_to_gguf(w, quiet=True)
+    w.add_add_bos_token(tokf["add_bos"])
+    w.add_add_eos_token(tokf["add_eos"])
+    w.add_add_space_prefix(tokf["add_space_prefix"])
+
+
+def _convert(hf_name: str, arr: np.ndarray, fam: Family, shape: _Shape) -> np.ndarray:
+    """One HF tensor in llama.cpp's convention for `fam` (still float32)."""
+    if fam.permute_qk:
+        if hf_name.endswith("q_proj.weight"):
+            arr = permute_qk(arr, shape.n_head)
+        elif hf_name.endswith("k_proj.weight"):
+            arr = permute_qk(arr, shape.n_kv)
+        elif hf_name.endswith("qkv_proj.weight"):  # fused rows: q | k | v
+            q, k = shape.n_head * shape.head_dim, shape.n_kv * shape.head_dim
+            arr = np.concatenate(
+                [permute_qk(arr[:q], shape.n_head), permute_qk(arr[q : q + k], shape.n_kv), arr[q + k :]]
+            )
+    if fam.norm_offset and hf_name.endswith("norm.weight"):
+        arr = arr + fam.norm_offset
+    return arr
+
+
 def write_gguf(
     model_dir: str | Path, out_path: str | Path, dtype: str = "f16", pre: str | None = None
 ) -> Path:
-    """Write a llama-architecture student as GGUF (dtype f16 or f32; 1-D tensors always F32)."""
-    import gguf
-
+    """Write a student of any family in gguf_arch.FAMILIES as GGUF (f16 or f32; 1-D tensors always F32)."""
     if dtype not in ("f16", "f32"):
         raise NestlingError(f"GGUF base dtype {dtype!r}: use f16 or f32")
     d = Path(model_dir)
     cfg = _read_json(d / "config.json")
-    if cfg.get("model_type") != "llama":
-        raise NestlingError(f"{d}: model_type {cfg.get('model_type')!r}; GGUF export supports llama students")
-    n_layer = int(cfg["num_hidden_layers"])
-    n_head = int(cfg["num_attention_heads"])
-    n_kv = int(cfg.get("num_key_value_heads") or n_head)
-    hidden = int(cfg["hidden_size"])
-    head_dim = int(cfg.get("head_dim") or hidden // n_head)
-    vocab_size = int(cfg["vocab_size"])
-    if cfg.get("rope_scaling"):
-        raise NestlingError(f"{d}: rope_scaling {cfg['rope_scaling']} is not supported by this exporter")
-    tokf = _tokenizer_fields(d, vocab_size, pre)
-    gen = _read_json(d / "generation_config.json")
-    eos = gen.get("eos_token_id", tokf["eos"])
-    eos = eos[0] if isinstance(eos, list) else eos
+    fam = family_for(cfg, d)
+    shape = _Shape(cfg)
+    tokf = _tokenizer_fields(d, int(cfg["vocab_size"]), pre)
     tensors = _load_tensors(d)
 
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+    name_map = gguf.get_tensor_name_map(fam.arch, shape.n_layer)
     tied = bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in tensors
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its INFO lines repeat what we log below
-    w = gguf.GGUFWriter(str(tmp), "llama")
+    w = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[fam.arch])
     try:
         w.add_name(cfg.get("_name_or_path") and Path(cfg["_name_or_path"]).name or d.parent.name or "student")
-        w.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
-        w.add_embedding_length(hidden)
-        w.add_block_count(n_layer)
-        w.add_feed_forward_length(int(cfg["intermediate_size"]))
-        w.add_head_count(n_head)
-        w.add_head_count_kv(n_kv)
-        w.add_rope_dimension_count(head_dim)
-        if head_dim != hidden // n_head:
-            w.add_key_length(head_dim)
-            w.add_value_length(head_dim)
-        w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
-        w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
+        _add_hparams(w, cfg, fam, shape, dtype)
+        extra = _rope_scaling(w, d, cfg, fam)
         w.add_vocab_size(len(tokf["tokens"]))
-        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
-
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(tokf["pre"])
-        w.add_token_list(tokf["tokens"])
-        w.add_token_types(tokf["types"])
-        w.add_token_merges(tokf["merges"])
-        for key, add in (
-            ("bos", w.add_bos_token_id),
-            ("pad", w.add_pad_token_id),
-            ("unk", w.add_unk_token_id),
-        ):
-            if tokf[key] is not None:
-                add(int(tokf[key]))
-        if eos is not None:
-            w.add_eos_token_id(int(eos))
-        w.add_add_bos_token(tokf["add_bos"])
-        w.add_add_eos_token(False)
-        w.add_add_space_prefix(False)
-        w.add_chat_template(CHAT_TEMPLATE)
-
+        _add_tokenizer(w, d, tokf)
         for hf_name, arr in tensors.items():
             if hf_name == "lm_head.weight" and tied:
                 continue  # llama.cpp reuses token_embd for the output when output.weight is absent
@@ -216,16 +294,12 @@ def write_gguf(
                 continue
             name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if name is None:
-                raise NestlingError(
-                    f"{d}: tensor {hf_name!r} has no llama.cpp name; is this a plain llama model?"
-                )
-            if hf_name.endswith("q_proj.weight"):
-                arr = permute_qk(arr, n_head)
-            elif hf_name.endswith("k_proj.weight"):
-                arr = permute_qk(arr, n_kv)
-            # Norms (1-D) stay F32: llama.cpp expects it and they cost nothing.
-            arr = arr.astype(np.float16 if dtype == "f16" and arr.ndim > 1 else np.float32)
-            w.add_tensor(name, arr)
+                raise NestlingError(f"{d}: tensor {hf_name!r} has no llama.cpp name for {cfg['model_type']}")
+            arr = _convert(hf_name, arr, fam, shape)
+            # Norms and biases (1-D) stay F32: llama.cpp expects it and they cost nothing.
+            w.add_tensor(name, arr.astype(np.float16 if dtype == "f16" and arr.ndim > 1 else np.float32))
+        for name, arr in extra.items():
+            w.add_tensor(name, arr.astype(np.float32))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -235,7 +309,10 @@ def write_gguf(
         w.close()
         tmp.unlink(missing_ok=True)
         raise
-    log.info("wrote %s (%d tensors, pre=%s, add_bos=%s)", out, len(tensors), tokf["pre"], tokf["add_bos"])
+    log.info(
+        "wrote %s (%s, %d tensors, tokenizer %s/%s, add_bos=%s)",
+        out, cfg["model_type"], len(tensors), tokf["model"], tokf["pre"], tokf["add_bos"],
+    )
     return out
 
 
@@ -250,7 +327,7 @@ def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, n_threads: int =
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.tmp")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = QUANT_TYPES[qtype]
+    params.ftype = int(QUANT_TYPES[qtype])
     params.nthread = n_threads
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0 or not tmp.is_file():
