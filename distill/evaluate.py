@@ -12,11 +12,22 @@ RUN/eval.{json,md} (the side-by-side table); every eval.json carries "stage": "e
 
 The trivial baseline answers every question with the most common gold answer of the training split (per
 task): a model that does not beat it has learned nothing.
+
+Every accuracy carries its 95% Wilson interval (``accuracy_ci``), so two rows can be compared: intervals
+that overlap are not a measured difference. The teacher runs through teachers.stream, the same concurrent,
+pipelined path as the traces stage.
+
+No gold answers (e.g. a file: task without an answer column): the held-out questions are labelled by the
+teacher's self-consistency vote (k samples at the traces' temperature, majority share >= the traces'
+vote threshold; cached in RUN/teacher_vote.json), questions without a majority are left out, and every table
+and eval.json says that the reference is the teacher's vote, not gold.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -56,6 +67,9 @@ class EvalConfig:
     batch_size: int = field(default=32, metadata={"help": "student questions generated together"})
     latency_samples: int = field(default=5, metadata={"help": "questions timed one at a time for latency"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads (default min(2, cores))"})
+    teacher_concurrency: int | None = field(
+        default=None, metadata={"help": "openai: teacher requests in flight (default: the backend's, 8)"}
+    )
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
@@ -68,24 +82,39 @@ class EvalConfig:
         check(self.batch_size > 0, f"--batch-size {self.batch_size}: must be > 0")
         check(self.latency_samples >= 0, f"--latency-samples {self.latency_samples}: must be >= 0")
         check(self.threads is None or self.threads > 0, f"--threads {self.threads}: must be > 0")
+        check(
+            self.teacher_concurrency is None or self.teacher_concurrency > 0,
+            f"--teacher-concurrency {self.teacher_concurrency}: must be > 0",
+        )
 
 
 # ---- questions, tasks, baseline ------------------------------------------------------------------------
 
 
 def load_questions(run: Path) -> tuple[list[dict], list[dict]]:
-    """(train rows, held-out rows with a gold answer) from RUN/traces/questions.jsonl."""
+    """(train rows, held-out rows) from RUN/traces/questions.jsonl: the held-out rows with a gold answer, or
+    every held-out row (gold None) when the task has no gold answers at all."""
     from nestling.distill.train import read_jsonl
 
     rows = read_jsonl(run / "traces" / "questions.jsonl")
     train = [r for r in rows if r.get("split") == "train"]
-    held = [r for r in rows if r.get("split") == "heldout" and r.get("gold") is not None]
+    held = [r for r in rows if r.get("split") == "heldout"]
     if not held:
         raise NestlingError(
-            f"{run / 'traces' / 'questions.jsonl'}: no held-out questions with a gold answer; re-run traces "
-            "with a held-out share (--heldout) on a task that has gold answers"
+            f"{run / 'traces' / 'questions.jsonl'}: no held-out questions; re-run traces with a held-out "
+            "share (--heldout)"
         )
-    return train, held
+    return train, [r for r in held if r.get("gold") is not None] or held
+
+
+def wilson(k: float, n: int, z: float = 1.96) -> list[float]:
+    """95% Wilson score interval of k successes in n trials, [low, high]; sound at 0%, 100% and small n."""
+    if n <= 0:
+        return [0.0, 1.0]
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
 class Scorer:
@@ -123,12 +152,16 @@ def baseline(train: list[dict], held: list[dict], scorer: Scorer) -> dict[str, A
 # ---- metrics -------------------------------------------------------------------------------------------
 
 
-def score_outputs(rows: list[dict], texts: list[str], scorer: Scorer, explain: bool) -> dict[str, Any]:
-    """Accuracy (overall and by task); for explanations also step checks and consistency."""
+def score_outputs(
+    rows: list[dict], texts: list[str], scorer: Scorer, explain: bool, answers: list[str] | None = None
+) -> dict[str, Any]:
+    """Accuracy (overall and by task, each with its 95% Wilson interval); for explanations also step checks
+    and consistency. ``answers``: the texts to extract answers from when they differ from ``texts`` (a
+    reasoning teacher's answer part, while its steps come from chain + answer)."""
     correct, by_task = [], {}
     all_right, checkable, consistent = 0, 0, 0
-    for row, text in zip(rows, texts, strict=True):
-        answer = scorer.extract(row, text)
+    for row, text, answer_text in zip(rows, texts, answers or texts, strict=True):
+        answer = scorer.extract(row, answer_text) if answer_text.strip() else None
         ok = scorer.score(row, answer)
         correct.append(ok)
         by_task.setdefault(row["task"], []).append(ok)
@@ -142,11 +175,14 @@ def score_outputs(rows: list[dict], texts: list[str], scorer: Scorer, explain: b
     n = len(rows)
     out: dict[str, Any] = {
         "accuracy": sum(correct) / n,
+        "accuracy_ci": wilson(sum(correct), n),
         "n": n,
         "by_task": {t: round(sum(v) / len(v), 4) for t, v in sorted(by_task.items())},
+        "by_task_ci": {t: wilson(sum(v), len(v)) for t, v in sorted(by_task.items())},
     }
     if explain:
         out["steps_all_right"] = all_right / n  # every checked step right (and at least one checkable)
+        out["steps_all_right_ci"] = wilson(all_right, n)
         out["steps_checkable"] = checkable / n
         out["consistent"] = consistent / n
     return out
@@ -165,58 +201,178 @@ def default_teacher(run: Path) -> str:
     return str(traces_config(run).get("teacher") or "gguf:smollm2")
 
 
-def teacher_eval(run: Path, spec: str, held: list[dict], scorer: Scorer, cfg: EvalConfig) -> dict[str, Any]:
-    """Greedy teacher accuracy with the prompt and budget that wrote the traces; cached in
-    RUN/teacher_eval.json by spec + questions + prompt + budget."""
-    from nestling.distill.prompts import prompt_card, teacher_messages
-    from nestling.distill.teachers import Sampling, default_threads, load_teacher
+def _teacher_setup(run: Path, spec: str, cfg: EvalConfig) -> tuple[bool, int, dict[str, Any]]:
+    """(fewshot, max_tokens, load_teacher options): the prompt, budget and request fields of the traces."""
+    from nestling.distill.teachers import default_max_tokens, teacher_options
 
     tcfg = traces_config(run)
     fewshot = bool(tcfg.get("fewshot", True))
-    max_tokens = cfg.teacher_max_tokens or int(tcfg.get("max_tokens") or 256)
+    max_tokens = cfg.teacher_max_tokens or int(tcfg.get("max_tokens") or default_max_tokens(spec))
+    extra = None
+    if tcfg.get("request_extra") and spec == tcfg.get("teacher"):
+        extra = json.loads(tcfg["request_extra"])
+    opts = teacher_options(spec, max_tokens, concurrency=cfg.teacher_concurrency, extra=extra)
+    return fewshot, max_tokens, opts
+
+
+def run_teacher(
+    spec: str,
+    rows: list[dict],
+    sampling: Any,
+    samples: int,
+    fewshot: bool,
+    opts: dict,
+    cfg: EvalConfig,
+    desc: str,
+) -> tuple[list[list[Any]], int | None]:
+    """Every row's samples through teacher.stream (concurrent for openai:), as [row][sample] Generations."""
+    from tqdm.auto import tqdm
+
+    from nestling.distill.prompts import teacher_messages
+    from nestling.distill.teachers import Job, default_threads, load_teacher
+
+    teacher = load_teacher(spec, n_threads=cfg.threads or default_threads(), **opts)
+    jobs = [
+        Job(i, teacher_messages(r["question"], fewshot=fewshot), tuple(range(samples)))
+        for i, r in enumerate(rows)
+    ]
+    out: list[list[Any]] = [[None] * samples for _ in rows]
+    try:
+        with tqdm(total=len(rows) * samples, desc=desc, disable=not cfg.progress, mininterval=1.0) as bar:
+            for i, j, g in teacher.stream(jobs, sampling):
+                out[i][j] = g
+                bar.update(1)
+        params = teacher.params
+    finally:
+        teacher.close()
+    return out, params
+
+
+def teacher_eval(run: Path, spec: str, held: list[dict], scorer: Scorer, cfg: EvalConfig) -> dict[str, Any]:
+    """Greedy teacher accuracy with the prompt and budget that wrote the traces; cached in
+    RUN/teacher_eval.json by spec + questions + prompt + budget (not when a request failed)."""
+    from nestling.distill.prompts import prompt_card
+    from nestling.distill.teachers import Sampling
+
+    fewshot, max_tokens, opts = _teacher_setup(run, spec, cfg)
     # The prompt's content, not just the fewshot flag: an edited template must not reuse a stale accuracy.
     prompt = prompt_card(fewshot)["sha256"]
-    key = fingerprint({"teacher": spec, "questions": held, "max_tokens": max_tokens, "prompt": prompt})
+    key = fingerprint(
+        {
+            "teacher": spec,
+            "questions": held,
+            "max_tokens": max_tokens,
+            "prompt": prompt,
+            "extra": opts.get("extra"),
+        }
+    )
     cache_path = run / "teacher_eval.json"
     cached = try_read_json(cache_path)
     if cached and cached.get("key") == key:
         log.info("teacher eval: cached in %s", cache_path)
         return cached["result"]
-    from tqdm.auto import tqdm
-
-    teacher = load_teacher(spec, n_threads=cfg.threads or default_threads())
     sampling = Sampling(temperature=0.0, max_tokens=max_tokens, seed=0)
-    gens = []
-    try:
-        for row in tqdm(held, desc="eval teacher", disable=not cfg.progress, mininterval=1.0):
-            messages = teacher_messages(row["question"], fewshot=fewshot)
-            gens.append(teacher.generate([messages], n=1, sampling=sampling)[0][0])
-        params = teacher.params
-    finally:
-        teacher.close()
-    texts = [g.text for g in gens]
+    rows, params = run_teacher(spec, held, sampling, 1, fewshot, opts, cfg, "eval teacher")
+    gens = [row[0] for row in rows]
+    failed = sum(g.error is not None for g in gens)
+    # Steps come from the chain and the answer part; the answer only from the answer part, as in traces.
+    texts = [f"{g.reasoning or ''}\n{g.text}".strip() for g in gens]
     tokens, seconds = sum(g.tokens for g in gens), sum(g.seconds for g in gens)
     result = {
         "spec": spec,
         "params": params,
         "prompt": {"fewshot": fewshot, "max_tokens": max_tokens},
-        "explain": score_outputs(held, texts, scorer, explain=True),
+        "explain": score_outputs(held, texts, scorer, explain=True, answers=[g.text for g in gens]),
         "mean_new_tokens": tokens / len(gens),
         "latency_s": seconds / len(gens),
         "tokens_per_s": tokens / max(seconds, 1e-9),
+        "truncated": sum(g.truncated for g in gens),
+        "failed_requests": failed,
+        "chains": sum(g.reasoning is not None for g in gens),
         "samples": [
             {"question": r["question"], "gold": r["gold"], "output": t}
             for r, t in zip(held[:5], texts[:5], strict=True)
         ],
     }
     result["accuracy"] = result["explain"]["accuracy"]
-    atomic_write_json(cache_path, {"stage": "eval-teacher", "key": key, "result": result})
+    result["accuracy_ci"] = result["explain"]["accuracy_ci"]
+    if failed:
+        log.warning("teacher eval: %d of %d requests failed (scored wrong, not cached)", failed, len(gens))
+    else:
+        atomic_write_json(cache_path, {"stage": "eval-teacher", "key": key, "result": result})
     return result
 
 
-def try_read_json(path: Path) -> dict | None:
-    import json
+def vote_reference(
+    run: Path, spec: str, held: list[dict], scorer: Scorer, cfg: EvalConfig
+) -> tuple[list[dict], dict[str, Any]]:
+    """Held-out rows labelled by the teacher's self-consistency vote (no gold answers); rows without a
+    majority are left out. Cached in RUN/teacher_vote.json."""
+    from nestling.distill.filters import FilterConfig, vote_labels
+    from nestling.distill.prompts import prompt_card
+    from nestling.distill.teachers import Sampling
 
+    tcfg = traces_config(run)
+    fewshot, max_tokens, opts = _teacher_setup(run, spec, cfg)
+    samples = max(3, int(tcfg.get("samples") or 4))  # fewer than 3 votes cannot form a majority of 2+
+    threshold = float(tcfg.get("vote_threshold") or 0.5)
+    sampling = Sampling(
+        temperature=float(tcfg.get("temperature") or 0.7),
+        top_p=float(tcfg.get("top_p") or 0.95),
+        max_tokens=max_tokens,
+        seed=int(tcfg.get("seed") or 0) * 1000 + 500,  # not the training samples' seeds
+    )
+    info = {
+        "kind": "teacher-vote",
+        "teacher": spec,
+        "samples": samples,
+        "threshold": threshold,
+        "heldout": len(held),
+    }
+    key = fingerprint(
+        {**info, "questions": held, "prompt": prompt_card(fewshot)["sha256"], "max_tokens": max_tokens}
+    )
+    cache_path = run / "teacher_vote.json"
+    cached = try_read_json(cache_path)
+    if cached and cached.get("key") == key:
+        labels = cached["labels"]
+    else:
+        gens, _ = run_teacher(spec, held, sampling, samples, fewshot, opts, cfg, "teacher vote")
+        records = [
+            {"qid": r["id"], "answer": scorer.extract(r, g.text) if g.text.strip() else None}
+            for r, row in zip(held, gens, strict=True)
+            for g in row
+            if g.error is None
+        ]
+        labels = vote_labels(records, FilterConfig(vote_threshold=threshold))
+        if not any(g.error for row in gens for g in row):
+            atomic_write_json(cache_path, {"stage": "eval-vote", "key": key, "labels": labels})
+    labelled = [{**r, "gold": labels[r["id"]]} for r in held if r["id"] in labels]
+    info["labelled"] = len(labelled)
+    if not labelled:
+        raise NestlingError(
+            f"{run}: the task has no gold answers and the teacher's {samples} samples never agreed on a "
+            "held-out question; evaluate on a task with gold answers or use a stronger teacher"
+        )
+    return labelled, info
+
+
+def reference_line(ref: dict[str, Any]) -> str:
+    """The sentence every table carries: what the accuracies were scored against."""
+    if ref.get("kind") != "teacher-vote":
+        return (
+            f"Scored against gold answers ({ref.get('heldout', '?')} held-out questions); "
+            "brackets: 95% Wilson interval."
+        )
+    return (
+        f"**No gold answers: scored against the teacher's self-consistency vote** ({ref['teacher']}, "
+        f"{ref['samples']} samples per question, majority share >= {ref['threshold']}): "
+        f"{ref['labelled']} of {ref['heldout']} held-out questions had a majority and are scored; "
+        "brackets: 95% Wilson interval."
+    )
+
+
+def try_read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -295,7 +451,9 @@ def student_eval(
         result["latency_s"] = secs / len(lat)
         result["tokens_per_s"] = sum(counts) / max(secs, 1e-9)
     result["accuracy"] = result["explain"]["accuracy"]
+    result["accuracy_ci"] = result["explain"]["accuracy_ci"]
     result["accuracy_answer"] = result["answer"]["accuracy"]
+    result["accuracy_answer_ci"] = result["answer"]["accuracy_ci"]
     result["samples"] = [
         {"question": r["question"], "gold": r["gold"], "answer_mode": a, "explain_mode": e}
         for r, a, e in zip(held[:5], samples["answer"][:5], samples["explain"][:5], strict=False)
@@ -306,13 +464,25 @@ def student_eval(
 # ---- the stage -----------------------------------------------------------------------------------------
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}%"
+def _pct(x: float | None, ci: list[float] | None = None) -> str:
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}%" + (f" [{100 * ci[0]:.0f}-{100 * ci[1]:.0f}]" if ci else "")
+
+
+def _acc(m: dict[str, Any], key: str = "accuracy") -> str:
+    """A rate with its 95% interval; results cached before intervals existed get one from n."""
+    x, n = m.get(key), m.get("n")
+    if x is None:
+        return "-"
+    return _pct(x, m.get(f"{key}_ci") or (wilson(round(x * n), n) if n else None))
 
 
 def summary_table(result: dict[str, Any]) -> str:
-    """Markdown: teacher, trivial baseline, each student, side by side."""
+    """Markdown: what the accuracies are scored against, then teacher, baseline, each student side by side."""
     lines = [
+        reference_line(result.get("reference") or {}),
+        "",
         "| model | params | accuracy (explain) | accuracy (answer) | all steps right | consistent | "
         "mean tokens | latency s | tokens/s |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -322,25 +492,29 @@ def summary_table(result: dict[str, Any]) -> str:
         e = t["explain"]
         p = f"{t['params'] / 1e6:.1f}M" if t.get("params") else "-"
         lines.append(
-            f"| teacher {t['spec']} (greedy) | {p} | {_pct(e['accuracy'])} | - | "
-            f"{_pct(e['steps_all_right'])} | {_pct(e['consistent'])} | {t['mean_new_tokens']:.0f} | "
+            f"| teacher {t['spec']} (greedy) | {p} | {_acc(e)} | - | "
+            f"{_acc(e, 'steps_all_right')} | {_pct(e['consistent'])} | {t['mean_new_tokens']:.0f} | "
             f"{t['latency_s']:.2f} | {t['tokens_per_s']:.0f} |"
         )
     b = result["baseline"]
-    lines.append(f"| trivial baseline | - | - | {_pct(b['accuracy'])} | - | - | - | - | - |")
+    lines.append(f"| trivial baseline | - | - | {_acc(b)} | - | - | - | - | - |")
     for name, s in result.get("students", {}).items():
         e, a = s["explain"], s["answer"]
         lines.append(
-            f"| student {name} | {s['params'] / 1e6:.2f}M | {_pct(e['accuracy'])} | {_pct(a['accuracy'])} | "
-            f"{_pct(e['steps_all_right'])} | {_pct(e['consistent'])} | {e['mean_new_tokens']:.0f} | "
+            f"| student {name} | {s['params'] / 1e6:.2f}M | {_acc(e)} | {_acc(a)} | "
+            f"{_acc(e, 'steps_all_right')} | {_pct(e['consistent'])} | {e['mean_new_tokens']:.0f} | "
             f"{s.get('latency_s', 0):.2f} | {s.get('tokens_per_s', 0):.0f} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def _student_md(name: str, s: dict[str, Any], base: dict[str, Any], teacher: dict | None) -> str:
+def _student_md(
+    name: str, s: dict[str, Any], base: dict[str, Any], teacher: dict | None, ref: dict[str, Any]
+) -> str:
     lines = [f"# eval: student {name}", "", f"Held-out questions: {s['explain']['n']}.", ""]
-    lines.append(summary_table({"teacher": teacher, "baseline": base, "students": {name: s}}))
+    lines.append(
+        summary_table({"teacher": teacher, "baseline": base, "students": {name: s}, "reference": ref})
+    )
     lines += ["", "## Samples", ""]
     for x in s["samples"]:
         lines += [
@@ -362,8 +536,18 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if not torch.cuda.is_available():  # same reasoning as distill.train._threads: OpenMP spins under load
         torch.set_num_threads(cfg.threads or max(1, min(2, os.cpu_count() or 1)))
     scorer = Scorer()
-    base = baseline(train_rows, held, scorer)
     teacher_spec = cfg.teacher or default_teacher(run)
+    ref: dict[str, Any] = {"kind": "gold", "heldout": len(held)}
+    if all(r.get("gold") is None for r in held):
+        if teacher_spec == "none":
+            raise NestlingError(
+                f"{run}: the task has no gold answers, so held-out questions are scored against the "
+                "teacher's self-consistency vote; drop --teacher none"
+            )
+        held, ref = vote_reference(run, teacher_spec, held, scorer, cfg)
+        train_rows = _vote_labelled_train(run, train_rows)
+    base = baseline(train_rows, held, scorer)
+    base["accuracy_ci"] = wilson(round((base.get("accuracy") or 0) * len(held)), len(held))
     teacher = None if teacher_spec == "none" else teacher_eval(run, teacher_spec, held, scorer, cfg)
 
     names = cfg.students
@@ -394,17 +578,27 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 "stage": "eval",
                 "key": key,
                 "config": _eval_recipe(cfg),
+                "reference": ref,
                 "baseline": base,
                 "teacher": teacher,
                 "result": res,
             },
         )
-        atomic_write_text(sdir / "eval.md", _student_md(name, res, base, teacher))
-    result = {"stage": "eval", "teacher": teacher, "baseline": base, "students": students}
+        atomic_write_text(sdir / "eval.md", _student_md(name, res, base, teacher, ref))
+    result = {"stage": "eval", "reference": ref, "teacher": teacher, "baseline": base, "students": students}
     result["table"] = summary_table(result)
     atomic_write_json(run / "eval.json", result)
     atomic_write_text(run / "eval.md", f"# nestling eval: {run}\n\n{result['table']}")
     return result
+
+
+def _vote_labelled_train(run: Path, train_rows: list[dict]) -> list[dict]:
+    """Training rows with the traces' vote labels as gold, so the trivial baseline has answers to count."""
+    from nestling.distill.train import read_jsonl
+
+    kept = run / "traces" / "kept.jsonl"
+    labels = {r["qid"]: r["answer"] for r in (read_jsonl(kept) if kept.is_file() else [])}
+    return [{**r, "gold": labels.get(r["id"], r.get("gold"))} for r in train_rows]
 
 
 def _eval_recipe(cfg: EvalConfig) -> dict[str, Any]:

@@ -10,11 +10,11 @@ from fake_run import make_run
 
 import nestling.distill.teachers as distill_teachers
 from nestling.distill.evaluate import EvalConfig, Scorer, baseline, evaluate, load_questions, score_outputs
-from nestling.distill.teachers import Generation
+from nestling.distill.teachers import Generation, Teacher
 from nestling.serve.errors import NestlingError
 
 
-class ScriptedTeacher:
+class ScriptedTeacher(Teacher):
     """Answers right on sums and wrong on differences, with one checkable step; counts its loads."""
 
     loads = 0
@@ -159,3 +159,47 @@ def test_distill_rejects_duplicate_student_names():
 
     with pytest.raises(NestlingError, match="duplicate"):
         DistillConfig(students=["tiny", "tiny"])
+
+
+def test_wilson_interval_matches_the_textbook_values():
+    from nestling.distill.evaluate import wilson
+
+    assert wilson(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)
+    assert wilson(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    assert wilson(10, 10) == pytest.approx([0.7225, 1.0], abs=1e-4)
+    lo, hi = wilson(30, 40)
+    assert lo < 0.75 < hi and hi - lo < wilson(3, 4)[1] - wilson(3, 4)[0]  # more questions, narrower
+
+
+def test_a_task_without_gold_runs_end_to_end_and_every_table_says_what_it_was_scored_against(tmp_path):
+    """traces (a stand-in server, answers by vote) -> a nano student -> eval against the teacher's vote."""
+    from teacher_fakes import StandIn
+
+    from nestling.distill.traces import TracesConfig, run_traces
+    from nestling.distill.train import TrainConfig, train
+
+    data = tmp_path / "questions.jsonl"
+    pairs = [(a, b) for a in range(2, 9) for b in range(1, 6)]
+    data.write_text("".join(json.dumps({"question": f"What is {a} + {b}?"}) + "\n" for a, b in pairs))
+    run = tmp_path / "run"
+    with StandIn("reasoning_content") as srv:
+        spec = f"openai:m@{srv.url}"
+        out = run_traces(
+            TracesConfig(task=f"file:{data}", teacher=spec, n=30, heldout=6, samples=2, out=str(run)),
+            progress=False,
+        )
+        card = json.loads((out / "datacard.json").read_text())
+        assert card["kept"] == 24 and card["vote"]["labelled"] == 24 and card["sample_accuracy"] is None
+        train(TrainConfig(run=str(run), student="nano", steps=6, batch_size=8, threads=1, progress=False))
+        result = evaluate(
+            EvalConfig(run=str(run), teacher=spec, threads=1, progress=False, max_new_tokens=16)
+        )
+    ref = result["reference"]
+    assert ref["kind"] == "teacher-vote" and ref["labelled"] == ref["heldout"] == 6 and ref["samples"] == 3
+    assert result["teacher"]["accuracy"] == 1.0  # the stand-in always agrees with its own vote
+    assert result["teacher"]["accuracy_ci"][0] < 1.0  # 6 questions: a wide interval, and it says so
+    assert result["students"]["nano"]["accuracy_ci"][0] <= result["students"]["nano"]["accuracy"]
+    for md in (run / "eval.md", run / "students" / "nano" / "eval.md"):
+        assert "No gold answers: scored against the teacher's self-consistency vote" in md.read_text()
+    assert json.loads((run / "eval.json").read_text())["reference"]["kind"] == "teacher-vote"
+    assert "[" in result["table"].splitlines()[-1]  # the student's accuracy carries its interval
