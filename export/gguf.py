@@ -25,7 +25,13 @@ from typing import Any
 import gguf
 import numpy as np
 
-from nestling.export.gguf_arch import Family, add_space_prefix, family_for, pre_tokenizer_name
+from nestling.export.gguf_arch import (
+    Family,
+    add_space_prefix,
+    family_for,
+    gguf_model_name,
+    pre_tokenizer_name,
+)
 from nestling.serve.errors import NestlingError
 from nestling.serve.prompting import CHAT_TEMPLATE
 
@@ -143,6 +149,7 @@ def _tokenizer_fields(model_dir: Path, vocab_size: int, pre: str | None) -> dict
         "types": types,
         "scores": _merge_scores(names, model.get("merges", [])) if spm else None,
         "add_space_prefix": add_space_prefix(tj) if spm else False,
+        "name": gguf_model_name(model_dir.parent.name if model_dir.name == "model" else model_dir.name, tj),
         "add_bos": first is not None and first == text_of("bos_token"),
         "add_eos": last is not None and last == text_of("eos_token"),
     }
@@ -282,7 +289,7 @@ def write_gguf(
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its INFO lines repeat what we log below
     w = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[fam.arch])
     try:
-        w.add_name(cfg.get("_name_or_path") and Path(cfg["_name_or_path"]).name or d.parent.name or "student")
+        w.add_name(tokf["name"] or "student")
         _add_hparams(w, cfg, fam, shape, dtype)
         extra = _rope_scaling(w, d, cfg, fam)
         w.add_vocab_size(len(tokf["tokens"]))
@@ -311,7 +318,12 @@ def write_gguf(
         raise
     log.info(
         "wrote %s (%s, %d tensors, tokenizer %s/%s, add_bos=%s)",
-        out, cfg["model_type"], len(tensors), tokf["model"], tokf["pre"], tokf["add_bos"],
+        out,
+        cfg["model_type"],
+        len(tensors),
+        tokf["model"],
+        tokf["pre"],
+        tokf["add_bos"],
     )
     return out
 

@@ -11,6 +11,7 @@ permuted, which add 1 to RMSNorm weights, which hyper-parameters the loader hard
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,6 +139,7 @@ def add_space_prefix(tok_json: dict[str, Any]) -> bool:
     """Does a byte-fallback (sentencepiece-style) tokenizer prepend '▁' to the text (llama 2, Mistral, Phi-3
     do; Gemma does not)? llama.cpp's add_space_prefix prepends it at the start and after each special token,
     as HF's Prepend normalizer does per segment."""
+
     def walk(node: Any) -> list[dict[str, Any]]:
         if not isinstance(node, dict):
             return []
@@ -150,3 +152,18 @@ def add_space_prefix(tok_json: dict[str, Any]) -> bool:
         or (n.get("type") == "Metaspace" and n.get("prepend_scheme", "always") != "never")
         for n in nodes
     )
+
+
+# llama.cpp sets tokenizer attributes from general.name (src/llama-vocab.cpp): a name containing "phi3" or
+# "phi-3" strips whitespace after every special token but <unk>, <s> and <|endoftext|> (Phi-3's HF added
+# tokens have rstrip=True). Nothing else in the file says so: the name must match the tokenizer's behaviour.
+RSTRIP_NAMES = ("phi-3", "phi3")
+
+
+def gguf_model_name(name: str, tok_json: dict[str, Any]) -> str:
+    """general.name such that llama.cpp's name-keyed rstrip applies exactly when HF's added tokens rstrip."""
+    rstrip = any(a.get("special") and a.get("rstrip") for a in tok_json.get("added_tokens", []))
+    clean = name
+    for key in RSTRIP_NAMES:
+        clean = re.sub(re.escape(key), key.replace("phi", "phi_"), clean, flags=re.IGNORECASE)
+    return f"{clean}-phi3" if rstrip else clean

@@ -23,10 +23,24 @@ from pathlib import Path
 from typing import Any
 
 from nestling.distill.students import check_student_dir
-from nestling.export.parity import Prompt, Scorer, VariantResult, check_variant, raise_on_failures, torch_reference
+from nestling.export.parity import (
+    Prompt,
+    Scorer,
+    VariantResult,
+    check_variant,
+    raise_on_failures,
+    torch_reference,
+)
 from nestling.serve.config import check
 from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import describe_files, fingerprint, is_fresh, read_jsonl, read_manifest, write_manifest
+from nestling.serve.manifest import (
+    describe_files,
+    fingerprint,
+    is_fresh,
+    read_jsonl,
+    read_manifest,
+    write_manifest,
+)
 from nestling.serve.prompting import PROMPT_FORMAT
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,7 @@ text (llama.cpp tokenizer model "llama", scores and types), with a '▁' prefix 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,10 +34,21 @@ class Kind:
     unk: str | None = None
     dummy_prefix: bool = False  # SPM only: prepend '▁' (llama 2 / Mistral / Phi-3 do, Gemma does not)
     nfc: bool = False
+    rstrip: tuple[str, ...] = ()  # added tokens that eat the whitespace after them (Phi-3's)
     tied: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+_QWEN = Kind(
+    "Qwen2Config",
+    QWEN2_REGEX,
+    ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+    None,  # Qwen adds no bos
+    "<|im_end|>",
+    "<|endoftext|>",
+    nfc=True,
+    extra={"rope_theta": 1000000.0},
+)
 KINDS: dict[str, Kind] = {
     # Llama 3.x: rope scaling with a short original context so that the scaled frequencies matter here.
     "llama": Kind(
@@ -58,26 +70,42 @@ KINDS: dict[str, Kind] = {
         },
     ),
     "mistral": Kind(
-        "MistralConfig", SPM, ("<unk>", "<s>", "</s>"), "<s>", "</s>", "</s>", "<unk>", dummy_prefix=True,
-        tied=False, extra={"sliding_window": None},
+        "MistralConfig",
+        SPM,
+        ("<unk>", "<s>", "</s>"),
+        "<s>",
+        "</s>",
+        "</s>",
+        "<unk>",
+        dummy_prefix=True,
+        tied=False,
+        extra={"sliding_window": None},
     ),
-    "qwen2": Kind(
-        "Qwen2Config", QWEN2_REGEX, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>",
-        "<|endoftext|>", nfc=True, extra={"use_sliding_window": False, "rope_theta": 1000000.0},
-    ),
+    "qwen2": _QWEN,
     # Qwen3: head_dim (96) differs from hidden / heads (64), as in the released models.
-    "qwen3": Kind(
-        "Qwen3Config", QWEN2_REGEX, ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>",
-        "<|endoftext|>", nfc=True, tied=False, extra={"head_dim": 96, "use_sliding_window": False},
-    ),
+    "qwen3": dataclasses.replace(_QWEN, config="Qwen3Config", tied=False, extra={"head_dim": 96}),
     # Gemma 3: a sliding window shorter than the parity sequences, so the window metadata is exercised.
     "gemma3_text": Kind(
-        "Gemma3TextConfig", SPM, ("<pad>", "<eos>", "<bos>", "<unk>"), "<bos>", "<eos>", "<pad>", "<unk>",
+        "Gemma3TextConfig",
+        SPM,
+        ("<pad>", "<eos>", "<bos>", "<unk>"),
+        "<bos>",
+        "<eos>",
+        "<pad>",
+        "<unk>",
         extra={"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 16, "rope_theta": 1000000.0},
     ),
     "phi3": Kind(
-        "Phi3Config", SPM, ("<unk>", "<s>", "</s>", "<|endoftext|>", "<|end|>"), "<s>", "<|end|>",
-        "<|endoftext|>", "<unk>", dummy_prefix=True, tied=False,
+        "Phi3Config",
+        SPM,
+        ("<unk>", "<s>", "</s>", "<|endoftext|>", "<|end|>"),
+        "<s>",
+        "<|end|>",
+        "<|endoftext|>",
+        "<unk>",
+        dummy_prefix=True,
+        tied=False,
+        rstrip=("</s>", "<|end|>"),
         extra={"original_max_position_embeddings": 256, "sliding_window": None},
     ),
 }
@@ -106,7 +134,9 @@ def family_texts(n: int = 300, seed: int = 0) -> list[str]:
     out = []
     for _ in range(n):
         a, b = rng.randint(0, 9), rng.randint(0, 9)
-        out.append(student_prompt(f"What is {a} + {b}?") + explain_target([f"{a} + {b} = {a + b}"], str(a + b)))
+        out.append(
+            student_prompt(f"What is {a} + {b}?") + explain_target([f"{a} + {b} = {a + b}"], str(a + b))
+        )
     return out + ["The quick brown fox jumps over the lazy dog. Numbers 2024, 3.14; tabs\tnew\nlines"] * 3
 
 
@@ -153,8 +183,12 @@ def byte_fallback_bpe(texts: list[str], kind: Kind, vocab_size: int) -> Any:
     vocab = {p: i for i, p in enumerate(dict.fromkeys(pieces))}
     merges = []
     for piece in learned:
-        merges += [(piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token=kind.unk, fuse_unk=True))
+        merges += [
+            (piece[:i], piece[i:]) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab
+        ]
+    tok = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token=kind.unk, fuse_unk=True)
+    )
     tok.normalizer = normalizers.Sequence(steps)
     decode = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     tok.decoder = decoders.Sequence(decode + ([decoders.Strip(" ", 1, 0)] if kind.dummy_prefix else []))
@@ -169,8 +203,14 @@ def build_tokenizer(family: str, texts: list[str], vocab_size: int = 512) -> Any
     from nestling.serve.prompting import CHAT_TEMPLATE
 
     kind = KINDS[family]
-    tok = byte_fallback_bpe(texts, kind, vocab_size) if kind.tokenizer == SPM else byte_level_bpe(texts, kind, vocab_size)
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in kind.specials])
+    tok = (
+        byte_fallback_bpe(texts, kind, vocab_size)
+        if kind.tokenizer == SPM
+        else byte_level_bpe(texts, kind, vocab_size)
+    )
+    tok.add_special_tokens(
+        [AddedToken(s, special=True, normalized=False, rstrip=s in kind.rstrip) for s in kind.specials]
+    )
     if kind.bos:
         bos_id = tok.token_to_id(kind.bos)
         tok.post_processor = processors.TemplateProcessing(
@@ -220,7 +260,9 @@ def build_family(family: str, texts: list[str], seed: int = 0, vocab_size: int =
     return model.eval(), tok
 
 
-def train_steps(model: Any, tok: Any, texts: list[str], steps: int = 8, lr: float = 3e-3, seed: int = 0) -> Any:
+def train_steps(
+    model: Any, tok: Any, texts: list[str], steps: int = 8, lr: float = 3e-3, seed: int = 0
+) -> Any:
     """A few full fine-tuning steps on `texts` (batch 8), so that exported weights are trained ones."""
     import torch
 

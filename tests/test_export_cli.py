@@ -88,7 +88,7 @@ def _broken_student(src: Path, dst: Path, how: str) -> Path:
 @pytest.mark.parametrize(
     ("how", "message"),
     [
-        ("not-llama", "llama-architecture"),
+        ("not-llama", "nestling students are one of"),
         ("no-tokenizer", "no tokenizer.json"),
         ("corrupt-weights", "cannot load the student"),
         ("missing", "not found"),

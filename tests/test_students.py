@@ -107,12 +107,12 @@ def test_save_then_load_round_trip_with_the_nestling_chat_template(tmp_path, tok
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
 
 
-def test_other_architectures_and_pickles_are_refused(tmp_path, tok):
+def test_unsupported_families_and_pickles_are_refused(tmp_path, tok):
     model = _tiny_llama(tok, layers=1)
     out = save_student(model, tok, tmp_path / "m")
     cfg = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
-    with pytest.raises(NestlingError, match="llama-architecture only"):
+    with pytest.raises(NestlingError, match="nestling students are one of llama, mistral"):
         load_student(out)
     with pytest.raises(NestlingError, match="llama"):
         init_student(f"hf:{out}")
