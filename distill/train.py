@@ -2,13 +2,18 @@
 
     nestling train --run runs/x --student tiny --objective multitask --steps 600
     nestling train --run runs/x --student "hf:smollm2?keep_layers=8" --steps 150 --lr 1e-4
-    accelerate launch -m nestling train --run runs/x --student small   # same code on GPUs (DDP)
+    nestling train --run runs/x --student hf:DIR --lora --steps 200       # LoRA adapters, merged on save
+    torchrun --nproc_per_node 2 -m nestling -- train --run runs/x        # DDP: gloo on CPU, NCCL on GPU
 
 Reads RUN/traces/kept.jsonl (+ questions.jsonl, to drop any held-out question) and writes
 RUN/students/<name>/model/ (save_pretrained) and RUN/students/<name>/manifest.json (stage "train").
-Checkpoints go to RUN/students/<name>/checkpoints/step-NNNNNN/; ``--resume`` continues from the newest
-complete one and reaches the same weights as an uninterrupted run, because the data order is a pure
-function of (seed, step) and the learning rate a pure function of the step.
+Checkpoints go to RUN/students/<name>/checkpoints/step-NNNNNN/ (distill.checkpoint); ``--resume``
+continues from the newest complete one and reaches the same weights as an uninterrupted run, because the
+data order is a pure function of (seed, step) and the learning rate a pure function of the step.
+
+The recipe is setup -> fit -> save. Under a launcher every process builds the same student, takes its
+share (rank::world) of each global batch, and DDP averages the gradients; the loss is normalised by the
+global batch's weights, so N processes compute the single-process step. Only rank 0 writes.
 
 Objectives (the student's format is serve.prompting, the one the runtime and the exports use):
   cot          explain prompt -> "Step 1: ...\\nAnswer: X" + eos
@@ -20,20 +25,20 @@ The loss covers target tokens only (the prompt is context, not something to imit
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import math
-import os
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nestling.distill import checkpoint
+from nestling.distill.accel import PRECISIONS, Runtime, autocast, barrier, resolve_precision, setup_runtime
 from nestling.serve.config import check
 from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import atomic_write_json, is_fresh, sha256_file, write_manifest
+from nestling.serve.manifest import is_fresh, sha256_file, write_manifest
 from nestling.serve.manifest import read_jsonl as _read_jsonl
 from nestling.serve.prompting import answer_target, explain_target, student_prompt
 
@@ -52,7 +57,18 @@ PRETRAINED_RECIPE = {"steps": 40, "lr": 5e-5, "batch_size": 8, "warmup": 4, "tra
 # Fields that change how a run executes but not what it computes: excluded from resume/freshness checks.
 # `run` too: the traces it holds are compared by content (fingerprint_inputs), so a moved or respelled run
 # directory is the same training.
-RUNTIME_FIELDS = ("run", "threads", "resume", "checkpoint_every", "keep_checkpoints", "progress")
+RUNTIME_FIELDS = (
+    "run",
+    "threads",
+    "resume",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "progress",
+    "grad_checkpointing",
+)
+# A LoRA run of a pretrained student: adapters need a larger step than full fine-tuning's 5e-5 (2e-4 is the
+# common LoRA default, Dettmers et al. 2023; not tuned here).
+LORA_LR = 2e-4
 
 
 @dataclass
@@ -80,7 +96,11 @@ class TrainConfig:
     warmup: int | None = field(default=None, metadata={"help": "linear warmup steps (default: the recipe's)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
-    max_len: int = field(default=192, metadata={"help": "longest example in tokens; longer ones are dropped"})
+    max_len: int = field(default=192, metadata={"help": "longest example in tokens"})
+    truncate: bool = field(
+        default=True,
+        metadata={"help": "cut examples longer than --max-len at --max-len (--no-truncate drops them)"},
+    )
     seed: int = field(default=0, metadata={"help": "seed for init, data order"})
     train_layers: int | None = field(
         default=None,
@@ -92,6 +112,25 @@ class TrainConfig:
     )
     kd_teacher: str = field(default="hf:smollm2", metadata={"help": "logit teacher for --kd-alpha > 0"})
     kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature for KD"})
+    lora: bool = field(
+        default=False, metadata={"help": "train LoRA adapters (peft) instead of every weight; merged on save"}
+    )
+    lora_rank: int | None = field(default=None, metadata={"help": "LoRA rank (default: the family's)"})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: 2 x rank)"})
+    lora_targets: list[str] | None = field(
+        default=None,
+        metadata={"help": "module names to adapt, e.g. q_proj,v_proj (default: the family's linear layers)"},
+    )
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "auto | fp32 | bf16 autocast (auto: bf16 on GPU; CPU as measured)",
+            "choices": PRECISIONS,
+        },
+    )
+    grad_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in backward: less memory, ~1/3 more compute"}
+    )
     name: str | None = field(default=None, metadata={"help": "student directory name (default: from spec)"})
     checkpoint_every: int = field(default=100, metadata={"help": "steps between checkpoints (0 = none)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept on disk"})
@@ -107,9 +146,17 @@ class TrainConfig:
         # Unset fields come from the student's recipe: a from-scratch preset wants lr 3e-3 and hundreds of
         # steps, a pretrained model a gentle 5e-5 for a few dozen (3e-3 would wipe out what it knows).
         recipe = PRETRAINED_RECIPE if parse_student_spec(self.student).pretrained else PRESET_RECIPE
+        if self.lora and self.lr is None and recipe is PRETRAINED_RECIPE:
+            self.lr = LORA_LR
         for key, value in recipe.items():
             if getattr(self, key) is None and key != "warmup":
                 setattr(self, key, value)
+        if isinstance(self.lora_targets, str):
+            self.lora_targets = [self.lora_targets]
+        if self.lora_targets:
+            self.lora_targets = [
+                t.strip() for item in self.lora_targets for t in item.split(",") if t.strip()
+            ]
         if self.warmup is None:
             self.warmup = min(recipe["warmup"], self.steps // 5)
         check(
@@ -130,6 +177,15 @@ class TrainConfig:
         check(self.checkpoint_every >= 0, f"--checkpoint-every {self.checkpoint_every}: must be >= 0")
         check(self.keep_checkpoints >= 1, f"--keep-checkpoints {self.keep_checkpoints}: must be >= 1")
         check(self.threads is None or self.threads > 0, f"--threads {self.threads}: must be > 0")
+        check(
+            self.precision in PRECISIONS,
+            f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}",
+        )
+        check(
+            not (self.lora and self.train_layers), "--lora and --train-layers: choose one way to train less"
+        )
+        check(self.lora_rank is None or self.lora_rank > 0, f"--lora-rank {self.lora_rank}: must be > 0")
+        check(self.lora_alpha is None or self.lora_alpha > 0, f"--lora-alpha {self.lora_alpha}: must be > 0")
 
     def recipe(self) -> dict[str, Any]:
         """The fields that decide the trained weights (what resume and freshness compare)."""
@@ -169,16 +225,14 @@ def training_rows(run: Path) -> list[dict]:
 
 @dataclass
 class Example:
-    ids: list[int]  # prompt + target + eos
+    ids: list[int]  # prompt + target + eos, cut at --max-len
     n_prompt: int  # tokens of context, excluded from the loss
     weight: float  # the objective's weight for this example (multitask: alpha or 1 - alpha)
+    cut: int = 0  # target tokens cut off by --max-len
 
 
-def build_examples(
-    rows: list[dict], tokenizer: Any, objective: str, alpha: float, max_len: int
-) -> list[Example]:
-    """Tokenize prompt and target separately, exactly as the runtime sees them: it tokenizes the prompt and
-    generates the rest, so a merge across the boundary would be a token the student never has to produce."""
+def objective_pairs(rows: list[dict], objective: str, alpha: float) -> list[tuple[str, str, float]]:
+    """(prompt, target, weight) for every row and every part of the objective with a non-zero weight."""
     pairs: list[tuple[str, str, float]] = []
     for r in rows:
         q, a = str(r["question"]), str(r["answer"])
@@ -188,19 +242,32 @@ def build_examples(
         if objective in ("answer-only", "multitask"):
             w = 1.0 if objective == "answer-only" else alpha
             pairs.append((student_prompt(q, explain=False), answer_target(a), w))
-    out, dropped = [], 0
+    return [p for p in pairs if p[2] != 0.0]
+
+
+def build_examples(
+    rows: list[dict], tokenizer: Any, objective: str, alpha: float, max_len: int, truncate: bool = True
+) -> list[Example]:
+    """Tokenize prompt and target separately, exactly as the runtime sees them: it tokenizes the prompt and
+    generates the rest, so a merge across the boundary would be a token the student never has to produce.
+
+    An example longer than `max_len` keeps its first `max_len` tokens (the start of a long chain is still
+    worth learning; ``cut`` counts what went) or, with truncate=False, is dropped. One whose prompt alone
+    fills `max_len` leaves nothing to learn and is always dropped.
+    """
+    pairs = objective_pairs(rows, objective, alpha)
+    out: list[Example] = []
     eos = tokenizer.eos_token_id
     for prompt, target, w in pairs:
-        if w == 0.0:
-            continue
         p = tokenizer(prompt)["input_ids"]
-        t = tokenizer(target, add_special_tokens=False)["input_ids"] + [eos]
-        if len(p) + len(t) > max_len:
-            dropped += 1
+        ids = p + tokenizer(target, add_special_tokens=False)["input_ids"] + [eos]
+        cut = max(0, len(ids) - max_len)
+        if cut and (not truncate or len(p) >= max_len):
             continue
-        out.append(Example(p + t, len(p), w))
-    if dropped:
-        log.info("dropped %d of %d examples longer than --max-len %d", dropped, len(pairs), max_len)
+        out.append(Example(ids[: len(ids) - cut], len(p), w, cut))
+    dropped, cut = len(pairs) - len(out), sum(e.cut > 0 for e in out)
+    if dropped or cut:
+        log.info("--max-len %d: %d of %d examples cut, %d dropped", max_len, cut, len(pairs), dropped)
     if not out:
         raise NestlingError(f"every training example is longer than --max-len {max_len}; raise it")
     return out
@@ -262,9 +329,15 @@ def target_positions(labels: Any) -> Any:
 
 
 def weighted_loss(
-    logits: Any, labels: Any, weights: Any, teacher_logits: Any = None, cfg: TrainConfig | None = None
+    logits: Any,
+    labels: Any,
+    weights: Any,
+    teacher_logits: Any = None,
+    cfg: TrainConfig | None = None,
+    total_weight: Any = None,
 ) -> Any:
-    """Mean over examples of (objective weight x mean target-token loss), normalised by the weights.
+    """Mean over examples of (objective weight x mean target-token loss), normalised by the weights, or by
+    `total_weight` when this batch is one process's share of a larger one.
 
     `logits` (B, K, V) predict `labels` (B, K), the tokens one position later. Per-example means keep a
     long rationale from drowning a one-token answer in the multitask mix. With teacher logits, the token
@@ -283,7 +356,8 @@ def weighted_loss(
         tok_loss = (1 - cfg.kd_alpha) * tok_loss + cfg.kd_alpha * kl
     per_example = (tok_loss * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
     w = weights.to(per_example.device)
-    return (per_example * w).sum() / w.sum().clamp(min=1e-8)
+    total = w.sum() if total_weight is None else total_weight.to(per_example.device)
+    return (per_example * w).sum() / total.clamp(min=1e-8)
 
 
 def freeze_below(model: Any, train_layers: int) -> list:
@@ -304,48 +378,6 @@ def freeze_below(model: Any, train_layers: int) -> list:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-# ---- checkpoints ---------------------------------------------------------------------------------------
-
-
-def newest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The newest step-* directory that finished writing (temp dirs never match the pattern)."""
-    done = [p for p in ckpt_root.glob("step-*") if (p / "trainer_state.json").is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
-def save_checkpoint(
-    root: Path, step: int, model: Any, tok: Any, optimizer: Any, state: dict, keep: int
-) -> Path:
-    """Write step-NNNNNN under a temp name, then rename: a kill leaves nothing or a whole checkpoint."""
-    import torch
-
-    from nestling.distill.students import save_student
-
-    final = root / f"step-{step:06d}"
-    tmp = root / f".tmp-step-{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_student(model, tok, tmp)
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}, tmp / "optimizer.pt"
-    )
-    atomic_write_json(tmp / "trainer_state.json", state)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    done = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _threads(cfg: TrainConfig) -> None:
-    """CPU only: min(2, cores) threads unless told. With other processes on the cores, OpenMP's spinning
-    made 2-thread PyTorch ~30x slower here (FIELD-NOTES); more threads than cores only adds spinning."""
-    import torch
-
-    if not torch.cuda.is_available():
-        torch.set_num_threads(cfg.threads or max(1, min(2, os.cpu_count() or 1)))
-
-
 def fingerprint_inputs(run: Path) -> dict[str, str]:
     traces = run / "traces"
     return {
@@ -355,195 +387,354 @@ def fingerprint_inputs(run: Path) -> dict[str, str]:
     }
 
 
+# ---- setup ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """Everything setup() builds and fit()/save() use."""
+
+    cfg: TrainConfig
+    rt: Runtime
+    name: str
+    spec: Any  # students.StudentSpec
+    out: Path
+    rows: list[dict]
+    inputs: dict[str, str]  # sha256 of the traces
+    model: Any  # what runs forward/backward: the student, peft-wrapped and/or DDP-wrapped
+    student: Any  # the same weights unwrapped from DDP (a peft model under --lora)
+    tok: Any
+    examples: list[Example]
+    optimizer: Any
+    trainable: list
+    dtype: Any  # autocast dtype, None for fp32
+    teacher: Any = None
+    state: dict[str, Any] = field(default_factory=dict)  # step, tokens, seconds, losses: the sidecar
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+
+def student_texts(rows: list[dict]) -> list[str]:
+    """What a from-scratch preset's tokenizer is trained on."""
+    return [student_prompt(r["question"]) + explain_target(list(r["steps"]), str(r["answer"])) for r in rows]
+
+
+def build_student(cfg: TrainConfig, spec: Any, rows: list[dict], ckpt: Path | None) -> tuple[Any, Any]:
+    """(model, tokenizer): from the checkpoint, or freshly initialised; LoRA adapters added under --lora."""
+    import torch
+
+    from nestling.distill.lora import add_lora, lora_recipe
+    from nestling.distill.students import init_student, load_student
+
+    if ckpt is not None and not cfg.lora:
+        return load_student(ckpt)
+    # A LoRA checkpoint holds only the adapter: the frozen base is rebuilt exactly as a fresh run builds it.
+    model, tok = init_student(spec, student_texts(rows), seed=cfg.seed + spec.seed)
+    if cfg.lora:
+        recipe = lora_recipe(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
+        torch.manual_seed(cfg.seed)
+        model = add_lora(model, recipe)
+        if ckpt is not None:
+            checkpoint.load_adapter(ckpt, model)
+    return model, tok
+
+
+def load_kd_teacher(cfg: TrainConfig, spec: Any, tok: Any) -> Any:
+    """The logit teacher for --kd-alpha > 0 (None otherwise); it must share the student's vocabulary."""
+    if cfg.kd_alpha <= 0:
+        return None
+    if not spec.pretrained:
+        raise NestlingError("--kd-alpha needs a student sharing the teacher's tokenizer, e.g. hf:smollm2")
+    from nestling.distill.students import load_pretrained
+
+    teacher, teacher_tok = load_pretrained(cfg.kd_teacher)
+    if teacher_tok.get_vocab() != tok.get_vocab():
+        raise NestlingError(f"--kd-teacher {cfg.kd_teacher}: its tokenizer differs from the student's")
+    return teacher.eval().requires_grad_(False)
+
+
+def check_same_tokenizer(tok: Any, rt: Runtime) -> None:
+    """Every rank must tokenize alike (each builds its own examples); a preset's BPE is trained per rank."""
+    if not rt.distributed:
+        return
+    import torch.distributed as dist
+
+    digest = hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()
+    seen: list[Any] = [None] * rt.world
+    dist.all_gather_object(seen, digest)
+    if len(set(seen)) != 1:
+        raise NestlingError("the processes built different tokenizers; train once without the launcher")
+
+
+def prepare_model(cfg: TrainConfig, model: Any, rt: Runtime) -> tuple[Any, list, Any]:
+    """(model to run, trainable parameters, optimizer): on the device, frozen as asked, DDP when launched."""
+    import torch
+
+    model.to(rt.device).train()
+    model.config.use_cache = False
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainable = (
+        freeze_below(model, cfg.train_layers)
+        if not cfg.lora
+        else [p for p in model.parameters() if p.requires_grad]
+    )
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [rt.device.index] if rt.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=ids)  # broadcasts rank 0's weights to all
+    return model, trainable, optimizer
+
+
+def setup(cfg: TrainConfig, rt: Runtime, rows: list[dict], inputs: dict[str, str]) -> Job:
+    """Student, data, optimizer and state, from the newest checkpoint when resuming. Writes nothing."""
+    import torch
+
+    from nestling.distill.students import count_params, parse_student_spec
+
+    spec = parse_student_spec(cfg.student)
+    name = cfg.name or spec.name
+    out = Path(cfg.run) / "students" / name
+    check(
+        cfg.batch_size % rt.world == 0, f"--batch-size {cfg.batch_size}: must divide by {rt.world} processes"
+    )
+    ckpt = checkpoint.find_resumable(out / "checkpoints", cfg.recipe(), inputs) if cfg.resume else None
+    student, tok = build_student(cfg, spec, rows, ckpt)
+    teacher = load_kd_teacher(cfg, spec, tok)
+    check_same_tokenizer(tok, rt)
+    examples = build_examples(rows, tok, cfg.objective, cfg.alpha, cfg.max_len, cfg.truncate)
+    log.info(
+        "student %s: %s, %.2fM parameters, %d examples, %d process(es) on %s",
+        name,
+        cfg.student,
+        count_params(student) / 1e6,
+        len(examples),
+        rt.world,
+        rt.device,
+    )
+    model, trainable, optimizer = prepare_model(cfg, student, rt)
+    state: dict[str, Any] = {"step": 0, "tokens": 0, "seconds": 0.0, "losses": []}
+    if ckpt is not None:
+        checkpoint.load_optimizer(ckpt, optimizer)
+        state = checkpoint.read_state(ckpt)
+        log.info("resuming %s from %s", name, ckpt.name)
+    else:
+        torch.manual_seed(cfg.seed)
+    if teacher is not None:
+        teacher.to(rt.device)
+    return Job(
+        cfg,
+        rt,
+        name,
+        spec,
+        out,
+        rows,
+        inputs,
+        model,
+        student,
+        tok,
+        examples,
+        optimizer,
+        trainable,
+        resolve_precision(cfg.precision, rt.device),
+        teacher,
+        state,
+    )
+
+
+# ---- train ---------------------------------------------------------------------------------------------
+
+
+def micro_step(job: Job, idx: list[int], sync: bool) -> float:
+    """Forward and backward on this process's share of one micro-batch; returns its part of the global loss.
+
+    The loss is normalised by the whole micro-batch's weights and multiplied by the world size, because DDP
+    averages gradients over processes: the sum over processes is then the single-process loss.
+    """
+    import torch
+
+    cfg, rt = job.cfg, job.rt
+    total_weight = torch.tensor([job.examples[i].weight for i in idx], dtype=torch.float32).sum()
+    mine = collate([job.examples[i] for i in idx[rt.rank :: rt.world]], job.tok.pad_token_id)
+    batch = {k: v.to(rt.device) for k, v in mine.items()}
+    keep = target_positions(batch["labels"])  # (K,)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    no_sync = job.model.no_sync() if rt.distributed and not sync else nullcontext()
+    with no_sync:
+        with autocast(rt.device, job.dtype):
+            logits = job.model(**inputs, logits_to_keep=keep).logits  # (B, K, V)
+            t_logits = None
+            if job.teacher is not None:
+                with torch.no_grad():
+                    t_logits = job.teacher(**inputs, logits_to_keep=keep).logits
+        labels = batch["labels"][:, keep + 1]  # (B, K)
+        loss = weighted_loss(logits, labels, batch["weights"], t_logits, cfg, total_weight)
+        (loss * rt.world / cfg.grad_accum).backward()
+    return loss.item() / cfg.grad_accum
+
+
+def train_step(job: Job, step: int) -> tuple[float, int]:
+    """One optimizer step over grad_accum micro-batches; (global loss, global tokens)."""
+    import torch
+
+    cfg = job.cfg
+    lr = lr_at(step, cfg)
+    for group in job.optimizer.param_groups:
+        group["lr"] = lr
+    loss, tokens = 0.0, 0
+    for micro in range(cfg.grad_accum):
+        idx = batch_indices(step, micro, cfg, len(job.examples))
+        loss += micro_step(job, idx, sync=micro == cfg.grad_accum - 1)
+        tokens += sum(len(job.examples[i].ids) for i in idx)
+    if cfg.grad_clip > 0:
+        # DDP has averaged the gradients: every process clips the same norm and steps to the same weights.
+        torch.nn.utils.clip_grad_norm_(job.trainable, cfg.grad_clip)
+    job.optimizer.step()
+    job.optimizer.zero_grad(set_to_none=True)
+    return all_reduce_sum(loss, job.rt), tokens
+
+
+def all_reduce_sum(value: float, rt: Runtime) -> float:
+    if not rt.distributed:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=rt.device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def maybe_checkpoint(job: Job) -> None:
+    """Every --checkpoint-every steps (not at the end: the final model supersedes it); rank 0 writes."""
+    cfg, step = job.cfg, job.state["step"]
+    if not (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps):
+        return
+    if job.rt.is_main:
+        sidecar = {**job.state, "recipe": cfg.recipe(), "inputs": job.inputs}
+        checkpoint.save_checkpoint(
+            job.ckpt_root, step, job.student, job.tok, job.optimizer, sidecar, cfg.keep_checkpoints
+        )
+
+
+def fit(job: Job) -> None:
+    """The loop: one optimizer step at a time from state["step"] to cfg.steps, checkpointing as it goes."""
+    from tqdm.auto import tqdm
+
+    cfg, state = job.cfg, job.state
+    bar = tqdm(
+        total=cfg.steps,
+        initial=state["step"],
+        desc=f"train {job.name}",
+        unit="step",
+        disable=not (job.rt.is_main and cfg.progress),
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
+    t0, tokens0, seconds0 = time.perf_counter(), state["tokens"], state["seconds"]
+    for step in range(state["step"], cfg.steps):
+        try:
+            loss, tokens = train_step(job, step)
+        except RuntimeError as e:
+            if not job.rt.distributed:
+                raise
+            raise lost_peer(job, step, e) from None
+        elapsed = time.perf_counter() - t0
+        state.update(step=step + 1, tokens=state["tokens"] + tokens, seconds=seconds0 + elapsed)
+        state["losses"].append(round(loss, 5))
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{(state['tokens'] - tokens0) / max(elapsed, 1e-9):,.0f}")
+        maybe_checkpoint(job)
+    bar.close()
+
+
+def lost_peer(job: Job, step: int, e: RuntimeError) -> NestlingError:
+    """A collective failed: another process died. Say so in one line and how to continue."""
+    done = checkpoint.newest_checkpoint(job.ckpt_root)
+    where = f"from {done.name}" if done else "from the start (no checkpoint yet)"
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return NestlingError(
+        f"rank {job.rt.rank} of {job.rt.world}: another training process failed at step {step + 1} "
+        f"({first}); re-run the same command to resume {where}"
+    )
+
+
+# ---- save ----------------------------------------------------------------------------------------------
+
+
+def save(job: Job) -> None:
+    """Rank 0: the final student (LoRA merged), its manifest; the checkpoints go."""
+    import shutil
+
+    from nestling.distill.students import count_params
+
+    if not job.rt.is_main:
+        return
+    cfg = job.cfg
+    plain = checkpoint.save_model_dir(job.out / "model", job.student, job.tok)
+    metrics = train_metrics(job, count_params(plain))
+    write_manifest(
+        job.out,
+        stage="train",
+        config=cfg.recipe(),
+        inputs=job.inputs,
+        files=["model"],
+        metrics=metrics,
+        student=job.spec.to_dict(),
+        name=job.name,
+    )
+    shutil.rmtree(job.ckpt_root, ignore_errors=True)  # the final model supersedes them
+    log.info(
+        "saved %s (%.2fM params, %.0f tokens/s)",
+        job.out / "model",
+        metrics["params"] / 1e6,
+        metrics["train_tokens_per_s"],
+    )
+
+
+def train_metrics(job: Job, params: int) -> dict[str, Any]:
+    cfg, state, losses = job.cfg, job.state, job.state["losses"]
+    head, tail = losses[:5], losses[-20:]
+    return {
+        "params": params,
+        "steps": state["step"],
+        "examples": len(job.examples),
+        "examples_cut": sum(e.cut > 0 for e in job.examples),
+        "examples_dropped": len(objective_pairs(job.rows, cfg.objective, cfg.alpha)) - len(job.examples),
+        "rows": len(job.rows),
+        "train_tokens": state["tokens"],
+        "train_seconds": round(state["seconds"], 2),
+        "train_tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
+        "initial_loss": round(sum(head) / max(1, len(head)), 4),
+        "final_loss": round(sum(tail) / max(1, len(tail)), 4),
+        "device": str(job.rt.device),
+        "processes": job.rt.world,
+        "precision": "bf16" if job.dtype is not None else "fp32",
+        "lora": cfg.lora,
+    }
+
+
 # ---- the recipe ----------------------------------------------------------------------------------------
 
 
 def train(cfg: TrainConfig) -> Path:
-    """setup -> train -> save; returns RUN/students/<name>. Resumable; runs under `accelerate launch`."""
-    import torch
+    """setup -> fit -> save; returns RUN/students/<name>. Resumable; N processes under torchrun."""
+    from nestling.distill.students import parse_student_spec
 
-    from nestling.distill.students import count_params, init_student, load_student, parse_student_spec, save_student
-
-    # -- setup ------------------------------------------------------------------------------------------
     run = Path(cfg.run)
-    spec = parse_student_spec(cfg.student)
-    name = cfg.name or spec.name
-    out = run / "students" / name
-    ckpt_root = out / "checkpoints"
+    out = run / "students" / (cfg.name or parse_student_spec(cfg.student).name)
     rows = training_rows(run)
-    traces_sha = fingerprint_inputs(run)
-    if is_fresh(out, "train", cfg.recipe(), traces_sha):
+    inputs = fingerprint_inputs(run)
+    if is_fresh(out, "train", cfg.recipe(), inputs):
         log.info("%s is up to date (same recipe and traces); skipping", out)
         return out
-    _threads(cfg)
-    try:
-        from accelerate import Accelerator
-
-        accel = Accelerator()
-    except ImportError:  # plain single-process training
-        accel = None
-    is_main = accel is None or accel.is_main_process
-    rank, world = (accel.process_index, accel.num_processes) if accel else (0, 1)
-    check(cfg.batch_size % world == 0, f"--batch-size {cfg.batch_size}: must divide by {world} processes")
-
-    state: dict[str, Any] = {"step": 0, "tokens": 0, "seconds": 0.0, "losses": []}
-    ckpt = newest_checkpoint(ckpt_root) if cfg.resume else None
-    if ckpt is not None:
-        saved = json.loads((ckpt / "trainer_state.json").read_text())
-        if saved.get("inputs") != traces_sha:
-            # Traces changed since the checkpoint: its weights and tokenizer belong to other data.
-            log.warning("%s: trained on other traces; starting over instead of resuming", ckpt)
-            ckpt = None
-    if ckpt is not None:
-        if saved.get("recipe") != json.loads(json.dumps(cfg.recipe())):
-            raise NestlingError(
-                f"{ckpt}: written with a different recipe; pass the same flags, --no-resume, "
-                f"or remove {ckpt_root}"
-            )
-        model, tok = load_student(ckpt)
-        state = saved
-        log.info("resuming %s from %s", name, ckpt.name)
-    else:
-        texts = [
-            student_prompt(r["question"]) + explain_target(list(r["steps"]), str(r["answer"])) for r in rows
-        ]
-        model, tok = init_student(spec, texts, seed=cfg.seed + spec.seed)
-    if cfg.kd_alpha > 0 and not spec.pretrained:
-        raise NestlingError("--kd-alpha needs a student sharing the teacher's tokenizer, e.g. hf:smollm2")
-    examples = build_examples(rows, tok, cfg.objective, cfg.alpha, cfg.max_len)
-    params = count_params(model)
-    log.info("student %s: %s, %.2fM parameters, %d examples", name, cfg.student, params / 1e6, len(examples))
-
-    teacher = None
-    if cfg.kd_alpha > 0:
-        from nestling.distill.students import load_pretrained
-
-        teacher, teacher_tok = load_pretrained(cfg.kd_teacher)
-        if teacher_tok.get_vocab() != tok.get_vocab():
-            raise NestlingError(f"--kd-teacher {cfg.kd_teacher}: its tokenizer differs from the student's")
-        teacher.eval().requires_grad_(False)
-
-    device = accel.device if accel else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).train()
-    model.config.use_cache = False
-    trainable = freeze_below(model, cfg.train_layers)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    if ckpt is not None:
-        extra = torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu")
-        optimizer.load_state_dict(extra["optimizer"])
-        torch.set_rng_state(extra["torch_rng"])
-    else:
-        torch.manual_seed(cfg.seed)
-    if accel:
-        model, optimizer = accel.prepare(model, optimizer)
-    if teacher is not None:
-        teacher.to(device)
-
-    # -- train ------------------------------------------------------------------------------------------
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=cfg.steps,
-        initial=state["step"],
-        desc=f"train {name}",
-        disable=not (is_main and cfg.progress),
-        unit="step",
-        dynamic_ncols=True,
-        mininterval=1.0,
-    )
-    t0, tokens0 = time.perf_counter(), state["tokens"]
-    seconds0 = state["seconds"]
-    for step in range(state["step"], cfg.steps):
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = 0.0
-        for micro in range(cfg.grad_accum):
-            idx = batch_indices(step, micro, cfg, len(examples))[rank::world]
-            batch = {
-                k: v.to(device) for k, v in collate([examples[i] for i in idx], tok.pad_token_id).items()
-            }
-            sync = micro == cfg.grad_accum - 1 or accel is None
-            keep = target_positions(batch["labels"])  # (K,)
-            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-            with nullcontext() if sync else accel.no_sync(model):
-                logits = model(**inputs, logits_to_keep=keep).logits  # (B, K, V)
-                t_logits = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_logits = teacher(**inputs, logits_to_keep=keep).logits
-                loss = weighted_loss(logits, batch["labels"][:, keep + 1], batch["weights"], t_logits, cfg)
-                scaled = loss / cfg.grad_accum
-                accel.backward(scaled) if accel else scaled.backward()
-            step_loss += loss.item() / cfg.grad_accum
-            state["tokens"] += int(batch["attention_mask"].sum().item()) * world
-        if cfg.grad_clip > 0:
-            params_ = trainable
-            accel.clip_grad_norm_(params_, cfg.grad_clip) if accel else torch.nn.utils.clip_grad_norm_(
-                params_, cfg.grad_clip
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] = step + 1
-        state["losses"].append(round(step_loss, 5))
-        elapsed = time.perf_counter() - t0
-        state["seconds"] = seconds0 + elapsed
-        tps = (state["tokens"] - tokens0) / max(elapsed, 1e-9)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.3f}", tok_s=f"{tps:,.0f}", lr=f"{lr:.1e}")
-        if cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0 and state["step"] < cfg.steps:
-            if accel:
-                accel.wait_for_everyone()
-            if is_main:
-                unwrapped = accel.unwrap_model(model) if accel else model
-                state["recipe"] = cfg.recipe()
-                state["inputs"] = traces_sha
-                save_checkpoint(
-                    ckpt_root, state["step"], unwrapped, tok, optimizer, state, cfg.keep_checkpoints
-                )
-    bar.close()
-
-    # -- save -------------------------------------------------------------------------------------------
-    if accel:
-        accel.wait_for_everyone()
-    if is_main:
-        unwrapped = accel.unwrap_model(model) if accel else model
-        unwrapped.config.use_cache = True
-        unwrapped.eval()
-        tmp = out / f".tmp-model-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_student(unwrapped.to("cpu"), tok, tmp)
-        shutil.rmtree(out / "model", ignore_errors=True)
-        os.replace(tmp, out / "model")
-        tail = state["losses"][-20:]
-        metrics = {
-            "params": params,
-            "steps": state["step"],
-            "examples": len(examples),
-            "rows": len(rows),
-            "train_tokens": state["tokens"],
-            "train_seconds": round(state["seconds"], 2),
-            "train_tokens_per_s": round(state["tokens"] / max(state["seconds"], 1e-9), 1),
-            "initial_loss": round(sum(state["losses"][:5]) / max(1, len(state["losses"][:5])), 4),
-            "final_loss": round(sum(tail) / max(1, len(tail)), 4),
-            "device": str(device),
-            "processes": world,
-        }
-        write_manifest(
-            out,
-            stage="train",
-            config=cfg.recipe(),
-            inputs=traces_sha,
-            files=["model"],
-            metrics=metrics,
-            student=spec.to_dict(),
-            name=name,
-        )
-        shutil.rmtree(ckpt_root, ignore_errors=True)  # the final model supersedes them
-        log.info(
-            "saved %s (%.2fM params, %.0f tokens/s)",
-            out / "model",
-            params / 1e6,
-            metrics["train_tokens_per_s"],
-        )
+    rt = setup_runtime(cfg.threads)
+    job = setup(cfg, rt, rows, inputs)
+    fit(job)
+    save(job)
+    barrier()  # the other ranks return once the student is on disk
     return out

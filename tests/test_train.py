@@ -65,13 +65,25 @@ def test_objectives_build_the_prompt_format_and_mask_the_prompt(tmp_path, tok):
         assert all(x == -100 for x in labels[len(ex.ids) :])  # nor on padding
 
 
-def test_examples_longer_than_max_len_are_dropped_not_truncated(tmp_path, tok):
-    rows = training_rows(make_run(tmp_path / "run", n=20, heldout=5))
-    longest = max(len(e.ids) for e in build_examples(rows, tok, "cot", 0.5, 192))
-    kept = build_examples(rows, tok, "cot", 0.5, longest - 1)
-    assert 0 < len(kept) < len(rows) and all(len(e.ids) < longest for e in kept)
+def test_examples_longer_than_max_len_are_cut_and_counted_or_dropped(tmp_path, tok):
+    run = make_run(tmp_path / "run", n=20, heldout=5)
+    rows = training_rows(run)
+    full = build_examples(rows, tok, "cot", 0.5, 192)
+    longest = max(len(e.ids) for e in full)
+    cut = build_examples(rows, tok, "cot", 0.5, longest - 1)
+    assert len(cut) == len(full) == len(rows)  # nothing silently lost
+    long = {i for i, e in enumerate(full) if len(e.ids) == longest}
+    for i, (c, f) in enumerate(zip(cut, full, strict=True)):
+        assert c.n_prompt == f.n_prompt and c.cut == (i in long)
+        assert c.ids == f.ids[: longest - 1]  # the start of the target is kept, the tail cut
+    dropped = build_examples(rows, tok, "cot", 0.5, longest - 1, truncate=False)
+    assert len(dropped) == len(rows) - len(long) and all(len(e.ids) < longest for e in dropped)
     with pytest.raises(NestlingError, match="max-len"):
-        build_examples(rows, tok, "cot", 0.5, 8)
+        build_examples(rows, tok, "cot", 0.5, 8)  # every prompt alone fills 8 tokens: nothing to learn
+
+    metrics = json.loads((train(_cfg(run, steps=2, max_len=20)) / "manifest.json").read_text())["metrics"]
+    assert metrics["examples_cut"] > 0 and metrics["examples_dropped"] == 0
+    assert metrics["examples"] == 2 * len(rows)  # multitask: every row twice, long ones cut, none dropped
 
 
 def test_warmup_then_cosine_to_the_floor():

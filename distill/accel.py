@@ -1,0 +1,166 @@
+"""One set-up for every process that runs torch: OpenMP waiting, threads, device, precision, process group.
+
+    configure_openmp()                      # the CLI, first thing, before torch is imported
+    rt = setup_runtime(threads=None)        # train and eval: threads, device, and the process group when
+                                            # started by torchrun / accelerate launch
+    dtype = resolve_precision("auto", rt.device)
+    with autocast(rt.device, dtype): loss = model(...)
+
+A launcher (``torchrun --nproc_per_node N -m nestling -- train ...`` or ``accelerate launch -m nestling train
+...``) sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; the process group is formed from them
+here (gloo on CPU, NCCL on GPU). On CPU, ``accelerate.Accelerator()`` alone forms no process group: every
+process trained alone and all wrote the same directory.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import logging
+import os
+import sys
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nestling.serve.errors import NestlingError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "fp32", "bf16")
+# Stages that only rank 0 runs (traces, eval) keep the other ranks waiting at a barrier: long enough for a
+# teacher pass over thousands of questions, instead of the 30-minute default.
+BARRIER_TIMEOUT = datetime.timedelta(hours=12)
+
+
+def configure_openmp() -> None:
+    """OMP_WAIT_POLICY=PASSIVE for a process that trains or evaluates with torch on CPU (unless already set).
+
+    OpenMP reads it once, when it starts, so call this before torch is imported. With other processes on the
+    cores, spinning OpenMP threads made 2-thread PyTorch ~30x slower; passive waiting removed that. llama.cpp
+    also uses OpenMP and is slowed by passive waiting, hence per process rather than global.
+    """
+    if "torch" in sys.modules:
+        log.debug("torch is already imported: OMP_WAIT_POLICY set now may have no effect")
+    if not _gpu_visible():
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _gpu_visible() -> bool:
+    """A CUDA device exists, judged without importing torch (which would start OpenMP)."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES") not in ("", "-1") and Path("/dev/nvidiactl").exists()
+
+
+def launched_world() -> int:
+    """How many processes the launcher started (1 when run directly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0, or not launched at all. Needs no torch: the launcher's RANK variable decides."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: Any  # torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def default_threads() -> int:
+    """min(2, cores): more threads than free cores only adds OpenMP spinning under contention."""
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def set_threads(threads: int | None) -> None:
+    """CPU only: `threads` torch threads; unset, default_threads(), shared among launched processes."""
+    import torch
+
+    if not torch.cuda.is_available():
+        per_process = max(1, (os.cpu_count() or 1) // launched_world())
+        torch.set_num_threads(threads or min(default_threads(), per_process))
+
+
+def init_process_group() -> None:
+    """Join the launcher's process group once per process (no-op when not launched or already joined)."""
+    import torch
+    import torch.distributed as dist
+
+    if launched_world() <= 1 or dist.is_initialized():
+        return
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise NestlingError(f"WORLD_SIZE is set but {', '.join(missing)} is not; start with torchrun")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=BARRIER_TIMEOUT)
+    atexit.register(_leave_process_group)
+    log.info(
+        "rank %d of %d joined the process group (%s)",
+        dist.get_rank(),
+        dist.get_world_size(),
+        dist.get_backend(),
+    )
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def setup_runtime(threads: int | None = None) -> Runtime:
+    """Threads, process group and device for this process."""
+    import torch
+    import torch.distributed as dist
+
+    set_threads(threads)
+    init_process_group()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        device = torch.device("cpu")
+    return Runtime(device=device, rank=rank, world=world)
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def resolve_precision(name: str, device: Any) -> Any:
+    """'fp32' | 'bf16' | 'auto' -> the autocast dtype, None for plain fp32.
+
+    auto: bf16 on a GPU that supports it; fp32 on CPU, where bf16 autocast measured slower for training a
+    SmolLM2-135M-shaped student on this machine's AVX512-BF16 cores (benchmarks/results/train_precision.json).
+    """
+    import torch
+
+    if name not in PRECISIONS:
+        raise NestlingError(f"--precision {name!r}: use one of {', '.join(PRECISIONS)}")
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return torch.bfloat16 if name == "bf16" else None
+
+
+def autocast(device: Any, dtype: Any) -> AbstractContextManager:
+    """Mixed precision for the forward pass; weights and optimizer state stay fp32."""
+    import torch
+
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
