@@ -2,6 +2,8 @@
 
     nestling ask runs/default/exports/tiny "What is 7 + 5?"            # steps, answer, one latency line
     nestling ask runs/default/exports/tiny "What is 7 + 5?" --no-explain
+    nestling ask runs/default/exports/tiny "What is 7 + 5?" --verify 4      # resample while a step is false
+    nestling ask runs/default/exports/tiny --file questions.jsonl > answers.jsonl  # {"question": ...} a line
     nestling serve runs/default/exports/tiny --port 8000             # http://127.0.0.1:8000
     NESTLING_API_KEY=s3cret nestling serve runs/default/exports/tiny  # /v1/* then needs the key
 
@@ -11,18 +13,25 @@ Engine libraries, fastapi and uvicorn load inside the handlers, so `nestling --h
 from __future__ import annotations
 
 import argparse
+import json
 import socket
+import sys
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nestling.serve.config import add_config_args, check, config_from_args
 from nestling.serve.errors import NestlingError
+from nestling.serve.sampling import SamplingParams
+from nestling.serve.settings import add_settings_args, settings_from_args
 
 if TYPE_CHECKING:
     from nestling.serve.runtime import Answer
 
 ENGINE_CHOICES = ["auto", "gguf", "onnx"]
 MARKS = {True: "\u2713", False: "\u2717", None: "\u00b7"}
+VERIFIED = {True: "checked steps hold", False: "a checked step is wrong", None: "nothing to check"}
 
 
 @dataclass
@@ -32,31 +41,41 @@ class AskConfig:
     engine: str = field(default="auto", metadata={"help": "auto | gguf | onnx", "choices": ENGINE_CHOICES})
     variant: str | None = field(default=None, metadata={"help": "manifest variant; default: the export's"})
     threads: int = field(default=1, metadata={"help": "engine threads (1 is often fastest for tiny models)"})
+    temperature: float = field(default=0.0, metadata={"help": "0 is greedy; up to 2"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass"})
+    top_k: int = field(default=0, metadata={"help": "keep the k most likely tokens; 0 keeps all"})
+    seed: int | None = field(default=None, metadata={"help": "same seed, same answer"})
+    stop: list[str] = field(default_factory=list, metadata={"help": "end the text before any of these"})
+    verify: int = field(
+        default=1, metadata={"help": "tries: > 1 resamples (seeded) while a checked step is false"}
+    )
+    file: str | None = field(
+        default=None, metadata={"help": 'a JSONL file of {"question": ...}: answers as JSONL on stdout'}
+    )
+    pool: int = field(default=0, metadata={"help": "with --file: engines answering at once; 0: one per core"})
 
     def __post_init__(self) -> None:
         check(self.max_tokens >= 1, f"--max-tokens {self.max_tokens}: must be >= 1, e.g. 256")
         check(self.threads >= 1, f"--threads {self.threads}: must be >= 1")
+        check(self.pool >= 0, f"--pool {self.pool}: must be >= 0")
+        self.sampling = SamplingParams(self.temperature, self.top_p, self.top_k, self.seed)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     ask = sub.add_parser("ask", help="answer one question with an exported reasoner: steps, answer, latency")
     ask.add_argument("dir", help="export directory (runs/NAME/exports/STUDENT)")
-    ask.add_argument("question", help="the question, quoted")
+    ask.add_argument("question", nargs="?", default=None, help="the question, quoted (or --file)")
     add_config_args(ask, AskConfig)
     ask.set_defaults(func=_cmd_ask)
 
     srv = sub.add_parser(
         "serve",
         help="serve an exported reasoner over HTTP (answer, OpenAI-compatible chat, metrics, a page)",
-        description="Settings not given here come from NESTLING_* environment variables (NESTLING_API_KEY, "
-        "NESTLING_MAX_QUEUE, NESTLING_MAX_TOKENS_CAP, ...; see serve/settings.py).",
+        description="Every flag is also an environment variable (--max-queue: NESTLING_MAX_QUEUE); a flag "
+        "wins. Pass the API key as NESTLING_API_KEY rather than --api-key (flags show in `ps`).",
     )
     srv.add_argument("dir", nargs="?", default=None, help="export directory (default: NESTLING_MODEL_DIR)")
-    srv.add_argument("--host", default=None, help="bind address (default 127.0.0.1: this machine only)")
-    srv.add_argument("--port", type=int, default=None, help="TCP port (default 8000)")
-    srv.add_argument("--engine", default=None, choices=ENGINE_CHOICES, help="engine (default auto)")
-    srv.add_argument("--variant", default=None, help="manifest variant (default: the export's default)")
-    srv.add_argument("--threads", type=int, default=None, help="engine threads (default 1)")
+    add_settings_args(srv, skip=("model_dir",))
     srv.set_defaults(func=_cmd_serve)
 
 
@@ -66,32 +85,63 @@ def format_answer(a: Answer) -> str:
     lines.append(f"Answer: {a.answer if a.answer is not None else '(none)'}")
     lat = a.latency
     cut = ", cut at --max-tokens" if a.finish_reason == "length" else ""
+    tries = f"{a.tries} tries" if a.tries > 1 else "1 try"
     lines.append(
         f"latency: first token {1000 * lat.ttft_s:.1f} ms, total {1000 * lat.total_s:.1f} ms, "
         f"{lat.prompt_tokens} prompt + {lat.completion_tokens} completion tokens, "
-        f"{lat.tokens_per_s:,.0f} tokens/s ({lat.variant} on {lat.engine}){cut}"
+        f"{lat.tokens_per_s:,.0f} tokens/s ({lat.variant} on {lat.engine}){cut}; "
+        f"{VERIFIED[a.verified]}, {tries}"
     )
     return "\n".join(lines)
+
+
+def read_questions(path: str) -> list[str]:
+    """The questions of a JSONL file: one ``{"question": "..."}`` (or a JSON string) per line."""
+    p = Path(path)
+    check(p.is_file(), f'--file {p}: not found; pass a JSONL file with one {{"question": ...}} per line')
+    out = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            msg = f'{p}:{n}: not JSON ({e.msg}); write one {{"question": ...}} per line'
+            raise NestlingError(msg) from None
+        q = row.get("question") if isinstance(row, dict) else row
+        check(isinstance(q, str) and bool(q.strip()), f'{p}:{n}: no "question" string on this line')
+        out.append(q)
+    check(bool(out), f"--file {p}: no questions in it")
+    return out
 
 
 def _cmd_ask(args: argparse.Namespace) -> int:
     from nestling.serve.runtime import Reasoner
 
     cfg = config_from_args(AskConfig, args)
-    with Reasoner.load(args.dir, engine=cfg.engine, variant=cfg.variant, n_threads=cfg.threads) as r:
-        print(format_answer(r.ask(args.question, explain=cfg.explain, max_tokens=cfg.max_tokens)))
+    check((args.question is None) != (cfg.file is None), "ask: give a QUESTION or --file FILE, not both")
+    questions = read_questions(cfg.file) if cfg.file else [args.question]
+    kw = {"explain": cfg.explain, "max_tokens": cfg.max_tokens, "sampling": cfg.sampling, "stop": cfg.stop}
+    pool = cfg.pool if cfg.file else 1
+    with Reasoner.load(args.dir, cfg.engine, cfg.variant, n_threads=cfg.threads, pool=pool) as r:
+        if not cfg.file:
+            print(format_answer(r.ask(args.question, verify=cfg.verify, **kw)))
+            return 0
+        t0 = time.perf_counter()
+        answers = r.ask_many(questions, verify=cfg.verify, **kw)
+        for q, a in zip(questions, answers, strict=True):
+            print(json.dumps({"question": q, **a.to_dict()}, ensure_ascii=False))
+        took = time.perf_counter() - t0
+        n = len(answers)
+        print(f"{n} answers in {took:.2f} s ({n / took:.1f}/s, {r.pool} engines)", file=sys.stderr)
     return 0
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from nestling.serve.manifest import read_manifest
     from nestling.serve.runtime import Reasoner
-    from nestling.serve.settings import load_settings
 
-    s = load_settings(
-        model_dir=args.dir, host=args.host, port=args.port, engine=args.engine, variant=args.variant,
-        threads=args.threads,
-    )  # fmt: skip
+    s = settings_from_args(args, model_dir=args.dir)
     check(bool(s.model_dir), "no export directory: pass DIR or set NESTLING_MODEL_DIR")
     # Cheap checks before the port opens; hashing and loading happen in the background at startup.
     Reasoner.pick_variant(read_manifest(s.model_dir, stage="export"), s.engine, s.variant)

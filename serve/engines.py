@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from nestling.serve.errors import NestlingError
+from nestling.serve.sampling import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,9 @@ class Engine(Protocol):
 
     def tokenize(self, text: str) -> list[int]: ...
     def detokenize(self, ids: list[int]) -> str: ...
-    def stream(self, prompt_ids: list[int], max_tokens: int, stop_at_eos: bool = True) -> Iterator[int]: ...
+    def stream(
+        self, prompt_ids: list[int], max_tokens: int, stop_at_eos: bool = True, sampler: Sampler | None = None
+    ) -> Iterator[int]: ...
     def logits(self, ids: list[int]) -> np.ndarray: ...
     def close(self) -> None: ...
 
@@ -126,8 +129,11 @@ class GGUFEngine:
         if n > self.n_ctx:
             raise NestlingError(f"{n} tokens exceed the context of {self.n_ctx}; shorten the prompt")
 
-    def stream(self, prompt_ids: list[int], max_tokens: int, stop_at_eos: bool = True) -> Iterator[int]:
-        """Greedy tokens after the prompt; eos ends the stream unyielded (stop_at_eos=False: benchmarks)."""
+    def stream(
+        self, prompt_ids: list[int], max_tokens: int, stop_at_eos: bool = True, sampler: Sampler | None = None
+    ) -> Iterator[int]:
+        """Tokens after the prompt, greedy unless a ``sampler`` picks them; eos ends the stream unyielded
+        (stop_at_eos=False: benchmarks)."""
         if not prompt_ids:
             raise NestlingError("empty prompt: tokenize a non-empty text first")
         max_tokens = min(max_tokens, self.n_ctx - len(prompt_ids))
@@ -135,7 +141,7 @@ class GGUFEngine:
         self._llm.reset()
         self._llm.eval(list(prompt_ids))
         for i in range(max_tokens):
-            tok = int(np.argmax(self._last_logits()))
+            tok = _pick(self._last_logits(), sampler)
             if tok == self.eos_id and stop_at_eos:
                 return
             yield tok
@@ -271,8 +277,10 @@ class ONNXEngine:
         out = self._sess.run(["logits", *self._present_names], feed)
         return out[0][0], out[1:]
 
-    def stream(self, prompt_ids: list[int], max_tokens: int, stop_at_eos: bool = True) -> Iterator[int]:
-        """Greedy tokens after the prompt; eos ends the stream unyielded (stop_at_eos=False: benchmarks)."""
+    def stream(
+        self, prompt_ids: list[int], max_tokens: int, stop_at_eos: bool = True, sampler: Sampler | None = None
+    ) -> Iterator[int]:
+        """Tokens after the prompt, greedy unless a ``sampler`` picks them; eos ends the stream unyielded."""
         if not prompt_ids:
             raise NestlingError("empty prompt: tokenize a non-empty text first")
         if len(prompt_ids) > self.n_ctx:
@@ -281,7 +289,7 @@ class ONNXEngine:
         logits, past = self._run(list(prompt_ids), None, 0)
         pos = len(prompt_ids)
         for i in range(max_tokens):
-            tok = int(np.argmax(logits[-1]))
+            tok = _pick(logits[-1], sampler)
             if tok in self._stops and stop_at_eos:
                 return
             yield tok
@@ -297,6 +305,10 @@ class ONNXEngine:
 
     def close(self) -> None:
         self._sess = None
+
+
+def _pick(logits: np.ndarray, sampler: Sampler | None) -> int:
+    return int(np.argmax(logits)) if sampler is None else sampler(logits)
 
 
 def _first_id(v: Any) -> int | None:

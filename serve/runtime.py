@@ -7,6 +7,12 @@
     s = r.stream("What is 7 + 5?")                              # text pieces as tokens arrive
     for piece in s: print(piece, end="")
     s.answer.latency.tokens_per_s
+    r.ask("What is 7 + 5?", sampling=SamplingParams(temperature=0.7, seed=1), stop=["Step 2"])
+    r.ask("What is 7 + 5?", verify=4)      # resample while a checked step is false: a.verified, a.tries
+    r.ask_many(["What is 1 + 1?", "What is 2 + 2?"])            # spread over the engine pool
+
+``Reasoner.load(..., pool=N)`` loads N engines over the same file: N questions decode at once, one per
+engine, from any number of threads; a call waits for a free engine.
 
 Imports nothing heavier than the engine it loads (llama-cpp-python or onnxruntime + tokenizers, both through
 ``serve.engines``), so it runs where torch and transformers are not installed.
@@ -16,10 +22,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +38,7 @@ from nestling.serve.errors import NestlingError
 from nestling.serve.explain import check_steps, clean_answer, extract_answer, parse_steps
 from nestling.serve.manifest import read_manifest, verify_files
 from nestling.serve.prompting import ANSWER_MARK, PROMPT_FORMAT, student_prompt
+from nestling.serve.sampling import SamplingParams
 
 if TYPE_CHECKING:  # the protocol only: importing serve.engines here would load numpy for nothing
     from nestling.serve.engines import Engine
@@ -35,6 +46,11 @@ if TYPE_CHECKING:  # the protocol only: importing serve.engines here would load 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
+MAX_STOP = 16  # stop strings per request: each is searched for after every token
+MAX_STOP_CHARS = 200
+GREEDY = SamplingParams()
+# Resampling a false explanation needs some randomness; greedy would repeat the same mistake.
+VERIFY_TEMPERATURE = 0.7
 
 
 @dataclass
@@ -99,7 +115,12 @@ class Answer:
     text: str
     latency: Latency
     finish_reason: str = "stop"  # "length" when max_tokens cut the generation short
-    stopped_by: str = "eos"  # eos | answer_line (text after the answer was dropped) | max_tokens | cancelled
+    # eos | answer_line (text after the answer was dropped) | stop (a stop string) | max_tokens | cancelled
+    stopped_by: str = "eos"
+    # True: every checkable step holds (at least one was checked); False: a checked step is wrong;
+    # None: nothing to check (answer-only mode, or no step states a calculation).
+    verified: bool | None = None
+    tries: int = 1  # generations made for this answer (> 1 when verification resampled a false one)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,7 +129,7 @@ class Answer:
 class TokenStream:
     """Iterate for text pieces as the model produces them; ``answer`` holds the full Answer at the end.
 
-    Holds the reasoner's lock while it runs: exhaust it or call ``close()`` (or use ``with``).
+    Holds one of the reasoner's engines while it runs: exhaust it or call ``close()`` (or use ``with``).
     """
 
     def __init__(self, pieces: Iterator[str], holder: list[Answer]):
@@ -154,32 +175,67 @@ def _stop_index(text: str, explain: bool) -> int | None:
     return None if end < 0 else len(text) - len(stripped) + end
 
 
-def _validate(question: str, max_tokens: int) -> None:
+def _validate(question: str, max_tokens: int, stop: Sequence[str] = ()) -> None:
     check(isinstance(question, str) and bool(question.strip()), "question is empty; ask something")
     check(
         isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens >= 1,
         f"max_tokens {max_tokens!r}: must be an integer >= 1",
     )
+    check(len(stop) <= MAX_STOP, f"stop: {len(stop)} strings; at most {MAX_STOP}")
+    for x in stop:
+        check(
+            isinstance(x, str) and 0 < len(x) <= MAX_STOP_CHARS,
+            f"stop string {str(x)[:20]!r}: must be 1 to {MAX_STOP_CHARS} characters",
+        )
+
+
+def _stop_string(text: str, stop: Sequence[str], start: int) -> tuple[int | None, int]:
+    """Where the first stop string in ``text`` begins (searching only what ``start`` onwards can have
+    completed), or None; and how many trailing characters may still grow into one (to hold back)."""
+    hits = [i for x in stop if (i := text.find(x, max(0, start - len(x) + 1))) >= 0]
+    if hits:
+        return min(hits), 0
+    hold = max(
+        (n for x in stop for n in range(min(len(x) - 1, len(text)), 0, -1) if text.endswith(x[:n])), default=0
+    )
+    return None, hold
 
 
 class Reasoner:
-    """An exported student behind one engine. Calls are serialized (engines are not re-entrant)."""
+    """An exported student behind a pool of engines (one by default). Safe to share between threads: each
+    call takes a free engine for its whole generation (engines are not re-entrant) and waits for one."""
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | Sequence[Engine],
         *,
         variant: str,
         name: str = "nestling",
         task: str | None = None,
         manifest: dict[str, Any] | None = None,
     ):
-        self.engine = engine
+        self.engines: list[Engine] = list(engine) if isinstance(engine, Sequence) else [engine]
+        check(bool(self.engines), "Reasoner needs at least one engine")
+        self.engine = self.engines[0]  # the pool's engines are alike: kind, tokenizer, n_ctx
         self.variant = variant
         self.name = name
         self.task = task
         self.manifest = manifest or {}
-        self._lock = threading.Lock()
+        self._free: queue.SimpleQueue[Engine] = queue.SimpleQueue()
+        for e in self.engines:
+            self._free.put(e)
+
+    @property
+    def pool(self) -> int:
+        return len(self.engines)
+
+    @contextmanager
+    def _checkout(self) -> Iterator[Engine]:
+        eng = self._free.get()
+        try:
+            yield eng
+        finally:
+            self._free.put(eng)
 
     # ---- loading ------------------------------------------------------------------------------------
 
@@ -219,12 +275,20 @@ class Reasoner:
 
     @classmethod
     def load(
-        cls, path: str | Path, engine: str = "auto", variant: str | None = None, n_threads: int = 1
+        cls,
+        path: str | Path,
+        engine: str = "auto",
+        variant: str | None = None,
+        n_threads: int = 1,
+        pool: int = 1,
     ) -> Reasoner:
-        """Read DIR/manifest.json, verify the sha256 of the chosen variant's files, and load its engine."""
+        """Read DIR/manifest.json, verify the sha256 of the chosen variant's files, and load ``pool``
+        engines over it (``pool=0``: one per ``n_threads`` cores, see ``auto_pool``)."""
         root = Path(path)
         check(root.is_dir(), f"{root}: not a directory; pass an export directory (runs/NAME/exports/STUDENT)")
         check(n_threads >= 1, f"--threads {n_threads}: must be >= 1")
+        check(isinstance(pool, int) and pool >= 0, f"--pool {pool}: must be >= 0 (0: one engine per core)")
+        pool = pool or auto_pool(n_threads)
         manifest = read_manifest(root, stage="export")
         fmt = manifest.get("prompt_format", PROMPT_FORMAT)
         check(fmt == PROMPT_FORMAT, f"{root}: prompt format {fmt!r}, this runtime speaks {PROMPT_FORMAT!r}")
@@ -234,16 +298,21 @@ class Reasoner:
         check(isinstance(rel, str) and bool(rel), f"{root}: variant {name} has no path; re-export")
         verify_files(root, manifest, [rel])  # refuses truncated / tampered files before any parser sees them
         t0 = time.perf_counter()
+        engines: list[Engine] = []
         try:
-            eng = ENGINES[kind].load(str(root / rel), n_threads)
-        except NestlingError:
-            raise
-        except Exception as e:  # the file matched its hash, so the artifact itself is unusable here
+            for _ in range(pool):
+                engines.append(ENGINES[kind].load(str(root / rel), n_threads))
+        except Exception as e:
+            for loaded in engines:
+                loaded.close()
+            if isinstance(e, NestlingError):
+                raise
+            # the file matched its hash, so the artifact itself is unusable here
             raise NestlingError(f"{root / rel}: the {kind} engine cannot load it ({e}); re-export it") from e
-        log.info("loaded %s (%s) in %.2f s", name, kind, time.perf_counter() - t0)
+        log.info("loaded %s (%s) x%d in %.2f s", name, kind, pool, time.perf_counter() - t0)
         student = manifest.get("student") or {}
         return cls(
-            eng,
+            engines,
             variant=name,
             name=str(student.get("name") or root.name),
             task=manifest.get("task"),
@@ -251,8 +320,9 @@ class Reasoner:
         )
 
     def close(self) -> None:
-        with self._lock:
-            self.engine.close()
+        """Close every engine, each once the call using it has finished."""
+        for _ in self.engines:
+            self._free.get().close()
 
     def __enter__(self) -> Reasoner:
         return self
@@ -262,13 +332,50 @@ class Reasoner:
 
     # ---- answering ----------------------------------------------------------------------------------
 
-    def ask(self, question: str, explain: bool = True, max_tokens: int = DEFAULT_MAX_TOKENS) -> Answer:
-        """Generate greedily and return the answer, the checked steps (explain mode) and the latency."""
-        _validate(question, max_tokens)
-        holder: list[Answer] = []
-        for _ in self._generate(question, explain, max_tokens, holder):
-            pass
-        return holder[0]
+    def ask(
+        self,
+        question: str,
+        explain: bool = True,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        *,
+        sampling: SamplingParams = GREEDY,
+        stop: Sequence[str] = (),
+        verify: int = 1,
+        verify_budget_s: float = 10.0,
+    ) -> Answer:
+        """Generate (greedy unless ``sampling`` says otherwise) and return the answer, the checked steps
+        (explain mode) and the latency.
+
+        ``verify`` > 1: while a checked step is false, generate again, up to ``verify`` tries in all and
+        while ``verify_budget_s`` is not spent, sampled with seeds ``seed+1, seed+2, ...`` (at
+        ``VERIFY_TEMPERATURE`` when the request is greedy); the first explanation whose checked steps all
+        hold is returned, else the first one. ``answer.tries`` counts the generations, ``total_s`` all of
+        them.
+        """
+        _validate(question, max_tokens, stop)
+        check(isinstance(verify, int) and 1 <= verify <= 64, f"verify {verify!r}: tries must be 1 to 64")
+        t0 = time.perf_counter()
+        first = self._ask_once(question, explain, max_tokens, sampling, stop)
+        if verify == 1 or first.verified is not False:
+            return first
+        resample = sampling if not sampling.greedy else replace(sampling, temperature=VERIFY_TEMPERATURE)
+        base = sampling.seed or 0
+        tries = 1
+        while tries < verify and time.perf_counter() - t0 < verify_budget_s:
+            a = self._ask_once(question, explain, max_tokens, resample.with_seed(base + tries), stop)
+            tries += 1
+            if a.verified is not False:
+                return _after_tries(a, tries, t0)
+        return _after_tries(first, tries, t0)
+
+    def ask_many(
+        self, questions: Sequence[str], explain: bool = True, max_tokens: int = DEFAULT_MAX_TOKENS, **kw: Any
+    ) -> list[Answer]:
+        """``ask`` for each question, as many at once as the pool has engines; answers in question order."""
+        for q in questions:
+            _validate(q, max_tokens, kw.get("stop", ()))
+        with ThreadPoolExecutor(max_workers=self.pool, thread_name_prefix="ask") as ex:
+            return list(ex.map(lambda q: self.ask(q, explain, max_tokens, **kw), questions))
 
     def stream(
         self,
@@ -276,14 +383,27 @@ class Reasoner:
         explain: bool = True,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         cancel: threading.Event | None = None,
+        *,
+        sampling: SamplingParams = GREEDY,
+        stop: Sequence[str] = (),
     ) -> TokenStream:
         """Text pieces as tokens come (multi-byte characters are never split); ``.answer`` once done.
 
-        ``cancel``: set it from another thread to stop early (finish_reason "cancelled").
+        ``cancel``: set it from another thread to stop at the next token (finish_reason "cancelled").
+        Not verified by resampling: what was streamed cannot be taken back (``answer.verified`` still says).
         """
-        _validate(question, max_tokens)
+        _validate(question, max_tokens, stop)
         holder: list[Answer] = []
-        return TokenStream(self._generate(question, explain, max_tokens, holder, cancel), holder)
+        gen = self._generate(question, explain, max_tokens, holder, cancel, sampling, tuple(stop))
+        return TokenStream(gen, holder)
+
+    def _ask_once(
+        self, question: str, explain: bool, max_tokens: int, sampling: SamplingParams, stop: Sequence[str]
+    ) -> Answer:
+        holder: list[Answer] = []
+        for _ in self._generate(question, explain, max_tokens, holder, None, sampling, tuple(stop)):
+            pass
+        return holder[0]
 
     def _generate(
         self,
@@ -291,64 +411,52 @@ class Reasoner:
         explain: bool,
         max_tokens: int,
         holder: list[Answer],
-        cancel: threading.Event | None = None,
+        cancel: threading.Event | None,
+        sampling: SamplingParams,
+        stop: tuple[str, ...],
     ) -> Iterator[str]:
-        eng = self.engine
-        with self._lock:
+        with self._checkout() as eng:
             t0 = time.perf_counter()
             prompt_ids = eng.tokenize(student_prompt(question, explain))
-            ids: list[int] = []
-            text = ""  # what has been emitted so far
-            # Incremental detokenization over a window (prefix_off..): a piece is emitted once the bytes
-            # decoded so far form whole characters, and leading-space handling of the first token in a
-            # window cancels out because both decodes start at the same token.
-            prefix_off = read_off = 0
+            dec = _Decoder(eng, explain, stop)
             first = last = t0
             finish, stopped_by = "length", "max_tokens"
-            cut = False  # stopped at the end of the answer line, the rest is not part of the answer
-            gen = eng.stream(prompt_ids, max_tokens)
+            sampler = sampling.sampler()
+            # Only a sampled request passes `sampler`: engines written before sampling existed still serve.
+            gen = (
+                eng.stream(prompt_ids, max_tokens)
+                if sampler is None
+                else eng.stream(prompt_ids, max_tokens, sampler=sampler)
+            )
             try:
                 for tok in gen:
                     last = time.perf_counter()
-                    if not ids:
+                    if not dec.ids:
                         first = last
-                    ids.append(tok)
                     if cancel is not None and cancel.is_set():
+                        dec.ids.append(tok)
                         finish = stopped_by = "cancelled"
                         break
-                    prefix_text = eng.detokenize(ids[prefix_off:read_off]) if read_off > prefix_off else ""
-                    new_text = eng.detokenize(ids[prefix_off:])
-                    if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-                        piece = new_text[len(prefix_text) :]
-                        prefix_off, read_off = read_off, len(ids)
-                        stop = _stop_index(text + piece, explain)
-                        if stop is not None:
-                            piece = piece[: stop - len(text)]
-                            finish, cut, stopped_by = "stop", True, "answer_line"
-                        if piece:
-                            text += piece
-                            yield piece
-                        if cut:
-                            break
+                    piece = dec.push(tok)
+                    if piece:
+                        yield piece
+                    if dec.cut:
+                        finish, stopped_by = "stop", dec.cut
+                        break
                 else:
                     # Engines also stop at the end of their context: that is a cut, not an eos.
-                    budget = min(
-                        max_tokens, getattr(eng, "n_ctx", max_tokens + len(prompt_ids)) - len(prompt_ids)
-                    )
-                    finish = "length" if len(ids) >= budget else "stop"
+                    n_ctx = getattr(eng, "n_ctx", max_tokens + len(prompt_ids))
+                    finish = "length" if len(dec.ids) >= min(max_tokens, n_ctx - len(prompt_ids)) else "stop"
                     stopped_by = "max_tokens" if finish == "length" else "eos"
             finally:
                 close = getattr(gen, "close", None)
                 if close is not None:
                     close()
-            if not cut and finish != "cancelled" and read_off < len(ids):
-                # Flush a trailing partial character (it decodes as U+FFFD rather than vanish).
-                done = eng.detokenize(ids[prefix_off:read_off]) if read_off > prefix_off else ""
-                tail = eng.detokenize(ids[prefix_off:])[len(done) :]
+            if finish != "cancelled":
+                tail = dec.flush()
                 if tail:
-                    text += tail
                     yield tail
-        answer = self._finish(text, explain, prompt_ids, ids, t0, first, last, finish)
+            answer = self._finish(dec.text, explain, prompt_ids, dec.ids, t0, first, last, finish, eng.kind)
         answer.stopped_by = stopped_by
         holder.append(answer)
 
@@ -362,6 +470,7 @@ class Reasoner:
         first: float,
         last: float,
         finish: str,
+        kind: str,
     ) -> Answer:
         n = len(ids)
         ttft = (first - t0) if n else 0.0
@@ -374,7 +483,7 @@ class Reasoner:
             prompt_tokens=len(prompt_ids),
             completion_tokens=n,
             tokens_per_s=tps,
-            engine=self.engine.kind,
+            engine=kind,
             variant=self.variant,
         )
         if explain:
@@ -385,4 +494,82 @@ class Reasoner:
             steps = []
             line = text.strip().split("\n", 1)[0] if text.strip() else ""
             answer = clean_answer(line) or None
-        return Answer(answer=answer, steps=steps, text=text, latency=latency, finish_reason=finish)
+        checked = [s.ok for s in steps if s.ok is not None]
+        verified = all(checked) if checked else None
+        return Answer(answer, steps, text, latency, finish_reason=finish, verified=verified)
+
+
+def auto_pool(n_threads: int = 1) -> int:
+    """One engine per ``n_threads`` cores this process may use: the pool size that keeps every core busy."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // n_threads)
+
+
+def _after_tries(a: Answer, tries: int, t0: float) -> Answer:
+    """The answer with the whole wait: every try's time counts, as the caller waited for all of them."""
+    total = time.perf_counter() - t0
+    ttft = a.latency.ttft_s + (total - a.latency.total_s)
+    return replace(a, tries=tries, latency=replace(a.latency, total_s=total, ttft_s=ttft))
+
+
+class _Decoder:
+    """Token ids in, text pieces out: whole characters only, cut at the answer line or a stop string.
+
+    Incremental detokenization over a window (prefix_off..): a piece is emitted once the bytes decoded so
+    far form whole characters, and leading-space handling of the first token in a window cancels out
+    because both decodes start at the same token. Text that may still grow into a stop string is held back.
+    """
+
+    def __init__(self, eng: Engine, explain: bool, stop: tuple[str, ...]):
+        self.eng, self.explain, self.stop = eng, explain, stop
+        self.ids: list[int] = []
+        self.text = ""  # emitted so far
+        self.held = ""  # decoded, not emitted: it may be the start of a stop string
+        self.prefix_off = self.read_off = 0
+        self.cut: str | None = None  # "answer_line" | "stop" once the text is complete
+
+    def push(self, tok: int) -> str:
+        self.ids.append(tok)
+        prefix, new = self._window()
+        if len(new) <= len(prefix) or new.endswith("\ufffd"):
+            return ""
+        self.prefix_off, self.read_off = self.read_off, len(self.ids)
+        return self._emit(self.held + new[len(prefix) :])
+
+    def _window(self) -> tuple[str, str]:
+        """The window's text up to the last emitted token, and up to the newest one."""
+        ids, eng, lo, hi = self.ids, self.eng, self.prefix_off, self.read_off
+        return (eng.detokenize(ids[lo:hi]) if hi > lo else ""), eng.detokenize(ids[lo:])
+
+    def _emit(self, piece: str) -> str:
+        full = self.text + piece
+        end = _stop_index(full, self.explain)
+        if end is not None:
+            full, self.cut = full[:end], "answer_line"
+        hold = 0
+        if self.stop:
+            at, hold = _stop_string(full, self.stop, len(self.text))
+            if at is not None:
+                full, self.cut, hold = full[:at], "stop", 0
+        if self.cut:
+            hold = 0
+        out = full[len(self.text) : len(full) - hold]
+        self.held = full[len(full) - hold :] if hold else ""
+        self.text += out
+        return out
+
+    def flush(self) -> str:
+        """A trailing partial character (it decodes as U+FFFD rather than vanish) and held-back text."""
+        if self.cut:
+            return ""
+        tail = self.held
+        if self.read_off < len(self.ids):
+            prefix, new = self._window()
+            tail += new[len(prefix) :]
+        self.held = ""
+        if not tail:
+            return ""
+        out = self._emit(tail)
+        rest, self.held = self.held, ""  # the text ended before it could become a stop string
+        self.text += rest
+        return out + rest

@@ -1,14 +1,19 @@
 """Server settings from the environment (prefix ``NESTLING_``) or keyword arguments.
 
     NESTLING_MODEL_DIR=runs/default/exports/tiny NESTLING_API_KEY=s3cret nestling serve
+    nestling serve runs/default/exports/tiny --max-queue 128 --pool 2   # the same fields as flags
     Settings(model_dir="runs/x/exports/tiny", port=8001)    # keyword arguments win over the environment
 
-Every limit the server enforces lives here, so an operator tunes it without code.
+Every limit the server enforces lives here, so an operator tunes it without code. The `nestling serve` flags
+are generated from these fields (``add_settings_args``): one source for names, types, help and defaults.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import argparse
+import types
+import typing
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,10 +38,40 @@ class Settings(BaseSettings):
     max_question_chars: int = Field(2_000, ge=1, description="longer questions get 422")
     max_tokens_cap: int = Field(512, ge=1, description="largest max_tokens a request may ask for")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
-    max_queue: int = Field(
-        16, ge=1, description="requests admitted at once (running + waiting); more get 429"
+    pool: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="engines answering at once, each its own KV cache over one shared model file; 0: one per "
+        "`threads` cores (2 on a 2-core machine); 1: one at a time, as before",
     )
-    queue_timeout_s: float = Field(30.0, gt=0, description="a request waiting longer for the model gets 503")
+    max_queue: int = Field(
+        64,
+        ge=1,
+        description="requests admitted at once (answering + waiting for an engine); more get 429 with "
+        "Retry-After. Waiting ones are served in arrival order",
+    )
+    queue_timeout_s: float = Field(
+        30.0, gt=0, description="a request waiting longer than this for an engine gets 503 with Retry-After"
+    )
+    reasoning_format: Literal["none", "deepseek"] = Field(
+        "none",
+        description="chat completions: none puts steps and answer in content; deepseek puts the steps in "
+        "reasoning_content and only the answer in content (a request's reasoning_format wins)",
+    )
+    system_messages: Literal["prepend", "refuse"] = Field(
+        "prepend",
+        description="chat: prepend puts system/developer text before the question (the student's prompt "
+        "has no other slot for it); refuse answers 422",
+    )
+    verify: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="tries per explanation: > 1 resamples (seeded) while a checked step is false; 1: off",
+    )
+    verify_budget_s: float = Field(10.0, gt=0, description="stop resampling after this many seconds")
+    max_choices: int = Field(8, ge=1, le=64, description="largest n a chat completion may ask for")
     keep_alive_s: float = Field(
         75.0,
         gt=0,
@@ -64,3 +99,41 @@ def load_settings(**overrides: object) -> Settings:
         raise NestlingError(
             f"setting {where}: {first['msg']} (fix --{where.replace('_', '-')} or NESTLING_{where.upper()})"
         ) from None
+
+
+def _arg_type(annotation: Any) -> tuple[Any, list[str] | None]:
+    """(argparse type, choices) for a field: Optional unwrapped, Literal as choices, SecretStr as str."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if typing.get_origin(annotation) is Literal:
+        return str, [str(a) for a in typing.get_args(annotation)]
+    return (annotation if annotation in (int, float, bool) else str), None
+
+
+def add_settings_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per Settings field, help from its description; an unset flag stays None, so the
+    NESTLING_* variable or the field's default applies."""
+    group = parser.add_argument_group("server settings (each flag is also a NESTLING_* environment variable)")
+    for name, f in Settings.model_fields.items():
+        if name in skip:
+            continue
+        tp, choices = _arg_type(f.annotation)
+        default = "none" if f.default is None else f.default
+        help_ = f"{f.description} (NESTLING_{name.upper()}; default {default})"
+        kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs.update(type=tp, choices=choices, metavar=None if choices else _metavar(name))
+        group.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def settings_from_args(ns: argparse.Namespace, **overrides: object) -> Settings:
+    """Settings from the environment, then the flags given on the command line, then ``overrides``."""
+    given = {name: getattr(ns, name, None) for name in Settings.model_fields}
+    return load_settings(**{**given, **overrides})
+
+
+def _metavar(name: str) -> str:
+    return "SECONDS" if name.endswith("_s") else name.split("_")[-1].upper()

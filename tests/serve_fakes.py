@@ -10,6 +10,8 @@ What it "generates" for ``Question: Q\\nExplain:`` (answer mode ``Answer:`` give
   "... unicode ..."  -> "\\nStep 1: caf\u00e9 \u2192 5 \u00d7 2\\nAnswer: 10 \u20ac"  (multi-byte characters)
   "... ramble ..."   -> "la " forever (only max_tokens stops it)
   "... after ..."    -> "\\nStep 1: 2 + 2 = 4\\nAnswer: 4\\nStep 2: more" (text after the answer line)
+  "... flaky ..."    -> greedy: the wrong script above; sampled: the sampler picks between it (logit 1) and
+                        "\\nStep 1: 9 * 8 = 72\\nAnswer: 72" (logit 0), so the seed decides
 Every byte of the script is one token; eos ends it.
 """
 
@@ -33,13 +35,18 @@ BOS, EOS = 256, 257
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
-def script(prompt: str) -> str:
+def script(prompt: str, sampler=None) -> str:
     """The continuation of a student prompt (eos follows it)."""
     explain = prompt.endswith(EXPLAIN_MARK)
     q = prompt.split("\n")[0]
+    if "flaky" in q and sampler is not None:
+        import numpy as np
+
+        if sampler(np.array([1.0, 0.0])) == 1:
+            return "\nStep 1: 9 * 8 = 72\nAnswer: 72" if explain else " 72"
     if "ramble" in q:
         return "la " * 10_000
-    if "wrong" in q:
+    if "wrong" in q or "flaky" in q:
         return "\nStep 1: 9 * 8 = 64\nStep 2: So the result is 64\nAnswer: 64" if explain else " 64"
     if "unicode" in q:
         return "\nStep 1: caf\u00e9 \u2192 5 \u00d7 2\nAnswer: 10 \u20ac" if explain else " 10 \u20ac"
@@ -56,7 +63,8 @@ def script(prompt: str) -> str:
 class FakeEngine:
     """The engine protocol of docs/DESIGN.md over a byte vocabulary; refuses re-entrant use loudly.
 
-    ``gate``: when given, every token waits for it (tests hold a request in the engine deterministically).
+    ``gate``: when given, every token waits for it (tests hold a request in the engine deterministically):
+    an Event (set: all tokens flow) or a Semaphore (each release lets one token through).
     """
 
     kind = "fake"
@@ -78,18 +86,19 @@ class FakeEngine:
     def detokenize(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
-    def stream(self, prompt_ids: list[int], max_tokens: int) -> Iterator[int]:
+    def stream(self, prompt_ids: list[int], max_tokens: int, stop_at_eos=True, sampler=None) -> Iterator[int]:
         if not self.busy.acquire(blocking=False):
             raise RuntimeError("FakeEngine used by two threads at once")
         try:
             self.calls += 1
             self.started.set()
-            text = script(self.detokenize(prompt_ids))
+            text = script(self.detokenize(prompt_ids), sampler)
+            wait = None if self.gate is None else getattr(self.gate, "wait", None) or self.gate.acquire
             for n, b in enumerate(text.encode("utf-8")):
                 if n >= max_tokens:
                     return
-                if self.gate is not None:
-                    self.gate.wait()
+                if wait is not None:
+                    wait()
                 self.yielded += 1
                 yield b
         finally:
