@@ -38,7 +38,7 @@ def training_texts(rows: list[tuple[str, str]]) -> list[str]:
     return out
 
 
-def build_tiny_student(out_dir: Path, steps: int = TINY_STEPS, seed: int = 0) -> Path:
+def build_tiny_student(out_dir: Path, steps: int = TINY_STEPS, seed: int = 0, lr: float = 1e-2) -> Path:
     """Train and save the tiny student in ``save_pretrained`` form; returns out_dir."""
     import torch
 
@@ -50,7 +50,7 @@ def build_tiny_student(out_dir: Path, steps: int = TINY_STEPS, seed: int = 0) ->
     tok = train_tokenizer(texts + extra, vocab_size=384)
     preset = StudentPreset(256, 512, 2, 4, 2, vocab_size=len(tok), max_position_embeddings=256)
     model = new_student(preset, tok, seed=seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     eos = tok.eos_token
     enc = [tok(t + eos)["input_ids"] for t in texts]
     width = max(len(e) for e in enc)

@@ -13,6 +13,7 @@ from serve_fakes import FakeEngine, serve_in_thread
 
 from nestling.serve.app import create_app
 from nestling.serve.errors import NestlingError
+from nestling.serve.routers.common import get_settings
 from nestling.serve.runtime import Reasoner
 from nestling.serve.settings import Settings, load_settings
 
@@ -370,3 +371,190 @@ def test_a_stream_refused_by_the_engine_ends_with_a_4xx_error_event():
     assert "exceed the context" in answer[-1][1]["error"]["message"]
     (_, err), (_, done) = sse_events(chat.text)[-2:]
     assert err["error"]["code"] == 422 and done == "[DONE]"
+
+
+# ---- sampling, chat semantics, reasoning_content, queueing ---------------------------------------------
+
+USER = [{"role": "user", "content": "What is 2 + 5?"}]
+
+
+def test_sampling_fields_are_honoured_on_both_endpoints(client):
+    greedy = client.post("/v1/answer", json={"question": "a flaky one"}).json()
+    assert greedy["answer"] == "64" and (greedy["verified"], greedy["tries"]) == (False, 1)
+
+    def answer(s: int) -> str:
+        return client.post(
+            "/v1/answer", json={"question": "a flaky one", "temperature": 1.0, "seed": s}
+        ).json()["answer"]
+
+    def chat(s: int) -> str:
+        msgs = [{"role": "user", "content": "a flaky one"}]
+        body = {"messages": msgs, "temperature": 1.0, "seed": s}
+        return client.post("/v1/chat/completions", json=body).json()["nestling"]["answer"]
+
+    sampled = {s: answer(s) for s in range(10)}
+    assert set(sampled.values()) == {"64", "72"}
+    assert {s: chat(s) for s in sampled} == sampled  # the same sampler behind both endpoints
+    stop = client.post("/v1/chat/completions", json={"messages": USER, "stop": "= 7"}).json()
+    assert stop["choices"][0]["message"]["content"] == "Step 1: 2 + 5 "
+    verified = client.post("/v1/answer", json={"question": "a flaky one", "verify": 8}).json()
+    assert (verified["answer"], verified["verified"]) == ("72", True) and verified["tries"] > 1
+
+
+@pytest.mark.parametrize(
+    "extra, fragment",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"temperature": 1e9}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k": 1.5}, "top_k"),
+        ({"seed": "42"}, "seed"),
+        ({"stop": [str(i) for i in range(100)]}, "stop"),
+        ({"stop": ""}, "stop"),
+        ({"n": 1000}, "n 1000"),
+        ({"n": 2, "stream": True}, "n > 1"),
+        ({"messages": []}, "messages"),
+        ({"messages": USER * 10_000}, "body over"),
+        ({"messages": USER * 65}, "messages"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "What is 1 + 1?"},
+                    {"role": "assistant", "content": "2"},
+                    *USER,
+                ]
+            },
+            "earlier turns",
+        ),
+        ({"messages": [*USER, {"role": "assistant", "content": "7"}]}, "last message"),
+        ({"reasoning_format": "html"}, "reasoning_format"),
+    ],
+)
+def test_bad_chat_requests_get_4xx_json_never_5xx(client, extra, fragment):
+    r = client.post("/v1/chat/completions", json={"messages": USER, **extra})
+    assert 400 <= r.status_code < 500, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"] and err["code"] == r.status_code
+
+
+@pytest.mark.parametrize("extra", [{"temperature": -1}, {"seed": "x"}, {"stop": ["a"] * 100}, {"verify": 0}])
+def test_bad_answer_requests_get_422(client, extra):
+    r = client.post("/v1/answer", json={"question": "What is 1 + 1?", **extra})
+    assert r.status_code == 422 and r.json()["error"]["code"] == 422
+
+
+def test_system_messages_are_used_or_refused_never_dropped():
+    app, _ = make_app()
+    msgs = [{"role": "system", "content": "Be brief."}, *USER]
+    with TestClient(app) as c:
+        body = c.post("/v1/chat/completions", json={"messages": msgs}).json()
+        assert body["nestling"]["question"] == "Be brief. What is 2 + 5?"
+        app.dependency_overrides[get_settings] = lambda: Settings(system_messages="refuse")
+        r = c.post("/v1/chat/completions", json={"messages": msgs})
+        assert r.status_code == 422 and "system" in r.json()["error"]["message"]
+
+
+def test_n_choices_with_seeds_seed_plus_i(client):
+    req = {"messages": [{"role": "user", "content": "a flaky one"}], "n": 6, "temperature": 1.0, "seed": 0}
+    body = client.post("/v1/chat/completions", json=req).json()
+    contents = [c["message"]["content"] for c in body["choices"]]
+    assert [c["index"] for c in body["choices"]] == list(range(6)) and len(set(contents)) == 2
+    singles = [
+        client.post("/v1/chat/completions", json={**req, "n": 1, "seed": i}).json()["choices"][0]["message"][
+            "content"
+        ]
+        for i in range(6)
+    ]
+    assert singles == contents
+
+
+def test_reasoning_content_holds_the_steps_and_content_the_answer(client):
+    req = {"messages": [{"role": "user", "content": "a wrong one"}], "reasoning_format": "deepseek"}
+    msg = client.post("/v1/chat/completions", json=req).json()["choices"][0]["message"]
+    assert msg == {
+        "role": "assistant", "content": "64",
+        "reasoning_content": "Step 1: 9 * 8 = 64\nStep 2: So the result is 64",
+    }  # fmt: skip
+    events = sse_events(client.post("/v1/chat/completions", json={**req, "stream": True}).text)
+    deltas = [d["choices"][0]["delta"] for _, d in events[:-1] if d["choices"]]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == msg["reasoning_content"]
+    assert "".join(d.get("content", "") for d in deltas) == "64"
+    plain = client.post("/v1/chat/completions", json={"messages": req["messages"]}).json()
+    assert "reasoning_content" not in plain["choices"][0]["message"]  # the default is unchanged
+
+
+def test_reasoning_format_server_default_and_answer_only_mode():
+    app, _ = make_app(reasoning_format="deepseek")
+    with TestClient(app) as c:
+        msg = c.post("/v1/chat/completions", json={"messages": USER}).json()["choices"][0]["message"]
+        assert (msg["content"], msg["reasoning_content"]) == ("7", "Step 1: 2 + 5 = 7")
+        quick = c.post("/v1/chat/completions", json={"messages": USER, "explain": False}).json()
+        assert quick["choices"][0]["message"] == {"role": "assistant", "content": "7"}
+        none = c.post("/v1/chat/completions", json={"messages": USER, "reasoning_format": "none"}).json()
+        assert none["choices"][0]["message"]["content"] == "Step 1: 2 + 5 = 7\nAnswer: 7"
+
+
+def test_the_reasoning_splitter_never_leaks_a_split_answer_mark():
+    from nestling.serve.routers.openai import ReasoningSplitter, split_reasoning
+
+    text = "\nStep 1: An Answ is near\nStep 2: 3 + 4 = 7\nAnswer: 7"
+    for size in (1, 2, 3, 7):
+        s = ReasoningSplitter()
+        out = [x for i in range(0, len(text), size) for x in s.feed(text[i : i + size])] + s.end()
+        joined = {f: "".join(t for g, t in out if g == f) for f in ("reasoning_content", "content")}
+        assert (joined["reasoning_content"], joined["content"]) == split_reasoning(text)
+    assert split_reasoning("\nStep 1: cut sh") == ("Step 1: cut sh", "")
+
+
+def test_requests_queue_for_a_free_engine_instead_of_being_refused():
+    gate = threading.Event()
+    engines = [FakeEngine(gate=gate), FakeEngine(gate=gate)]
+    r = Reasoner(engines, variant="fake-a", name="tiny", task="rg:basic_arithmetic")
+    app = create_app(Settings(max_queue=8), reasoner=r)
+    state, results = app.state.model, {}
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as c:
+
+        def post(i: int) -> None:
+            results[i] = c.post("/v1/answer", json={"question": f"What is {i} + 1?"})
+
+        threads = [threading.Thread(target=post, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: state.admitted == 8)
+        assert state.running == 2  # both engines busy, six wait in line
+        refused = c.post("/v1/answer", json={"question": "What is 9 + 9?"})
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        gate.set()
+        for t in threads:
+            t.join(30)
+    assert {i: x.json()["answer"] for i, x in results.items()} == {i: str(i + 1) for i in range(8)}
+    assert state.admitted == 0 and state.metrics.value("nestling_queue_depth") == 0
+
+
+def test_settings_are_a_dependency_tests_can_override(client):
+    assert client.get("/v1/models").status_code == 200
+    client.app.dependency_overrides[get_settings] = lambda: Settings(
+        api_key="k", max_tokens_cap=4, default_max_tokens=4
+    )
+    assert client.get("/v1/models").status_code == 401
+    auth = {"Authorization": "Bearer k"}
+    r = client.post("/v1/answer", json={"question": "What is 1 + 1?", "max_tokens": 5}, headers=auth)
+    assert r.status_code == 422 and "cap 4" in r.json()["error"]["message"]
+
+
+def test_serve_flags_are_generated_from_the_settings(monkeypatch):
+    import argparse
+
+    from nestling.serve.settings import add_settings_args, settings_from_args
+
+    p = argparse.ArgumentParser()
+    add_settings_args(p, skip=("model_dir",))
+    flags = {a.dest for a in p._actions} - {"help"}
+    assert flags == set(Settings.model_fields) - {"model_dir"}
+    monkeypatch.setenv("NESTLING_MAX_QUEUE", "5")
+    monkeypatch.setenv("NESTLING_POOL", "3")
+    s = settings_from_args(p.parse_args(["--pool", "2", "--reasoning-format", "deepseek"]))
+    assert (s.pool, s.max_queue, s.reasoning_format) == (2, 5, "deepseek")  # a flag wins, env fills in
+    with pytest.raises(NestlingError, match="verify"):
+        settings_from_args(p.parse_args(["--verify", "0"]))
+    assert "NESTLING_QUEUE_TIMEOUT_S" in p.format_help()

@@ -10,6 +10,7 @@ from serve_fakes import FakeEngine, make_fake_export, register_fake
 
 from nestling.serve.errors import NestlingError
 from nestling.serve.runtime import ENGINES, Answer, Reasoner
+from nestling.serve.sampling import SamplingParams
 
 
 @pytest.fixture
@@ -298,3 +299,126 @@ def test_a_reply_cut_by_the_engine_context_says_length():
     a = r.ask("What is 7 + 5?", max_tokens=200)
     assert a.latency.completion_tokens == 40 - a.latency.prompt_tokens
     assert a.finish_reason == "length" and a.stopped_by == "max_tokens"
+
+
+# ---- sampling, stop strings, verification, the engine pool ----------------------------------------------
+
+
+def test_sampling_is_seeded_and_greedy_stays_the_default():
+    r = reasoner()
+    assert r.ask("a flaky one").answer == "64"  # greedy takes the likelier, wrong script
+    picks = {
+        s: r.ask("a flaky one", sampling=SamplingParams(temperature=1.0, seed=s)).answer for s in range(12)
+    }
+    assert set(picks.values()) == {"64", "72"}  # the seed decides...
+    again = {s: r.ask("a flaky one", sampling=SamplingParams(temperature=1.0, seed=s)).answer for s in picks}
+    assert again == picks  # ...the same way every time
+    assert r.ask("a flaky one", sampling=SamplingParams(temperature=1.0, top_k=1, seed=3)).answer == "64"
+
+
+def test_the_sampler_keeps_only_top_k_and_top_p_tokens():
+    import numpy as np
+
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    draws = lambda **kw: {SamplingParams(temperature=1.0, seed=s, **kw).sampler()(logits) for s in range(200)}  # noqa: E731
+    assert draws() == {0, 1, 2, 3}
+    assert draws(top_k=2) == {0, 1}
+    assert draws(top_p=0.7) == {0, 1}  # 0.5 < 0.7: the token crossing the mass stays, the rest go
+    assert SamplingParams().sampler() is None  # greedy: engines take argmax, bit for bit as before
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"temperature": 1e9}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"seed": "42"}, "seed"),
+    ],
+)
+def test_out_of_range_sampling_is_a_nestling_error(kwargs, message):
+    with pytest.raises(NestlingError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_stop_strings_end_the_text_and_are_never_streamed():
+    r = reasoner()
+    a = r.ask("What is 7 + 5?", stop=["= 1"])
+    assert (a.text, a.finish_reason, a.stopped_by) == ("\nStep 1: 7 + 5 ", "stop", "stop")
+    s = r.stream("What is 7 + 5?", stop=["xyz", "5 = "])
+    pieces = list(s)
+    assert "".join(pieces) == s.answer.text == "\nStep 1: 7 + "
+    # a held-back prefix that never becomes a stop string is still sent
+    s = r.stream("What is 7 + 5?", stop=["12!"])
+    assert "".join(s) == s.answer.text == "\nStep 1: 7 + 5 = 12\nAnswer: 12"
+    with pytest.raises(NestlingError, match="at most"):
+        r.ask("What is 1 + 1?", stop=[str(i) for i in range(100)])
+
+
+def test_verification_resamples_until_the_checked_steps_hold():
+    r = reasoner()
+    plain = r.ask("a flaky one")
+    assert (plain.verified, plain.tries, plain.answer) == (False, 1, "64")
+    checked = r.ask("a flaky one", verify=8, sampling=SamplingParams(seed=0))
+    assert (checked.verified, checked.answer) == (True, "72") and 1 < checked.tries <= 8
+    assert checked.latency.total_s >= checked.latency.ttft_s > 0
+    assert r.ask("a flaky one", verify=8).tries == checked.tries  # seeded: the same tries every time
+    hopeless = r.ask("a wrong one", verify=3)
+    assert (hopeless.verified, hopeless.tries, hopeless.answer) == (False, 3, "64")  # the first, marked
+    assert r.ask("What is 2 + 2?", verify=5).tries == 1 and r.ask("What is 2 + 2?").verified is True
+    assert r.ask("What is 2 + 2?", explain=False).verified is None
+
+
+def test_a_pool_answers_as_many_questions_at_once_as_it_has_engines():
+    gate = threading.Event()
+    engines = [FakeEngine(gate=gate), FakeEngine(gate=gate)]
+    r = Reasoner(engines, variant="fake-a", task="rg:basic_arithmetic")
+    out: dict[int, str | None] = {}
+    threads = [
+        threading.Thread(target=lambda i=i: out.update({i: r.ask(f"What is {i} + 1?").answer}))
+        for i in range(5)
+    ]
+    for t in threads:
+        t.start()
+    assert all(e.started.wait(10) for e in engines)  # two questions are inside engines at the same moment
+    assert sum(e.calls for e in engines) == 2  # the other three wait for a free one
+    gate.set()
+    for t in threads:
+        t.join(30)
+    assert out == {i: str(i + 1) for i in range(5)}
+    assert r.ask_many([f"What is {i} * 3?" for i in range(6)], explain=False)[4].answer == "12"
+    r.close()
+    assert all(e.closed for e in engines)
+
+
+def test_load_with_a_pool_loads_that_many_engines(tmp_path):
+    loaded = register_fake()
+    try:
+        r = Reasoner.load(make_fake_export(tmp_path), pool=3)
+        assert r.pool == 3 and len(loaded) == 3 and r.ask("What is 2 + 3?").answer == "5"
+        assert Reasoner.load(make_fake_export(tmp_path / "b"), pool=0).pool >= 1  # one per core
+    finally:
+        ENGINES.pop("fake", None)
+
+
+def test_cli_ask_file_answers_every_line_as_jsonl(fake_export, tmp_path, capsys):
+    from nestling import cli as nestling_cli
+
+    qs = tmp_path / "q.jsonl"
+    qs.write_text('{"question": "What is 2 + 2?"}\n\n"What is 3 * 3?"\n{"question": "a flaky one"}\n')
+    assert (
+        nestling_cli.main(["ask", str(fake_export), "--file", str(qs), "--verify", "8", "--pool", "2"]) == 0
+    )
+    out = capsys.readouterr()
+    rows = [json.loads(line) for line in out.out.strip().split("\n")]
+    assert [(x["question"], x["answer"]) for x in rows] == [
+        ("What is 2 + 2?", "4"), ("What is 3 * 3?", "9"), ("a flaky one", "72"),
+    ]  # fmt: skip
+    assert rows[2]["verified"] is True and rows[2]["tries"] > 1 and "3 answers in" in out.err
+    qs.write_text('{"question": "hi"}\nnot json\n')
+    assert nestling_cli.main(["ask", str(fake_export), "--file", str(qs)]) == 2
+    assert nestling_cli.main(["ask", str(fake_export), "hi", "--temperature", "-1"]) == 2
+    err = capsys.readouterr().err.strip().split("\n")
+    assert "q.jsonl:2: not JSON" in err[0] and "temperature" in err[1]
