@@ -82,9 +82,10 @@ KINDS: dict[str, Kind] = {
         extra={"sliding_window": None},
     ),
     "qwen2": _QWEN,
-    # Qwen3: head_dim (96) differs from hidden / heads (64), as in the released models.
-    "qwen3": dataclasses.replace(_QWEN, config="Qwen3Config", tied=False, extra={"head_dim": 96}),
-    # Gemma 3: a sliding window shorter than the parity sequences, so the window metadata is exercised.
+    # Qwen3: head_dim 128 (as released; transformers' GGUF loader assumes it) differs from hidden / heads.
+    "qwen3": dataclasses.replace(_QWEN, config="Qwen3Config", tied=False, extra={"head_dim": 128}),
+    # Gemma 3: a sliding window shorter than the parity sequences, so the window metadata is exercised;
+    # head_dim 256 = query_pre_attn_scalar as released (transformers' GGUF loader assumes 256).
     "gemma3_text": Kind(
         "Gemma3TextConfig",
         SPM,
@@ -93,7 +94,7 @@ KINDS: dict[str, Kind] = {
         "<eos>",
         "<pad>",
         "<unk>",
-        extra={"head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 16, "rope_theta": 1000000.0},
+        extra={"head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 16, "rope_theta": 1000000.0},
     ),
     "phi3": Kind(
         "Phi3Config",
