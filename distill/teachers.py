@@ -137,15 +137,21 @@ class Teacher:
     batch: int = 1
 
     def stream(self, jobs: Iterable[Job], sampling: Sampling) -> Iterator[tuple[Any, int, Generation]]:
-        """(job key, sample index, generation) for every wanted sample, each batch as soon as it is done."""
+        """(job key, sample index, generation) for every wanted sample, each as soon as it is done."""
+        for done in self.stream_batches(jobs, sampling):
+            yield from done
+
+    def stream_batches(
+        self, jobs: Iterable[Job], sampling: Sampling
+    ) -> Iterator[list[tuple[Any, int, Generation]]]:
+        """What stream() yields, grouped by what finished together (one generate() call here), so a caller
+        can store a group with one fsync."""
         jobs = list(jobs)
         for start in range(0, len(jobs), max(1, self.batch)):
             chunk = jobs[start : start + max(1, self.batch)]
             n = max(max(job.samples) for job in chunk) + 1
             rows = self.generate([job.messages for job in chunk], n, sampling)
-            for job, row in zip(chunk, rows, strict=True):
-                for j in job.samples:
-                    yield job.key, j, row[j]
+            yield [(job.key, j, row[j]) for job, row in zip(chunk, rows, strict=True) for j in job.samples]
 
     def generate(self, prompts: list[Messages], n: int, sampling: Sampling) -> list[list[Generation]]:
         check(n >= 1, f"samples {n}: must be >= 1")
@@ -380,9 +386,12 @@ class OpenAITeacher(Teacher):
             out[i].append(g)
         return out
 
-    def stream(self, jobs: Iterable[Job], sampling: Sampling) -> Iterator[tuple[Any, int, Generation]]:
-        """Up to ``concurrency`` requests in flight; each result yielded the moment it arrives. Greedy
-        samples of one prompt are identical: one request, copied to every wanted index."""
+    def stream_batches(
+        self, jobs: Iterable[Job], sampling: Sampling
+    ) -> Iterator[list[tuple[Any, int, Generation]]]:
+        """Up to ``concurrency`` requests in flight; the results yielded the moment they arrive, grouped by
+        what finished while the caller was busy with the previous group. Greedy samples of one prompt are
+        identical: one request, copied to every wanted index."""
         requests = (
             (job, (job.samples,) if sampling.greedy else tuple((j,) for j in job.samples)) for job in jobs
         )
@@ -401,17 +410,19 @@ class OpenAITeacher(Teacher):
                 if not pending:
                     return
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                group = []
                 for fut in done:
                     job, js = pending.pop(fut)
                     g = fut.result()
                     failures = failures + 1 if g.error else 0
                     if failures >= self.max_failures:
+                        yield group  # what already arrived is the caller's to keep
                         raise NestlingError(
                             f"teacher {self.spec!r}: the last {failures} requests to {self.base_url} failed "
                             f"({g.error}); check the server, then re-run the same command to resume"
                         )
-                    for j in js:
-                        yield job.key, j, g
+                    group += [(job.key, j, g) for j in js]
+                yield group
         finally:
             # Requests still in flight after an error are abandoned: their results were never stored.
             pool.shutdown(wait=False, cancel_futures=True)

@@ -253,20 +253,30 @@ class TraceStore:
 
     def append(self, record: dict) -> bool:
         """Write one record durably; False (nothing written) if its id is already stored."""
-        if record["id"] in self.ids:
-            return False
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        return self.append_many([record]) == 1
+
+    def append_many(self, records: list[dict]) -> int:
+        """Write records whose ids are new with one write() and one fsync (a group commit: fsync costs ~3 ms
+        here, which capped a 64-request teacher at ~290 records/s); returns how many were new."""
+        new, ids = [], set()
+        for r in records:
+            if r["id"] not in self.ids and r["id"] not in ids:
+                new.append(r)
+                ids.add(r["id"])
+        if not new:
+            return 0
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new).encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            written = os.write(fd, line)
-            while written < len(line):  # short writes are rare on regular files but legal
-                written += os.write(fd, line[written:])
+            written = os.write(fd, data)
+            while written < len(data):  # short writes are rare on regular files but legal
+                written += os.write(fd, data[written:])
             os.fsync(fd)
         finally:
             os.close(fd)
-        self.records.append(record)
-        self.ids.add(record["id"])
-        return True
+        self.records += new
+        self.ids |= ids
+        return len(new)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -421,15 +431,18 @@ def _generate(
     try:
         with Progress(*columns, disable=not progress, transient=False) as bar:
             tid = bar.add_task("traces", total=need, rate=0.0, yield_=0.0, failed=0)
-            for qid, j, g in teacher.stream(jobs, sampling):
-                if g.error:
-                    errors[g.error.partition(":")[0]] += 1
-                    log.debug("teacher request for %s:%d failed: %s", qid, j, g.error)
-                else:
-                    rec = trace_record(cfg, task, by_id[qid], j, g, sampling, sampling_rec, hashes[qid])
-                    if store.append(rec):
-                        done += 1
-                        right += bool(rec["correct"])
+            for group in teacher.stream_batches(jobs, sampling):
+                recs = []
+                for qid, j, g in group:
+                    if g.error:
+                        errors[g.error.partition(":")[0]] += 1
+                        log.debug("teacher request for %s:%d failed: %s", qid, j, g.error)
+                    else:
+                        recs.append(
+                            trace_record(cfg, task, by_id[qid], j, g, sampling, sampling_rec, hashes[qid])
+                        )
+                done += store.append_many(recs)
+                right += sum(bool(r["correct"]) for r in recs)
                 elapsed = max(time.perf_counter() - t0, 1e-9)
                 bar.update(
                     tid,

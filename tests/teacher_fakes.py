@@ -63,6 +63,9 @@ class StandIn:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out as two writes: with Nagle on, the client's delayed ACK held each reply
+            # back ~40 ms (measured: 247 ms per request against a 200 ms latency).
+            disable_nagle_algorithm = True
 
             def log_message(self, *a):
                 pass

@@ -256,3 +256,45 @@ def test_a_think_teacher_through_the_traces_stage(tmp_path, monkeypatch):
     assert card["chains"]["think"] == 16 and card["kept"] == 8
     row = read_jsonl(out / "kept.jsonl")[0]
     assert row["chain_source"] == "think" and any("=" in s for s in row["steps_short"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["reasoning_content", "think"])
+def test_reasoning_teacher_end_to_end_traces_train_export_serve(tmp_path, monkeypatch, source):
+    """A chain from a server's reasoning_content or a local <think> teacher: kept, checked, trained on,
+    exported (GGUF f16 only, for time) and answered by the torch-free Reasoner."""
+    from nestling.distill.train import TrainConfig, train
+    from nestling.export.pipeline import ExportConfig, export_student
+    from nestling.serve.runtime import Reasoner
+
+    run = tmp_path / "run"
+    base = dict(task=EASY, n=60, heldout=8, samples=2, out=str(run))
+    if source == "think":
+        monkeypatch.setattr(
+            "nestling.distill.traces.load_teacher", lambda spec, n_threads=None, **kw: ThinkTeacher()
+        )
+        out = run_traces(TracesConfig(**base), progress=False)
+    else:
+        with StandIn(source) as srv:
+            out = run_traces(TracesConfig(teacher=f"openai:m@{srv.url}", **base), progress=False)
+    card = json.loads((out / "datacard.json").read_text())
+    assert card["chains"][source] == card["records"] == 104 and card["kept"] == 52
+    assert card["right_answer_wrong_steps"] == 0 and card["filters"][3]["kept"] == 104  # every step checked
+    student = train(
+        TrainConfig(run=str(run), student="nano", steps=40, batch_size=8, threads=1, progress=False)
+    )
+    m = json.loads((student / "manifest.json").read_text())["metrics"]
+    assert m["steps"] == 40 and m["final_loss"] < 10
+    export = tmp_path / "export"
+    cfg = ExportConfig(
+        student=str(student / "model"),
+        out=str(export),
+        variants=["gguf-f16"],
+        parity_prompts=4,
+        max_new_tokens=32,
+    )
+    export_student(cfg)
+    r = Reasoner.load(export)
+    a = r.ask("What is 3 + 4?", max_tokens=48)
+    assert a.text and isinstance(a.steps, list) and all(s.ok in (True, False, None) for s in a.steps)
+    r.close()
