@@ -60,7 +60,8 @@ def model_card(
     out = [
         f"# {name}: a nestling student",
         "",
-        f"A {student.get('params', 0) / 1e6:.1f}M-parameter llama model distilled to answer"
+        f"A {student.get('params', 0) / 1e6:.1f}M-parameter {student.get('family', 'llama')} model"
+        " distilled to answer"
         f" {('`' + task + '`') if task else 'its task'} questions with a short step-by-step explanation.",
         f"Prompt format `{PROMPT_FORMAT}`: `Question: <q>\\n{EXPLAIN_MARK}`; it writes `Step n: ...`"
         " lines and ends with `Answer: <a>`.",

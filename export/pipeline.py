@@ -340,6 +340,7 @@ def _export_into(
     scorer = make_scorer(plist, task)
     ref = torch_reference(model, tok, plist, cfg.max_new_tokens, scorer)
     params = count_params(model)
+    family = model.config.model_type
     del model
     # f16 rounding moves logits in proportion to their size: a trained student's logits reach tens, where an
     # absolute bound that suits a fresh one fails. Scale by the largest PyTorch logit (at least 1).
@@ -403,7 +404,7 @@ def _export_into(
         }
     default = choose_default(variants, cfg.tolerance)
     name = _student_name(student)
-    student_info = {"name": name, "sha256": inputs["student"], "params": params}
+    student_info = {"name": name, "sha256": inputs["student"], "params": params, "family": family}
     pytorch = {
         "accuracy": ref.accuracy,
         "tokens_per_s": round(ref.tokens_per_s, 1),

@@ -15,6 +15,7 @@ from nestling.distill.students import FAMILIES, check_student_dir, init_student,
 from nestling.export import gguf_arch
 from nestling.export.pipeline import ExportConfig, export_student
 from nestling.serve.errors import NestlingError
+from nestling.serve.prompting import student_prompt
 
 PROMPTS = [("What is 3 + 4?", "7"), ("What is 8 + 1?", "9"), ("What is 5 + 5?", "10")]
 FAST = ["onnx-fp32", "gguf-f16"]
@@ -74,7 +75,16 @@ def test_family_exports_match_pytorch(family_student, tmp_path, family):
         assert kv["tokenizer.ggml.add_space_prefix"] is kind.dummy_prefix
     assert kv["tokenizer.ggml.add_bos_token"] is (kind.bos is not None)
     assert kv[f"{arch}.attention.head_count_kv"] == 2 and kv[f"{arch}.attention.head_count"] == 4
-    assert "Modelfile" in m["files"] and kind.eos in (out / "Modelfile").read_text()
+    assert "Modelfile" in m["files"] and f'PARAMETER stop "{kind.eos}"' in (out / "Modelfile").read_text()
+    assert (
+        m["student"]["family"] == family and f"M-parameter {family} model" in (out / "README.md").read_text()
+    )
+    # The chat template llama.cpp server and Ollama render: the student's own prompt format, for every family.
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    template = ImmutableSandboxedEnvironment().from_string(kv["tokenizer.chat_template"])
+    rendered = template.render(messages=[{"role": "user", "content": " What is 3 + 4? "}])
+    assert rendered == student_prompt("What is 3 + 4?")
 
 
 def test_gguf_carries_each_family_s_metadata(family_student, tmp_path):
