@@ -114,7 +114,9 @@ def test_letter_checker_applies_to_letter_counting_and_mixes_only():
 def test_register_step_checker_extends_one_task(monkeypatch):
     from nestling.serve.explain import Claim
 
-    monkeypatch.setattr("nestling.serve.explain.STEP_CHECKERS", {k: list(v) for k, v in STEP_CHECKERS.items()})
+    monkeypatch.setattr(
+        "nestling.serve.explain.STEP_CHECKERS", {k: list(v) for k, v in STEP_CHECKERS.items()}
+    )
     never = lambda step: [Claim(step, "x", "y", False)] if "magic" in step else []  # noqa: E731
     register_step_checker(never, tasks=["file:"])
     assert check_steps(["magic word"], "file:x.jsonl")[0].ok is False
@@ -125,3 +127,37 @@ def test_explanation_consistent():
     assert explanation_consistent(["3 + 4 = 7"], "7")
     assert not explanation_consistent(["3 + 4 = 7", "7 * 2 = 14"], "7")
     assert not explanation_consistent([], "7") and not explanation_consistent(["3 + 4 = 7"], None)
+
+
+@pytest.mark.parametrize(
+    "chain, steps",
+    [
+        (  # a paragraph whose sentences start with the calculation
+            "Okay, I need 23 * 4. Break it down. 20 * 4 = 80. 3 * 4 = 12. Then 80 + 12 = 92.",
+            ["Okay, I need 23 * 4.", "Break it down.", "20 * 4 = 80.", "3 * 4 = 12.", "Then 80 + 12 = 92."],
+        ),
+        (  # bullets and a numbered list, no "Step n:"
+            "To compute this:\n* First, 12 + 7 = 19\n- Then 19 * 2 = 38\n1) 38 - 8 = 30",
+            ["To compute this:", "First, 12 + 7 = 19", "Then 19 * 2 = 38", "38 - 8 = 30"],
+        ),
+        ("Decimals stay whole: 3.5 + 1.5 = 5. Done.", ["Decimals stay whole: 3.5 + 1.5 = 5.", "Done."]),
+    ],
+)
+def test_free_form_chains_split_into_steps(chain, steps):
+    assert parse_steps(chain) == steps
+
+
+def test_every_claim_in_a_free_form_chain_is_checked_latex_included():
+    chain = (
+        "Hmm, let me think.\n\nWe compute \\( 7 \\times 8 = 56 \\). Then\n\\[\n56 \\div 4 = 14\n\\]\n"
+        "and $\\frac{14}{2} = 7$. Wait, \\( 3 \\cdot 3 = 10 \\)? No. Also \\frac{1+2}{3} = 1."
+    )
+    checks = check_steps(clean_steps(parse_steps(chain)))
+    claims = [(c.expr, c.stated, c.ok) for s in checks for c in s.claims]
+    assert claims == [
+        ("7 * 8", "56", True),
+        ("56 / 4", "14", True),
+        ("14/2", "7", True),
+        ("3 * 3", "10", False),
+        ("(1+2)/(3)", "1", True),
+    ]
