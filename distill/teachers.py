@@ -328,17 +328,20 @@ class OpenAITeacher(Teacher):
         import openai
 
         try:
-            reply = self.client.chat.completions.create(
-                model=self.model,
-                messages=messages,  # type: ignore[arg-type]
-                temperature=sampling.temperature,
-                top_p=1.0 if sampling.greedy else sampling.top_p,
-                max_tokens=sampling.max_tokens,
-                seed=seed,
-                n=1,
-                extra_body=self.extra or None,
-            )
-            return reply, None
+            body = {
+                "model": self.model,
+                "messages": messages,
+                "temperature": sampling.temperature,
+                "top_p": 1.0 if sampling.greedy else sampling.top_p,
+                "max_tokens": sampling.max_tokens,
+                "seed": seed,
+                "n": 1,
+                **self.extra,
+            }
+            # The SDK's low-level post keeps its retries, backoff and error types but skips the typed
+            # create()'s parameter transform, which walked every message through typing introspection: it was
+            # most of the client's CPU and held 64 requests in flight to ~82% of the ideal rate (vs ~90%).
+            return self.client.post("/chat/completions", body=body, cast_to=object), None
         except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
             raise NestlingError(
                 f"teacher {self.spec!r}: HTTP {e.status_code} (unauthorized); "
@@ -365,16 +368,17 @@ class OpenAITeacher(Teacher):
         if error:
             return Generation("", 0, seconds, error=error)
         try:
-            choice = resp.choices[0]
-            message = choice.message.model_dump()
+            choice = resp["choices"][0]
+            message = dict(choice["message"])
             text = message.get("content") or ""
-        except (AttributeError, IndexError, TypeError):
+            if not isinstance(text, str):
+                raise TypeError(text)
+        except (KeyError, IndexError, TypeError, ValueError):
             # Served as text/html or with no choices: the SDK hands back whatever it got.
             return Generation("", 0, seconds, error=f"bad_reply: {_short(str(resp))}")
-        usage = getattr(resp, "usage", None)
-        g = Generation(text, 0, seconds, truncated=choice.finish_reason == "length")
+        g = Generation(text, 0, seconds, truncated=choice.get("finish_reason") == "length")
         g = with_chain(g, message)
-        tokens = getattr(usage, "completion_tokens", None)
+        tokens = (resp.get("usage") or {}).get("completion_tokens")
         g.tokens = int(tokens) if tokens else max(1, len(f"{g.reasoning or ''} {g.text}".split()))
         return g
 
