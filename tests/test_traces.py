@@ -176,6 +176,19 @@ def test_trace_store_appends_whole_lines_and_repairs_a_torn_tail(tmp_path):
         TraceStore(p)
 
 
+def test_group_commit_writes_new_records_once_and_a_torn_group_keeps_its_whole_lines(tmp_path):
+    p = tmp_path / "t.jsonl"
+    s = TraceStore(p)
+    assert s.append_many([{"id": "a"}, {"id": "b"}, {"id": "a"}]) == 2
+    assert s.append_many([{"id": "b"}, {"id": "c"}]) == 1 and s.append_many([]) == 0
+    assert [r["id"] for r in TraceStore(p).records] == ["a", "b", "c"]
+    with open(p, "ab") as f:  # a group cut short by a crash mid-write: whole lines survive, the tail goes
+        f.write(b'{"id": "d"}\n{"id": "e"}\n{"id": "f", "x')
+    s2 = TraceStore(p)
+    assert [r["id"] for r in s2.records] == ["a", "b", "c", "d", "e"]
+    assert s2.repaired_bytes == len(b'{"id": "f", "x')
+
+
 @pytest.mark.parametrize(
     "kw, fragment",
     [
