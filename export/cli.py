@@ -8,7 +8,7 @@ from nestling.export.pipeline import ExportConfig, export_student  # light: torc
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Owner: export stage (issue 4)."""
+    """Add `nestling export` to the CLI."""
     from nestling.serve.config import add_config_args
 
     p = sub.add_parser(

@@ -69,10 +69,16 @@ def detect_pre_tokenizer(tok_json: dict[str, Any]) -> str:
     return pre_tokenizer_name(tok_json)
 
 
+def _is_sentencepiece(tj: dict[str, Any]) -> bool:
+    """Byte-fallback BPE over '▁'-escaped text (Gemma, Llama 2, Mistral, Phi-3). Byte-level BPE (a ByteLevel
+    pre-tokenizer) may set byte_fallback too (transformers' GGUF tokenizer conversion does): not that."""
+    return bool(tj["model"].get("byte_fallback")) and "ByteLevel" not in json.dumps(tj.get("pre_tokenizer"))
+
+
 def _token_types(tokens: list[str | None], tj: dict[str, Any], unk: str | None) -> list[gguf.TokenType]:
     special = {a["id"] for a in tj.get("added_tokens", []) if a.get("special")}
     user = {a["id"] for a in tj.get("added_tokens", []) if not a.get("special")}
-    byte_fallback = bool(tj["model"].get("byte_fallback"))
+    byte_fallback = _is_sentencepiece(tj)
     types = []
     for i, t in enumerate(tokens):
         if t is None:
@@ -134,7 +140,7 @@ def _tokenizer_fields(model_dir: Path, vocab_size: int, pre: str | None) -> dict
     types = _token_types(tokens, tj, unk)
     # The embedding may be padded past the tokenizer: llama.cpp wants a name for every row.
     names = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
-    spm = bool(model.get("byte_fallback"))
+    spm = _is_sentencepiece(tj)
     cfg = _read_json(model_dir / "tokenizer_config.json")
     first, last = _template_ends(tj.get("post_processor"))
 

@@ -67,26 +67,85 @@ def export_onnx_fp32(model_dir: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-def quantize_onnx_int8(fp32_dir: str | Path, out_dir: str | Path) -> Path:
-    """Dynamic (weight-only, activations at run time) int8 quantization of MatMul weights."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def matmul_nodes(model_path: Path, keep_fp32: tuple[str, ...]) -> list[str]:
+    """Names of the MatMul nodes whose name contains any of `keep_fp32` (e.g. "lm_head", "down_proj")."""
+    import onnx
+
+    if not keep_fp32:
+        return []
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return [n.name for n in graph.node if n.op_type == "MatMul" and any(k in n.name for k in keep_fp32)]
+
+
+class _Calibration:
+    """onnxruntime CalibrationDataReader over token sequences: one prefill per sequence, empty past."""
+
+    def __init__(self, model_path: Path, sequences: list[list[int]]) -> None:
+        import numpy as np
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        inputs = {i.name: i for i in sess.get_inputs()}
+        feeds = []
+        for ids in sequences:
+            n = len(ids)
+            feed = {"input_ids": np.asarray([ids], dtype=np.int64)}
+            if "attention_mask" in inputs:
+                feed["attention_mask"] = np.ones((1, n), dtype=np.int64)
+            if "position_ids" in inputs:
+                feed["position_ids"] = np.arange(n, dtype=np.int64)[None, :]
+            for name, meta in inputs.items():
+                if name.startswith("past_key_values."):
+                    feed[name] = np.zeros((1, meta.shape[1], 0, meta.shape[3]), dtype=np.float32)
+            feeds.append(feed)
+        self._it = iter(feeds)
+
+    def get_next(self) -> dict | None:
+        return next(self._it, None)
+
+
+def quantize_onnx_int8(
+    fp32_dir: str | Path,
+    out_dir: str | Path,
+    keep_fp32: tuple[str, ...] = (),
+    calibration: list[list[int]] | None = None,
+) -> Path:
+    """int8 MatMul weights (per output channel) of an fp32 export.
+
+    Without `calibration`: dynamic quantization (activation ranges measured per call at run time). With
+    token sequences: static QDQ quantization, activation ranges fixed from those prefills (MinMax).
+    `keep_fp32`: MatMul nodes whose name contains one of these stay fp32 (the sensitive ones).
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     src, out = Path(fp32_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     has_external = any(p.name != "model.onnx" and p.name.startswith("model.onnx") for p in src.iterdir())
+    model = src / "model.onnx"
+    common = {
+        "per_channel": True,
+        # Gather (the embedding) stays fp32: quantizing it costs accuracy and saves little here.
+        "op_types_to_quantize": ["MatMul"],
+        "nodes_to_exclude": matmul_nodes(model, keep_fp32),
+        "use_external_data_format": has_external,
+    }
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer logs every skipped tensor on the root logger
     try:
-        quantize_dynamic(
-            str(src / "model.onnx"),
-            str(out / "model.onnx"),
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            # Gather (the embedding) stays fp32: quantizing it costs accuracy and saves little here.
-            op_types_to_quantize=["MatMul"],
-            use_external_data_format=has_external,
-        )
+        if calibration:
+            quantize_static(
+                str(model),
+                str(out / "model.onnx"),
+                _Calibration(model, calibration),
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+                **common,
+            )
+        else:
+            quantize_dynamic(str(model), str(out / "model.onnx"), weight_type=QuantType.QInt8, **common)
     except Exception as e:
         raise NestlingError(f"{src}: onnxruntime could not quantize it ({type(e).__name__}: {e})") from None
     finally:

@@ -60,3 +60,28 @@ def test_optimum_ort_model_loads_and_generates(tiny_export_dir: Path, tiny_stude
     else:  # int8 weights: close, not exact
         assert (ort_logits - ref_logits).abs().max().item() < 2.0
         assert got.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_int8_recipes_keep_named_matmuls_fp32_and_static_calibration_writes_qdq(tiny_export_dir, tmp_path):
+    import onnx
+
+    from nestling.export.onnx import quantize_onnx_int8
+    from nestling.serve.engines import load_engine
+
+    fp32 = tiny_export_dir / "onnx" / "fp32"
+    kept = quantize_onnx_int8(fp32, tmp_path / "dyn", keep_fp32=("lm_head",))
+    nodes = onnx.load(str(kept / "model.onnx")).graph.node
+    assert [n.op_type for n in nodes if "lm_head" in n.name] == ["MatMul"]  # untouched
+    assert any(n.op_type == "MatMulInteger" for n in nodes)  # the rest is int8
+
+    e = load_engine(fp32, kind="onnx")
+    calibration = [e.tokenize(student_prompt(f"What is {a} + 2?")) for a in range(4)]
+    e.close()
+    static = quantize_onnx_int8(fp32, tmp_path / "static", calibration=calibration)
+    ops = {n.op_type for n in onnx.load(str(static / "model.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    e = load_engine(static, kind="onnx")
+    try:
+        assert len(list(e.stream(calibration[0], 8, stop_at_eos=False))) == 8  # it runs
+    finally:
+        e.close()
