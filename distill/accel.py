@@ -93,10 +93,12 @@ def set_threads(threads: int | None) -> None:
 
 def init_process_group() -> None:
     """Join the launcher's process group once per process (no-op when not launched or already joined)."""
+    if launched_world() <= 1:
+        return
     import torch
     import torch.distributed as dist
 
-    if launched_world() <= 1 or dist.is_initialized():
+    if dist.is_initialized():
         return
     missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
@@ -138,6 +140,8 @@ def setup_runtime(threads: int | None = None) -> Runtime:
 
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
+    if launched_world() <= 1:
+        return
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -147,16 +151,27 @@ def barrier() -> None:
 def resolve_precision(name: str, device: Any) -> Any:
     """'fp32' | 'bf16' | 'auto' -> the autocast dtype, None for plain fp32.
 
-    auto: bf16 on a GPU that supports it; fp32 on CPU, where bf16 autocast measured slower for training a
-    SmolLM2-135M-shaped student on this machine's AVX512-BF16 cores (benchmarks/results/train_precision.json).
+    auto: bf16 on a GPU that supports it, and on a CPU with bf16 instructions: on AVX512-BF16 cores, bf16
+    autocast trained a SmolLM2-135M-shaped student 3.3x faster than fp32 (2 threads), the tiny preset 2.2x
+    (benchmarks/results/train_bench.json). Elsewhere bf16 is emulated on CPU, so fp32.
     """
     import torch
 
     if name not in PRECISIONS:
         raise NestlingError(f"--precision {name!r}: use one of {', '.join(PRECISIONS)}")
     if name == "auto":
-        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+        name = "bf16" if native else "fp32"
     return torch.bfloat16 if name == "bf16" else None
+
+
+def cpu_has_bf16() -> bool:
+    """The CPU computes bf16 natively (AVX512-BF16 or AMX); Linux flags, False where they cannot be read."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def autocast(device: Any, dtype: Any) -> AbstractContextManager:

@@ -93,16 +93,16 @@ def _register_train(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     import json
-    import os
 
+    from nestling.distill.accel import configure_openmp, is_main_process
     from nestling.serve.config import config_from_args
 
-    # Before torch loads OpenMP: passive waiting keeps PyTorch fast when other processes share the cores
-    # (FIELD-NOTES: spinning made 2-thread training ~30x slower). Set here, not globally: it slows llama.cpp.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    configure_openmp()  # before torch loads OpenMP
     from nestling.distill.train import TrainConfig, train
 
     out = train(config_from_args(TrainConfig, args))
+    if not is_main_process():
+        return 0
     m = json.loads((out / "manifest.json").read_text())["metrics"]
     print(
         f"{out / 'model'}: {m['params'] / 1e6:.2f}M parameters, {m['steps']} steps, final loss "

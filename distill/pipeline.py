@@ -7,6 +7,9 @@ Each stage is skipped when its manifest records the same config and inputs (serv
 re-running the command after an interruption continues where it stopped; training itself resumes from its
 newest checkpoint. Torch is imported by the stages, never by this module.
 
+Under a launcher (``torchrun --nproc_per_node N -m nestling -- distill ...``) every process trains; the
+traces and the evaluation run on rank 0 while the others wait at a barrier.
+
 Student recipes: from-scratch presets and pretrained (``hf:``) students need different learning rates and
 step counts; ``distill.train`` holds the measured defaults, and ``--steps`` / ``--lr`` override them all.
 """
@@ -95,12 +98,16 @@ def _traces(cfg: DistillConfig) -> Path:
 
 def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     """Traces, then each student, then eval. Returns {run, students: {name: model_dir}, eval, table}."""
+    from nestling.distill.accel import barrier, init_process_group, is_main_process
     from nestling.distill.evaluate import EvalConfig, evaluate
     from nestling.distill.students import parse_student_spec
     from nestling.distill.train import TrainConfig, train
 
     run = Path(cfg.out)
-    _traces(cfg)
+    init_process_group()
+    if is_main_process():
+        _traces(cfg)
+    barrier()
     models: dict[str, Path] = {}
     for spec in cfg.students:
         # Unset steps/lr (and batch, warmup, ...) come from the student kind's measured recipe (TrainConfig).
@@ -116,6 +123,10 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
         )
         out = train(tcfg)
         models[parse_student_spec(spec).name] = out / "model"
+    if not models:
+        raise NestlingError("no student trained")
+    if not is_main_process():
+        return {"run": run, "students": models, "eval": None, "table": ""}
     result = evaluate(
         EvalConfig(
             run=str(run),
@@ -125,6 +136,4 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
             threads=cfg.threads,
         )
     )
-    if not models:
-        raise NestlingError("no student trained")
     return {"run": run, "students": models, "eval": result, "table": result["table"]}

@@ -28,8 +28,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -636,30 +639,50 @@ def fit(job: Job) -> None:
         mininterval=1.0,
     )
     t0, tokens0, seconds0 = time.perf_counter(), state["tokens"], state["seconds"]
-    for step in range(state["step"], cfg.steps):
-        try:
-            loss, tokens = train_step(job, step)
-        except RuntimeError as e:
-            if not job.rt.distributed:
-                raise
-            raise lost_peer(job, step, e) from None
-        elapsed = time.perf_counter() - t0
-        state.update(step=step + 1, tokens=state["tokens"] + tokens, seconds=seconds0 + elapsed)
-        state["losses"].append(round(loss, 5))
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{(state['tokens'] - tokens0) / max(elapsed, 1e-9):,.0f}")
-        maybe_checkpoint(job)
+    with stop_on_sigterm(job):
+        for step in range(state["step"], cfg.steps):
+            try:
+                loss, tokens = train_step(job, step)
+            except RuntimeError as e:
+                if not job.rt.distributed:
+                    raise
+                raise lost_peer(job, e) from None
+            elapsed = time.perf_counter() - t0
+            state.update(step=step + 1, tokens=state["tokens"] + tokens, seconds=seconds0 + elapsed)
+            state["losses"].append(round(loss, 5))
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{loss:.3f}", tok_s=f"{(state['tokens'] - tokens0) / max(elapsed, 1e-9):,.0f}"
+            )
+            maybe_checkpoint(job)
     bar.close()
 
 
-def lost_peer(job: Job, step: int, e: RuntimeError) -> NestlingError:
-    """A collective failed: another process died. Say so in one line and how to continue."""
+@contextmanager
+def stop_on_sigterm(job: Job) -> Iterator[None]:
+    """When one process fails, torchrun sends SIGTERM to the others: end with the line lost_peer() writes."""
+    if not job.rt.distributed or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise lost_peer(job, "stopped by the launcher")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def lost_peer(job: Job, e: Exception | str) -> NestlingError:
+    """A collective failed or the launcher stopped us: another process died. One line, and how to go on."""
     done = checkpoint.newest_checkpoint(job.ckpt_root)
     where = f"from {done.name}" if done else "from the start (no checkpoint yet)"
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
     return NestlingError(
-        f"rank {job.rt.rank} of {job.rt.world}: another training process failed at step {step + 1} "
-        f"({first}); re-run the same command to resume {where}"
+        f"rank {job.rt.rank} of {job.rt.world}: another training process failed during step "
+        f"{job.state['step'] + 1} ({first}); re-run the same command to resume {where}"
     )
 
 
