@@ -257,15 +257,10 @@ def teacher_eval(run: Path, spec: str, held: list[dict], scorer: Scorer, cfg: Ev
     fewshot, max_tokens, opts = _teacher_setup(run, spec, cfg)
     # The prompt's content, not just the fewshot flag: an edited template must not reuse a stale accuracy.
     prompt = prompt_card(fewshot)["sha256"]
-    key = fingerprint(
-        {
-            "teacher": spec,
-            "questions": held,
-            "max_tokens": max_tokens,
-            "prompt": prompt,
-            "extra": opts.get("extra"),
-        }
-    )
+    identity = {"teacher": spec, "questions": held, "max_tokens": max_tokens, "prompt": prompt}
+    if opts.get("extra"):  # only when set, so caches written before request fields existed stay valid
+        identity["extra"] = opts["extra"]
+    key = fingerprint(identity)
     cache_path = run / "teacher_eval.json"
     cached = try_read_json(cache_path)
     if cached and cached.get("key") == key:
