@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -526,10 +525,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     train_rows, held = load_questions(run)
     if cfg.limit:
         held = held[: cfg.limit]
-    import torch
+    from nestling.distill.accel import set_threads
 
-    if not torch.cuda.is_available():  # same reasoning as distill.train._threads: OpenMP spins under load
-        torch.set_num_threads(cfg.threads or max(1, min(2, os.cpu_count() or 1)))
+    set_threads(cfg.threads)
     scorer = Scorer()
     teacher_spec = cfg.teacher or default_teacher(run)
     ref: dict[str, Any] = {"kind": "gold", "heldout": len(held)}
