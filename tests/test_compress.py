@@ -185,3 +185,44 @@ def test_trimmed_pruned_student_exports_with_parity(tiny_student_dir: Path, tiny
     assert set(m["variants"]) >= {"gguf-f16", "onnx-fp32"}
     for name in ("gguf-f16", "onnx-fp32"):
         assert m["variants"][name]["parity"]["teacher_forced_top1"] >= 0.99, name
+
+
+@pytest.mark.slow  # ~40 s on the shared 2-core machine (KD training, reasoning-gym draws)
+def test_compress_stage_end_to_end_and_skip_on_rerun(tiny_student_dir: Path, tmp_path: Path, monkeypatch):
+    """trim -> prune -> a few KD steps on a fake run; the recovery traces hold no held-out question."""
+    import shutil
+
+    from fake_run import make_run
+
+    import nestling.distill.compress as compress_mod
+    from nestling.distill.compress import CompressConfig, compress
+    from nestling.serve.manifest import read_jsonl, read_manifest
+
+    run = make_run(tmp_path / "run", n=60, heldout=20)
+    shutil.copytree(tiny_student_dir, run / "students" / "tiny" / "model")
+    cfg = CompressConfig(
+        run=str(run),
+        source="tiny",
+        keep_layers=2,
+        intermediate_size=256,
+        recover_steps=3,
+        fresh=8,
+        vocab_questions=16,
+        threads=1,
+        progress=False,
+    )
+    out = compress(cfg)
+    assert out == run / "students" / "tiny-c2-w256"
+    m = read_manifest(out, "compress")["metrics"]
+    model, tok = load_student(out / "model")
+    _, source_tok = load_student(tiny_student_dir)
+    assert len(tok) == m["vocab"] < len(source_tok) and model.config.intermediate_size == 256
+    assert m["recovery"]["steps"] == 3 and m["params"] == count_params(model) < m["teacher_params"]
+    trim_model, trim_tok = load_student(run / "students" / "tiny-trim" / "model")
+    assert trim_tok.get_vocab() == tok.get_vocab() and trim_model.config.num_hidden_layers == 2
+    held = {r["id"] for r in read_jsonl(run / "traces" / "questions.jsonl") if r["split"] == "heldout"}
+    rec = read_jsonl(run / "compress" / "tiny-c2-w256" / "traces" / "kept.jsonl")
+    assert rec and not {r["qid"] for r in rec} & held
+
+    monkeypatch.setattr(compress_mod, "trim_vocab", lambda *a: pytest.fail("a fresh compress was rebuilt"))
+    assert compress(cfg) == out
