@@ -249,8 +249,12 @@ def _add_tokenizer(w: gguf.GGUFWriter, d: Path, tokf: dict[str, Any]) -> None:
     if eos is not None:  # what generate() stops at, when the tokenizer config says otherwise
         special.special_token_ids["eos"] = int(eos[0] if isinstance(eos, list) else eos)
     special.add_special_token = {}  # decided from the post-processor below: what HF's encode() does
-    if special.chat_template is None:
-        special.chat_template = CHAT_TEMPLATE
+    template = special.chat_template if special.chat_template is not None else CHAT_TEMPLATE
+    special.chat_template = template
+    if tokf["add_bos"] and isinstance(template, str) and "bos_token" not in template:
+        # Chat servers tokenize a rendered template without adding bos (llama-cpp-python) or strip a leading
+        # one before adding it (llama.cpp): either way the template must start with it, as HF templates do.
+        special.chat_template = "{{- bos_token -}}" + special.chat_template
     special.add_to_gguf(w, quiet=True)
     w.add_add_bos_token(tokf["add_bos"])
     w.add_add_eos_token(tokf["add_eos"])

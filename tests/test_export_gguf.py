@@ -71,7 +71,7 @@ def test_f16_metadata(tiny_export_dir: Path, tiny_student_dir: Path):
     assert kv["tokenizer.ggml.bos_token_id"] == cfg["bos_token_id"]
     assert kv["tokenizer.ggml.eos_token_id"] == cfg["eos_token_id"]
     assert kv["tokenizer.ggml.padding_token_id"] == cfg["pad_token_id"]
-    assert kv["tokenizer.chat_template"] == CHAT_TEMPLATE
+    assert kv["tokenizer.chat_template"] == "{{- bos_token -}}" + CHAT_TEMPLATE  # chat servers add no bos
     tokens, types = kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"]
     assert len(tokens) == cfg["vocab_size"]
     for added in tok["added_tokens"]:

@@ -83,8 +83,8 @@ def test_family_exports_match_pytorch(family_student, tmp_path, family):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     template = ImmutableSandboxedEnvironment().from_string(kv["tokenizer.chat_template"])
-    rendered = template.render(messages=[{"role": "user", "content": " What is 3 + 4? "}])
-    assert rendered == student_prompt("What is 3 + 4?")
+    rendered = template.render(messages=[{"role": "user", "content": " What is 3 + 4? "}], bos_token="<B>")
+    assert rendered == ("<B>" if kind.bos else "") + student_prompt("What is 3 + 4?")
 
 
 def test_gguf_carries_each_family_s_metadata(family_student, tmp_path):
@@ -290,3 +290,29 @@ def test_family_trained_by_the_recipe_exports_every_variant_and_answers(family_s
         assert answer.latency.engine == engine and answer.latency.prompt_tokens > 0
         want = list(r.engine.stream(r.engine.tokenize(student_prompt("What is 2 + 3?")), 24))
         assert answer.text.strip() == r.engine.detokenize(want).strip() or answer.stopped_by != "eos"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text", "phi3"])
+def test_llama_cpp_server_renders_the_chat_template_into_the_student_prompt(family_student, tmp_path, family):
+    """A chat request to llama.cpp's server (which renders the GGUF's template) answers exactly as the
+    completion of the student prompt does: the template is right for this family's tokenizer and specials."""
+    import httpx
+    from peers import llama_cpp_server
+
+    from nestling.export.gguf import write_gguf
+
+    path = write_gguf(family_student(family), tmp_path / "m.gguf")
+    q = "What is 3 + 4?"
+    greedy = {"max_tokens": 16, "temperature": 0, "top_k": 1, "repeat_penalty": 1.0}
+    with llama_cpp_server(path, tmp_path / "server.log", n_ctx=256) as url:
+        chat = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": q}], **greedy},
+            timeout=60,
+        ).json()
+        plain = httpx.post(
+            f"{url}/v1/completions", json={"prompt": student_prompt(q), **greedy}, timeout=60
+        ).json()
+    assert chat["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    assert chat["choices"][0]["message"]["content"] == plain["choices"][0]["text"]
