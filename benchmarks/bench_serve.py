@@ -2,14 +2,18 @@
 
     OMP_NUM_THREADS=1 python3 benchmarks/bench_serve.py                     # tiny student, built if needed
     OMP_NUM_THREADS=1 python3 benchmarks/bench_serve.py --export runs/default/exports/tiny --smollm2
+    OMP_NUM_THREADS=1 python3 benchmarks/bench_serve.py --skip-models --load-seconds 5      # the load table
 
-Questions it answers (targets from issue 5):
+Questions it answers (targets from issues 5 and 12):
   1. server end-to-end latency (POST /v1/answer on loopback, `nestling serve` in a child process) vs a direct
      `Reasoner.ask` in this process, same questions and tokens: target <= 1.2x;
   2. `Reasoner` on the GGUF engine vs raw llama-cpp-python (`Llama.generate`, greedy) generating the same
      number of tokens from the same prompt: target <= 1.1x;
   3. answer-only vs explain latency for the same questions;
-  4. 32 concurrent clients for --load-seconds (60): statuses, p50/p99, server RSS over time.
+  4. load (issue 12): answers/s, p50/p99, statuses and server RSS at --clients (1 4 16 32) for the servers
+     side by side: "serial" (pool 1, max_queue 16: the server before the engine pool), "pool-2" (two
+     separate engines), "batched-8" (eight slots of one llama.cpp context) and `python -m llama_cpp.server`
+     on the same GGUF file (/v1/completions, greedy, same prompt and max_tokens).
 ``--smollm2`` repeats 1-3 with the bundled SmolLM2-135M GGUF wrapped as an export, a stand-in for a larger
 student (its answers are meaningless in the student prompt format; only the timings matter).
 Measurements alternate between the compared sides so background load hits both alike.
@@ -190,12 +194,57 @@ def bench_model(export: Path, repeats: int, max_tokens: int) -> dict:
     return res
 
 
-def bench_load(export: Path, clients: int, seconds: float) -> dict:
+# The servers compared under load. "serial" is the server as it was before the engine pool: one engine, at
+# most 16 requests admitted, the rest refused with 429.
+SERVERS = {
+    "serial": {"NESTLING_POOL": "1", "NESTLING_MAX_QUEUE": "16"},
+    "pool-2": {"NESTLING_POOL": "2", "NESTLING_BATCHED": "0"},
+    "batched-8": {"NESTLING_POOL": "8"},
+}
+
+
+def bench_load(export: Path, clients: list[int], seconds: float, servers: list[str], max_tokens: int) -> dict:
+    """answers/s, p50/p99 and statuses at each client count, each server in turn (same GGUF variant)."""
     from serve_fakes import run_load, serve_process
 
-    with serve_process(export) as (proc, url):
-        run_load(url, clients=clients, seconds=min(5.0, seconds), pid=proc.pid)  # warm-up
-        out = run_load(url, clients=clients, seconds=seconds, pid=proc.pid)
+    from nestling.serve.manifest import read_manifest
+    from nestling.serve.prompting import student_prompt
+    from nestling.serve.runtime import Reasoner
+
+    variant = Reasoner.pick_variant(read_manifest(export, stage="export"), "gguf")
+    gguf = export / read_manifest(export, stage="export")["variants"][variant]["path"]
+    body = {"question": QUESTIONS[0], "max_tokens": max_tokens}
+    out: dict = {"variant": variant, "max_tokens": max_tokens, "seconds": seconds, "servers": {}}
+    for name in servers:
+        if name == "llama_cpp.server":
+            argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", "1",
+                    "--n_threads_batch", "1", "--n_ctx", "2048"]  # fmt: skip
+            kw = {"argv": argv, "health": "/v1/models"}
+            # the same prompt and budget, greedy, no repeat penalty (its default 1.1 changes the tokens)
+            load = {"path": "/v1/completions", "body": {"prompt": student_prompt(QUESTIONS[0]),
+                    "max_tokens": max_tokens, "temperature": 0, "repeat_penalty": 1.0}}  # fmt: skip
+        else:
+            kw, load = {"env": {**SERVERS[name], "NESTLING_VARIANT": variant}}, {"body": body}
+        rows = []
+        with serve_process(export, **kw) as (proc, url):
+            run_load(url, clients=max(clients), seconds=min(3.0, seconds), pid=proc.pid, **load)  # warm-up
+            for n in clients:
+                r = run_load(url, clients=n, seconds=seconds, pid=proc.pid, **load)
+                r["rss_mb"] = [round(min(r["rss_mb"]), 1), round(max(r["rss_mb"]), 1)] if r["rss_mb"] else []
+                rows.append(r)
+                print(f"  {name:16s} {n:3d} clients: {r['answers_per_s']:7.1f} answers/s, p50 "
+                      f"{1000 * (r['p50_s'] or 0):6.1f} ms, p99 {1000 * (r['p99_s'] or 0):7.1f} ms, "
+                      f"{r['statuses']}, RSS {r['rss_mb']} MB", flush=True)  # fmt: skip
+        out["servers"][name] = rows
+    base = {r["clients"]: r["answers_per_s"] for r in out["servers"].get("serial", [])}
+    out["speedup_vs_serial"] = {
+        name: {
+            r["clients"]: round(r["answers_per_s"] / base[r["clients"]], 2)
+            for r in rows
+            if base.get(r["clients"])
+        }
+        for name, rows in out["servers"].items()
+    }
     return out
 
 
@@ -245,17 +294,14 @@ def plot(results: dict, path: Path) -> None:
 
     ax = axes[2]
     load = results.get("load")
-    if load and load["rss_mb"]:
-        t = [i * 0.25 for i in range(len(load["rss_mb"]))]
-        ax.plot(t, load["rss_mb"], color="tab:purple")
-        ax.set_ylim(0, max(load["rss_mb"]) * 1.3)
-        ax.set_xlabel("seconds under load")
-        ax.set_ylabel("server RSS (MB)")
-        p50 = 1000 * (load["p50_s"] or 0)
-        p99 = 1000 * (load["p99_s"] or 0)
-        ax.set_title(
-            f"{load['clients']} clients: p50 {p50:.0f} ms, p99 {p99:.0f} ms\n{load['statuses']}", fontsize=9
-        )
+    for name, rows in (load or {}).get("servers", {}).items():
+        ax.plot([r["clients"] for r in rows], [r["answers_per_s"] for r in rows], marker="o", label=name)
+    if load:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("answers/s (200s only)")
+        ax.set_title(f"load, {load['variant']}, max_tokens {load['max_tokens']}", fontsize=9)
+        ax.legend(fontsize=8)
     fig.suptitle("nestling serve: overheads, modes, load (2 shared CPU cores, 1 engine thread)")
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
@@ -272,10 +318,20 @@ def main() -> None:
     ap.add_argument("--smollm2", action="store_true", help="also time the bundled SmolLM2-135M GGUF")
     ap.add_argument("--repeats", type=int, default=5, help="passes over the questions per comparison")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--clients", type=int, default=32)
-    ap.add_argument("--load-seconds", type=float, default=60.0, help="0 skips the load run")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
+    ap.add_argument(
+        "--load-seconds", type=float, default=10.0, help="per client count; 0 skips the load runs"
+    )
+    ap.add_argument("--load-max-tokens", type=int, default=32)
+    ap.add_argument(
+        "--servers",
+        nargs="+",
+        default=[*SERVERS, "llama_cpp.server"],
+        help=f"of {[*SERVERS, 'llama_cpp.server']}",
+    )
+    ap.add_argument("--skip-models", action="store_true", help="only the load runs")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "nestling-bench")
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "serve")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve")
     args = ap.parse_args()
 
     from nestling.serve.manifest import atomic_write_json
@@ -286,18 +342,16 @@ def main() -> None:
         targets["smollm2-135m"] = smollm2_export(args.cache)
     results: dict = {"cpu_count": os.cpu_count(), "repeats": args.repeats, "max_tokens": args.max_tokens}
     results["models"] = {}
-    for name, path in targets.items():
+    for name, path in targets.items() if not args.skip_models else []:
         print(f"[bench_serve] {name}: {path}", flush=True)
         results["models"][name] = bench_model(path, args.repeats, args.max_tokens)
         print(json.dumps(results["models"][name], indent=1), flush=True)
     if args.load_seconds > 0:
-        print(f"[bench_serve] load: {args.clients} clients for {args.load_seconds:g} s", flush=True)
-        results["load"] = bench_load(export, args.clients, args.load_seconds)
-        summary = {k: v for k, v in results["load"].items() if k != "rss_mb"}
-        summary["rss_mb_first_last_max"] = [results["load"]["rss_mb"][i] for i in (0, -1)] + [
-            max(results["load"]["rss_mb"])
-        ]
-        print(json.dumps(summary), flush=True)
+        print(f"[bench_serve] load: {args.clients} clients, {args.load_seconds:g} s each", flush=True)
+        results["load"] = bench_load(
+            export, args.clients, args.load_seconds, args.servers, args.load_max_tokens
+        )
+        print(json.dumps(results["load"]["speedup_vs_serial"]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "bench_serve.json", results)
     plot(results, args.out / "bench_serve.png")

@@ -95,7 +95,7 @@ class LimitsAndMetrics:
 
 def _default_loader(s: Settings) -> Reasoner:
     return Reasoner.load(
-        s.model_dir or "", engine=s.engine, variant=s.variant, n_threads=s.threads, pool=s.pool
+        s.model_dir or "", s.engine, s.variant, n_threads=s.threads, pool=s.pool, batched=s.batched
     )
 
 

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -163,6 +166,188 @@ class GGUFEngine:
         if llm is not None:
             llm.close()
             self._llm = None
+
+
+@dataclass
+class _Seq:
+    """One sequence in a batched context: its prompt, budget, sampler and the queue its tokens go to."""
+
+    prompt: list[int]
+    max_tokens: int
+    stop_at_eos: bool
+    sampler: Sampler | None
+    out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # ints, then None or an exception
+    cancelled: bool = False
+    pos: int = 0  # tokens in the KV cache
+    made: int = 0
+    next_tok: int | None = None  # sampled, not yet decoded
+
+
+class GGUFBatch:
+    """One llama.cpp context that decodes up to ``slots`` sequences together, as llama.cpp's server does:
+    each step is one ``llama_decode`` over every running sequence's next token (and new prompts), so the
+    weights are read once per step, not once per sequence. ``views()`` gives one Engine per slot; the
+    runtime's pool hands each to one request at a time.
+
+        views = GGUFBatch("model.gguf", slots=8, n_threads=1).views()
+        r = Reasoner(views, variant="gguf-q8_0")       # up to 8 questions decode together
+    """
+
+    def __init__(self, path: str | Path, slots: int, n_threads: int = 1, n_ctx: int | None = None) -> None:
+        self.base = GGUFEngine(path, n_threads=n_threads, n_ctx=n_ctx)  # tokenizer, eos, logits()
+        lib, self._lib = self.base._lib, self.base._lib
+        self.n_ctx, self.slots, self.n_vocab = self.base.n_ctx, slots, self.base.n_vocab
+        params = lib.llama_context_default_params()
+        params.n_ctx = self.n_ctx * slots  # split evenly: each sequence gets the single engine's context
+        params.n_seq_max = slots
+        # Room for a whole prompt beside every running sequence's token: a new request never starves.
+        params.n_batch = params.n_ubatch = max(512, self.n_ctx + slots)
+        params.n_threads = params.n_threads_batch = n_threads
+        params.kv_unified = False
+        self._ctx = lib.llama_init_from_model(self.base._llm._model.model, params)
+        if not self._ctx:
+            raise NestlingError(f"{path}: llama.cpp cannot make a {slots}-sequence context; lower --pool")
+        self._n_batch = int(params.n_batch)
+        self._batch = lib.llama_batch_init(self._n_batch, 0, 1)
+        self._mem = lib.llama_get_memory(self._ctx)
+        self._new: queue.SimpleQueue[tuple[int, _Seq] | None] = queue.SimpleQueue()
+        self._open = slots
+        self._thread = threading.Thread(target=self._loop, name="gguf-batch", daemon=True)
+        self._thread.start()
+
+    def views(self) -> list[GGUFSlot]:
+        return [GGUFSlot(self, i) for i in range(self.slots)]
+
+    def submit(self, slot: int, seq: _Seq) -> None:
+        self._new.put((slot, seq))
+
+    def release(self) -> None:
+        """A view closed; the last one stops the loop and frees the context."""
+        self._open -= 1
+        if self._open == 0:
+            self._new.put(None)
+            self._thread.join()
+            self._lib.llama_batch_free(self._batch)
+            self._lib.llama_free(self._ctx)
+            self.base.close()
+
+    def _loop(self) -> None:
+        running: dict[int, _Seq] = {}
+        waiting: list[tuple[int, _Seq]] = []
+        while True:
+            if not running and not waiting:
+                item = self._new.get()  # idle: block until a request comes
+                if item is None:
+                    return
+                waiting.append(item)
+            while not self._new.empty():
+                item = self._new.get()
+                if item is None:
+                    return
+                waiting.append(item)
+            for slot in [s for s, q in running.items() if q.cancelled]:
+                self._finish(slot, running.pop(slot), None)  # the client left: free the slot now
+            waiting = self._step(running, waiting)
+
+    def _step(self, running: dict[int, _Seq], waiting: list[tuple[int, _Seq]]) -> list[tuple[int, _Seq]]:
+        """One decode over every running sequence's next token plus whole new prompts that fit."""
+        rows: list[tuple[int, _Seq, int]] = []  # (slot, seq, batch index of its logits)
+        n = 0
+        for slot, q in running.items():
+            assert q.next_tok is not None
+            self._put(n, q.next_tok, q.pos, slot, True)
+            rows.append((slot, q, n))
+            n += 1
+        later = []
+        for slot, q in waiting:
+            if q.cancelled:
+                q.out.put(None)
+            elif n + len(q.prompt) > self._n_batch:
+                later.append((slot, q))  # next step: the batch is full
+            else:
+                for i, tok in enumerate(q.prompt):
+                    self._put(n + i, tok, i, slot, i == len(q.prompt) - 1)
+                n += len(q.prompt)
+                rows.append((slot, q, n - 1))
+                running[slot] = q
+        if n == 0:
+            return later
+        self._batch.n_tokens = n
+        if self._lib.llama_decode(self._ctx, self._batch) != 0:
+            err = NestlingError(
+                "llama.cpp could not decode the batch (context full); retry with fewer tokens"
+            )
+            for slot, _, _ in rows:
+                self._finish(slot, running.pop(slot), err)
+            return later
+        for slot, q, at in rows:
+            q.pos = q.pos + 1 if q.next_tok is not None else len(q.prompt)
+            logits = np.ctypeslib.as_array(
+                self._lib.llama_get_logits_ith(self._ctx, at), shape=(self.n_vocab,)
+            )
+            self._advance(slot, q, _pick(logits, q.sampler), running)
+        return later
+
+    def _advance(self, slot: int, q: _Seq, tok: int, running: dict[int, _Seq]) -> None:
+        if q.cancelled or (tok == self.base.eos_id and q.stop_at_eos):
+            self._finish(slot, running.pop(slot), None)
+            return
+        q.out.put(tok)
+        q.made += 1
+        q.next_tok = tok
+        if q.made >= q.max_tokens:
+            self._finish(slot, running.pop(slot), None)
+
+    def _put(self, i: int, tok: int, pos: int, slot: int, logits: bool) -> None:
+        b = self._batch
+        b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, 1, logits
+        b.seq_id[i][0] = slot
+
+    def _finish(self, slot: int, q: _Seq, end: BaseException | None) -> None:
+        self._lib.llama_memory_seq_rm(self._mem, slot, -1, -1)
+        q.out.put(end)
+
+
+class GGUFSlot:
+    """One slot of a GGUFBatch behind the Engine protocol; one caller at a time (the runtime's pool)."""
+
+    kind = "gguf"
+
+    def __init__(self, batch: GGUFBatch, slot: int) -> None:
+        self._b, self._slot = batch, slot
+        self.path, self.n_ctx = batch.base.path, batch.n_ctx
+        self.eos_id, self.bos_id = batch.base.eos_id, batch.base.bos_id
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._b.base.tokenize(text)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self._b.base.detokenize(ids)
+
+    def stream(
+        self, prompt_ids: list[int], max_tokens: int, stop_at_eos: bool = True, sampler: Sampler | None = None
+    ) -> Iterator[int]:
+        if not prompt_ids:
+            raise NestlingError("empty prompt: tokenize a non-empty text first")
+        self._b.base._check_len(len(prompt_ids))
+        budget = min(max_tokens, self.n_ctx - len(prompt_ids))
+        return self._tokens(_Seq(list(prompt_ids), budget, stop_at_eos, sampler)) if budget > 0 else iter(())
+
+    def _tokens(self, seq: _Seq) -> Iterator[int]:
+        self._b.submit(self._slot, seq)
+        try:
+            while (tok := seq.out.get()) is not None:
+                if isinstance(tok, BaseException):
+                    raise tok
+                yield tok
+        finally:
+            seq.cancelled = True  # closed early: the loop frees the slot before its next decode
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        return self._b.base.logits(ids)
+
+    def close(self) -> None:
+        self._b.release()
 
 
 def _gguf_context_length(path: Path) -> int | None:

@@ -59,6 +59,8 @@ class EngineKind:
 
     load: Callable[[str, int], Engine]
     available: Callable[[], bool]
+    # pool > 1: engines that share work (one batched llama.cpp context); None: `pool` separate loads
+    load_pool: Callable[[str, int, int], list[Engine]] | None = None
 
 
 def _load_real(kind: str) -> Callable[[str, int], Engine]:
@@ -74,8 +76,14 @@ def _importable(*modules: str) -> Callable[[], bool]:
     return lambda: all(importlib.util.find_spec(m) is not None for m in modules)
 
 
+def _load_gguf_batch(path: str, n_threads: int, pool: int) -> list[Engine]:
+    from nestling.serve.engines import GGUFBatch
+
+    return list(GGUFBatch(path, slots=pool, n_threads=n_threads).views())
+
+
 ENGINES: dict[str, EngineKind] = {
-    "gguf": EngineKind(_load_real("gguf"), _importable("llama_cpp")),
+    "gguf": EngineKind(_load_real("gguf"), _importable("llama_cpp"), _load_gguf_batch),
     "onnx": EngineKind(_load_real("onnx"), _importable("onnxruntime", "tokenizers")),
 }
 
@@ -281,9 +289,11 @@ class Reasoner:
         variant: str | None = None,
         n_threads: int = 1,
         pool: int = 1,
+        batched: bool = True,
     ) -> Reasoner:
         """Read DIR/manifest.json, verify the sha256 of the chosen variant's files, and load ``pool``
-        engines over it (``pool=0``: one per ``n_threads`` cores, see ``auto_pool``)."""
+        engines over it (``pool=0``: see ``auto_pool``). GGUF with ``batched``: the pool is ``pool`` slots
+        of one llama.cpp context decoding together; else ``pool`` separate engines."""
         root = Path(path)
         check(root.is_dir(), f"{root}: not a directory; pass an export directory (runs/NAME/exports/STUDENT)")
         check(n_threads >= 1, f"--threads {n_threads}: must be >= 1")
@@ -299,9 +309,12 @@ class Reasoner:
         verify_files(root, manifest, [rel])  # refuses truncated / tampered files before any parser sees them
         t0 = time.perf_counter()
         engines: list[Engine] = []
+        loader = ENGINES[kind]
         try:
-            for _ in range(pool):
-                engines.append(ENGINES[kind].load(str(root / rel), n_threads))
+            if pool > 1 and loader.load_pool is not None and batched:
+                engines = loader.load_pool(str(root / rel), n_threads, pool)
+            for _ in range(pool - len(engines)):
+                engines.append(loader.load(str(root / rel), n_threads))
         except Exception as e:
             for loaded in engines:
                 loaded.close()

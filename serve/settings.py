@@ -45,6 +45,11 @@ class Settings(BaseSettings):
         description="engines answering at once, each its own KV cache over one shared model file; 0: one per "
         "`threads` cores (2 on a 2-core machine); 1: one at a time, as before",
     )
+    batched: bool = Field(
+        True,
+        description="GGUF: the pool's engines are slots of one llama.cpp context that decode together (one "
+        "KV cache, one set of weights); --no-batched: separate engines",
+    )
     max_queue: int = Field(
         64,
         ge=1,

@@ -180,9 +180,14 @@ def serve_in_thread(app, timeout: float = 30.0) -> Iterator[str]:
 
 @contextlib.contextmanager
 def serve_process(
-    export_dir: Path, env: dict[str, str] | None = None, timeout: float = 60.0
+    export_dir: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 60.0,
+    argv: list[str] | None = None,
+    health: str = "/health",
 ) -> Iterator[tuple]:
-    """`nestling serve DIR` in a child process on a free port; yields (Popen, URL) once /health is 200."""
+    """`nestling serve DIR` (or ``argv``, e.g. another server) in a child process on a free port; yields
+    (Popen, URL) once ``health`` answers 200."""
     import httpx
 
     root = Path(__file__).resolve().parents[1]
@@ -190,7 +195,7 @@ def serve_process(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     code = "import sys; from nestling.cli import main; sys.exit(main(sys.argv[1:]))"
-    cmd = [sys.executable, "-c", code, "serve", str(export_dir), "--port", str(port)]
+    cmd = [*(argv or [sys.executable, "-c", code, "serve", str(export_dir)]), "--port", str(port)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.Popen(cmd, cwd=root, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
@@ -200,7 +205,7 @@ def serve_process(
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
             try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                if httpx.get(url + health, timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
@@ -231,9 +236,10 @@ def run_load(
     pid: int | None = None,
     api_key: str | None = None,
     body: dict | None = None,
+    path: str = "/v1/answer",
 ) -> dict:
-    """`clients` concurrent loops POSTing /v1/answer for `seconds`, then stop. Latency percentiles over 200s;
-    a 429/503 is answered by waiting its Retry-After (capped at 50 ms) as a polite client would."""
+    """`clients` concurrent loops POSTing `path` (/v1/answer) for `seconds`, then stop. Latency percentiles
+    over 200s; a 429/503 is answered by waiting its Retry-After (capped at 50 ms) as a polite client would."""
     import asyncio
 
     import httpx
@@ -249,7 +255,7 @@ def run_load(
         while time.monotonic() < stop:
             t0 = time.perf_counter()
             try:
-                r = await c.post("/v1/answer", json=body, headers=headers)
+                r = await c.post(path, json=body, headers=headers)
             except httpx.HTTPError as e:
                 failures.append(f"{type(e).__name__}: {e}")
                 continue

@@ -422,3 +422,19 @@ def test_cli_ask_file_answers_every_line_as_jsonl(fake_export, tmp_path, capsys)
     assert nestling_cli.main(["ask", str(fake_export), "hi", "--temperature", "-1"]) == 2
     err = capsys.readouterr().err.strip().split("\n")
     assert "q.jsonl:2: not JSON" in err[0] and "temperature" in err[1]
+
+
+def test_a_batched_gguf_pool_answers_like_one_engine_and_reuses_cancelled_slots(tiny_export_dir):
+    qs = [f"What is {a} + {b}?" for a, b in [(1, 2), (3, 4), (5, 1), (2, 2), (7, 0), (6, 3)]]
+    with Reasoner.load(tiny_export_dir, engine="gguf", variant="gguf-f16") as one:
+        want = [one.ask(q, max_tokens=24).text for q in qs]
+    with Reasoner.load(tiny_export_dir, engine="gguf", variant="gguf-f16", pool=3) as r:
+        assert r.pool == 3 and len({id(e) for e in r.engines}) == 3
+        assert [a.text for a in r.ask_many(qs, max_tokens=24)] == want  # decoded together, same tokens
+        for _ in range(3):  # leave streams early: each slot's cache must be cleared for the next question
+            s = r.stream("What is 9 + 9?", max_tokens=40)
+            next(s)
+            s.close()
+        assert [a.text for a in r.ask_many(qs, max_tokens=24)] == want
+        seeded = SamplingParams(temperature=0.9, seed=7)
+        assert len({r.ask(qs[0], sampling=seeded, max_tokens=24).text for _ in range(3)}) == 1

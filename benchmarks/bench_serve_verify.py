@@ -1,0 +1,107 @@
+"""Does verification when serving pay? Accuracy, share of fully-checked explanations and latency per answer,
+greedy vs plain sampling vs resample-while-a-checked-step-is-false, side by side on the same questions.
+
+    OMP_NUM_THREADS=1 python3 benchmarks/bench_serve_verify.py --export runs/default/exports/smollm2
+    OMP_NUM_THREADS=1 python3 benchmarks/bench_serve_verify.py        # a tiny student trained here (~2 min)
+
+Writes benchmarks/results/serve_verify.json. Questions: one-digit sums and differences (the tiny student's
+task) unless --export's manifest names a task this script cannot draw; then pass --questions FILE.jsonl
+with {"question", "answer"} lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def trained_export(cache: Path) -> Path:
+    """A tiny student trained long enough to write the format (and still get many steps wrong)."""
+    from conftest import arithmetic_rows, build_tiny_student
+
+    from nestling.export.pipeline import ExportConfig, export_student
+
+    out, student = cache / "verify-export", cache / "verify-student"
+    if (out / "manifest.json").is_file():
+        return out
+    if not (student / "config.json").is_file():
+        build_tiny_student(student, steps=800, seed=1, lr=2e-3)
+    cfg = ExportConfig(
+        student=str(student), out=str(out), threads=1, f16_logit_tol=2.0, variants=["gguf-f16"]
+    )
+    export_student(cfg, prompts=arithmetic_rows(12, 123))
+    return out
+
+
+def questions(path: Path | None, n: int) -> list[tuple[str, str]]:
+    if path is not None:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [(r["question"], str(r["answer"])) for r in rows][:n]
+    from conftest import arithmetic_rows
+
+    return arithmetic_rows(n, seed=999)
+
+
+def run(r, rows: list[tuple[str, str]], **kw) -> dict:
+    """Accuracy, share verified, tries and latency over the rows (one call at a time: latency per answer)."""
+    right, verified, tries, secs = 0, 0, [], []
+    for q, gold in rows:
+        t0 = time.perf_counter()
+        a = r.ask(q, max_tokens=48, **kw)
+        secs.append(time.perf_counter() - t0)
+        right += a.answer == gold
+        verified += a.verified is True
+        tries.append(a.tries)
+    n = len(rows)
+    return {
+        "accuracy": right / n, "verified_share": verified / n, "mean_tries": statistics.mean(tries),
+        "latency_ms_mean": 1000 * statistics.mean(secs), "latency_ms_p50": 1000 * statistics.median(secs),
+        "latency_ms_max": 1000 * max(secs), "questions": n,
+    }  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--export", type=Path, help="an export directory (default: a tiny student trained here)")
+    ap.add_argument(
+        "--questions", type=Path, help="JSONL of {question, answer}; default: one-digit arithmetic"
+    )
+    ap.add_argument("-n", type=int, default=100, help="questions")
+    ap.add_argument("--tries", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "nestling-bench")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_verify.json")
+    args = ap.parse_args()
+
+    from nestling.serve.manifest import atomic_write_json
+    from nestling.serve.runtime import VERIFY_TEMPERATURE, Reasoner
+    from nestling.serve.sampling import SamplingParams
+
+    export = args.export or trained_export(args.cache)
+    rows = questions(args.questions, args.n)
+    results: dict = {"export": str(export), "temperature": VERIFY_TEMPERATURE, "runs": {}}
+    with Reasoner.load(export, engine="gguf") as r:
+        results["variant"] = r.variant
+        r.ask(rows[0][0])  # warm-up
+        configs = {
+            "greedy": {},
+            f"sampled T={VERIFY_TEMPERATURE}": {"sampling": SamplingParams(VERIFY_TEMPERATURE, seed=0)},
+        }
+        configs.update({f"verify {k}": {"verify": k, "sampling": SamplingParams(seed=0)} for k in args.tries})
+        for name, kw in configs.items():
+            results["runs"][name] = run(r, rows, **kw)
+            print(f"{name:16s} {json.dumps(results['runs'][name])}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out, results)
+    print(f"[bench_serve_verify] wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
