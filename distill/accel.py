@@ -151,9 +151,10 @@ def barrier() -> None:
 def resolve_precision(name: str, device: Any) -> Any:
     """'fp32' | 'bf16' | 'auto' -> the autocast dtype, None for plain fp32.
 
-    auto: bf16 on a GPU that supports it, and on a CPU with bf16 instructions: on AVX512-BF16 cores, bf16
-    autocast trained a SmolLM2-135M-shaped student 3.3x faster than fp32 (2 threads), the tiny preset 2.2x
-    (benchmarks/results/train_bench.json). Elsewhere bf16 is emulated on CPU, so fp32.
+    auto: bf16 on a GPU that supports it, and on a CPU with bf16 instructions: on AVX512-BF16 cores (2
+    threads) bf16 autocast trained every family 2.1-3.1x faster than fp32, full or LoRA, a SmolLM2-135M shape
+    2.1x (benchmarks/results/train_families.json), the tiny preset 1.8x (train_processes.json). Elsewhere
+    bf16 is emulated on CPU, so fp32.
     """
     import torch
 
