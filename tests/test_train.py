@@ -317,3 +317,31 @@ def test_a_moved_run_directory_is_the_same_training(tmp_path):
     before = (moved / "students" / out.name / "manifest.json").read_text()
     train(_cfg(moved, steps=6))  # traces compared by content, not by the run's path: skipped
     assert (moved / "students" / out.name / "manifest.json").read_text() == before
+
+
+def test_gradient_checkpointing_trains_to_the_same_weights(tmp_path):
+    import torch
+
+    run = make_run(tmp_path / "run", n=20, heldout=5)
+    plain = train(_cfg(run, steps=4, precision="fp32", name="plain"))
+    ckpt = train(_cfg(run, steps=4, precision="fp32", name="ckpt", grad_checkpointing=True))
+    wa, wb = _weights(plain / "model"), _weights(ckpt / "model")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)  # recomputed activations, same math
+
+
+def test_precision_is_chosen_and_recorded(tmp_path):
+    import torch
+
+    from nestling.distill.accel import cpu_has_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) is None and resolve_precision("bf16", cpu) is torch.bfloat16
+    assert (resolve_precision("auto", cpu) is torch.bfloat16) == cpu_has_bf16()
+    with pytest.raises(NestlingError, match="precision"):
+        TrainConfig(precision="fp8")
+    run = make_run(tmp_path / "run", n=20, heldout=5)
+    for precision in ("fp32", "bf16"):
+        out = train(_cfg(run, steps=2, precision=precision, name=precision))
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["metrics"]["precision"] == precision and m["config"]["precision"] == precision
