@@ -137,3 +137,46 @@ def test_killing_one_rank_fails_the_job_and_the_rerun_resumes(tmp_path):
     assert uninterrupted.returncode == 0, out[-3000:]
     _assert_same_weights(ref, run)
     assert _metrics(run)["steps"] == steps and _metrics(run)["train_tokens"] == _metrics(ref)["train_tokens"]
+
+
+_DISTILL_DRIVER = """
+import sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import nestling.distill.pipeline as pipeline
+import nestling.distill.teachers as teachers
+from fake_run import make_run
+from test_evaluate import ScriptedTeacher
+
+def fake_traces(cfg):  # rank 0 only: the other rank must find the store after the barrier
+    make_run(Path(cfg.out), n=80, heldout=10)
+    return Path(cfg.out) / "traces"
+
+pipeline._traces = fake_traces
+teachers.load_teacher = ScriptedTeacher
+from nestling.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_distill_trains_through_the_launcher_and_evaluates_once(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(_DISTILL_DRIVER.format(tests=str(REPO / "tests")))
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(driver),
+    ]
+    flags = ["distill", "--out", str(run), "--teacher", "gguf:fake", "--students", "nano", "--steps", "8",
+             "--threads", "1"]  # fmt: skip
+    proc = subprocess.run([*cmd, *flags], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert _metrics(run)["processes"] == 2
+    assert proc.stdout.count("student nano") == 1  # the table, printed by rank 0 alone
+    assert (run / "eval.json").is_file()
