@@ -14,11 +14,15 @@ checks the result at export time.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
 import os
 import re
+import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -338,6 +342,27 @@ def write_gguf(
     return out
 
 
+@contextlib.contextmanager
+def _stderr_to_log(what: str) -> Iterator[None]:
+    """Route C-level stderr (llama.cpp's quantizer prints one "falling back" line per tensor whose rows are
+    not a multiple of 256: 180 of SmolLM2's 272) into this module's DEBUG log, with a one-line summary."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines = sink.read().decode("utf-8", errors="replace").splitlines()
+    fallbacks = sum("falling back" in ln for ln in lines)
+    log.debug("%s:\n%s", what, "\n".join(lines))
+    if fallbacks:
+        log.info("%s: %d tensors fell back to another type (rows not a multiple of 256)", what, fallbacks)
+
+
 def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, n_threads: int = 1) -> Path:
     """llama.cpp's own quantizer via ctypes (< 1 s for a tiny student)."""
     import llama_cpp
@@ -351,7 +376,8 @@ def quantize_gguf(src: str | Path, dst: str | Path, qtype: str, n_threads: int =
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(QUANT_TYPES[qtype])
     params.nthread = n_threads
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+    with _stderr_to_log(f"llama.cpp quantize {qtype}"):
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
     if rc != 0 or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         raise NestlingError(
