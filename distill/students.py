@@ -8,7 +8,7 @@
     model, tok = init_student(spec, texts)                 # texts train a tokenizer for presets only
 
 Student specs (``--students``, comma-separated): a preset name (``nano``, ``tiny``, ``small``) trained from
-scratch, or ``hf:smollm2`` / ``hf:PATH`` (a save_pretrained llama directory, or a directory holding one
+scratch, or ``hf:smollm2`` / ``hf:PATH`` (a save_pretrained directory, or a directory holding one
 ``.gguf``) initialised from pretrained weights. ``hf:DIR`` may hold any model of the FAMILIES below
 (Llama 3.x / SmolLM2, Mistral, Qwen2/2.5, Qwen3, Gemma 3 text, Phi-3); ``hf:owner/name`` is read from the
 Hugging Face hub when the machine is online. Options follow ``?`` as ``key=value`` pairs joined by ``&``:
@@ -227,7 +227,7 @@ def _check_checkpoint_files(d: Path) -> None:
     if not list(d.glob("*.safetensors")):
         raise NestlingError(f"{d}: no .safetensors weights (pickled weights are never loaded)")
     if not (d / "tokenizer.json").is_file():
-        raise NestlingError(f"{d}: no tokenizer.json; save the student with its fast tokenizer ")
+        raise NestlingError(f"{d}: no tokenizer.json; save it with its fast tokenizer (save_student)")
 
 
 def _fix_gguf_special_tokens(path: Path, model: PreTrainedModel, tok: PreTrainedTokenizerFast) -> None:
