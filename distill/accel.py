@@ -9,7 +9,8 @@
 A launcher (``torchrun --nproc_per_node N -m nestling -- train ...`` or ``accelerate launch -m nestling train
 ...``) sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; the process group is formed from them
 here (gloo on CPU, NCCL on GPU). On CPU, ``accelerate.Accelerator()`` alone forms no process group: every
-process trained alone and all wrote the same directory.
+process trained alone and all wrote the same directory. ``accelerate launch --multi_gpu --num_processes N``
+starts N processes on CPU too; accelerate 1.15's ``--cpu --num_processes N`` starts only one.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@
     nestling train --run runs/x --student "hf:smollm2?keep_layers=8" --steps 150 --lr 1e-4
     nestling train --run runs/x --student hf:DIR --lora --steps 200       # LoRA adapters, merged on save
     torchrun --nproc_per_node 2 -m nestling -- train --run runs/x        # DDP: gloo on CPU, NCCL on GPU
+    accelerate launch --multi_gpu --num_processes 2 -m nestling train --run runs/x   # the same
 
 Reads RUN/traces/kept.jsonl (+ questions.jsonl, to drop any held-out question) and writes
 RUN/students/<name>/model/ (save_pretrained) and RUN/students/<name>/manifest.json (stage "train").
