@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nestling.distill.accel import PRECISIONS
 from nestling.distill.train import OBJECTIVES
 from nestling.serve.config import check
 from nestling.serve.errors import NestlingError
@@ -57,6 +58,16 @@ class DistillConfig:
     lr: float | None = field(default=None, metadata={"help": "peak learning rate for every student"})
     eval_limit: int | None = field(default=None, metadata={"help": "evaluate at most this many questions"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads per process"})
+    lora: bool = field(
+        default=False,
+        metadata={
+            "help": "LoRA adapters for the pretrained (hf:) students, merged on save; presets train fully"
+        },
+    )
+    precision: str = field(
+        default="auto",
+        metadata={"help": "auto | fp32 | bf16 autocast (see nestling train)", "choices": PRECISIONS},
+    )
 
     def __post_init__(self) -> None:
         from nestling.distill.students import parse_student_spec
@@ -120,6 +131,8 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
             threads=cfg.threads,
             steps=cfg.steps,
             lr=cfg.lr,
+            lora=cfg.lora and parse_student_spec(spec).pretrained,
+            precision=cfg.precision,
         )
         out = train(tcfg)
         models[parse_student_spec(spec).name] = out / "model"
