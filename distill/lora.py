@@ -52,11 +52,8 @@ def lora_recipe(
             f"(known: {', '.join(LORA_RECIPES)}); name them with --lora-targets"
         )
     rank = rank or (base.rank if base else 16)
-    recipe = LoraRecipe(
-        rank,
-        alpha or (base.alpha if base and rank == base.rank else 2.0 * rank),
-        tuple(targets) if targets else base.targets,
-    )
+    scale = base.alpha / base.rank if base else 2.0  # a new rank keeps the family's alpha / rank
+    recipe = LoraRecipe(rank, alpha or scale * rank, tuple(targets) if targets else base.targets)
     check_targets(model, recipe.targets)
     return recipe
 

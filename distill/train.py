@@ -128,7 +128,7 @@ class TrainConfig:
     precision: str = field(
         default="auto",
         metadata={
-            "help": "auto | fp32 | bf16 autocast (auto: bf16 on GPU; CPU as measured)",
+            "help": "auto | fp32 | bf16 autocast (auto: bf16 on GPUs and bf16-capable CPUs)",
             "choices": PRECISIONS,
         },
     )
