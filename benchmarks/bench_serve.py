@@ -102,7 +102,8 @@ def bench_model(export: Path, repeats: int, max_tokens: int) -> dict:
 
     # 1. server vs direct (explain mode)
     direct, server, tokens = [], [], []
-    with serve_process(export, {"NESTLING_VARIANT": r.variant}) as (_, url), httpx.Client(base_url=url) as c:
+    env = {"NESTLING_VARIANT": r.variant, "NESTLING_POOL": "1"}  # the same single engine as `r`
+    with serve_process(export, env) as (_, url), httpx.Client(base_url=url) as c:
         body = lambda q: {"question": q, "max_tokens": max_tokens}  # noqa: E731
         for q in QUESTIONS:
             c.post("/v1/answer", json=body(q))
@@ -199,7 +200,7 @@ def bench_model(export: Path, repeats: int, max_tokens: int) -> dict:
 SERVERS = {
     "serial": {"NESTLING_POOL": "1", "NESTLING_MAX_QUEUE": "16"},
     "pool-2": {"NESTLING_POOL": "2", "NESTLING_BATCHED": "0"},
-    "batched-8": {"NESTLING_POOL": "8"},
+    "batched-8": {"NESTLING_POOL": "8", "NESTLING_BATCHED": "1"},
 }
 
 

@@ -289,7 +289,7 @@ class Reasoner:
         variant: str | None = None,
         n_threads: int = 1,
         pool: int = 1,
-        batched: bool = True,
+        batched: bool = False,
     ) -> Reasoner:
         """Read DIR/manifest.json, verify the sha256 of the chosen variant's files, and load ``pool``
         engines over it (``pool=0``: see ``auto_pool``). GGUF with ``batched``: the pool is ``pool`` slots

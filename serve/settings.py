@@ -46,9 +46,10 @@ class Settings(BaseSettings):
         "`threads` cores (2 on a 2-core machine); 1: one at a time, as before",
     )
     batched: bool = Field(
-        True,
-        description="GGUF: the pool's engines are slots of one llama.cpp context that decode together (one "
-        "KV cache, one set of weights); --no-batched: separate engines",
+        False,
+        description="GGUF: the pool is slots of one llama.cpp context decoding together (as llama.cpp's "
+        "server does) instead of separate engines; concurrent answers may then differ slightly from the "
+        "single-sequence engine the export was parity-checked with",
     )
     max_queue: int = Field(
         64,

@@ -23,6 +23,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -197,13 +198,17 @@ def serve_process(
     code = "import sys; from nestling.cli import main; sys.exit(main(sys.argv[1:]))"
     cmd = [*(argv or [sys.executable, "-c", code, "serve", str(export_dir)]), "--port", str(port)]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.Popen(cmd, cwd=root, env=full_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # stderr to a file, not a pipe: a chatty server (llama_cpp.server logs every request) would fill an unread
+    # pipe and block mid-request.
+    err = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, cwd=root, env=full_env, stdout=subprocess.DEVNULL, stderr=err)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:  # readiness poll, bounded by `timeout`
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")
+                err.seek(0)
+                raise RuntimeError(f"server exited: {err.read().decode()[-2000:]}")
             try:
                 if httpx.get(url + health, timeout=2).status_code == 200:
                     break
@@ -220,6 +225,7 @@ def serve_process(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        err.close()
 
 
 def rss_mb(pid: int) -> float:
@@ -239,10 +245,13 @@ def run_load(
     path: str = "/v1/answer",
 ) -> dict:
     """`clients` concurrent loops POSTing `path` (/v1/answer) for `seconds`, then stop. Latency percentiles
-    over 200s; a 429/503 is answered by waiting its Retry-After (capped at 50 ms) as a polite client would."""
+    over 200s; a 429/503 is answered by waiting its Retry-After (capped at 50 ms) as a polite client would.
+
+    aiohttp, not httpx: with 32 connections httpx's pool spent more CPU than the server it measured (every
+    server here, llama_cpp.server too, fell to a third of its 16-client rate)."""
     import asyncio
 
-    import httpx
+    import aiohttp
 
     body = body or {"question": "What is 3 + 4?", "max_tokens": 32}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -251,18 +260,19 @@ def run_load(
     rss: list[float] = []
     failures: list[str] = []
 
-    async def client(c: httpx.AsyncClient, stop: float) -> None:
+    async def client(c: aiohttp.ClientSession, stop: float) -> None:
         while time.monotonic() < stop:
             t0 = time.perf_counter()
             try:
-                r = await c.post(path, json=body, headers=headers)
-            except httpx.HTTPError as e:
+                async with c.post(url + path, json=body, headers=headers) as r:
+                    await r.read()
+            except (aiohttp.ClientError, TimeoutError) as e:
                 failures.append(f"{type(e).__name__}: {e}")
                 continue
-            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-            if r.status_code == 200:
+            statuses[r.status] = statuses.get(r.status, 0) + 1
+            if r.status == 200:
                 latencies.append(time.perf_counter() - t0)
-            elif r.status_code in (429, 503):
+            elif r.status in (429, 503):
                 await asyncio.sleep(0.05)
 
     async def sample(stop: float) -> None:
@@ -271,8 +281,9 @@ def run_load(
             await asyncio.sleep(0.25)
 
     async def main() -> float:
-        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+        conn = aiohttp.TCPConnector(limit=clients)
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with aiohttp.ClientSession(connector=conn, timeout=timeout) as c:
             t0 = time.monotonic()
             stop = t0 + seconds
             await asyncio.gather(sample(stop), *(client(c, stop) for _ in range(clients)))

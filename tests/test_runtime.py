@@ -428,7 +428,7 @@ def test_a_batched_gguf_pool_answers_like_one_engine_and_reuses_cancelled_slots(
     qs = [f"What is {a} + {b}?" for a, b in [(1, 2), (3, 4), (5, 1), (2, 2), (7, 0), (6, 3)]]
     with Reasoner.load(tiny_export_dir, engine="gguf", variant="gguf-f16") as one:
         want = [one.ask(q, max_tokens=24).text for q in qs]
-    with Reasoner.load(tiny_export_dir, engine="gguf", variant="gguf-f16", pool=3) as r:
+    with Reasoner.load(tiny_export_dir, engine="gguf", variant="gguf-f16", pool=3, batched=True) as r:
         assert r.pool == 3 and len({id(e) for e in r.engines}) == 3
         assert [a.text for a in r.ask_many(qs, max_tokens=24)] == want  # decoded together, same tokens
         for _ in range(3):  # leave streams early: each slot's cache must be cleared for the next question

@@ -1,6 +1,6 @@
 """A bounded load test on loopback: 32 concurrent clients against `nestling serve` (the tiny GGUF export in
-a child process) for a few seconds, then stop. Only documented 429/503 refusals, p50/p99 reported, RSS stable.
-The 60-second version is benchmarks/bench_serve.py."""
+a child process) for a few seconds, then stop. Below the queue cap every request waits its turn and is
+answered (no 429), p50/p99 reported, RSS stable. The side-by-side version is benchmarks/bench_serve.py."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ from serve_fakes import run_load, serve_process
 pytestmark = pytest.mark.slow
 
 
-def test_32_clients_get_answers_or_documented_refusals_and_memory_stays_flat(tiny_export_dir, capsys):
-    env = {"NESTLING_MAX_QUEUE": "16", "NESTLING_QUEUE_TIMEOUT_S": "5"}
+def test_32_clients_below_the_queue_cap_are_all_answered_and_memory_stays_flat(tiny_export_dir, capsys):
+    env = {"NESTLING_MAX_QUEUE": "64", "NESTLING_QUEUE_TIMEOUT_S": "30", "NESTLING_POOL": "4"}
     with serve_process(tiny_export_dir, env) as (proc, url):
         warm = run_load(url, clients=32, seconds=3, pid=proc.pid)
         out = run_load(url, clients=32, seconds=12, pid=proc.pid)
         assert proc.poll() is None  # still up
     for run in (warm, out):
         assert run["transport_failures"] == []
-        assert set(run["statuses"]) <= {"200", "429", "503"}, run["statuses"]
+        assert set(run["statuses"]) == {"200"}, run["statuses"]  # 32 clients < max_queue 64: none refused
     assert out["statuses"]["200"] >= 50 and out["p99_s"] >= out["p50_s"] > 0
     # memory: after warm-up, the server's resident set does not keep growing
     rss = out["rss_mb"]
