@@ -531,23 +531,10 @@ def setup(cfg: TrainConfig, rt: Runtime, rows: list[dict], inputs: dict[str, str
     if teacher is not None:
         teacher.to(rt.device)
     return Job(
-        cfg,
-        rt,
-        name,
-        spec,
-        out,
-        rows,
-        inputs,
-        model,
-        student,
-        tok,
-        examples,
-        optimizer,
-        trainable,
-        resolve_precision(cfg.precision, rt.device),
-        teacher,
-        state,
-    )
+        cfg=cfg, rt=rt, name=name, spec=spec, out=out, rows=rows, inputs=inputs, model=model, student=student,
+        tok=tok, examples=examples, optimizer=optimizer, trainable=trainable,
+        dtype=resolve_precision(cfg.precision, rt.device), teacher=teacher, state=state,
+    )  # fmt: skip
 
 
 # ---- train ---------------------------------------------------------------------------------------------
