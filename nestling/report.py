@@ -30,66 +30,94 @@ def _teacher_bytes(spec: str | None) -> int | None:
 
 
 def collect_report(run_dir: Path) -> dict[str, Any]:
-    """Gather the teacher, baseline, students (held-out eval) and exports (export-time checks) of a run."""
-    from nestling.serve.manifest import try_read_manifest
+    """Gather the teacher, baseline, students (held-out eval) and exports (export-time checks) of a run.
+    Every accuracy comes with its 95% Wilson interval (``accuracy_ci``) over its ``n`` questions."""
+    report: dict[str, Any] = {"run": str(run_dir), "teacher": _teacher_entry(run_dir), "baseline": {}}
+    report["students"] = {}
+    for eval_path in sorted(run_dir.glob("students/*/eval.json")):
+        ev = _read_json(eval_path)
+        report["baseline"] = _with_ci({k: (ev.get("baseline") or {}).get(k) for k in ("accuracy", "n")})
+        report["students"][eval_path.parent.name] = _student_entry(eval_path.parent, ev.get("result") or {})
+    report["exports"] = {}
+    for manifest_path in sorted(run_dir.glob("exports/*/manifest.json")):
+        report["exports"].update(_export_entries(run_dir, manifest_path.parent))
+    return report
 
-    report: dict[str, Any] = {
-        "run": str(run_dir),
-        "teacher": {},
-        "baseline": {},
-        "students": {},
-        "exports": {},
-    }
+
+def _with_ci(entry: dict[str, Any]) -> dict[str, Any]:
+    from nestling.distill.evaluate import wilson
+
+    acc, n = entry.get("accuracy"), entry.get("n")
+    if acc is not None and n and not entry.get("accuracy_ci"):
+        entry["accuracy_ci"] = wilson(round(acc * n), n)
+    return entry
+
+
+def _teacher_entry(run_dir: Path) -> dict[str, Any]:
     teacher = _read_json(run_dir / "teacher_eval.json").get("result") or {}
-    if teacher:
-        report["teacher"] = {
+    if not teacher:
+        return {}
+    explain = teacher.get("explain") or {}
+    return _with_ci(
+        {
             "spec": teacher.get("spec"),
             "accuracy": teacher.get("accuracy"),
+            "accuracy_ci": explain.get("accuracy_ci"),
             "params": teacher.get("params"),
             "bytes": _teacher_bytes(teacher.get("spec")),
             "tokens_per_s": teacher.get("tokens_per_s"),
             "answer_s": {"explain": teacher.get("latency_s")},
-            "n": (teacher.get("explain") or {}).get("n"),
+            "n": explain.get("n"),
         }
-    for eval_path in sorted(run_dir.glob("students/*/eval.json")):
-        name = eval_path.parent.name
-        ev = _read_json(eval_path)
-        res = ev.get("result") or {}
-        report["baseline"] = {k: v for k, v in (ev.get("baseline") or {}).items() if k in ("accuracy", "n")}
-        weights = sum(p.stat().st_size for p in (eval_path.parent / "model").glob("*.safetensors"))
-        report["students"][name] = {
+    )
+
+
+def _student_entry(student_dir: Path, res: dict[str, Any]) -> dict[str, Any]:
+    explain = res.get("explain") or {}
+    weights = sum(p.stat().st_size for p in (student_dir / "model").glob("*.safetensors"))
+    return _with_ci(
+        {
             "accuracy": res.get("accuracy"),
+            "accuracy_ci": explain.get("accuracy_ci"),
             "accuracy_answer_only": res.get("accuracy_answer"),
-            "steps_all_right": (res.get("explain") or {}).get("steps_all_right"),
+            "steps_all_right": explain.get("steps_all_right"),
             "params": res.get("params"),
             "bytes": weights or None,
             "tokens_per_s": res.get("tokens_per_s"),
             "answer_s": {"explain": res.get("latency_s")},
-            "n": (res.get("explain") or {}).get("n"),
+            "n": explain.get("n"),
         }
-    for manifest_path in sorted(run_dir.glob("exports/*/manifest.json")):
-        name = manifest_path.parent.name
-        m = try_read_manifest(manifest_path.parent, "export") or {}
-        timed = (_read_json(run_dir / "latency" / f"{name}.json").get("variants")) or {}
-        params = (m.get("student") or {}).get("params")
-        pytorch = (m.get("metrics") or {}).get("pytorch") or {}
-        for variant, v in (m.get("variants") or {}).items():
-            report["exports"][f"{name}-{variant}"] = {
+    )
+
+
+def _export_entries(run_dir: Path, export_dir: Path) -> dict[str, dict[str, Any]]:
+    """One entry per variant of an export: export-time accuracy and parity, and the run's answer timings."""
+    from nestling.serve.manifest import try_read_manifest
+
+    name = export_dir.name
+    m = try_read_manifest(export_dir, "export") or {}
+    timed = _read_json(run_dir / "latency" / f"{name}.json").get("variants") or {}
+    metrics = m.get("metrics") or {}
+    entries = {}
+    for variant, v in (m.get("variants") or {}).items():
+        entries[f"{name}-{variant}"] = _with_ci(
+            {
                 "student": name,
                 "variant": variant,
                 "engine": v.get("engine"),
-                "path": str(manifest_path.parent / v["path"]),
+                "path": str(export_dir / v["path"]),
                 "accuracy": v.get("accuracy"),
                 "accuracy_delta_vs_pytorch": v.get("accuracy_delta"),
-                "pytorch_accuracy_same_prompts": pytorch.get("accuracy"),
-                "n": (m.get("metrics") or {}).get("parity_prompts"),
-                "params": params,
+                "pytorch_accuracy_same_prompts": (metrics.get("pytorch") or {}).get("accuracy"),
+                "n": metrics.get("parity_prompts"),
+                "params": (m.get("student") or {}).get("params"),
                 "bytes": v.get("bytes"),
                 "tokens_per_s": v.get("tokens_per_s"),
                 "answer_s": {mode: t.get("median_s") for mode, t in (timed.get(variant) or {}).items()},
                 "parity": v.get("parity"),
             }
-    return report
+        )
+    return entries
 
 
 def recommend(exports: dict[str, dict[str, Any]], tolerance: float) -> str | None:
@@ -134,6 +162,8 @@ def _fmt(x: Any, kind: str) -> str:
         return "-"
     if kind == "acc":
         return f"{100 * x:.1f}%"
+    if kind == "ci":
+        return f"[{100 * x[0]:.0f}, {100 * x[1]:.0f}]"
     if kind == "params":
         return f"{x / 1e6:.2f}M"
     if kind == "bytes":
@@ -155,14 +185,15 @@ def _report_markdown(report: dict[str, Any]) -> str:
         f"Recommended artifact: **{report.get('recommended') or '-'}** (the quickest explained answers among "
         f"exports within {100 * report['tolerance']:.0f} points of the most accurate one).",
         "",
-        "| model | student | held-out accuracy | questions | params | size | decode tokens/s "
+        "| model | student | held-out accuracy | 95% interval | questions | params | size | decode tokens/s "
         "| per answer, explained | per answer, answer-only |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, student, e in rows:
         answer_s = e.get("answer_s") or {}
         lines.append(
-            f"| {name} | {student} | {_fmt(e.get('accuracy'), 'acc')} | {e.get('n') or '-'} | "
+            f"| {name} | {student} | {_fmt(e.get('accuracy'), 'acc')} | {_fmt(e.get('accuracy_ci'), 'ci')} | "
+            f"{e.get('n') or '-'} | "
             f"{_fmt(e.get('params'), 'params')} | "
             f"{_fmt(e.get('bytes'), 'bytes')} | {_fmt(e.get('tokens_per_s'), 'tps')} | "
             f"{_fmt(answer_s.get('explain'), 's')} | {_fmt(answer_s.get('answer'), 's')} |"
@@ -178,64 +209,26 @@ def _report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+MARKERS = {"onnx-fp32": "s", "onnx-int8": "D", "gguf-f16": "^", "gguf-q8_0": "v", "gguf-q4_k_m": "P"}
+
+
 def _report_plot(report: dict[str, Any], path: Path) -> None:
-    """Accuracy vs decode speed (log x): a colour per student, a marker per export variant, area ~ bytes."""
+    """Accuracy (with its 95% interval) vs seconds per explained answer where the run timed answers, else vs
+    decode tokens/s (log x): a colour per student, a marker per export variant, marker area ~ bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
     fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
-    students = list(report.get("students", {}))
-    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(students)}
-    markers = {"onnx-fp32": "s", "onnx-int8": "D", "gguf-f16": "^", "gguf-q8_0": "v", "gguf-q4_k_m": "P"}
-    entries = [
-        report.get("teacher", {}),
-        *report.get("students", {}).values(),
-        *report.get("exports", {}).values(),
-    ]
-    biggest = max([e.get("bytes") or 0 for e in entries] + [1])
-
-    # Seconds per explained answer where the run timed them (what a user waits for), else decode tokens/s.
+    colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(report.get("students", {}))}
     timed = any((e.get("answer_s") or {}).get("explain") for e in report.get("exports", {}).values())
-
-    def xval(e: dict[str, Any]) -> float | None:
-        return (e.get("answer_s") or {}).get("explain") if timed else e.get("tokens_per_s")
-
-    def plot(e: dict[str, Any], color: Any, marker: str, label: str | None = None) -> None:
-        if e.get("accuracy") is None or not xval(e):
-            return
-        area = 30 + 400 * ((e.get("bytes") or 0) / biggest) ** 0.5
-        x, y = xval(e), 100 * e["accuracy"]
-        ax.scatter(x, y, s=area, color=color, marker=marker, alpha=0.75, edgecolors="black", linewidths=0.4)
-        if label:
-            ax.annotate(label, (x, y), fontsize=8, xytext=(6, 6), textcoords="offset points")
-
-    plot(report.get("teacher", {}), "tab:red", "*", "teacher")
-    for name, e in report.get("students", {}).items():
-        plot(e, colors[name], "o", f"{name} (PyTorch)")
-    for e in report.get("exports", {}).values():
-        plot(e, colors.get(e.get("student"), "gray"), markers.get(e.get("variant"), "X"))
-    rec = report.get("exports", {}).get(report.get("recommended") or "")
-    if rec and xval(rec):
-        ax.scatter(xval(rec), 100 * rec["accuracy"], s=700, facecolors="none", edgecolors="black")
-        ax.annotate(
-            "recommended",
-            (xval(rec), 100 * rec["accuracy"]),
-            fontsize=8,
-            xytext=(0, -22),
-            textcoords="offset points",
-            ha="center",
-        )
-    base = report.get("baseline", {}).get("accuracy")
-    if base is not None:
-        ax.axhline(100 * base, ls="--", c="gray")
-    handles = [Line2D([], [], ls="", marker=m, color="gray", label=v) for v, m in markers.items()]
-    handles += [Line2D([], [], ls="", marker="o", color=c, label=f"student {n}") for n, c in colors.items()]
-    if base is not None:
-        handles.append(Line2D([], [], ls="--", color="gray", label=f"trivial baseline {100 * base:.1f}%"))
-    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    x_of = (
+        (lambda e: (e.get("answer_s") or {}).get("explain")) if timed else (lambda e: e.get("tokens_per_s"))
+    )
+    _plot_points(ax, report, x_of, colors)
+    _ring_recommended(ax, report, x_of)
+    _legend(ax, report, colors)
     ax.set_xscale("log")
     ax.set_ylim(0, 105)  # from zero: small accuracy gaps should look small
     ax.set_xlabel(
@@ -243,7 +236,7 @@ def _report_plot(report: dict[str, Any], path: Path) -> None:
         if timed
         else "decode tokens/s, single stream (log scale)"
     )
-    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_ylabel("held-out accuracy (%), bars: 95% interval")
     ax.set_title("nestling: accuracy / speed / size (marker area ~ bytes)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -251,3 +244,47 @@ def _report_plot(report: dict[str, Any], path: Path) -> None:
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def _plot_points(ax: Any, report: dict[str, Any], x_of: Any, colors: dict[str, Any]) -> None:
+    students, exports = report.get("students", {}), report.get("exports", {})
+    points = [(report.get("teacher", {}), "tab:red", "*", "teacher")]
+    points += [(e, colors[name], "o", f"{name} (PyTorch)") for name, e in students.items()]
+    points += [
+        (e, colors.get(e.get("student"), "gray"), MARKERS.get(e.get("variant"), "X"), None)
+        for e in exports.values()
+    ]
+    biggest = max([e.get("bytes") or 0 for e, *_ in points] + [1])
+    for e, color, marker, label in points:
+        x = x_of(e)
+        if e.get("accuracy") is None or not x:
+            continue
+        y = 100 * e["accuracy"]
+        area = 30 + 400 * ((e.get("bytes") or 0) / biggest) ** 0.5
+        if e.get("accuracy_ci"):
+            low, high = (100 * c for c in e["accuracy_ci"])
+            ax.errorbar(x, y, yerr=[[y - low], [high - y]], color=color, alpha=0.4, lw=1, capsize=2)
+        ax.scatter(x, y, s=area, color=color, marker=marker, alpha=0.75, edgecolors="black", linewidths=0.4)
+        if label:
+            ax.annotate(label, (x, y), fontsize=8, xytext=(6, 6), textcoords="offset points")
+
+
+def _ring_recommended(ax: Any, report: dict[str, Any], x_of: Any) -> None:
+    rec = report.get("exports", {}).get(report.get("recommended") or "")
+    if not rec or not x_of(rec):
+        return
+    xy = (x_of(rec), 100 * rec["accuracy"])
+    ax.scatter(*xy, s=700, facecolors="none", edgecolors="black")
+    ax.annotate("recommended", xy, fontsize=8, xytext=(0, -22), textcoords="offset points", ha="center")
+
+
+def _legend(ax: Any, report: dict[str, Any], colors: dict[str, Any]) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], ls="", marker=m, color="gray", label=v) for v, m in MARKERS.items()]
+    handles += [Line2D([], [], ls="", marker="o", color=c, label=f"student {n}") for n, c in colors.items()]
+    base = report.get("baseline", {}).get("accuracy")
+    if base is not None:
+        ax.axhline(100 * base, ls="--", c="gray")
+        handles.append(Line2D([], [], ls="--", color="gray", label=f"trivial baseline {100 * base:.1f}%"))
+    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)

@@ -1,6 +1,6 @@
 """`nestling run`: the one command, traces -> train -> eval -> export -> report, every field defaulted.
 
-    nestling run --out runs/default
+nestling run --out runs/default
 """
 
 from __future__ import annotations
