@@ -204,39 +204,67 @@ SERVERS = {
 }
 
 
-def bench_load(export: Path, clients: list[int], seconds: float, servers: list[str], max_tokens: int) -> dict:
-    """answers/s, p50/p99 and statuses at each client count, each server in turn (same GGUF variant)."""
+def _server(name: str, export: Path, gguf: Path, variant: str, max_tokens: int) -> tuple[dict, dict]:
+    """(serve_process arguments, run_load arguments) of one compared server."""
+    from nestling.serve.prompting import student_prompt
+
+    if name != "llama_cpp.server":
+        body = {"question": QUESTIONS[0], "max_tokens": max_tokens}
+        return {"env": {**SERVERS[name], "NESTLING_VARIANT": variant}}, {"body": body}
+    argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", "1",
+            "--n_threads_batch", "1", "--n_ctx", "2048"]  # fmt: skip
+    # the same prompt and budget, greedy, no repeat penalty (its default 1.1 changes the tokens)
+    body = {
+        "prompt": student_prompt(QUESTIONS[0]),
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "repeat_penalty": 1.0,
+    }
+    return {"argv": argv, "health": "/v1/models"}, {"path": "/v1/completions", "body": body}
+
+
+def bench_load(
+    export: Path, clients: list[int], seconds: float, servers: list[str], max_tokens: int, rounds: int = 3
+) -> dict:
+    """answers/s, p50/p99, statuses and RSS at each client count. Every server runs at once (idle ones cost
+    nothing) and they take turns in ``rounds`` short windows, so the load of other processes on this shared
+    machine falls on all of them alike."""
+    from contextlib import ExitStack
+
     from serve_fakes import run_load, serve_process
 
     from nestling.serve.manifest import read_manifest
-    from nestling.serve.prompting import student_prompt
     from nestling.serve.runtime import Reasoner
 
-    variant = Reasoner.pick_variant(read_manifest(export, stage="export"), "gguf")
-    gguf = export / read_manifest(export, stage="export")["variants"][variant]["path"]
-    body = {"question": QUESTIONS[0], "max_tokens": max_tokens}
-    out: dict = {"variant": variant, "max_tokens": max_tokens, "seconds": seconds, "servers": {}}
-    for name in servers:
-        if name == "llama_cpp.server":
-            argv = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", "1",
-                    "--n_threads_batch", "1", "--n_ctx", "2048"]  # fmt: skip
-            kw = {"argv": argv, "health": "/v1/models"}
-            # the same prompt and budget, greedy, no repeat penalty (its default 1.1 changes the tokens)
-            load = {"path": "/v1/completions", "body": {"prompt": student_prompt(QUESTIONS[0]),
-                    "max_tokens": max_tokens, "temperature": 0, "repeat_penalty": 1.0}}  # fmt: skip
-        else:
-            kw, load = {"env": {**SERVERS[name], "NESTLING_VARIANT": variant}}, {"body": body}
-        rows = []
-        with serve_process(export, **kw) as (proc, url):
-            run_load(url, clients=max(clients), seconds=min(3.0, seconds), pid=proc.pid, **load)  # warm-up
-            for n in clients:
-                r = run_load(url, clients=n, seconds=seconds, pid=proc.pid, **load)
-                r["rss_mb"] = [round(min(r["rss_mb"]), 1), round(max(r["rss_mb"]), 1)] if r["rss_mb"] else []
-                rows.append(r)
+    manifest = read_manifest(export, stage="export")
+    variant = Reasoner.pick_variant(manifest, "gguf")
+    gguf = export / manifest["variants"][variant]["path"]
+    out: dict = {
+        "variant": variant,
+        "max_tokens": max_tokens,
+        "seconds": seconds,
+        "rounds": rounds,
+        "servers": {},
+    }
+    with ExitStack() as stack:
+        running = {}
+        for name in servers:
+            start, load = _server(name, export, gguf, variant, max_tokens)
+            proc, url = stack.enter_context(serve_process(export, **start))
+            run_load(url, clients=max(clients), seconds=2.0, **load)  # warm-up
+            running[name] = (proc, url, load)
+        for n in clients:
+            for name in running:
+                out["servers"].setdefault(name, []).append([])
+            for _ in range(rounds):
+                for name, (proc, url, load) in running.items():
+                    part = run_load(url, clients=n, seconds=seconds / rounds, pid=proc.pid, **load)
+                    out["servers"][name][-1].append(part)
+            for name in running:
+                r = out["servers"][name][-1] = _merge(out["servers"][name][-1])
                 print(f"  {name:16s} {n:3d} clients: {r['answers_per_s']:7.1f} answers/s, p50 "
                       f"{1000 * (r['p50_s'] or 0):6.1f} ms, p99 {1000 * (r['p99_s'] or 0):7.1f} ms, "
                       f"{r['statuses']}, RSS {r['rss_mb']} MB", flush=True)  # fmt: skip
-        out["servers"][name] = rows
     base = {r["clients"]: r["answers_per_s"] for r in out["servers"].get("serial", [])}
     out["speedup_vs_serial"] = {
         name: {
@@ -247,6 +275,26 @@ def bench_load(export: Path, clients: list[int], seconds: float, servers: list[s
         for name, rows in out["servers"].items()
     }
     return out
+
+
+def _merge(parts: list[dict]) -> dict:
+    """One row from a server's rounds: answers over all their time, percentiles over all their latencies."""
+    lat = sorted(x for p in parts for x in p["latencies_s"])
+    statuses: dict[str, int] = {}
+    for p in parts:
+        for k, v in p["statuses"].items():
+            statuses[k] = statuses.get(k, 0) + v
+    rss = [x for p in parts for x in p["rss_mb"]]
+
+    def pct(q: float) -> float | None:
+        return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else None
+
+    return {
+        "clients": parts[0]["clients"], "seconds": sum(p["seconds"] for p in parts), "statuses": statuses,
+        "answers_per_s": len(lat) / sum(p["seconds"] for p in parts), "p50_s": pct(0.5), "p99_s": pct(0.99),
+        "rss_mb": [round(min(rss), 1), round(max(rss), 1)] if rss else [],
+        "transport_failures": [f for p in parts for f in p["transport_failures"]][:5],
+    }  # fmt: skip
 
 
 def plot(results: dict, path: Path) -> None:
@@ -288,7 +336,7 @@ def plot(results: dict, path: Path) -> None:
         b = ax.bar([i + (j - 0.5) * width for i in range(len(names))], vals, width, label=mode)
         ax.bar_label(b, fmt="%.1f", fontsize=8)
     ax.set_xticks(range(len(names)), names, fontsize=8)
-    ax.set_yscale("log")
+    ax.set_yscale("log" if names else "linear")
     ax.set_ylabel("median total latency (ms, log)")
     ax.set_title("answer-only vs explain")
     ax.legend(fontsize=8)

@@ -305,4 +305,5 @@ def run_load(
         "p50_s": pct(0.50),
         "p99_s": pct(0.99),
         "rss_mb": rss,
+        "latencies_s": latencies,
     }
