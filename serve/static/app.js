@@ -73,6 +73,7 @@ async function ask(ev) {
           if (line.startsWith("event: ")) event = line.slice(7);
           else if (line.startsWith("data: ")) data += line.slice(6);
         }
+        if (!data) continue; // a keep-alive comment (": ping"), not an event
         const msg = JSON.parse(data);
         if (event === "token") {
           if (firstAt === null) firstAt = performance.now() - t0;
