@@ -428,6 +428,7 @@ def test_sampling_fields_are_honoured_on_both_endpoints(client):
         ),
         ({"messages": [*USER, {"role": "assistant", "content": "7"}]}, "last message"),
         ({"reasoning_format": "html"}, "reasoning_format"),
+        ({"presence_penalty": 0.5, "logprobs": True}, "logprobs, presence_penalty: not supported"),
     ],
 )
 def test_bad_chat_requests_get_4xx_json_never_5xx(client, extra, fragment):
@@ -558,3 +559,9 @@ def test_serve_flags_are_generated_from_the_settings(monkeypatch):
     with pytest.raises(NestlingError, match="verify"):
         settings_from_args(p.parse_args(["--verify", "0"]))
     assert "NESTLING_QUEUE_TIMEOUT_S" in p.format_help()
+
+
+def test_fields_asking_for_nothing_are_accepted(client):
+    extra = {"frequency_penalty": 0, "logprobs": False, "user": "u1", "response_format": {"type": "text"}}
+    r = client.post("/v1/chat/completions", json={"messages": USER, **extra})
+    assert r.status_code == 200 and r.json()["nestling"]["answer"] == "7"

@@ -63,7 +63,8 @@ class StreamOptions(BaseModel):
 
 
 class ChatRequest(SamplingFields):
-    # Fields this server has no use for (frequency_penalty, user, ...) are accepted and have no effect.
+    # Other fields are accepted: those without effect on the reply (user, metadata, ...) as they are, those
+    # that would change it (UNSUPPORTED) only when they ask for nothing.
     model_config = ConfigDict(extra="allow")
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
@@ -77,6 +78,20 @@ class ChatRequest(SamplingFields):
         None, description="deepseek: steps in reasoning_content, the answer in content; default: server"
     )
     verify: int | None = Field(None, ge=1, le=16, description="nestling extension: tries, see /v1/answer")
+
+
+# Fields that would change the reply but this server cannot honour: refused unless they ask for nothing.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "frequency_penalty": (0, 0.0, None), "presence_penalty": (0, 0.0, None), "logit_bias": (None, {}),
+    "logprobs": (False, None), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+}  # fmt: skip
+
+
+def refuse_unsupported(req: ChatRequest) -> None:
+    asked = [k for k, v in (req.model_extra or {}).items() if k in UNSUPPORTED and v not in UNSUPPORTED[k]]
+    if asked:
+        raise invalid(f"{', '.join(sorted(asked))}: not supported by this server; leave them out")
 
 
 def chat_question(messages: list[ChatMessage], settings: Settings) -> str:
@@ -185,6 +200,7 @@ async def chat_completions(req: ChatRequest, state: StateDep, settings: Settings
         raise invalid(f"n {req.n}: this server gives at most {settings.max_choices} choices")
     if req.n > 1 and req.stream:
         raise invalid("n > 1 with stream is not supported; ask for one choice per streamed request")
+    refuse_unsupported(req)
     question = chat_question(req.messages, settings)
     max_tokens = resolve_limits(settings, question, req.max_completion_tokens or req.max_tokens)
     verify = req.verify or settings.verify
