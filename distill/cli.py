@@ -1,40 +1,27 @@
-"""`nestling traces | train | eval | distill`: distill's subcommands. Heavy imports stay inside handlers."""
+"""`nestling traces | train | eval | distill`: what distill's commands print. The command map (flags from each
+config dataclass) is nestling/cli.py; heavy imports stay inside these functions."""
 
 from __future__ import annotations
 
-import argparse
+from typing import TYPE_CHECKING
 
-
-def register(sub: argparse._SubParsersAction) -> None:
-    _register_traces(sub)
-    _register_train(sub)
-
-
-def _register_traces(sub: argparse._SubParsersAction) -> None:
-    """Owner: traces stage (issue 2)."""
+if TYPE_CHECKING:
+    from nestling.distill.evaluate import EvalConfig
+    from nestling.distill.pipeline import DistillConfig
     from nestling.distill.traces import TracesConfig
-    from nestling.serve.config import add_config_args
-
-    p = sub.add_parser(
-        "traces",
-        help="a teacher writes k rationales per question; verified ones are kept (resumable)",
-        description="Generate, verify and filter teacher rationales into RUN/traces/. Kill it any time and "
-        "re-run the same command to continue.",
-    )
-    add_config_args(p, TracesConfig)
-    p.set_defaults(func=_cmd_traces)
+    from nestling.distill.train import TrainConfig
 
 
-def _cmd_traces(args: argparse.Namespace) -> int:
+def traces_main(cfg: TracesConfig) -> int:
+    """Run the traces stage and print its data card."""
     import json
 
     from rich.console import Console
     from rich.table import Table
 
-    from nestling.distill.traces import TracesConfig, run_traces
-    from nestling.serve.config import config_from_args
+    from nestling.distill.traces import run_traces
 
-    out = run_traces(config_from_args(TracesConfig, args))
+    out = run_traces(cfg)
     card = json.loads((out / "datacard.json").read_text())
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     table = Table(title=f"traces: {out}", show_header=False)
@@ -73,37 +60,16 @@ def _cmd_traces(args: argparse.Namespace) -> int:
     return 0
 
 
-def _register_train(sub: argparse._SubParsersAction) -> None:
-    """Owner: student stage (issue 3): `train`, `eval`, `distill`."""
-    from nestling.distill.evaluate import EvalConfig
-    from nestling.distill.pipeline import DistillConfig
-    from nestling.distill.train import TrainConfig
-    from nestling.serve.config import add_config_args
+def train_main(cfg: TrainConfig) -> int:
+    """Train one student; rank 0 prints its size, steps, loss and speed."""
+    from nestling.distill.accel import is_main_process
+    from nestling.distill.train import train
+    from nestling.serve.manifest import read_manifest
 
-    p = sub.add_parser("train", help="train one student on a run directory's verified traces")
-    add_config_args(p, TrainConfig)
-    p.set_defaults(func=_cmd_train)
-    p = sub.add_parser("eval", help="teacher, trivial baseline and students on the held-out split")
-    add_config_args(p, EvalConfig)
-    p.set_defaults(func=_cmd_eval)
-    p = sub.add_parser("distill", help="traces -> train each student -> eval, resumable; prints the table")
-    add_config_args(p, DistillConfig)
-    p.set_defaults(func=_cmd_distill)
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    import json
-
-    from nestling.distill.accel import configure_openmp, is_main_process
-    from nestling.serve.config import config_from_args
-
-    configure_openmp()  # before torch loads OpenMP
-    from nestling.distill.train import TrainConfig, train
-
-    out = train(config_from_args(TrainConfig, args))
+    out = train(cfg)
     if not is_main_process():
         return 0
-    m = json.loads((out / "manifest.json").read_text())["metrics"]
+    m = read_manifest(out)["metrics"]
     print(
         f"{out / 'model'}: {m['params'] / 1e6:.2f}M parameters, {m['steps']} steps, final loss "
         f"{m['final_loss']}, {m['train_tokens_per_s']:,.0f} train tokens/s"
@@ -111,21 +77,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from nestling.distill.evaluate import EvalConfig, evaluate
-    from nestling.serve.config import config_from_args
+def eval_main(cfg: EvalConfig) -> int:
+    from nestling.distill.evaluate import evaluate
 
-    result = evaluate(config_from_args(EvalConfig, args))
-    print(result["table"], end="")
+    print(evaluate(cfg)["table"], end="")
     return 0
 
 
-def _cmd_distill(args: argparse.Namespace) -> int:
-    from nestling.serve.config import config_from_args
+def distill_main(cfg: DistillConfig) -> int:
+    from nestling.distill.pipeline import run_distill
 
-    result = run_distill(config_from_args(DistillConfig, args))
-    print(result["table"], end="")
+    print(run_distill(cfg)["table"], end="")  # empty on ranks other than 0
     return 0
-
-
-from nestling.distill.pipeline import DistillConfig, run_distill  # noqa: E402  (re-exported for nestling.run)

@@ -1,32 +1,18 @@
-"""`nestling export STUDENT_DIR --out DIR`: export's subcommand. Heavy imports stay inside the handler."""
+"""`nestling export STUDENT_DIR --out DIR`: what the export command prints. The command map (flags from
+ExportConfig) is nestling/cli.py; torch loads inside export_student."""
 
 from __future__ import annotations
 
-import argparse
+from typing import TYPE_CHECKING
 
-from nestling.export.pipeline import ExportConfig, export_student  # light: torch loads inside export_student
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add `nestling export` to the CLI."""
-    from nestling.serve.config import add_config_args
-
-    p = sub.add_parser(
-        "export",
-        help="ONNX (fp32, int8) + GGUF (f16, Q8_0, Q4_K_M) of a student, parity-checked against PyTorch",
-        description="Export a student and check every artifact against PyTorch on held-out prompts. "
-        "Writes OUT.tmp-* and renames it to OUT when complete; fails (exit 2, nothing left) when an "
-        "unquantized artifact does not match.",
-    )
-    p.add_argument("student", metavar="STUDENT_DIR", help="student directory (save_pretrained form)")
-    add_config_args(p, ExportConfig, skip=("student",))
-    p.set_defaults(func=_cmd_export)
+if TYPE_CHECKING:
+    from nestling.export.pipeline import ExportConfig
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    from nestling.serve.config import config_from_args
+def export_main(cfg: ExportConfig) -> int:
+    """Export, then print the parity and accuracy table of every variant."""
+    from nestling.export.pipeline import export_student
 
-    cfg = config_from_args(ExportConfig, args)
     m = export_student(cfg)
     print(f"exported {cfg.student} -> {cfg.out} ({m['metrics'].get('seconds', 0)} s)")
     torch_row = m["metrics"]["pytorch"]

@@ -72,8 +72,18 @@ BUILTIN_QUESTIONS = [
 class ExportConfig:
     """`nestling export`: ONNX + GGUF artifacts of one student, parity-checked at export time."""
 
-    student: str = field(default="", metadata={"help": "student directory in save_pretrained form"})
-    out: str = field(default="", metadata={"help": "export directory to create (built as OUT.tmp-*)"})
+    student: str = field(
+        default="",
+        metadata={
+            "help": "student directory in save_pretrained form",
+            "positional": True,
+            "required": True,
+            "metavar": "STUDENT_DIR",
+        },
+    )
+    out: str = field(
+        default="", metadata={"help": "export directory to create (built as OUT.tmp-*)", "required": True}
+    )
     variants: list[str] = field(
         default_factory=lambda: list(VARIANTS), metadata={"help": f"which of {', '.join(VARIANTS)}"}
     )

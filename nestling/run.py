@@ -60,11 +60,14 @@ def _overrides(cfg: RunConfig, target: type) -> dict[str, Any]:
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Distil (traces, students, eval), export every student, then write report.{json,md,png} in cfg.out."""
+    from nestling.distill.accel import is_main_process
     from nestling.distill.pipeline import DistillConfig, run_distill
     from nestling.export.pipeline import ExportConfig, export_student
 
     run_dir = Path(cfg.out)
     distilled = run_distill(DistillConfig(out=cfg.out, **_overrides(cfg, DistillConfig)))
+    if not is_main_process():  # under a launcher every rank trains; rank 0 alone exports and reports
+        return {}
     questions = _heldout_questions(run_dir, cfg.latency_questions)
     for name, student_dir in distilled["students"].items():
         out = run_dir / "exports" / name

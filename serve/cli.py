@@ -1,4 +1,5 @@
-"""`nestling serve | ask`: the runtime's subcommands (torch-free).
+"""`nestling serve | ask`: what the runtime's commands do and print (torch-free; the command map, with flags
+from AskConfig and Settings, is nestling/cli.py).
 
     nestling ask runs/default/exports/tiny "What is 7 + 5?"            # steps, answer, one latency line
     nestling ask runs/default/exports/tiny "What is 7 + 5?" --no-explain
@@ -12,7 +13,6 @@ Engine libraries, fastapi and uvicorn load inside the handlers, so `nestling --h
 
 from __future__ import annotations
 
-import argparse
 import json
 import socket
 import sys
@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nestling.serve.config import add_config_args, check, config_from_args
+from nestling.serve.config import check
 from nestling.serve.errors import NestlingError
 from nestling.serve.sampling import SamplingParams
-from nestling.serve.settings import add_settings_args, settings_from_args
 
 if TYPE_CHECKING:
     from nestling.serve.runtime import Answer
+    from nestling.serve.settings import Settings
 
 ENGINE_CHOICES = ["auto", "gguf", "onnx"]
 MARKS = {True: "\u2713", False: "\u2717", None: "\u00b7"}
@@ -36,6 +36,17 @@ VERIFIED = {True: "checked steps hold", False: "a checked step is wrong", None: 
 
 @dataclass
 class AskConfig:
+    dir: str = field(
+        default="",
+        metadata={
+            "help": "export directory (runs/NAME/exports/STUDENT)",
+            "positional": True,
+            "required": True,
+        },
+    )
+    question: str | None = field(
+        default=None, metadata={"help": "the question, quoted (or --file)", "positional": True}
+    )
     explain: bool = field(default=True, metadata={"help": "steps then the answer; --no-explain: answer only"})
     max_tokens: int = field(default=256, metadata={"help": "generation budget in tokens"})
     engine: str = field(default="auto", metadata={"help": "auto | gguf | onnx", "choices": ENGINE_CHOICES})
@@ -58,25 +69,8 @@ class AskConfig:
         check(self.max_tokens >= 1, f"--max-tokens {self.max_tokens}: must be >= 1, e.g. 256")
         check(self.threads >= 1, f"--threads {self.threads}: must be >= 1")
         check(self.pool >= 0, f"--pool {self.pool}: must be >= 0")
+        check((self.question is None) != (self.file is None), "ask: give a QUESTION or --file FILE, not both")
         self.sampling = SamplingParams(self.temperature, self.top_p, self.top_k, self.seed)
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    ask = sub.add_parser("ask", help="answer one question with an exported reasoner: steps, answer, latency")
-    ask.add_argument("dir", help="export directory (runs/NAME/exports/STUDENT)")
-    ask.add_argument("question", nargs="?", default=None, help="the question, quoted (or --file)")
-    add_config_args(ask, AskConfig)
-    ask.set_defaults(func=_cmd_ask)
-
-    srv = sub.add_parser(
-        "serve",
-        help="serve an exported reasoner over HTTP (answer, OpenAI-compatible chat, metrics, a page)",
-        description="Every flag is also an environment variable (--max-queue: NESTLING_MAX_QUEUE); a flag "
-        "wins. Pass the API key as NESTLING_API_KEY rather than --api-key (flags show in `ps`).",
-    )
-    srv.add_argument("dir", nargs="?", default=None, help="export directory (default: NESTLING_MODEL_DIR)")
-    add_settings_args(srv, skip=("model_dir",))
-    srv.set_defaults(func=_cmd_serve)
 
 
 def format_answer(a: Answer) -> str:
@@ -115,17 +109,16 @@ def read_questions(path: str) -> list[str]:
     return out
 
 
-def _cmd_ask(args: argparse.Namespace) -> int:
+def ask_main(cfg: AskConfig) -> int:
+    """Answer one question (steps with marks, answer, latency) or a file of them (JSONL on stdout)."""
     from nestling.serve.runtime import Reasoner
 
-    cfg = config_from_args(AskConfig, args)
-    check((args.question is None) != (cfg.file is None), "ask: give a QUESTION or --file FILE, not both")
-    questions = read_questions(cfg.file) if cfg.file else [args.question]
+    questions = read_questions(cfg.file) if cfg.file else [cfg.question]
     kw = {"explain": cfg.explain, "max_tokens": cfg.max_tokens, "sampling": cfg.sampling, "stop": cfg.stop}
     pool = cfg.pool if cfg.file else 1
-    with Reasoner.load(args.dir, cfg.engine, cfg.variant, n_threads=cfg.threads, pool=pool) as r:
+    with Reasoner.load(cfg.dir, cfg.engine, cfg.variant, n_threads=cfg.threads, pool=pool) as r:
         if not cfg.file:
-            print(format_answer(r.ask(args.question, verify=cfg.verify, **kw)))
+            print(format_answer(r.ask(cfg.question, verify=cfg.verify, **kw)))
             return 0
         t0 = time.perf_counter()
         answers = r.ask_many(questions, verify=cfg.verify, **kw)
@@ -137,11 +130,11 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+def serve_main(s: Settings) -> int:
+    """Check the export and the port, then serve until Ctrl-C."""
     from nestling.serve.manifest import read_manifest
     from nestling.serve.runtime import Reasoner
 
-    s = settings_from_args(args, model_dir=args.dir)
     check(bool(s.model_dir), "no export directory: pass DIR or set NESTLING_MODEL_DIR")
     # Cheap checks before the port opens; hashing and loading happen in the background at startup.
     Reasoner.pick_variant(read_manifest(s.model_dir, stage="export"), s.engine, s.variant)

@@ -53,33 +53,54 @@ def _help(f: dataclasses.Field, default: Any) -> str:
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One ``--flag`` per dataclass field, typed, defaulting to the field's default, help from metadata."""
+    """One ``--flag`` per dataclass field (a ``positional`` field is an argument instead), typed,
+    defaulting to the field's default, help from its metadata."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
             continue
-        tp, _ = _unwrap_optional(hints[f.name])
-        default = (
-            f.default
-            if f.default is not dataclasses.MISSING
-            else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-            )
-        )
-        kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": _help(f, default)}
-        if f.metadata.get("required"):
-            kwargs.update(required=True, default=None)
-        if tp is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(tp) in (list, tuple):
-            (inner, *_) = typing.get_args(tp) or (str,)
-            kwargs.update(nargs="+", type=inner)
+        if f.metadata.get("positional"):
+            _add_positional(parser, f)
         else:
-            kwargs["type"] = tp if tp in (int, float, str) else str
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        group.add_argument(_flag(f.name), **kwargs)
+            group.add_argument(_flag(f.name), **_flag_kwargs(f, hints[f.name]))
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _add_positional(parser: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    required = f.metadata.get("required", False)
+    parser.add_argument(
+        f.name,
+        metavar=f.metadata.get("metavar", f.name.upper()),
+        nargs=None if required else "?",
+        default=None if required else _default(f),
+        help=f.metadata.get("help", ""),
+    )
+
+
+def _flag_kwargs(f: dataclasses.Field, hint: Any) -> dict[str, Any]:
+    tp, _ = _unwrap_optional(hint)
+    default = _default(f)
+    kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": _help(f, default)}
+    if f.metadata.get("required"):
+        kwargs.update(required=True, default=None)
+    if tp is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(tp) in (list, tuple):
+        (inner, *_) = typing.get_args(tp) or (str,)
+        kwargs.update(nargs="+", type=inner)
+    else:
+        kwargs["type"] = tp if tp in (int, float, str) else str
+    if "choices" in f.metadata:
+        kwargs["choices"] = f.metadata["choices"]
+    return kwargs
 
 
 def config_from_args(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> T:

@@ -125,8 +125,8 @@ def add_settings_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         if name in skip:
             continue
         tp, choices = _arg_type(f.annotation)
-        default = "none" if f.default is None else f.default
-        help_ = f"{f.description} (NESTLING_{name.upper()}; default {default})"
+        said = f.default is None or "default" in (f.description or "")  # the text already says it
+        help_ = f"{f.description} (NESTLING_{name.upper()}{'' if said else f'; default {f.default}'})"
         kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_}
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
