@@ -4,11 +4,12 @@
     python3 benchmarks/bench_int8.py --student runs/x/students/smollm2/model --prompts 32
 
 Recipes (export.onnx.quantize_onnx_int8): dynamic per-channel MatMul quantization (today's default), the same
-with sensitive MatMuls kept fp32 (the output head, the MLP down projections), and static QDQ quantization
+with sensitive MatMuls kept fp32 (the output head, the MLP down projections), static QDQ quantization
 calibrated on prefills of other questions with their greedy continuations (MinMax ranges, per-channel
-weights), with and without the head in fp32. Each is compared with the PyTorch student by export.parity on
---prompts held-out questions: greedy match, teacher-forced top-1 agreement, max |dlogit|, decode tokens/s
-(1 thread), bytes. Writes families_int8.json (+ .png) to --out.
+weights), and weight-only int8 (MatMulNBits, blocks of 32) computed in fp32 or in int8 per block. Each is
+compared with the PyTorch student by export.parity on --prompts held-out questions: greedy match,
+teacher-forced top-1 agreement, max |dlogit|, decode tokens/s (1 thread), bytes. Writes families_int8.json
+(+ .png) to --out.
 """
 
 from __future__ import annotations
@@ -26,10 +27,12 @@ from nestling.serve.manifest import atomic_write_json  # noqa: E402
 
 RECIPES: dict[str, dict] = {
     "dynamic": {},
-    "dynamic, head fp32": {"keep_fp32": ("lm_head",)},
-    "dynamic, head + down_proj fp32": {"keep_fp32": ("lm_head", "down_proj")},
-    "static QDQ": {"static": True},
-    "static QDQ, head fp32": {"static": True, "keep_fp32": ("lm_head",)},
+    "dynamic head-fp32": {"keep_fp32": ("lm_head",)},
+    "dynamic head+down_proj-fp32": {"keep_fp32": ("lm_head", "down_proj")},
+    "static-qdq": {"static": True},
+    "static-qdq head-fp32": {"static": True, "keep_fp32": ("lm_head",)},
+    "weight-only fp32-compute": {"weight_only": 0},
+    "weight-only int8-compute": {"weight_only": 4},
 }
 
 
@@ -103,9 +106,10 @@ def main(argv: list[str] | None = None) -> dict:
         t = time.perf_counter()
         path = quantize_onnx_int8(
             fp32,
-            work / name.replace(" ", "_").replace(",", ""),
+            work / name.replace(" ", "_"),
             keep_fp32=recipe.get("keep_fp32", ()),
             calibration=calibration if recipe.get("static") else None,
+            weight_only=recipe.get("weight_only"),
         )
         candidates[name] = (path, time.perf_counter() - t)
     for name, (path, seconds) in candidates.items():

@@ -104,17 +104,43 @@ class _Calibration:
         return next(self._it, None)
 
 
+def _weight_only_int8(src: Path, dst: Path, exclude: list[str], level: int, external: bool) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=32, is_symmetric=True, accuracy_level=level or None, bits=8
+    )
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), nodes_to_exclude=exclude, algo_config=config)
+    # It logs every node at INFO through its own handler.
+    chatty = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = chatty.level
+    chatty.setLevel(logging.WARNING)
+    try:
+        quantizer.process()
+    finally:
+        chatty.setLevel(level)
+    quantizer.model.save_model_to_file(str(dst), external)
+
+
 def quantize_onnx_int8(
     fp32_dir: str | Path,
     out_dir: str | Path,
     keep_fp32: tuple[str, ...] = (),
     calibration: list[list[int]] | None = None,
+    weight_only: int | None = None,
 ) -> Path:
-    """int8 MatMul weights (per output channel) of an fp32 export.
+    """int8 MatMul weights of an fp32 export.
 
-    Without `calibration`: dynamic quantization (activation ranges measured per call at run time). With
-    token sequences: static QDQ quantization, activation ranges fixed from those prefills (MinMax).
-    `keep_fp32`: MatMul nodes whose name contains one of these stay fp32 (the sensitive ones).
+    Default: dynamic quantization, weights per output channel, activations per tensor with ranges measured
+    per call. With token sequences as `calibration`: static QDQ, activation ranges fixed from those
+    prefills (MinMax). `weight_only=L`: MatMulNBits, 8-bit weights in blocks of 32 along the input,
+    computed at onnxruntime accuracy level L (0: fp32 activations, 4: int8 activations per block).
+    `keep_fp32`: MatMul nodes whose name contains one of these stay fp32 (the sensitive ones). A tied
+    output head multiplies by a transposed embedding, not a constant: no recipe quantizes it.
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
@@ -133,7 +159,11 @@ def quantize_onnx_int8(
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer logs every skipped tensor on the root logger
     try:
-        if calibration:
+        if weight_only is not None:
+            _weight_only_int8(
+                model, out / "model.onnx", common["nodes_to_exclude"], weight_only, has_external
+            )
+        elif calibration:
             quantize_static(
                 str(model),
                 str(out / "model.onnx"),

@@ -85,3 +85,19 @@ def test_int8_recipes_keep_named_matmuls_fp32_and_static_calibration_writes_qdq(
         assert len(list(e.stream(calibration[0], 8, stop_at_eos=False))) == 8  # it runs
     finally:
         e.close()
+
+
+def test_weight_only_int8_keeps_fp32_activations_close(tiny_export_dir, tmp_path):
+    import numpy as np
+    import onnx
+
+    from nestling.export.onnx import quantize_onnx_int8
+    from nestling.serve.engines import load_engine
+
+    fp32 = tiny_export_dir / "onnx" / "fp32"
+    wo = quantize_onnx_int8(fp32, tmp_path / "wo", weight_only=0)
+    assert "MatMulNBits" in {n.op_type for n in onnx.load(str(wo / "model.onnx")).graph.node}
+    assert (wo / "model.onnx").stat().st_size < (fp32 / "model.onnx").stat().st_size / 2
+    a, b = load_engine(fp32, kind="onnx"), load_engine(wo, kind="onnx")
+    ids = a.tokenize(student_prompt("What is 6 + 1?"))
+    assert np.abs(a.logits(ids) - b.logits(ids)).max() < 0.5
