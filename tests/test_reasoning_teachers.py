@@ -250,7 +250,8 @@ def test_a_think_teacher_through_the_traces_stage(tmp_path, monkeypatch):
         "nestling.distill.traces.load_teacher", lambda spec, n_threads=None, **kw: ThinkTeacher()
     )
     out = run_traces(
-        TracesConfig(task=EASY, n=10, heldout=2, samples=2, out=str(tmp_path / "r")), progress=False
+        TracesConfig(task=EASY, teacher="hf:think", n=10, heldout=2, samples=2, out=str(tmp_path / "r")),
+        progress=False,
     )
     card = json.loads((out / "datacard.json").read_text())
     assert card["chains"]["think"] == 16 and card["kept"] == 8
@@ -273,7 +274,7 @@ def test_reasoning_teacher_end_to_end_traces_train_export_serve(tmp_path, monkey
         monkeypatch.setattr(
             "nestling.distill.traces.load_teacher", lambda spec, n_threads=None, **kw: ThinkTeacher()
         )
-        out = run_traces(TracesConfig(**base), progress=False)
+        out = run_traces(TracesConfig(teacher="hf:think", **base), progress=False)
     else:
         with StandIn(source) as srv:
             out = run_traces(TracesConfig(teacher=f"openai:m@{srv.url}", **base), progress=False)
