@@ -67,6 +67,17 @@ def export_onnx_fp32(model_dir: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
+# Named int8 recipes for `nestling export --onnx-int8` (arguments of quantize_onnx_int8);
+# benchmarks/bench_int8.py
+# compares them, static QDQ included, on SmolLM2-135M.
+INT8_RECIPES: dict[str, dict] = {
+    "dynamic": {},
+    "dynamic-fp32-down": {"keep_fp32": ("down_proj",)},
+    "weight-only": {"weight_only": 0},
+    "weight-only-int8": {"weight_only": 4},
+}
+
+
 def matmul_nodes(model_path: Path, keep_fp32: tuple[str, ...]) -> list[str]:
     """Names of the MatMul nodes whose name contains any of `keep_fp32` (e.g. "lm_head", "down_proj")."""
     import onnx

@@ -114,6 +114,10 @@ class ExportConfig:
     gguf_pre: str | None = field(
         default=None, metadata={"help": "override llama.cpp's tokenizer.ggml.pre (default: detected)"}
     )
+    onnx_int8: str = field(
+        default="dynamic",
+        metadata={"help": "int8 ONNX recipe: dynamic, dynamic-fp32-down, weight-only, weight-only-int8"},
+    )
     force: bool = field(default=False, metadata={"help": "re-export even when OUT is complete and fresh"})
 
     def __post_init__(self) -> None:
@@ -129,6 +133,12 @@ class ExportConfig:
         check(0.0 <= self.tolerance <= 1.0, f"--tolerance {self.tolerance}: must be in [0, 1], e.g. 0.02")
         check(
             Path(self.student).resolve() != Path(self.out).resolve(), "--out must differ from the student dir"
+        )
+        from nestling.export.onnx import INT8_RECIPES
+
+        check(
+            self.onnx_int8 in INT8_RECIPES,
+            f"--onnx-int8 {self.onnx_int8!r}: use one of {', '.join(INT8_RECIPES)}",
         )
 
 
@@ -234,13 +244,13 @@ def make_scorer(prompts: list[Prompt], task_spec: str | None) -> Scorer:
 
 def _build(name: str, cfg: ExportConfig, student: Path, root: Path) -> Path:
     from nestling.export.gguf import quantize_gguf, write_gguf
-    from nestling.export.onnx import export_onnx_fp32, quantize_onnx_int8
+    from nestling.export.onnx import INT8_RECIPES, export_onnx_fp32, quantize_onnx_int8
 
     dst = root / VARIANTS[name]["path"]
     if name == "onnx-fp32":
         return export_onnx_fp32(student, dst)
     if name == "onnx-int8":
-        return quantize_onnx_int8(root / VARIANTS["onnx-fp32"]["path"], dst)
+        return quantize_onnx_int8(root / VARIANTS["onnx-fp32"]["path"], dst, **INT8_RECIPES[cfg.onnx_int8])
     if name == "gguf-f16":
         return write_gguf(student, dst, dtype="f16", pre=cfg.gguf_pre)
     return quantize_gguf(root / VARIANTS["gguf-f16"]["path"], dst, name.removeprefix("gguf-"), cfg.threads)
