@@ -96,6 +96,10 @@ def time_export(export_dir: Path, held: list[dict], scorer, threads: int) -> dic
     return out
 
 
+def q8_bytes(export_dir: Path) -> int:
+    return json.loads((export_dir / "manifest.json").read_text())["variants"]["gguf-q8_0"]["bytes"]
+
+
 def export_q8(run: Path, name: str, threads: int) -> Path:
     from nestling.export.pipeline import ExportConfig, export_student
 
@@ -180,11 +184,10 @@ def main() -> None:
         manifest = json.loads((run / "students" / name / "manifest.json").read_text())
         exp = export_q8(run, name, 1)
         gguf = time_export(exp, timed, scorer, 1)
-        q8_file = next(exp.glob("*q8_0*.gguf"), None)
         row = {
             "params": s["params"],
             "param_ratio": round(s["params"] / teacher["params"], 4),
-            "q8_0_bytes": q8_file.stat().st_size if q8_file else None,
+            "q8_0_bytes": q8_bytes(exp),
             "pytorch": {mode: acc_of(s[mode], len(held)) for mode in ("explain", "answer")},
             "gguf_q8_0": gguf,
             "speedup_vs_teacher": {m: round(t_lat / gguf[m]["mean_s"], 2) for m in ("answer", "explain")},
@@ -234,7 +237,10 @@ def plot(res: dict, path: Path) -> None:
         xytext=(4, 4),
         textcoords="offset points",
     )
-    for name, row in res["students"].items():
+    lo, hi = (100 * v for v in t["heldout"]["ci95"])
+    ta = 100 * t["heldout"]["accuracy"]
+    ax.errorbar([tl], [ta], yerr=[[ta - lo], [hi - ta]], fmt="none", ecolor="black", alpha=0.4)
+    for i, (name, row) in enumerate(res["students"].items()):
         for mode, color in (("answer", "tab:blue"), ("explain", "tab:orange")):
             x = row["gguf_q8_0"][mode]["mean_s"]
             y = 100 * row["pytorch"][mode]["accuracy"]
@@ -245,7 +251,7 @@ def plot(res: dict, path: Path) -> None:
                 f"{name} ({mode}, {row['param_ratio']:.2f}x)",
                 (x, y),
                 fontsize=6,
-                xytext=(4, -8),
+                xytext=(4, -8 - 7 * (i % 2)),
                 textcoords="offset points",
             )
     ax.set_xscale("log")
