@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from nestling.serve.config import check
 from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import is_fresh, write_manifest
+from nestling.serve.manifest import is_fresh, read_jsonl, read_manifest, write_manifest
 from nestling.serve.prompting import answer_target, explain_target, student_prompt
 
 if TYPE_CHECKING:
@@ -477,15 +477,10 @@ def _source_inputs(run: Path, source: str) -> dict[str, Any]:
 
 
 def _publish(model: Any, tok: Any, out: Path, **manifest: Any) -> Path:
-    """Save to out/model through a temp directory, then write the manifest (never half-written)."""
-    from nestling.distill.students import save_student
+    """out/model replaced whole (checkpoint.save_model_dir), then its manifest: never half-written."""
+    from nestling.distill.checkpoint import save_model_dir
 
-    tmp = out / f".tmp-model-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.config.use_cache = True
-    save_student(model.eval(), tok, tmp)
-    shutil.rmtree(out / "model", ignore_errors=True)
-    os.replace(tmp, out / "model")
+    save_model_dir(out / "model", model, tok)
     write_manifest(out, stage="compress", files=["model"], **manifest)
     return out / "model"
 
@@ -499,108 +494,142 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def compress(cfg: CompressConfig) -> Path:
     """trim -> prune -> recover; returns RUN/students/<name>. Re-running with the same inputs skips."""
-    import torch
-
-    from nestling.distill.evaluate import traces_config
-    from nestling.distill.students import count_params, load_student, save_student
-    from nestling.distill.tasks import Example
-    from nestling.distill.train import TrainConfig, read_jsonl, train, training_rows
+    from nestling.distill.accel import set_threads
+    from nestling.distill.students import count_params, load_student
 
     run = Path(cfg.run)
-    src = run / "students" / cfg.source / "model"
     out = run / "students" / str(cfg.name)
     inputs = _source_inputs(run, cfg.source)
     if is_fresh(out, "compress", cfg.recipe(), inputs):
         log.info("%s is up to date; skipping", out)
         return out
-    if not torch.cuda.is_available():
-        torch.set_num_threads(cfg.threads or max(1, min(2, os.cpu_count() or 1)))
-    model, tok = load_student(src)
+    set_threads(cfg.threads)
+    model, tok = load_student(run / "students" / cfg.source / "model")
     teacher_params = count_params(model)
-    questions = read_jsonl(run / "traces" / "questions.jsonl")
-    rows = training_rows(run)
-    task = str(traces_config(run).get("task") or questions[0]["task"])
-    drawn = draw_fresh(task, questions, cfg.fresh + cfg.vocab_questions, cfg.seed)
-    train_qs = [Example.from_row(r) for r in questions if r.get("split") == "train"]
+    data = _Data.load(run, cfg)
+    model, tok, trim_dir, kept = _trim(model, tok, run, cfg, data, inputs)
+    rec_run = _recovery_run(model, tok, run, cfg, data)
+    model, layers, scores = _prune(model, tok, cfg, data.rows, rec_run / "init")
+    params = count_params(model)
+    log.info("compact %s: layers %s, %.2fM parameters (%.2fx)", cfg.name, layers, params / 1e6,
+             params / teacher_params)  # fmt: skip
+    metrics: dict[str, Any] = {}
+    if cfg.recover_steps:
+        model, tok, metrics = _recover(rec_run, trim_dir, cfg)
+    metrics = {
+        "params": params,
+        "teacher_params": teacher_params,
+        "param_ratio": round(params / teacher_params, 4),
+        "vocab": len(kept),
+        "layers_kept": layers,
+        "layer_importance": [round(s, 5) for s in scores],
+        "fresh_questions": len(data.drawn[: cfg.fresh]),
+        "fresh_rows": data.fresh_rows,
+        "fresh_filters": data.fresh_filters,
+        "train_rows": len(data.rows),
+        "recovery": metrics,
+    }
+    return _publish(model, tok, out, config=cfg.recipe(), inputs=inputs, metrics=metrics).parent
 
-    # -- trim: lossless on task text, so the trimmed source is the compact student's KD teacher ----------
-    model, tok, kept = trim_vocab(model, tok, task_texts(rows, train_qs + drawn))
-    trim_out = run / "students" / f"{cfg.source}-trim"
+
+@dataclass
+class _Data:
+    """What the stages read from the run: questions, verified rows, the task, and fresh questions."""
+
+    questions: list[dict]
+    rows: list[dict]
+    task: str
+    drawn: list[Any]
+    train_qs: list[Any]
+    fresh_rows: int = 0
+    fresh_filters: Any = None
+
+    @classmethod
+    def load(cls, run: Path, cfg: CompressConfig) -> _Data:
+        from nestling.distill.evaluate import traces_config
+        from nestling.distill.tasks import Example
+        from nestling.distill.train import training_rows
+
+        questions = read_jsonl(run / "traces" / "questions.jsonl")
+        task = str(traces_config(run).get("task") or questions[0]["task"])
+        return cls(
+            questions=questions,
+            rows=training_rows(run),
+            task=task,
+            drawn=draw_fresh(task, questions, cfg.fresh + cfg.vocab_questions, cfg.seed),
+            train_qs=[Example.from_row(r) for r in questions if r.get("split") == "train"],
+        )
+
+
+def _trim(
+    model: Any, tok: Any, run: Path, cfg: CompressConfig, data: _Data, inputs: dict[str, Any]
+) -> tuple[Any, Any, Path, list[int]]:
+    """Lossless on task text, so the trimmed source is the compact student's KD teacher."""
+    from nestling.distill.students import count_params
+
+    model, tok, kept = trim_vocab(model, tok, task_texts(data.rows, data.train_qs + data.drawn))
     trim_dir = _publish(
         model,
         tok,
-        trim_out,
+        run / "students" / f"{cfg.source}-trim",
         config={"source": cfg.source, "vocab_questions": cfg.vocab_questions},
         inputs=inputs,
         metrics={"params": count_params(model), "vocab": len(kept)},
     )
+    return model, tok, trim_dir, kept
 
-    # -- fresh verified rows for the recovery run (KD targets on questions the run never drew) -----------
-    fresh, fresh_stats = fresh_rows(model, tok, drawn[: cfg.fresh], cfg.progress)
+
+def _recovery_run(model: Any, tok: Any, run: Path, cfg: CompressConfig, data: _Data) -> Path:
+    """RUN/compress/<name>: the run's questions and verified rows plus fresh verified rows (KD targets on
+    questions the run never drew)."""
+    fresh, stats = fresh_rows(model, tok, data.drawn[: cfg.fresh], cfg.progress)
+    data.fresh_rows, data.fresh_filters = len(fresh), stats.get("filters")
     rec_run = run / "compress" / str(cfg.name)
     shutil.copyfile(run / "traces" / "questions.jsonl", _mkparent(rec_run / "traces" / "questions.jsonl"))
     _write_jsonl(rec_run / "traces" / "kept.jsonl", read_jsonl(run / "traces" / "kept.jsonl") + fresh)
+    return rec_run
 
-    # -- prune by measured importance --------------------------------------------------------------------
+
+def _prune(
+    model: Any, tok: Any, cfg: CompressConfig, rows: list[dict], init_dir: Path
+) -> tuple[Any, list[int], list[float]]:
+    """Depth (and optionally width) by measured importance; the pruned model is saved as recovery's init."""
+    from nestling.distill.students import save_student
+
     calib = task_texts(rows, [])[:: max(1, 2 * len(rows) // cfg.calib)][: cfg.calib]
     scores = layer_importance(model, tok, calib)
     layers = select_layers(scores, cfg.keep_layers)
     model = keep_layers(model, layers)
     if cfg.intermediate_size:
         model = prune_mlp(model, tok, calib, cfg.intermediate_size)
-    init_dir = rec_run / "init"
     shutil.rmtree(init_dir, ignore_errors=True)
     save_student(model, tok, init_dir)
-    params = count_params(model)
-    log.info(
-        "compact %s: layers %s, %.2fM parameters (%.2fx)",
-        cfg.name,
-        layers,
-        params / 1e6,
-        params / teacher_params,
-    )
+    return model, layers, scores
 
-    # -- recover: logit KD from the trimmed source + CE on verified rows (distill.train) -----------------
-    metrics: dict[str, Any] = {}
-    if cfg.recover_steps:
-        tcfg = TrainConfig(
-            run=str(rec_run),
-            student=f"{cfg.name}=hf:{init_dir.resolve()}",
-            steps=cfg.recover_steps,
-            lr=cfg.lr,
-            batch_size=cfg.batch_size,
-            warmup=min(30, cfg.recover_steps // 10),
-            kd_alpha=cfg.kd_alpha,
-            kd_teacher=f"hf:{trim_dir.resolve()}",
-            kd_temperature=cfg.kd_temperature,
-            seed=cfg.seed,
-            threads=cfg.threads,
-            progress=cfg.progress,
-        )
-        trained = train(tcfg)
-        metrics = json.loads((trained / "manifest.json").read_text()).get("metrics", {})
-        model, tok = load_student(trained / "model")
-    result = _publish(
-        model,
-        tok,
-        out,
-        config=cfg.recipe(),
-        inputs=inputs,
-        metrics={
-            "params": params,
-            "teacher_params": teacher_params,
-            "param_ratio": round(params / teacher_params, 4),
-            "vocab": len(kept),
-            "layers_kept": layers,
-            "layer_importance": [round(s, 5) for s in scores],
-            "fresh_questions": len(drawn[: cfg.fresh]),
-            "fresh_rows": len(fresh),
-            "fresh_filters": fresh_stats.get("filters"),
-            "train_rows": len(rows),
-            "recovery": metrics,
-        },
+
+def _recover(rec_run: Path, trim_dir: Path, cfg: CompressConfig) -> tuple[Any, Any, dict[str, Any]]:
+    """Logit KD from the trimmed source plus CE on the verified rows, through distill.train."""
+    from nestling.distill.students import load_student
+    from nestling.distill.train import TrainConfig, train
+
+    tcfg = TrainConfig(
+        run=str(rec_run),
+        student=f"{cfg.name}=hf:{(rec_run / 'init').resolve()}",
+        steps=cfg.recover_steps,
+        lr=cfg.lr,
+        batch_size=cfg.batch_size,
+        warmup=min(30, cfg.recover_steps // 10),
+        kd_alpha=cfg.kd_alpha,
+        kd_teacher=f"hf:{trim_dir.resolve()}",
+        kd_temperature=cfg.kd_temperature,
+        seed=cfg.seed,
+        threads=cfg.threads,
+        progress=cfg.progress,
     )
-    return result.parent
+    trained = train(tcfg)
+    metrics = read_manifest(trained).get("metrics", {})
+    model, tok = load_student(trained / "model")
+    return model, tok, metrics
 
 
 def _mkparent(path: Path) -> Path:
