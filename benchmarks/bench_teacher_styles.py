@@ -1,17 +1,17 @@
 """Long chain vs short rationale: the same verified traces, one student trained on each style.
 
-    OMP_NUM_THREADS=1 python3 benchmarks/bench_teacher_styles.py                 # tiny, 300 steps
-    OMP_NUM_THREADS=1 python3 benchmarks/bench_teacher_styles.py --steps 600 --n 400
+    OMP_NUM_THREADS=1 python3 benchmarks/bench_teacher_styles.py                 # tiny, 300 steps, 1 digit
+    OMP_NUM_THREADS=1 python3 benchmarks/bench_teacher_styles.py --digits 2 --steps 600 --n 400
 
 The question (issue 9, "long to short"): does a small student learn more from the steps of a long chain that
 carry checkable claims plus the conclusion ("short") than from the whole chain ("full")? Li et al. 2025
 ("Small Models Struggle to Learn from Strong Reasoners") found so for students of a few hundred million
-parameters. Here the teacher is scripted and local, an R1-style writer of ``<think>`` chains for two-digit
-sums: tens, ones, recombination and a re-check between sentences of filler. It stands in for a reasoning
-model this CPU cannot run; what it measures is the effect of the style on a tiny student at equal optimizer
-steps, not a real teacher's quality. One traces run; the kept rows are re-filtered into the short style (no
-teacher call); a student per style, same seed, steps, batch and max length; held-out accuracy with 95%
-Wilson intervals. Writes benchmarks/results/teacher_styles.json.
+parameters. Here the teacher is scripted and local, an R1-style writer of ``<think>`` chains for sums of
+one-digit (default) or two-digit numbers (tens, ones, recombination), a re-check and filler sentences. It
+stands in for a reasoning model this CPU cannot run; what it measures is the effect of the style on a tiny
+student at equal optimizer steps, not a real teacher's quality. One traces run; the kept rows are re-filtered
+into the short style (no teacher call); a student per style, same seed, steps, batch and max length;
+held-out accuracy with 95% Wilson intervals. Writes benchmarks/results/teacher_styles_{1,2}digit.json.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
 TASK = (
-    "rg:basic_arithmetic?min_terms=2&max_terms=2&min_digits=2&max_digits=2&operators=+"
+    "rg:basic_arithmetic?min_terms=2&max_terms=2&min_digits={d}&max_digits={d}&operators=+"
     "&allow_parentheses=false&allow_negation=false"
 )
 FILLER = [
@@ -47,6 +47,16 @@ FILLER = [
 def verbose_chain(a: int, b: int, rng: random.Random) -> str:
     t, o = (a // 10 + b // 10) * 10, a % 10 + b % 10
     f = rng.sample(FILLER, 4)
+    if a < 10 and b < 10:  # one digit: no tens to split, the same shape around one sum and its re-check
+        return "\n".join(
+            [
+                f"Okay, so the question asks for the sum of {a} and {b}. {f[0]}",
+                f"The two numbers are {a} and {b}. {f[1]}",
+                f"Adding them, {a} + {b} = {a + b}.",
+                f"{f[2]} Wait, let me double-check in the other order: {b} + {a} = {a + b}. Yes. {f[3]}",
+                f"So the total is {a + b}.",
+            ]
+        )
     return "\n".join(
         [
             f"Okay, so the question asks for the sum of {a} and {b}. {f[0]}",
@@ -77,6 +87,7 @@ def verbose_teacher():
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--digits", type=int, default=1, choices=[1, 2], help="digits per operand")
     p.add_argument("--n", type=int, default=300, help="questions (train + held-out)")
     p.add_argument("--heldout", type=int, default=60)
     p.add_argument("--student", default="tiny")
@@ -84,9 +95,11 @@ def main() -> None:
     p.add_argument(
         "--max-new-tokens", type=int, default=320, help="explain-mode budget at eval (full chains)"
     )
-    p.add_argument("--work", default="/tmp/nestling-bench-styles")
+    p.add_argument("--work", default="/tmp/nestling-bench-styles-{digits}")
     p.add_argument("--fresh", action="store_true", help="delete --work first")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "teacher_styles.json"))
+    p.add_argument(
+        "--out", default=str(ROOT / "benchmarks" / "results" / "teacher_styles_{digits}digit.json")
+    )
     a = p.parse_args()
 
     import nestling.distill.traces as traces
@@ -96,10 +109,11 @@ def main() -> None:
     traces.load_teacher = lambda spec, n_threads=None, **kw: verbose_teacher()
     # Every stage resumes (traces skip, training continues from its last checkpoint): re-running the same
     # command after an interruption picks up where it stopped. --fresh starts over.
-    work = Path(a.work)
+    work = Path(a.work.format(digits=a.digits))
     if a.fresh:
         shutil.rmtree(work, ignore_errors=True)
-    base = dict(task=TASK, n=a.n, heldout=a.heldout, samples=2, out=str(work / "full"))
+    task = TASK.format(d=a.digits)
+    base = dict(task=task, n=a.n, heldout=a.heldout, samples=2, out=str(work / "full"))
     traces.run_traces(traces.TracesConfig(**base), progress=False)
     if not (work / "short" / "traces").is_dir():
         shutil.copytree(work / "full" / "traces", work / "short" / "traces")
@@ -139,14 +153,15 @@ def main() -> None:
         "question": "held-out accuracy of one student trained on full chains vs on their short form",
         "teacher": "scripted R1-style <think> chains (tens, ones, recombination, re-check, filler), "
         "not a real model",
-        "task": TASK,
+        "task": task,
         "student": a.student,
         "steps": a.steps,
         "command": "OMP_NUM_THREADS=1 python3 benchmarks/bench_teacher_styles.py " + " ".join(sys.argv[1:]),
         "results": results,
     }
-    Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    out = Path(a.out.format(digits=a.digits))
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
