@@ -23,7 +23,7 @@ def test_onnx_checker_passes_and_graph_has_kv_cache(tiny_export_dir: Path, varia
     assert {"input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.1.value"} <= inputs
     assert {"logits", "present.0.key", "present.1.value"} <= outputs
     ops = {n.op_type for n in model.graph.node}
-    assert ("MatMulInteger" in ops or "DynamicQuantizeLinear" in ops) == (variant == "int8")
+    assert bool({"MatMulInteger", "DynamicQuantizeLinear", "MatMulNBits"} & ops) == (variant == "int8")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
