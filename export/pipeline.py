@@ -11,7 +11,6 @@ skipped.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -37,6 +36,7 @@ from nestling.serve.manifest import (
     describe_files,
     fingerprint,
     is_fresh,
+    read_json,
     read_jsonl,
     read_manifest,
     write_manifest,
@@ -325,7 +325,8 @@ def export_student(cfg: ExportConfig, prompts: list[tuple[str, str]] | None = No
     tmp.chmod(0o755)  # mkdtemp makes it private; the published export is an ordinary directory
     t0 = time.perf_counter()
     try:
-        manifest = _export_into(tmp, cfg, student, plist, source, task, config, inputs, load_engine)
+        job = _Job(tmp, cfg, student, plist, source, task, config, inputs, load_engine)
+        manifest = _export_into(job)
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -339,134 +340,156 @@ def export_student(cfg: ExportConfig, prompts: list[tuple[str, str]] | None = No
     return read_manifest(out, "export")
 
 
-def _export_into(
-    root: Path,
-    cfg: ExportConfig,
-    student: Path,
-    plist: list[Prompt],
-    source: str,
-    task: str | None,
-    config: dict[str, Any],
-    inputs: dict[str, Any],
-    load_engine: Any,
-) -> dict[str, Any]:
+@dataclass
+class _Job:
+    """One export being built in `root`: what it is checked against and what its manifest records."""
+
+    root: Path
+    cfg: ExportConfig
+    student: Path
+    prompts: list[Prompt]
+    source: str
+    task: str | None
+    config: dict[str, Any]
+    inputs: dict[str, Any]
+    load_engine: Any
+
+
+@dataclass
+class _Reference:
+    """The PyTorch student's side of every check."""
+
+    ref: Any
+    tok: Any
+    scorer: Any
+    params: int
+    family: str
+    f16_tol: float
+
+
+PARITY_KEYS = (
+    "tokenization_match",
+    "greedy_match",
+    "greedy_match_within_tol",
+    "teacher_forced_top1",
+    "max_abs_logit_diff",
+    "logit_tol",
+    "exact_required",
+    "greedy_divergences",
+)
+
+
+def _export_into(job: _Job) -> dict[str, Any]:
+    """Reference -> build and check every needed variant -> ship the wanted ones -> card and manifest."""
+    t0 = time.perf_counter()
+    torch_ref = _reference(job)
+    wanted = [v for v in VARIANTS if v in job.cfg.variants]
+    results = _build_and_check(job, torch_ref, wanted)
+    variants = {name: _variant_entry(job.root, name, results[name]) for name in wanted}
+    return _write_outputs(job, torch_ref, variants, time.perf_counter() - t0)
+
+
+def _reference(job: _Job) -> _Reference:
     import numpy as np
     import torch
 
     from nestling.distill.students import count_params, load_student
-    from nestling.export.card import model_card, modelfile
 
-    t0 = time.perf_counter()
-    torch.set_num_threads(cfg.threads)
-    model, tok = load_student(student)
-    scorer = make_scorer(plist, task)
-    ref = torch_reference(model, tok, plist, cfg.max_new_tokens, scorer)
-    params = count_params(model)
-    family = model.config.model_type
-    del model
+    torch.set_num_threads(job.cfg.threads)
+    model, tok = load_student(job.student)
+    scorer = make_scorer(job.prompts, job.task)
+    ref = torch_reference(model, tok, job.prompts, job.cfg.max_new_tokens, scorer)
     # f16 rounding moves logits in proportion to their size: a trained student's logits reach tens, where an
     # absolute bound that suits a fresh one fails. Scale by the largest PyTorch logit (at least 1).
     logit_scale = max([1.0, *(float(np.abs(x).max()) for x in ref.logits)])
-    f16_tol = cfg.f16_logit_tol * logit_scale
+    return _Reference(
+        ref, tok, scorer, count_params(model), model.config.model_type, job.cfg.f16_logit_tol * logit_scale
+    )
 
-    wanted = [v for v in VARIANTS if v in cfg.variants]
+
+def _build_and_check(job: _Job, r: _Reference, wanted: list[str]) -> dict[str, VariantResult]:
+    """Every wanted variant and its prerequisites, each checked; a prerequisite that is not shipped (f16 for
+    Q8_0) is checked too: a quantized file is only as right as the conversion it was made from."""
     needed = [v for v in VARIANTS if v in wanted or v in {SOURCE_OF.get(w) for w in wanted}]
     results: dict[str, VariantResult] = {}
     for name in needed:
         t = time.perf_counter()
-        path = _build(name, cfg, student, root)
+        path = _build(name, job.cfg, job.student, job.root)
         log.info("built %s in %.1f s", name, time.perf_counter() - t)
-        # A prerequisite that is not shipped (f16 for Q8_0) is still checked: a quantized file is only as
-        # right as the conversion it was made from.
-        kind = VARIANTS[name]["engine"]
-        tol = cfg.fp32_logit_tol if name == "onnx-fp32" else f16_tol if name == "gguf-f16" else None
-        engine = load_engine(path, kind=kind, n_threads=cfg.threads)
+        tol = job.cfg.fp32_logit_tol if name == "onnx-fp32" else r.f16_tol if name == "gguf-f16" else None
+        engine = job.load_engine(path, kind=VARIANTS[name]["engine"], n_threads=job.cfg.threads)
         try:
             results[name] = check_variant(
-                name,
-                engine,
-                ref,
-                tok,
-                plist,
-                max_new_tokens=cfg.max_new_tokens,
-                logit_tol=tol,
-                exact=name in EXACT,
-                scorer=scorer,
-            )
+                name, engine, r.ref, r.tok, job.prompts, max_new_tokens=job.cfg.max_new_tokens,
+                logit_tol=tol, exact=name in EXACT, scorer=r.scorer,
+            )  # fmt: skip
         finally:
             engine.close()
     raise_on_failures(results)
-    for name in needed:
-        if name not in wanted:  # a prerequisite only (e.g. fp32 for int8): not shipped
-            p = root / VARIANTS[name]["path"]
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for name in set(needed) - set(wanted):
+        p = job.root / VARIANTS[name]["path"]
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return results
 
-    variants: dict[str, dict[str, Any]] = {}
-    for name in wanted:
-        r = results[name].to_dict()
-        variants[name] = {
-            **VARIANTS[name],
-            "bytes": _bytes(root / VARIANTS[name]["path"]),
-            "parity": {
-                k: r[k]
-                for k in (
-                    "tokenization_match",
-                    "greedy_match",
-                    "greedy_match_within_tol",
-                    "teacher_forced_top1",
-                    "max_abs_logit_diff",
-                    "logit_tol",
-                    "exact_required",
-                    "greedy_divergences",
-                )
-            },
-            "accuracy": r["accuracy"],
-            "accuracy_delta": r["accuracy_delta"],
-            "tokens_per_s": round(r["tokens_per_s"], 1),
-        }
-    default = choose_default(variants, cfg.tolerance)
-    name = _student_name(student)
-    student_info = {"name": name, "sha256": inputs["student"], "params": params, "family": family}
-    pytorch = {
-        "accuracy": ref.accuracy,
-        "tokens_per_s": round(ref.tokens_per_s, 1),
-        "bytes": sum(p.stat().st_size for p in student.glob("*.safetensors")),
-        "params": params,
+
+def _variant_entry(root: Path, name: str, result: VariantResult) -> dict[str, Any]:
+    r = result.to_dict()
+    return {
+        **VARIANTS[name],
+        "bytes": _bytes(root / VARIANTS[name]["path"]),
+        "parity": {k: r[k] for k in PARITY_KEYS},
+        "accuracy": r["accuracy"],
+        "accuracy_delta": r["accuracy_delta"],
+        "tokens_per_s": round(r["tokens_per_s"], 1),
     }
-    run = _find_run_dir(student)
-    datacard = None
-    if run is not None and (run / "traces" / "datacard.json").is_file():
-        try:
-            datacard = json.loads((run / "traces" / "datacard.json").read_text())
-        except json.JSONDecodeError:
-            log.warning("%s: unreadable data card; the model card omits it", run / "traces" / "datacard.json")
 
-    files = [VARIANTS[v]["path"] for v in wanted]
+
+def _read_datacard(student: Path) -> dict[str, Any] | None:
+    run = _find_run_dir(student)
+    if run is None:
+        return None
+    try:
+        return read_json(run / "traces" / "datacard.json", default=None)
+    except NestlingError as e:
+        log.warning("%s; the model card omits the data card", e)
+        return None
+
+
+def _write_outputs(
+    job: _Job, r: _Reference, variants: dict[str, dict[str, Any]], seconds: float
+) -> dict[str, Any]:
+    """Modelfile (when a GGUF ships), the model card and the manifest."""
+    from nestling.export.card import model_card, modelfile
+
+    cfg, root = job.cfg, job.root
+    default = choose_default(variants, cfg.tolerance)
+    name = _student_name(job.student)
+    student_info = {"name": name, "sha256": job.inputs["student"], "params": r.params, "family": r.family}
+    pytorch = {
+        "accuracy": r.ref.accuracy,
+        "tokens_per_s": round(r.ref.tokens_per_s, 1),
+        "bytes": sum(p.stat().st_size for p in job.student.glob("*.safetensors")),
+        "params": r.params,
+    }
+    files = [VARIANTS[v]["path"] for v in variants]
     if any(v["engine"] == "gguf" for v in variants.values()):
         gguf_default = choose_default(variants, cfg.tolerance, engine="gguf")
-        (root / "Modelfile").write_text(modelfile(VARIANTS[gguf_default]["path"], tok.eos_token))
+        (root / "Modelfile").write_text(modelfile(VARIANTS[gguf_default]["path"], r.tok.eos_token))
         files.append("Modelfile")
-    (root / "README.md").write_text(
-        model_card(
-            name, student_info, task, variants, default, pytorch, datacard, source, len(plist), cfg.threads
-        )
-    )
+    card = model_card(
+        name, student_info, job.task, variants, default, pytorch, _read_datacard(job.student), job.source,
+        len(job.prompts), cfg.threads,
+    )  # fmt: skip
+    (root / "README.md").write_text(card)
     files.append("README.md")
+    metrics = {
+        "pytorch": pytorch,
+        "parity_prompts": len(job.prompts),
+        "prompt_source": job.source,
+        "seconds": round(seconds, 1),
+    }
     return write_manifest(
-        root,
-        stage="export",
-        config=config,
-        inputs=inputs,
-        files=files,
-        metrics={
-            "pytorch": pytorch,
-            "parity_prompts": len(plist),
-            "prompt_source": source,
-            "seconds": round(time.perf_counter() - t0, 1),
-        },
-        prompt_format=PROMPT_FORMAT,
-        student=student_info,
-        task=task,
-        default_variant=default,
+        root, stage="export", config=job.config, inputs=job.inputs, files=files, metrics=metrics,
+        prompt_format=PROMPT_FORMAT, student=student_info, task=job.task, default_variant=default,
         variants=variants,
-    )
+    )  # fmt: skip
