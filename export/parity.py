@@ -215,6 +215,56 @@ def tokenization_match(engine: Engine, tokenizer: Any, texts: list[str]) -> tupl
     return 1.0 - len(bad) / max(1, len(texts)), bad[:3]
 
 
+@dataclass
+class _PromptCheck:
+    """One prompt through the engine against PyTorch: free-run tokens, then teacher-forced logits."""
+
+    text: str
+    greedy: bool  # identical continuation
+    within: bool  # identical, or first divergence at a near tie the engine's logit error can flip
+    agree: int  # teacher-forced positions whose argmax matches
+    positions: int
+    max_diff: float
+    divergence: str | None = None
+
+
+def _compare(
+    engine: Engine, ids: list[int], want: list[int], out: list[int], tf_ref: Any, logit_tol: float | None
+) -> _PromptCheck:
+    seq = ids + want
+    tf = engine.logits(seq)
+    diff = np.abs(tf - tf_ref)
+    gen = slice(len(ids) - 1, len(seq))  # positions predicting each output token and the final eos
+    check = _PromptCheck(
+        text=engine.detokenize(out),
+        greedy=out == want,
+        within=out == want,
+        agree=int((tf[gen].argmax(-1) == tf_ref[gen].argmax(-1)).sum()),
+        positions=len(seq) - len(ids) + 1,
+        max_diff=float(diff.max()),
+    )
+    if out != want:
+        check.within, check.divergence = _near_tie(engine, ids, want, out, tf_ref, diff, logit_tol)
+    return check
+
+
+def _near_tie(
+    engine: Engine, ids: list[int], want: list[int], out: list[int], tf_ref: Any, diff: Any, tol: float | None
+) -> tuple[bool, str]:
+    """Whether the first divergence is a near tie: the engine's own logit error at that position is enough
+    to flip the argmax (each of the two logits may move by up to that error), and that error is within
+    tolerance."""
+    k = next((j for j, (a, b) in enumerate(zip(out, want, strict=False)) if a != b), None)
+    pos = len(ids) - 1 + (k if k is not None else min(len(out), len(want)))
+    got = out[k] if k is not None else (out[len(want)] if len(out) > len(want) else engine.eos_id)
+    exp = want[k] if k is not None else (want[len(out)] if len(want) > len(out) else engine.eos_id)
+    margin = float(tf_ref[pos, exp] - tf_ref[pos, got]) if got is not None and exp is not None else 0
+    local = float(diff[min(pos, len(ids) + len(want) - 1)].max())
+    tie = tol is not None and local <= tol and abs(margin) <= 2 * local + 1e-6
+    where = f"at token {pos - len(ids) + 1} (PyTorch margin {margin:.4f}, local |dlogit| {local:.4f})"
+    return tie, where
+
+
 def check_variant(
     name: str,
     engine: Engine,
@@ -227,65 +277,25 @@ def check_variant(
     exact: bool = False,
     scorer: Scorer | None = None,
 ) -> VariantResult:
-    """Compare one engine with the PyTorch reference; with exact=True raise NestlingError on any mismatch."""
-    from rich.progress import Progress
+    """Compare one engine with the PyTorch reference; failures (tokenization, and with exact=True any
+    greedy or logit mismatch beyond tolerance) are listed in the result for raise_on_failures."""
+    from rich.progress import track
 
-    scorer = scorer or default_scorer()
     probe_texts = [p.text for p in prompts] + [t for t in ref.texts if t] + TOKENIZATION_PROBES
     tok_match, tok_bad = tokenization_match(engine, tokenizer, probe_texts)
-
-    greedy, within, agree, positions = 0, 0, 0, 0
-    max_diff = 0.0
-    texts: list[str] = []
-    divergences: list[str] = []
-    with Progress(transient=True) as bar:
-        job = bar.add_task(f"parity {name}", total=len(prompts))
-        for i, ids in enumerate(ref.prompt_ids):
-            out = list(engine.stream(ids, max_new_tokens))
-            texts.append(engine.detokenize(out))
-
-            want = ref.outputs[i]
-            tf_ref = ref.logits[i]
-            seq = ids + want
-            tf = engine.logits(seq)
-            diff = np.abs(tf - tf_ref)
-            max_diff = max(max_diff, float(diff.max()))
-            if out == want:
-                greedy += 1
-                within += 1
-            else:
-                k = next((j for j, (a, b) in enumerate(zip(out, want, strict=False)) if a != b), None)
-                pos = len(ids) - 1 + (k if k is not None else min(len(out), len(want)))
-                got = out[k] if k is not None else (out[len(want)] if len(out) > len(want) else engine.eos_id)
-                exp = (
-                    want[k] if k is not None else (want[len(out)] if len(want) > len(out) else engine.eos_id)
-                )
-                margin = (
-                    float(tf_ref[pos, exp] - tf_ref[pos, got]) if got is not None and exp is not None else 0
-                )
-                # A near tie: the engine's own logit error at this position is enough to flip the argmax
-                # (each of the two logits may move by up to that error), and that error is within tolerance.
-                local = float(diff[min(pos, len(seq) - 1)].max())
-                if logit_tol is not None and local <= logit_tol and abs(margin) <= 2 * local + 1e-6:
-                    within += 1
-                divergences.append(
-                    f"prompt {i} at token {pos - len(ids) + 1} (PyTorch margin {margin:.4f}, "
-                    f"local |dlogit| {local:.4f})"
-                )
-
-            gen = slice(len(ids) - 1, len(seq))  # positions predicting each output token and the final eos
-            agree += int((tf[gen].argmax(-1) == tf_ref[gen].argmax(-1)).sum())
-            positions += len(seq) - len(ids) + 1
-            bar.advance(job)
-
-    acc = _accuracy(texts, prompts, scorer)
+    checks = []
+    for i, ids in enumerate(track(ref.prompt_ids, description=f"parity {name}", transient=True)):
+        out = list(engine.stream(ids, max_new_tokens))
+        checks.append(_compare(engine, ids, ref.outputs[i], out, ref.logits[i], logit_tol))
+    divergences = [f"prompt {i} {c.divergence}" for i, c in enumerate(checks) if c.divergence]
+    acc = _accuracy([c.text for c in checks], prompts, scorer or default_scorer())
     n = max(1, len(prompts))
     res = VariantResult(
         tokenization_match=tok_match,
-        greedy_match=greedy / n,
-        greedy_match_within_tol=within / n,
-        teacher_forced_top1=agree / max(1, positions),
-        max_abs_logit_diff=max_diff,
+        greedy_match=sum(c.greedy for c in checks) / n,
+        greedy_match_within_tol=sum(c.within for c in checks) / n,
+        teacher_forced_top1=sum(c.agree for c in checks) / max(1, sum(c.positions for c in checks)),
+        max_abs_logit_diff=max([0.0, *(c.max_diff for c in checks)]),
         accuracy=acc,
         accuracy_delta=(acc - ref.accuracy) if acc is not None and ref.accuracy is not None else None,
         tokens_per_s=decode_speed(engine, ref.prompt_ids[0]) if ref.prompt_ids else 0.0,
@@ -293,24 +303,24 @@ def check_variant(
         exact_required=exact,
         greedy_divergences=divergences[:5],
     )
-    if tok_match < 1.0:
-        res.failures.append(f"tokenization differs from Hugging Face on {tok_bad!r}")
-    if exact:
-        if res.greedy_match_within_tol < 1.0:
-            res.failures.append(f"greedy tokens differ from PyTorch: {'; '.join(divergences[:3])}")
-        if logit_tol is not None and max_diff > logit_tol:
-            res.failures.append(f"max |logit diff| {max_diff:.4g} exceeds the tolerance {logit_tol:g}")
+    res.failures = _failures(res, tok_bad, divergences)
     log.info(
-        "%s: tok %.3f greedy %.3f tf-top1 %.3f max|dlogit| %.4g acc %s %.0f tok/s",
-        name,
-        tok_match,
-        res.greedy_match,
-        res.teacher_forced_top1,
-        max_diff,
-        acc,
-        res.tokens_per_s,
-    )
+        "%s: tok %.3f greedy %.3f tf-top1 %.3f max|dlogit| %.4g acc %s %.0f tok/s", name, tok_match,
+        res.greedy_match, res.teacher_forced_top1, res.max_abs_logit_diff, acc, res.tokens_per_s,
+    )  # fmt: skip
     return res
+
+
+def _failures(res: VariantResult, tok_bad: Any, divergences: list[str]) -> list[str]:
+    failures = []
+    if res.tokenization_match < 1.0:
+        failures.append(f"tokenization differs from Hugging Face on {tok_bad!r}")
+    if res.exact_required and res.greedy_match_within_tol < 1.0:
+        failures.append(f"greedy tokens differ from PyTorch: {'; '.join(divergences[:3])}")
+    tol = res.logit_tol
+    if res.exact_required and tol is not None and res.max_abs_logit_diff > tol:
+        failures.append(f"max |logit diff| {res.max_abs_logit_diff:.4g} exceeds the tolerance {tol:g}")
+    return failures
 
 
 def raise_on_failures(results: dict[str, VariantResult]) -> None:
