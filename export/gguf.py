@@ -37,6 +37,7 @@ from nestling.export.gguf_arch import (
     pre_tokenizer_name,
 )
 from nestling.serve.errors import NestlingError
+from nestling.serve.manifest import read_json
 from nestling.serve.prompting import CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,7 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise NestlingError(f"{path}: not valid JSON ({e}); the student directory is corrupt") from None
+    return read_json(path, default={}, fix="the student directory is corrupt; save the student again")
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -15,7 +15,6 @@ Heavy dependencies (llama_cpp, onnxruntime, tokenizers) are imported inside each
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -27,6 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from nestling.serve.errors import NestlingError
+from nestling.serve.manifest import read_json
 from nestling.serve.sampling import Sampler
 
 log = logging.getLogger(__name__)
@@ -366,10 +366,7 @@ def _gguf_context_length(path: Path) -> int | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
+    return read_json(path, default={}, fix="the export is damaged; export the student again")
 
 
 class ONNXEngine:
