@@ -12,30 +12,17 @@ Timings are of this machine at that moment: other processes running at the same 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from nestling.export.parity import decode_speed, torch_decode_speed  # noqa: E402
 from nestling.serve.manifest import atomic_write_json  # noqa: E402
 
 PROMPT = "Question: What is 7 + 8? Think about the digits and carry carefully.\nExplain:"
-
-
-def _engine_speed(engine, ids: list[int], n: int, repeats: int) -> float:
-    rates = []
-    for _ in range(repeats):
-        t_first, count = None, 0
-        for _tok in engine.stream(ids, n, stop_at_eos=False):
-            count += 1
-            if t_first is None:
-                t_first = time.perf_counter()
-        rates.append((count - 1) / (time.perf_counter() - t_first))
-    return statistics.median(rates)
 
 
 def _torch_speed(student_dir: Path, n: int, repeats: int, threads: int) -> tuple[float, list[int]]:
@@ -46,16 +33,7 @@ def _torch_speed(student_dir: Path, n: int, repeats: int, threads: int) -> tuple
     torch.set_num_threads(threads)
     model, tok = load_student(student_dir)
     ids = tok(PROMPT)["input_ids"]
-    rates = []
-    with torch.inference_mode():
-        for _ in range(repeats):
-            res = model(input_ids=torch.tensor([ids]), use_cache=True)
-            t_first = time.perf_counter()
-            for _ in range(n - 1):
-                nxt = res.logits[0, -1].argmax().view(1, 1)
-                res = model(input_ids=nxt, past_key_values=res.past_key_values, use_cache=True)
-            rates.append((n - 1) / (time.perf_counter() - t_first))
-    return statistics.median(rates), ids
+    return torch_decode_speed(model, ids, n, repeats), ids
 
 
 def build_default_student(work: Path) -> Path:
@@ -101,12 +79,12 @@ def main(argv: list[str] | None = None) -> dict:
     for name, v in manifest["variants"].items():
         e = load_engine(export_dir / v["path"], kind=v["engine"], n_threads=args.threads)
         assert e.tokenize(PROMPT) == ids, f"{name}: tokenization differs from PyTorch's"
-        rows[name] = {"tokens_per_s": _engine_speed(e, ids, args.tokens, args.repeats), "bytes": v["bytes"]}
+        rows[name] = {"tokens_per_s": decode_speed(e, ids, args.tokens, args.repeats), "bytes": v["bytes"]}
         e.close()
     teacher_path = bundled_smollm2()
     t = load_engine(teacher_path, kind="gguf", n_threads=args.threads)
     t_ids = t.tokenize(PROMPT)
-    teacher_rate = _engine_speed(t, t_ids, args.teacher_tokens, args.repeats)
+    teacher_rate = decode_speed(t, t_ids, args.teacher_tokens, args.repeats)
     t.close()
     rows["teacher (SmolLM2-135M Q4_1)"] = {"tokens_per_s": teacher_rate, "bytes": teacher_path.stat().st_size}
     for r in rows.values():

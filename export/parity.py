@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -80,22 +80,35 @@ def decode_speed(
     return float(np.median(rates)) if rates else 0.0
 
 
+def torch_greedy(model: Any, ids: list[int], max_new_tokens: int, eos: int | None = None) -> Iterator[int]:
+    """Greedy tokens from the PyTorch student with its KV cache (stops at `eos`, which is not yielded)."""
+    import torch
+
+    def forward(input_ids: list[list[int]], past: Any = None) -> Any:
+        with torch.inference_mode():  # per call: a suspended generator must not leave the mode on
+            return model(input_ids=torch.tensor(input_ids), past_key_values=past, use_cache=True)
+
+    res = forward([ids])
+    for n in range(max_new_tokens):
+        tok = int(res.logits[0, -1].argmax())
+        if tok == eos:
+            return
+        yield tok
+        if n + 1 < max_new_tokens:
+            res = forward([[tok]], res.past_key_values)
+
+
 def torch_decode_speed(
     model: Any, ids: list[int], n: int = SPEED_TOKENS, repeats: int = SPEED_REPEATS
 ) -> float:
-    """The same measurement for the PyTorch student (greedy with its KV cache)."""
-    import torch
-
+    """decode_speed's measurement for the PyTorch student (eos ignored, timed from the first token)."""
     rates = []
-    with torch.inference_mode():
-        for _ in range(repeats):
-            res = model(input_ids=torch.tensor([ids]), use_cache=True)
-            nxt = res.logits[0, -1].argmax().view(1, 1)
-            t_first = time.perf_counter()
-            for _ in range(n - 1):
-                res = model(input_ids=nxt, past_key_values=res.past_key_values, use_cache=True)
-                nxt = res.logits[0, -1].argmax().view(1, 1)
-            rates.append((n - 1) / (time.perf_counter() - t_first))
+    for _ in range(repeats):
+        t_first = 0.0
+        for count, _tok in enumerate(torch_greedy(model, ids, n), 1):
+            if count == 1:
+                t_first = time.perf_counter()
+        rates.append((n - 1) / (time.perf_counter() - t_first))
     return float(np.median(rates))
 
 
@@ -172,33 +185,19 @@ def torch_reference(
 ) -> Reference:
     """Greedy decoding with a KV cache in PyTorch (the ground truth), plus teacher-forced logits."""
     import torch
-    from rich.progress import Progress
+    from rich.progress import track
 
     scorer = scorer or default_scorer()
     eos = tokenizer.eos_token_id
     pids, outs, logits, texts = [], [], [], []
-    with torch.inference_mode(), Progress(transient=True) as bar:
-        job = bar.add_task("PyTorch reference", total=len(prompts))
-        for p in prompts:
-            ids = tokenizer(p.text)["input_ids"]
-            out: list[int] = []
-            res = model(input_ids=torch.tensor([ids]), use_cache=True)
-            for _ in range(max_new_tokens):
-                tok = int(res.logits[0, -1].argmax())
-                if tok == eos:
-                    break
-                out.append(tok)
-                if len(out) == max_new_tokens:
-                    break
-                res = model(
-                    input_ids=torch.tensor([[tok]]), past_key_values=res.past_key_values, use_cache=True
-                )
-            full = model(input_ids=torch.tensor([ids + out])).logits[0].float().numpy()
-            pids.append(ids)
-            outs.append(out)
-            logits.append(full)
-            texts.append(tokenizer.decode(out, skip_special_tokens=True))
-            bar.advance(job)
+    for p in track(prompts, description="PyTorch reference", transient=True):
+        ids = tokenizer(p.text)["input_ids"]
+        out = list(torch_greedy(model, ids, max_new_tokens, eos))
+        with torch.inference_mode():
+            logits.append(model(input_ids=torch.tensor([ids + out])).logits[0].float().numpy())
+        pids.append(ids)
+        outs.append(out)
+        texts.append(tokenizer.decode(out, skip_special_tokens=True))
     return Reference(
         prompt_ids=pids,
         outputs=outs,
