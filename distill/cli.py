@@ -45,6 +45,19 @@ def traces_main(cfg: TracesConfig) -> int:
     for f in card["filters"]:
         table.add_row(f"filter {f['name']}", f"{f['kept']}/{f['in']} kept ({pct(f['yield'])})")
     table.add_row("right answer, wrong steps", f"{card['right_answer_wrong_steps']} removed")
+    chains = {k: v for k, v in (card.get("chains") or {}).items() if v and k != "none"}
+    if chains:
+        table.add_row("chains", ", ".join(f"{v} in {k}" for k, v in chains.items()))
+    bad = {k: card.get(k) or 0 for k in ("truncated", "no_final_answer", "unclosed_think")}
+    table.add_row("bad output", ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in bad.items()))
+    errors = card.get("teacher_errors") or {}
+    if errors.get("samples_missing"):
+        failed = (
+            ", ".join(f"{v} {k}" for k, v in errors["failed_requests_last_run"].items()) or "none this run"
+        )
+        table.add_row(
+            "failed requests", f"{failed}; {errors['samples_missing']} samples missing: re-run to retry"
+        )
     table.add_row(
         "kept",
         f"{card['kept']} rationales; {card['questions_covered']} questions "

@@ -299,3 +299,14 @@ def test_reasoning_teacher_end_to_end_traces_train_export_serve(tmp_path, monkey
     a = r.ask("What is 3 + 4?", max_tokens=48)
     assert a.text and isinstance(a.steps, list) and all(s.ok in (True, False, None) for s in a.steps)
     r.close()
+
+
+def test_the_traces_summary_reports_chains_bad_output_and_failed_requests(tmp_path, capsys):
+    with StandIn("reasoning_content", script=["html", "unclosed"]) as srv:
+        args = ["traces", "--task", EASY, "--teacher", f"openai:m@{srv.url}", "--n", "10", "--heldout", "2"]
+        code = nestling_cli.main(
+            [*args, "--concurrency", "1", "--retries", "0", "--out", str(tmp_path / "r")]
+        )
+    out = capsys.readouterr().out
+    assert code == 0 and "30 in reasoning_content, 1 in think" in out and "1 unclosed think" in out
+    assert "1 bad_reply; 1 samples missing: re-run to retry" in out
