@@ -5,7 +5,7 @@
 
 Greedy decode tokens/s after a fixed prompt (eos ignored so every engine decodes the same count), median of
 --repeats, same thread count for everything. Writes bench_export.json and bench_export.png to --out, with
-each speed as a ratio to the teacher's. Target (issue 4): the fastest export >= 20x the teacher.
+each speed as a ratio to the teacher's. Target: the fastest export >= 20x the teacher.
 Timings are of this machine at that moment: other processes running at the same time slow them down.
 """
 

@@ -10,7 +10,7 @@ Questions it answers (targets from issues 5 and 12):
   2. `Reasoner` on the GGUF engine vs raw llama-cpp-python (`Llama.generate`, greedy) generating the same
      number of tokens from the same prompt: target <= 1.1x;
   3. answer-only vs explain latency for the same questions;
-  4. load (issue 12): answers/s, p50/p99, statuses and server RSS at --clients (1 4 16 32) for the servers
+  4. load: answers/s, p50/p99, statuses and server RSS at --clients (1 4 16 32) for the servers
      side by side: "serial" (pool 1, max_queue 16: the server before the engine pool), "pool-2" (two
      separate engines), "batched-8" (eight slots of one llama.cpp context) and `python -m llama_cpp.server`
      on the same GGUF file (/v1/completions, greedy, same prompt and max_tokens).

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python3 benchmarks/bench_teacher.py                  # 200 ms per request
     OMP_NUM_THREADS=1 python3 benchmarks/bench_teacher.py --latency 0.2 --per-slot 24 --concurrency 1 4 16 64
 
-The question (issue 9): are OpenAI-compatible teachers pipelined well enough that a slow server, not
+The question: are OpenAI-compatible teachers pipelined well enough that a slow server, not
 nestling, sets the pace? With a fixed per-request latency L and c requests in flight the ideal is c / L
 rationales/s; the target is at least 80% of it at c = 64. The stand-in (tests/teacher_fakes.py) runs in its
 own process so the server's work does not share this process's interpreter lock. Two paths are timed side

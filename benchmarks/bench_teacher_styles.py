@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python3 benchmarks/bench_teacher_styles.py                 # tiny, 300 steps, 1 digit
     OMP_NUM_THREADS=1 python3 benchmarks/bench_teacher_styles.py --digits 2 --steps 600 --n 400
 
-The question (issue 9, "long to short"): does a small student learn more from the steps of a long chain that
+The question ("long to short"): does a small student learn more from the steps of a long chain that
 carry checkable claims plus the conclusion ("short") than from the whole chain ("full")? Li et al. 2025
 ("Small Models Struggle to Learn from Strong Reasoners") found so for students of a few hundred million
 parameters. Here the teacher is scripted and local, an R1-style writer of ``<think>`` chains for sums of

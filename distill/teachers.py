@@ -217,7 +217,7 @@ class GGUFTeacher(Teacher):
         self.spec, self.path = spec, path
         try:
             # n_threads_batch defaults to every core whatever n_threads says; under contention that made
-            # prompt processing ~100x slower (FIELD-NOTES), so pin both.
+            # prompt processing ~100x slower (measured on 2 cores), so pin both.
             self.llm = Llama(
                 model_path=str(path),
                 n_ctx=n_ctx,
