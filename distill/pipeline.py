@@ -53,6 +53,17 @@ class DistillConfig:
     alpha: float = field(default=0.5, metadata={"help": "multitask weight of the answer loss"})
     samples: int | None = field(default=None, metadata={"help": "teacher samples per question (k)"})
     n: int | None = field(default=None, metadata={"help": "questions to draw (train + held-out)"})
+    heldout: float | None = field(
+        default=None, metadata={"help": "held-out questions: a fraction < 1 or a count (traces' default 0.2)"}
+    )
+    concurrency: int | None = field(default=None, metadata={"help": "openai teachers: requests in flight"})
+    request_extra: str | None = field(
+        default=None, metadata={"help": "openai teachers: JSON object merged into every request body"}
+    )
+    rationale_style: str | None = field(
+        default=None,
+        metadata={"help": "full | short: what rows train on when the teacher writes a chain (traces' full)"},
+    )
     seed: int = field(default=0, metadata={"help": "seed for traces, splits and training"})
     steps: int | None = field(default=None, metadata={"help": "optimizer steps for every student"})
     lr: float | None = field(default=None, metadata={"help": "peak learning rate for every student"})
@@ -101,6 +112,10 @@ def _traces(cfg: DistillConfig) -> Path:
         "teacher": cfg.teacher,
         "samples": cfg.samples,
         "n": cfg.n,
+        "heldout": cfg.heldout,
+        "concurrency": cfg.concurrency,
+        "request_extra": cfg.request_extra,
+        "rationale_style": cfg.rationale_style,
         "seed": cfg.seed,
         "threads": cfg.threads,
     }

@@ -27,6 +27,18 @@ class RunConfig:
     objective: str | None = field(default=None, metadata={"help": "cot | multitask | answer-only"})
     samples: int | None = field(default=None, metadata={"help": "teacher samples per question (k)"})
     n: int | None = field(default=None, metadata={"help": "questions to draw (train + held-out)"})
+    heldout: float | None = field(
+        default=None, metadata={"help": "held-out questions: a fraction < 1 or a count (traces' default 0.2)"}
+    )
+    concurrency: int | None = field(default=None, metadata={"help": "openai teachers: requests in flight"})
+    request_extra: str | None = field(
+        default=None, metadata={"help": "openai teachers: JSON object merged into every request body"}
+    )
+    rationale_style: str | None = field(
+        default=None, metadata={"help": "full | short: what rows train on when the teacher writes a chain"}
+    )
+    lora: bool = field(default=False, metadata={"help": "LoRA adapters for pretrained students"})
+    precision: str | None = field(default=None, metadata={"help": "auto | fp32 | bf16 (default auto)"})
     seed: int | None = field(default=None, metadata={"help": "seed for sampling, splits and training"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads per process"})
     steps: int | None = field(default=None, metadata={"help": "optimizer steps for every student"})
