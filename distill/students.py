@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from nestling.serve.errors import NestlingError
 from nestling.serve.prompting import CHAT_TEMPLATE
+from nestling.serve.specs import parse_query
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -115,18 +116,14 @@ def parse_student_spec(text: str) -> StudentSpec:
             raise NestlingError(
                 f"student spec {text!r}: name {name!r} must be letters, digits, '-', '_' or '.'"
             )
-    source, _, query = raw.partition("?")
-    source = source.strip()
-    options: dict[str, str] = {}
-    for part in filter(None, query.split("&")):
-        key, eq, value = part.partition("=")
-        key = key.strip().replace("-", "_")
-        if not eq or key not in _SPEC_OPTIONS:
-            raise NestlingError(
-                f"student spec {text!r}: bad option {part!r}; use key=value with key one of "
-                f"{', '.join(sorted(_SPEC_OPTIONS))}, e.g. hf:smollm2?keep_layers=8"
-            )
-        options[key] = value.strip()
+    source, query = parse_query(raw, what="student spec")
+    options = {k.replace("-", "_"): v for k, v in query.items()}
+    unknown = sorted(set(options) - set(_SPEC_OPTIONS))
+    if unknown:
+        raise NestlingError(
+            f"student spec {text!r}: bad option {unknown[0]!r}; use key=value with key one of "
+            f"{', '.join(sorted(_SPEC_OPTIONS))}, e.g. hf:smollm2?keep_layers=8"
+        )
     ints: dict[str, int] = {}
     for key, value in options.items():
         try:

@@ -29,7 +29,6 @@ import csv
 import json
 import logging
 import random
-import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import Any
 
 from nestling.serve.errors import NestlingError
 from nestling.serve.explain import answers_match, extract_answer, normalize_answer, safe_eval
+from nestling.serve.specs import parse_query, split_mix
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +113,7 @@ class Task:
 
 
 def _parse_query(spec: str) -> tuple[str, dict[str, str]]:
-    """'name?a=1&b=x' -> ('name', {'a': '1', 'b': 'x'}). '+' is kept literally (operators=+,-)."""
-    base, _, query = spec.partition("?")
-    params: dict[str, str] = {}
-    for part in filter(None, query.split("&")):
-        key, eq, value = part.partition("=")
-        if not eq or not key:
-            raise NestlingError(f"task spec {spec!r}: bad query part {part!r}; write key=value&key=value")
-        params[key.strip()] = value.strip()
-    return base, params
+    return parse_query(spec, what="task spec")
 
 
 def _coerce(value: str) -> Any:
@@ -401,8 +393,7 @@ class MixTask(Task):
 
     def __init__(self, spec: str):
         self.name = spec
-        body = spec.removeprefix("mix:")
-        parts = [p.strip() for p in re.split(r",(?=\s*(?:rg|file|hf):)", body) if p.strip()]
+        parts = split_mix(spec)
         if not parts:
             raise NestlingError(f"task {spec!r}: empty mix; write mix:rg:NAME,rg:OTHER")
         self.parts = [load_task(p) for p in parts]

@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
+from nestling.serve.specs import split_mix
+
 # ---- answer extraction -------------------------------------------------------------------------------
 
 _NUM = r"[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
@@ -492,7 +494,7 @@ def _checkers_for(task: str | None) -> list[StepChecker]:
     out = list(STEP_CHECKERS.get("*", []))
     if task:
         # A mix ("mix:rg:a,rg:b") gets the checkers of every task it names.
-        parts = re.split(r"[,:](?=\s*(?:rg|file|hf):)", task) if task.startswith("mix:") else [task]
+        parts = split_mix(task)
         for key, checkers in STEP_CHECKERS.items():
             if key != "*" and any(p.strip().startswith(key) for p in parts):
                 out.extend(c for c in checkers if c not in out)
