@@ -20,10 +20,10 @@ def traces_main(cfg: TracesConfig) -> int:
     from rich.table import Table
 
     from nestling.distill.traces import run_traces
+    from nestling.serve.fmt import pct
 
     out = run_traces(cfg)
     card = json.loads((out / "datacard.json").read_text())
-    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     table = Table(title=f"traces: {out}", show_header=False)
     q = card["questions"]
     table.add_row("teacher", f"{card['teacher']['spec']} ({card['teacher']['params'] or '?'} params)")

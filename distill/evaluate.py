@@ -36,6 +36,7 @@ from typing import Any
 from nestling.serve.config import check
 from nestling.serve.errors import NestlingError
 from nestling.serve.explain import check_steps, explanation_consistent, parse_steps
+from nestling.serve.fmt import pct
 from nestling.serve.manifest import atomic_write_json, atomic_write_text, fingerprint, try_read_manifest
 from nestling.serve.prompting import student_prompt
 
@@ -458,18 +459,12 @@ def student_eval(
 # ---- the stage -----------------------------------------------------------------------------------------
 
 
-def _pct(x: float | None, ci: list[float] | None = None) -> str:
-    if x is None:
-        return "-"
-    return f"{100 * x:.1f}%" + (f" [{100 * ci[0]:.0f}-{100 * ci[1]:.0f}]" if ci else "")
-
-
 def _acc(m: dict[str, Any], key: str = "accuracy") -> str:
     """A rate with its 95% interval; results cached before intervals existed get one from n."""
     x, n = m.get(key), m.get("n")
     if x is None:
         return "-"
-    return _pct(x, m.get(f"{key}_ci") or (wilson(round(x * n), n) if n else None))
+    return pct(x, m.get(f"{key}_ci") or (wilson(round(x * n), n) if n else None))
 
 
 def summary_table(result: dict[str, Any]) -> str:
@@ -487,7 +482,7 @@ def summary_table(result: dict[str, Any]) -> str:
         p = f"{t['params'] / 1e6:.1f}M" if t.get("params") else "-"
         lines.append(
             f"| teacher {t['spec']} (greedy) | {p} | {_acc(e)} | - | "
-            f"{_acc(e, 'steps_all_right')} | {_pct(e['consistent'])} | {t['mean_new_tokens']:.0f} | "
+            f"{_acc(e, 'steps_all_right')} | {pct(e['consistent'])} | {t['mean_new_tokens']:.0f} | "
             f"{t['latency_s']:.2f} | {t['tokens_per_s']:.0f} |"
         )
     b = result["baseline"]
@@ -496,7 +491,7 @@ def summary_table(result: dict[str, Any]) -> str:
         e, a = s["explain"], s["answer"]
         lines.append(
             f"| student {name} | {s['params'] / 1e6:.2f}M | {_acc(e)} | {_acc(a)} | "
-            f"{_acc(e, 'steps_all_right')} | {_pct(e['consistent'])} | {e['mean_new_tokens']:.0f} | "
+            f"{_acc(e, 'steps_all_right')} | {pct(e['consistent'])} | {e['mean_new_tokens']:.0f} | "
             f"{s.get('latency_s', 0):.2f} | {s.get('tokens_per_s', 0):.0f} |"
         )
     return "\n".join(lines) + "\n"

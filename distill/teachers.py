@@ -449,6 +449,8 @@ class HFTeacher(Teacher):
         try:
             import torch
             from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            from nestling.distill.students import count_params
         except ImportError:
             raise NestlingError(
                 "hf teachers need torch and transformers; pip install 'nestling[train]'"
@@ -480,7 +482,7 @@ class HFTeacher(Teacher):
         self.tok.padding_side = "left"
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
-        self.params = sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+        self.params = count_params(self.model)
 
     def _render(self, messages: Messages) -> str:
         if getattr(self.tok, "chat_template", None):

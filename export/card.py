@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from nestling.serve.fmt import pct
 from nestling.serve.prompting import EXPLAIN_MARK, PROMPT_FORMAT
 
 
@@ -30,11 +31,11 @@ def modelfile(gguf_rel: str, eos_token: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fmt(v: Any, pct: bool = False, digits: int = 3) -> str:
+def _fmt(v: Any, as_pct: bool = False, digits: int = 3) -> str:
     if v is None:
         return "n/a"
-    if pct:
-        return f"{100 * v:.1f}%"
+    if as_pct:
+        return pct(v)
     if isinstance(v, float):
         return f"{v:,.{digits}g}" if abs(v) < 1 else f"{v:,.0f}"
     return str(v)

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 def export_main(cfg: ExportConfig) -> int:
     """Export, then print the parity and accuracy table of every variant."""
     from nestling.export.pipeline import export_student
+    from nestling.serve.fmt import pct
 
     m = export_student(cfg)
     print(f"exported {cfg.student} -> {cfg.out} ({m['metrics'].get('seconds', 0)} s)")
@@ -19,20 +20,17 @@ def export_main(cfg: ExportConfig) -> int:
     print(f"{'variant':<14}{'bytes':>12}{'accuracy':>10}{'delta':>8}{'greedy':>8}{'tf-top1':>9}{'tok/s':>9}")
     acc = torch_row.get("accuracy")
     print(
-        f"{'pytorch':<14}{torch_row['bytes']:>12,}{_pct(acc):>10}{'':>8}{'':>8}{'':>9}{torch_row['tokens_per_s']:>9,.0f}"
+        f"{'pytorch':<14}{torch_row['bytes']:>12,}{pct(acc):>10}{'':>8}{'':>8}{'':>9}{torch_row['tokens_per_s']:>9,.0f}"
     )
     for name, v in m["variants"].items():
         p = v["parity"]
         d = v.get("accuracy_delta")
         star = "*" if name == m["default_variant"] else ""
         print(
-            f"{name + star:<14}{v['bytes']:>12,}{_pct(v.get('accuracy')):>10}"
-            f"{'' if d is None else f'{100 * d:+.1f}':>8}{_pct(p['greedy_match']):>8}"
-            f"{_pct(p['teacher_forced_top1']):>9}{v['tokens_per_s']:>9,.0f}"
+            f"{name + star:<14}{v['bytes']:>12,}{pct(v.get('accuracy')):>10}"
+            f"{'' if d is None else f'{100 * d:+.1f}':>8}{pct(p['greedy_match']):>8}"
+            f"{pct(p['teacher_forced_top1']):>9}{v['tokens_per_s']:>9,.0f}"
         )
     print(f"* default variant; serve it with: nestling serve {cfg.out}")
     return 0
 
-
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f}%"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from nestling.serve.errors import NestlingError
+from nestling.serve.fmt import pct
 from nestling.serve.manifest import try_read_json
 
 
@@ -161,7 +162,7 @@ def _fmt(x: Any, kind: str) -> str:
     if x is None:
         return "-"
     if kind == "acc":
-        return f"{100 * x:.1f}%"
+        return pct(x)
     if kind == "ci":
         return f"[{100 * x[0]:.0f}, {100 * x[1]:.0f}]"
     if kind == "params":
