@@ -9,42 +9,20 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from nestling.distill.pipeline import DistillConfig
 from nestling.latency import measure_export
 from nestling.report import collect_report, write_report
+from nestling.serve.config import check
 from nestling.serve.manifest import read_jsonl
 
 
 @dataclass
-class RunConfig:
-    """`nestling run`: traces -> train -> eval -> export -> report. Every field has a working default."""
+class RunConfig(DistillConfig):
+    """`nestling run`: traces -> train -> eval -> export -> report. Every field of `nestling distill`, plus
+    the export and report ones; every field has a working default."""
 
-    out: str = field(default="runs/default", metadata={"help": "run directory (re-run to resume)"})
-    task: str | None = field(default=None, metadata={"help": "task spec; default: the embedded easy mix"})
-    teacher: str | None = field(
-        default=None, metadata={"help": "teacher spec; default: gguf:smollm2 (bundled)"}
-    )
-    students: list[str] | None = field(default=None, metadata={"help": "student specs; default: distill's"})
-    objective: str | None = field(default=None, metadata={"help": "cot | multitask | answer-only"})
-    samples: int | None = field(default=None, metadata={"help": "teacher samples per question (k)"})
-    n: int | None = field(default=None, metadata={"help": "questions to draw (train + held-out)"})
-    heldout: float | None = field(
-        default=None, metadata={"help": "held-out questions: a fraction < 1 or a count (traces' default 0.2)"}
-    )
-    concurrency: int | None = field(default=None, metadata={"help": "openai teachers: requests in flight"})
-    request_extra: str | None = field(
-        default=None, metadata={"help": "openai teachers: JSON object merged into every request body"}
-    )
-    rationale_style: str | None = field(
-        default=None, metadata={"help": "full | short: what rows train on when the teacher writes a chain"}
-    )
-    lora: bool = field(default=False, metadata={"help": "LoRA adapters for pretrained students"})
-    precision: str | None = field(default=None, metadata={"help": "auto | fp32 | bf16 (default auto)"})
-    seed: int | None = field(default=None, metadata={"help": "seed for sampling, splits and training"})
-    threads: int | None = field(default=None, metadata={"help": "CPU threads per process"})
-    steps: int | None = field(default=None, metadata={"help": "optimizer steps for every student"})
-    eval_limit: int | None = field(default=None, metadata={"help": "evaluate at most this many questions"})
     parity_prompts: int | None = field(
-        default=None, metadata={"help": "held-out prompts each export is checked and scored on"}
+        default=None, metadata={"help": "held-out prompts each export is checked and scored on (export's 32)"}
     )
     recommend_within: float = field(
         default=0.02,
@@ -55,8 +33,7 @@ class RunConfig:
     )
 
     def __post_init__(self) -> None:
-        from nestling.serve.config import check
-
+        super().__post_init__()
         check(
             0.0 <= self.recommend_within <= 1.0,
             f"--recommend-within {self.recommend_within}: must be in [0, 1], e.g. 0.02",
@@ -73,7 +50,7 @@ def _overrides(cfg: RunConfig, target: type) -> dict[str, Any]:
 def run(cfg: RunConfig) -> dict[str, Any]:
     """Distil (traces, students, eval), export every student, then write report.{json,md,png} in cfg.out."""
     from nestling.distill.accel import is_main_process
-    from nestling.distill.pipeline import DistillConfig, run_distill
+    from nestling.distill.pipeline import run_distill
     from nestling.export.pipeline import ExportConfig, export_student
 
     run_dir = Path(cfg.out)
