@@ -2,7 +2,7 @@
 distance, recovered by logit KD), side by side with the teacher: parameters, accuracy, per-answer latency.
 
     nestling traces --out runs/compress --n 360 --heldout 200      # 160 train + 200 held-out questions
-    nestling train --run runs/compress --student hf:smollm2         # the self-distilled student
+    nestling train --run runs/compress --student gguf:smollm2         # the self-distilled student
     OMP_NUM_THREADS=2 python3 benchmarks/bench_compress.py --run runs/compress --layers 18 10 \\
         --out benchmarks/results/compress
 

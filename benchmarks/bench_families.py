@@ -55,7 +55,7 @@ def tiny_student(family: str, work: Path, steps: int) -> Path:
 def smollm2_student(work: Path) -> Path:
     from nestling.distill.students import init_student, save_student
 
-    model, tok = init_student("hf:smollm2")
+    model, tok = init_student("gguf:smollm2")
     return save_student(model, tok, work / "smollm2" / "model")
 
 

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench_int8-"))
     student = args.student
     if student is None:
-        student = save_student(*init_student("hf:smollm2"), work / "student")
+        student = save_student(*init_student("gguf:smollm2"), work / "student")
     model, tok = load_student(student)
     prompts = [Prompt(q, g) for q, g in arithmetic(args.prompts, seed=1)]
     ref = torch_reference(model, tok, prompts, args.max_new_tokens)

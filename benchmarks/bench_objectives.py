@@ -3,7 +3,7 @@ equal compute; plus training throughput per student. JSON + PNG out.
 
     python3 benchmarks/bench_objectives.py --run runs/x --out benchmarks/results/objectives \\
         --student tiny --seeds 0 1 2 --epochs 4 --limit 100
-    python3 benchmarks/bench_objectives.py --run runs/x --throughput tiny small "hf:smollm2?keep_layers=12"
+    python3 benchmarks/bench_objectives.py --run runs/x --throughput tiny small "gguf:smollm2?keep_layers=12"
 
 Needs a run directory with traces (``nestling traces`` or ``nestling distill``). Each arm trains a fresh
 student in OUT/runs/<arm>-seed<s>/ (the traces are linked, not copied) and is evaluated on the held-out split

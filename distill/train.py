@@ -1,7 +1,7 @@
 """Train a student on the verified rationales of a trace store: one recipe, read top to bottom.
 
     nestling train --run runs/x --student tiny --objective multitask --steps 600
-    nestling train --run runs/x --student "hf:smollm2?keep_layers=8" --steps 150 --lr 1e-4
+    nestling train --run runs/x --student "gguf:smollm2?keep_layers=8" --steps 150 --lr 1e-4
     nestling train --run runs/x --student hf:DIR --lora --steps 200       # LoRA adapters, merged on save
     torchrun --nproc_per_node 2 -m nestling -- train --run runs/x        # DDP: gloo on CPU, NCCL on GPU
     accelerate launch --multi_gpu --num_processes 2 -m nestling train --run runs/x   # the same
@@ -53,7 +53,7 @@ OBJECTIVES = ("cot", "multitask", "answer-only")
 # Measured defaults per student kind (steps, lr, batch, warmup, trainable layers), used for unset flags.
 # Presets: 600 steps of 16 at 3e-3 (~1 min at ~7,000 tokens/s on 2 free threads).
 PRESET_RECIPE = {"steps": 600, "lr": 3e-3, "batch_size": 16, "warmup": 30, "train_layers": 0}
-# Pretrained (hf:smollm2): 40 steps of 8 (a third of an epoch of ~1,000 multitask examples), every layer,
+# Pretrained (gguf:smollm2): 40 steps of 8 (a third of an epoch of ~1,000 multitask examples), every layer,
 # lr 5e-5; the model knows the facts and mostly learns the nestling format. Measured on 100 held-out
 # questions: 77% vs 57% when only the top 6 layers trained at 2e-4 for 60 steps; ~260 s on one contended
 # thread.
@@ -82,7 +82,7 @@ class TrainConfig:
     run: str = field(default="runs/default", metadata={"help": "run directory holding traces/"})
     student: str = field(
         default="tiny",
-        metadata={"help": "student spec: nano|tiny|small|hf:smollm2|hf:PATH, options ?keep_layers=N&seed=N"},
+        metadata={"help": "student spec: nano|tiny|small|gguf:smollm2|hf:PATH, options ?keep_layers=N&seed=N"},
     )
     objective: str = field(
         default="multitask", metadata={"help": "cot | multitask | answer-only", "choices": OBJECTIVES}
@@ -114,7 +114,7 @@ class TrainConfig:
         default=0.0,
         metadata={"help": "white-box KD weight: KL to the teacher's logits (needs a shared tokenizer)"},
     )
-    kd_teacher: str = field(default="hf:smollm2", metadata={"help": "logit teacher for --kd-alpha > 0"})
+    kd_teacher: str = field(default="gguf:smollm2", metadata={"help": "logit teacher for --kd-alpha > 0"})
     kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature for KD"})
     lora: bool = field(
         default=False, metadata={"help": "train LoRA adapters (peft) instead of every weight; merged on save"}
@@ -450,7 +450,7 @@ def load_kd_teacher(cfg: TrainConfig, spec: Any, tok: Any) -> Any:
     if cfg.kd_alpha <= 0:
         return None
     if not spec.pretrained:
-        raise NestlingError("--kd-alpha needs a student sharing the teacher's tokenizer, e.g. hf:smollm2")
+        raise NestlingError("--kd-alpha needs a student sharing the teacher's tokenizer, e.g. gguf:smollm2")
     from nestling.distill.students import load_pretrained
 
     teacher, teacher_tok = load_pretrained(cfg.kd_teacher)

@@ -149,7 +149,7 @@ def test_pretrained_smollm2_student_gqa_and_its_tokenizer(tmp_path: Path):
     from tests.test_engines import tricky_texts
 
     torch.set_num_threads(1)
-    model, tok = init_student("hf:smollm2?keep_layers=2")
+    model, tok = init_student("gguf:smollm2?keep_layers=2")
     student = save_student(model, tok, tmp_path / "smol" / "model")
     out = tmp_path / "export"
     cfg = ExportConfig(

@@ -32,8 +32,8 @@ def tok():
 
 
 def test_spec_syntax():
-    s = parse_student_spec("hf:smollm2?keep_layers=8")
-    assert (s.name, s.source, s.keep_layers, s.pretrained) == ("smollm2-k8", "hf:smollm2", 8, True)
+    s = parse_student_spec("gguf:smollm2?keep_layers=8")
+    assert (s.name, s.source, s.keep_layers, s.pretrained) == ("smollm2-k8", "gguf:smollm2", 8, True)
     s = parse_student_spec("fast=tiny?seed=3&vocab=1024")
     assert (s.name, s.source, s.seed, s.vocab_size, s.pretrained) == ("fast", "tiny", 3, 1024, False)
     assert parse_student_spec("hf:/models/my-llama").name == "my-llama"
@@ -44,10 +44,13 @@ def test_spec_syntax():
     [
         ("huge", "does not exist"),
         ("tiny?layers=3", "bad option"),
-        ("hf:smollm2?keep_layers=x", "not an integer"),
-        ("hf:smollm2?keep_layers=0", "keep_layers"),
-        ("hf:smollm2?vocab=100", "presets only"),
+        ("gguf:smollm2?keep_layers=x", "not an integer"),
+        ("gguf:smollm2?keep_layers=0", "keep_layers"),
+        ("gguf:smollm2?vocab=100", "presets only"),
         ("bad name=tiny", "name"),
+        # hf: is a transformers checkpoint wherever a spec is read; the bundled GGUF is gguf:, as for teachers
+        ("hf:smollm2", "the bundled SmolLM2 is gguf:smollm2"),
+        ("gguf:", "name the weights"),
     ],
 )
 def test_bad_specs_say_what_to_do(spec, message):
@@ -131,10 +134,26 @@ def test_from_scratch_presets_need_texts():
 
 @pytest.mark.slow
 def test_smollm2_loads_from_the_bundled_gguf_with_its_real_eos_and_prunes():
-    model, tok = init_student("hf:smollm2?keep_layers=8")
+    model, tok = init_student("gguf:smollm2?keep_layers=8")
     assert tok.eos_token == "<|im_end|>" and model.config.eos_token_id == tok.eos_token_id
     assert len(model.model.layers) == 8
     full_layers = 30
     per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
     assert count_params(model) == pytest.approx(134_515_008 - (full_layers - 8) * per_layer, rel=1e-6)
     assert tok.chat_template == CHAT_TEMPLATE
+
+
+def test_gguf_and_hf_students_are_named_as_teachers_are(tmp_path):
+    from nestling.distill.students import load_pretrained
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(NestlingError, match=r"a GGUF file is gguf:"):
+        load_pretrained(f"hf:{gguf}")
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    with pytest.raises(NestlingError, match=r"holds 0 \.gguf files"):
+        load_pretrained(f"gguf:{ckpt}")
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(NestlingError, match=r"not a \.gguf file; a checkpoint dir is hf:DIR"):
+        load_pretrained(f"gguf:{tmp_path / 'weights.bin'}")

@@ -285,11 +285,11 @@ def test_train_layers_updates_only_the_top_layers(tmp_path):
 def test_unset_flags_come_from_the_students_recipe():
     from nestling.distill.train import PRESET_RECIPE, PRETRAINED_RECIPE
 
-    scratch, pretrained = TrainConfig(student="tiny"), TrainConfig(student="hf:smollm2")
+    scratch, pretrained = TrainConfig(student="tiny"), TrainConfig(student="gguf:smollm2")
     assert (scratch.lr, scratch.steps) == (PRESET_RECIPE["lr"], PRESET_RECIPE["steps"])
     assert (pretrained.lr, pretrained.steps) == (PRETRAINED_RECIPE["lr"], PRETRAINED_RECIPE["steps"])
     assert TrainConfig(student="tiny", steps=50).warmup == 10  # warmup never exceeds a fifth of the run
-    assert TrainConfig(student="hf:smollm2", lr=1e-3).lr == 1e-3
+    assert TrainConfig(student="gguf:smollm2", lr=1e-3).lr == 1e-3
 
 
 def test_kd_term_is_zero_against_itself_and_positive_against_another_teacher():
