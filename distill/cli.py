@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from nestling.distill.compress import CompressConfig
     from nestling.distill.evaluate import EvalConfig
     from nestling.distill.pipeline import DistillConfig
     from nestling.distill.traces import TracesConfig
@@ -101,4 +102,19 @@ def distill_main(cfg: DistillConfig) -> int:
     from nestling.distill.pipeline import run_distill
 
     print(run_distill(cfg)["table"], end="")  # empty on ranks other than 0
+    return 0
+
+
+def compress_main(cfg: CompressConfig) -> int:
+    """Trim, prune and recover a compact student; print its size against its source."""
+    from nestling.distill.compress import compress
+    from nestling.serve.manifest import read_manifest
+
+    out = compress(cfg)
+    m = read_manifest(out)["metrics"]
+    print(
+        f"{out / 'model'}: {m['params'] / 1e6:.2f}M parameters ({m['param_ratio']:.2f}x its source), "
+        f"vocabulary {m['vocab']}, layers {m['layers_kept']}; evaluate it with "
+        f"`nestling eval --run {cfg.run} --students {cfg.name}`"
+    )
     return 0

@@ -318,7 +318,7 @@ def prune_mlp(
 
 @dataclass
 class CompressConfig:
-    """`python -m nestling.distill.compress`: a compact student from a trained one."""
+    """`nestling compress`: a compact student from a trained one."""
 
     run: str = field(default="runs/default", metadata={"help": "run directory holding traces/ and students/"})
     source: str = field(
@@ -635,28 +635,3 @@ def _recover(rec_run: Path, trim_dir: Path, cfg: CompressConfig) -> tuple[Any, A
 def _mkparent(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m nestling.distill.compress --run RUN --source smollm2 --keep-layers 18`."""
-    import argparse
-
-    from nestling.serve.config import add_config_args, config_from_args
-
-    p = argparse.ArgumentParser(
-        prog="python -m nestling.distill.compress", description=__doc__.split("\n")[0]
-    )
-    add_config_args(p, CompressConfig)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        out = compress(config_from_args(CompressConfig, args))
-    except NestlingError as e:
-        print(f"error: {e}")
-        return 2
-    print(out)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

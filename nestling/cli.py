@@ -61,6 +61,13 @@ COMMANDS: dict[str, Command] = {
         "nestling.distill.cli:distill_main",
         torch=True,
     ),
+    "compress": Command(
+        "a compact student from a trained one: vocabulary trimmed to the task, layers pruned by measured "
+        "importance, recovered by logit distillation",
+        "nestling.distill.compress:CompressConfig",
+        "nestling.distill.cli:compress_main",
+        torch=True,
+    ),
     "export": Command(
         "ONNX (fp32, int8) + GGUF (f16, Q8_0, Q4_K_M) of a student, parity-checked against PyTorch",
         "nestling.export.pipeline:ExportConfig",
