@@ -53,12 +53,16 @@ def model_card(
     n_prompts: int,
     threads: int = 1,
 ) -> str:
-    """README.md for the export directory."""
-    dc = datacard or {}
-    teacher = dc.get("teacher") or "unknown (no data card beside the student)"
-    if isinstance(teacher, dict):
-        teacher = teacher.get("spec") or teacher.get("name") or str(teacher)
-    out = [
+    """README.md for the export directory: what it is, how it was distilled, each variant, how to use it."""
+    out = _card_intro(name, student, task)
+    out += _card_provenance(datacard or {}, task, student)
+    out += _card_variants(variants, default_variant, pytorch, prompt_source, n_prompts, threads)
+    out += _card_usage(default_variant)
+    return "\n".join(out) + "\n"
+
+
+def _card_intro(name: str, student: dict[str, Any], task: str | None) -> list[str]:
+    return [
         f"# {name}: a nestling student",
         "",
         f"A {student.get('params', 0) / 1e6:.1f}M-parameter {student.get('family', 'llama')} model"
@@ -67,10 +71,14 @@ def model_card(
         f"Prompt format `{PROMPT_FORMAT}`: `Question: <q>\\n{EXPLAIN_MARK}`; it writes `Step n: ...`"
         " lines and ends with `Answer: <a>`.",
         "",
-        "## How it was distilled",
-        f"- Teacher: {teacher}",
-        f"- Task: {task or 'unknown'}",
     ]
+
+
+def _card_provenance(dc: dict[str, Any], task: str | None, student: dict[str, Any]) -> list[str]:
+    teacher = dc.get("teacher") or "unknown (no data card beside the student)"
+    if isinstance(teacher, dict):
+        teacher = teacher.get("spec") or teacher.get("name") or str(teacher)
+    out = ["## How it was distilled", f"- Teacher: {teacher}", f"- Task: {task or 'unknown'}"]
     q = dc.get("questions") or {}
     if q:
         out.append(f"- Questions: {q.get('train', '?')} train, {q.get('heldout', '?')} held out")
@@ -85,9 +93,19 @@ def model_card(
     base = (dc.get("trivial_baseline") or {}).get("heldout_accuracy")
     if base is not None:
         out.append(f"- Trivial baseline (most common answer) on held-out: {_fmt(base, True)}")
-    out += [
-        f"- Student: `{student.get('name')}` (sha256 of its files {str(student.get('sha256', ''))[:12]}...)",
-        "",
+    sha = str(student.get("sha256", ""))[:12]
+    return [*out, f"- Student: `{student.get('name')}` (sha256 of its files {sha}...)", ""]
+
+
+def _card_variants(
+    variants: dict[str, dict[str, Any]],
+    default_variant: str,
+    pytorch: dict[str, Any],
+    prompt_source: str,
+    n_prompts: int,
+    threads: int,
+) -> list[str]:
+    out = [
         "## Accuracy and speed per variant",
         f"Held-out accuracy on {n_prompts} prompts ({prompt_source}); decode tokens/s, greedy, {threads}"
         f" thread{'s' if threads > 1 else ''}, on"
@@ -110,8 +128,11 @@ def model_card(
             f" {_fmt(p.get('teacher_forced_top1'), True)} | {p.get('max_abs_logit_diff', 0):.3g} |"
             f" {_fmt(v.get('tokens_per_s'))} |"
         )
-    out += [
-        "",
+    return [*out, ""]
+
+
+def _card_usage(default_variant: str) -> list[str]:
+    return [
         "## Use it",
         "```sh",
         f"nestling serve .            # the {default_variant} variant, explanations with checked steps",
@@ -127,4 +148,3 @@ def model_card(
         "",
         "Every file's sha256 is in `manifest.json`.",
     ]
-    return "\n".join(out) + "\n"
