@@ -136,6 +136,9 @@ def vote_labels(records: list[dict], cfg: FilterConfig) -> dict[str, str]:
     return labels
 
 
+FILTERS = ["format", "length", "correct", "steps", "dedupe"]
+
+
 def filter_traces(
     records: list[dict], examples: list[Example], cfg: FilterConfig | None = None
 ) -> tuple[list[dict], dict[str, Any]]:
@@ -144,69 +147,88 @@ def filter_traces(
     by_id = {ex.id: ex for ex in examples}
     records = [r for r in records if r.get("qid") in by_id]
     labels = vote_labels([r for r in records if by_id[r["qid"]].gold is None], cfg)
-    names = ["format", "length", "correct", "steps", "dedupe"]
-    passed = {n: 0 for n in names}
-    right_wrong_steps = inconsistent = 0
+    passed = dict.fromkeys(FILTERS, 0)
+    dropped_steps = {"wrong": 0, "inconsistent": 0}
     seen: set[tuple[str, tuple[str, ...]]] = set()
     kept: list[dict] = []
     for r in records:
-        ex = by_id[r["qid"]]
-        steps, short = record_steps(r, r.get("task") or ex.task)
-        if r.get("answer") is None or not steps or _degenerate(steps):
+        failed, row = _judge(r, by_id[r["qid"]], cfg, labels)
+        if failed in dropped_steps:
+            dropped_steps[failed] += 1
+        stage = "steps" if failed in dropped_steps else failed or "dedupe"
+        for name in FILTERS[: FILTERS.index(stage)]:  # the filters it passed before the one it failed
+            passed[name] += 1
+        if row is None:
             continue
-        passed["format"] += 1
-        too_long = len(steps) > cfg.max_steps or len(r.get("rationale") or "") > cfg.max_chars
-        if r.get("truncated") or (too_long and not r.get("chain")):
-            continue
-        passed["length"] += 1
-        if ex.gold is not None:
-            answer, source = ex.gold, "verified"
-            ok = bool(r.get("correct"))
-        else:
-            answer, source = labels.get(ex.id), "vote"
-            ok = answer is not None and normalize_answer(r["answer"]) == normalize_answer(answer)
-        if not ok or answer is None:
-            continue
-        passed["correct"] += 1
-        if cfg.check_steps and any(c.ok is False for c in check_steps(steps, r.get("task") or ex.task)):
-            right_wrong_steps += 1
-            continue
-        if cfg.require_consistent and not explanation_consistent(steps, answer):
-            inconsistent += 1
-            continue
-        passed["steps"] += 1
-        key = (ex.id, tuple(" ".join(s.lower().split()) for s in steps))
-        if key in seen:
-            continue
-        seen.add(key)
-        passed["dedupe"] += 1
-        row = {
-            "qid": ex.id,
-            "task": ex.task,
-            "question": ex.question,
-            "answer": answer,
-            "steps": short if cfg.style == "short" else steps,
-            "source": source,
-            "trace": r.get("id"),
-        }
-        if r.get("chain"):
-            row.update(steps_full=steps, steps_short=short, chain_source=r.get("chain_source"))
-        kept.append(row)
-    filters = []
-    prev = len(records)
-    for n in names:
+        key = (row["qid"], tuple(" ".join(s.lower().split()) for s in row.pop("_steps")))
+        if key not in seen:
+            seen.add(key)
+            passed["dedupe"] += 1
+            kept.append(row)
+    return kept, _filter_stats(records, examples, kept, passed, dropped_steps, labels, cfg)
+
+
+def _judge(r: dict, ex: Example, cfg: FilterConfig, labels: dict[str, str]) -> tuple[str | None, dict | None]:
+    """(the filter the record fails first, or "wrong"/"inconsistent" when its steps fail, else None; the
+    training row when it passes everything but dedupe)."""
+    steps, short = record_steps(r, r.get("task") or ex.task)
+    if r.get("answer") is None or not steps or _degenerate(steps):
+        return "format", None
+    too_long = len(steps) > cfg.max_steps or len(r.get("rationale") or "") > cfg.max_chars
+    if r.get("truncated") or (too_long and not r.get("chain")):
+        return "length", None
+    if ex.gold is not None:
+        answer, source, ok = ex.gold, "verified", bool(r.get("correct"))
+    else:
+        answer, source = labels.get(ex.id), "vote"
+        ok = answer is not None and normalize_answer(r["answer"]) == normalize_answer(answer)
+    if not ok or answer is None:
+        return "correct", None
+    if cfg.check_steps and any(c.ok is False for c in check_steps(steps, r.get("task") or ex.task)):
+        return "wrong", None
+    if cfg.require_consistent and not explanation_consistent(steps, answer):
+        return "inconsistent", None
+    row = {
+        "qid": ex.id,
+        "task": ex.task,
+        "question": ex.question,
+        "answer": answer,
+        "steps": short if cfg.style == "short" else steps,
+        "source": source,
+        "trace": r.get("id"),
+        "_steps": steps,
+    }
+    if r.get("chain"):
+        row.update(steps_full=steps, steps_short=short, chain_source=r.get("chain_source"))
+    return None, row
+
+
+def _filter_stats(
+    records: list[dict],
+    examples: list[Example],
+    kept: list[dict],
+    passed: dict[str, int],
+    dropped_steps: dict[str, int],
+    labels: dict[str, str],
+    cfg: FilterConfig,
+) -> dict[str, Any]:
+    filters, prev = [], len(records)
+    for n in FILTERS:
         filters.append(
             {"name": n, "in": prev, "kept": passed[n], "yield": round(passed[n] / prev, 4) if prev else 0.0}
         )
         prev = passed[n]
     covered = {row["qid"] for row in kept}
     chained = [row for row in kept if "steps_full" in row]
-    mean = lambda key: round(sum(len(row[key]) for row in chained) / len(chained), 2) if chained else None  # noqa: E731
-    stats = {
+
+    def mean(key: str) -> float | None:
+        return round(sum(len(row[key]) for row in chained) / len(chained), 2) if chained else None
+
+    return {
         "records": len(records),
         "filters": filters,
-        "right_answer_wrong_steps": right_wrong_steps,
-        "right_answer_inconsistent_steps": inconsistent,
+        "right_answer_wrong_steps": dropped_steps["wrong"],
+        "right_answer_inconsistent_steps": dropped_steps["inconsistent"],
         "kept": len(kept),
         "yield": round(len(kept) / len(records), 4) if records else 0.0,
         "questions": len(examples),
@@ -224,4 +246,3 @@ def filter_traces(
             "threshold": cfg.vote_threshold,
         },
     }
-    return kept, stats
