@@ -31,6 +31,13 @@ class RunConfig(DistillConfig):
     latency_questions: int = field(
         default=20, metadata={"help": "held-out questions each export answers one at a time, timed"}
     )
+    compress: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "compact students derived after training, SOURCE:LAYERS (e.g. smollm2:18): vocabulary "
+            "trimmed, layers pruned, recovered by KD; each (and SOURCE-trim) is evaluated, exported and timed"
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -39,6 +46,12 @@ class RunConfig(DistillConfig):
             f"--recommend-within {self.recommend_within}: must be in [0, 1], e.g. 0.02",
         )
         check(self.latency_questions >= 1, f"--latency-questions {self.latency_questions}: must be >= 1")
+        for item in self.compress:
+            source, _, layers = item.partition(":")
+            check(
+                bool(source) and layers.isdigit() and int(layers) >= 2,
+                f"--compress {item!r}: write SOURCE:LAYERS (a trained student, >= 2 layers), e.g. smollm2:18",
+            )
 
 
 def _overrides(cfg: RunConfig, target: type) -> dict[str, Any]:
@@ -57,12 +70,41 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     distilled = run_distill(DistillConfig(out=cfg.out, **_overrides(cfg, DistillConfig)))
     if not is_main_process():  # under a launcher every rank trains; rank 0 alone exports and reports
         return {}
+    students = {**distilled["students"], **_compress(cfg, list(distilled["students"]))}
     questions = _heldout_questions(run_dir, cfg.latency_questions)
-    for name, student_dir in distilled["students"].items():
+    for name, student_dir in students.items():
         out = run_dir / "exports" / name
         export_student(ExportConfig(student=str(student_dir), out=str(out), **_overrides(cfg, ExportConfig)))
         measure_export(out, questions, n_threads=1, cache=run_dir / "latency" / f"{name}.json")
     return write_report(run_dir, collect_report(run_dir), cfg.recommend_within)
+
+
+def _compress(cfg: RunConfig, trained: list[str]) -> dict[str, Path]:
+    """Compact students (and each source's lossless trim) derived from trained ones, then evaluated beside
+    them (evaluation is cached per student, so the trained ones are not scored again)."""
+    if not cfg.compress:
+        return {}
+    from nestling.distill.compress import CompressConfig, compress
+    from nestling.distill.evaluate import EvalConfig, evaluate
+
+    made: dict[str, Path] = {}
+    for item in cfg.compress:
+        source, _, layers = item.partition(":")
+        ccfg = CompressConfig(
+            run=cfg.out, source=source, keep_layers=int(layers), seed=cfg.seed, threads=cfg.threads
+        )
+        made[str(ccfg.name)] = compress(ccfg) / "model"
+        made[f"{source}-trim"] = Path(cfg.out) / "students" / f"{source}-trim" / "model"
+    evaluate(
+        EvalConfig(
+            run=cfg.out,
+            students=[*trained, *made],
+            teacher=cfg.teacher,
+            limit=cfg.eval_limit,
+            threads=cfg.threads,
+        )
+    )
+    return made
 
 
 def _heldout_questions(run_dir: Path, n: int) -> list[str]:
