@@ -82,7 +82,7 @@ class TrainConfig:
     run: str = field(default="runs/default", metadata={"help": "run directory holding traces/"})
     student: str = field(
         default="tiny",
-        metadata={"help": "student spec: nano|tiny|small|gguf:smollm2|hf:PATH, options ?keep_layers=N&seed=N"},
+        metadata={"help": "student spec: nano|tiny|small|gguf:smollm2|hf:DIR, options ?keep_layers=N&seed=N"},
     )
     objective: str = field(
         default="multitask", metadata={"help": "cot | multitask | answer-only", "choices": OBJECTIVES}

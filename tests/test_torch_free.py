@@ -16,7 +16,8 @@ PROGRAM = r"""
 import json, sys
 sys.path[:0] = [{root!r}, {tests!r}]
 from nestling.serve import Reasoner
-import nestling.serve.runtime, nestling.serve.app, nestling.serve.engines, nestling.serve.settings, nestling.serve.cli
+import nestling.serve.runtime, nestling.serve.app, nestling.serve.engines
+import nestling.serve.settings, nestling.serve.cli
 from nestling.serve.app import create_app
 from nestling.serve.settings import Settings
 from serve_fakes import make_fake_export, register_fake
