@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -35,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from nestling.serve.config import check
 from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import is_fresh, read_jsonl, read_manifest, write_manifest
+from nestling.serve.manifest import is_fresh, read_jsonl, read_manifest, write_jsonl, write_manifest
 from nestling.serve.prompting import answer_target, explain_target, student_prompt
 
 if TYPE_CHECKING:
@@ -485,13 +484,6 @@ def _publish(model: Any, tok: Any, out: Path, **manifest: Any) -> Path:
     return out / "model"
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def compress(cfg: CompressConfig) -> Path:
     """trim -> prune -> recover; returns RUN/students/<name>. Re-running with the same inputs skips."""
     from nestling.distill.accel import set_threads
@@ -586,7 +578,7 @@ def _recovery_run(model: Any, tok: Any, run: Path, cfg: CompressConfig, data: _D
     data.fresh_rows, data.fresh_filters = len(fresh), stats.get("filters")
     rec_run = run / "compress" / str(cfg.name)
     shutil.copyfile(run / "traces" / "questions.jsonl", _mkparent(rec_run / "traces" / "questions.jsonl"))
-    _write_jsonl(rec_run / "traces" / "kept.jsonl", read_jsonl(run / "traces" / "kept.jsonl") + fresh)
+    write_jsonl(rec_run / "traces" / "kept.jsonl", read_jsonl(run / "traces" / "kept.jsonl") + fresh)
     return rec_run
 
 

@@ -37,7 +37,13 @@ from nestling.serve.config import check
 from nestling.serve.errors import NestlingError
 from nestling.serve.explain import check_steps, explanation_consistent, parse_steps
 from nestling.serve.fmt import pct
-from nestling.serve.manifest import atomic_write_json, atomic_write_text, fingerprint, try_read_manifest
+from nestling.serve.manifest import (
+    atomic_write_json,
+    atomic_write_text,
+    fingerprint,
+    try_read_json,
+    try_read_manifest,
+)
 from nestling.serve.prompting import student_prompt
 
 log = logging.getLogger(__name__)
@@ -229,9 +235,9 @@ def run_teacher(
     from tqdm.auto import tqdm
 
     from nestling.distill.prompts import teacher_messages
-    from nestling.distill.teachers import Job, default_threads, load_teacher
+    from nestling.distill.teachers import Job, default_teacher_threads, load_teacher
 
-    teacher = load_teacher(spec, n_threads=cfg.threads or default_threads(), **opts)
+    teacher = load_teacher(spec, n_threads=cfg.threads or default_teacher_threads(), **opts)
     jobs = [
         Job(i, teacher_messages(r["question"], fewshot=fewshot), tuple(range(samples)))
         for i, r in enumerate(rows)
@@ -365,13 +371,6 @@ def reference_line(ref: dict[str, Any]) -> str:
         f"{ref['labelled']} of {ref['heldout']} held-out questions had a majority and are scored; "
         "brackets: 95% Wilson interval."
     )
-
-
-def try_read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 # ---- students ------------------------------------------------------------------------------------------

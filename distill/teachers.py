@@ -178,7 +178,7 @@ class Teacher:
         self.close()
 
 
-def default_threads() -> int:
+def default_teacher_threads() -> int:
     """Half the logical cores (llama.cpp's own heuristic). On a 2-core box that is 1: measured with other
     work running, 1 thread wrote 1.6 rationales/s while 2 threads spin-waited and did not finish in 5 min."""
     return max(1, (os.cpu_count() or 2) // 2)
@@ -561,7 +561,7 @@ def teacher_options(
 def load_teacher(spec: str, n_threads: int | None = None, **opts: Any) -> Teacher:
     """Parse a teacher spec (see the module docstring). opts go to the backend (e.g. concurrency=16)."""
     spec = (spec or "").strip()
-    threads = n_threads or default_threads()
+    threads = n_threads or default_teacher_threads()
     check(threads >= 1, f"threads {n_threads}: must be >= 1")
     kind, _, rest = spec.partition(":")
     if kind == "gguf" and rest:

@@ -42,11 +42,11 @@ from nestling.serve.config import check
 from nestling.serve.errors import NestlingError
 from nestling.serve.manifest import (
     atomic_write_json,
-    atomic_write_text,
     fingerprint,
     is_fresh,
     read_jsonl,
     try_read_manifest,
+    write_jsonl,
     write_manifest,
 )
 
@@ -279,10 +279,6 @@ class TraceStore:
         return len(new)
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 def _read_jsonl(path: Path) -> list[dict]:
     return read_jsonl(path, fix="delete the file to redraw the questions")
 
@@ -307,7 +303,7 @@ def _questions(task: Task, cfg: TracesConfig, out_dir: Path) -> tuple[list[Examp
                 f"{path}: drawn with another task, n, heldout or seed; use a new --out or the same settings"
             )
     else:
-        _write_jsonl(path, rows)
+        write_jsonl(path, rows)
     return train, held, task.stats()
 
 
@@ -354,7 +350,7 @@ def run_traces(cfg: TracesConfig, progress: bool = True) -> Path:
     train_ids = {ex.id for ex in train}
     records = [r for r in store.records if r["qid"] in train_ids and int(r["sample"]) < cfg.samples]
     kept, fstats = filter_traces(records, train, cfg.filters())
-    _write_jsonl(out_dir / "kept.jsonl", kept)
+    write_jsonl(out_dir / "kept.jsonl", kept)
     baseline = trivial_baseline(train, held, task.score)
     card = datacard(cfg, train, held, task_stats, records, fstats, wall, store.repaired_bytes, baseline)
     missing = len(train) * cfg.samples - len(records)

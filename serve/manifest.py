@@ -102,6 +102,11 @@ def try_read_json(path: str | Path) -> Any:
         return None
 
 
+def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
+    """All rows at once, atomically (a reader sees the old file or the new one, never a torn one)."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
 def read_jsonl(path: str | Path, fix: str = "re-run the stage that wrote it") -> list[Any]:
     """Rows of a JSONL file; a missing file or a bad line is a NestlingError naming the line and `fix`."""
     path = Path(path)
