@@ -54,7 +54,10 @@ class DistillConfig:
     samples: int | None = field(default=None, metadata={"help": "teacher samples per question (k)"})
     n: int | None = field(default=None, metadata={"help": "questions to draw (train + held-out)"})
     heldout: float | None = field(
-        default=None, metadata={"help": "held-out questions: a fraction < 1 or a count (traces' default 0.2)"}
+        default=None,
+        metadata={
+            "help": "held-out questions: a fraction < 1 or a count (traces' default: half of n, at most 200)"
+        },
     )
     concurrency: int | None = field(default=None, metadata={"help": "openai teachers: requests in flight"})
     request_extra: str | None = field(

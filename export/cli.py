@@ -33,4 +33,3 @@ def export_main(cfg: ExportConfig) -> int:
         )
     print(f"* default variant; serve it with: nestling serve {cfg.out}")
     return 0
-

@@ -1,11 +1,13 @@
-"""Per-answer latency: what a user waits for, measured through the runtime a user deploys (``Reasoner``).
+"""Per-answer latency and accuracy: what a user waits for and gets, measured through the runtime a user
+deploys (``Reasoner``).
 
 Decode tokens/s says little about a multitask student that answers in 1-3 tokens; this times whole answers
 (prompt processing included), one question at a time, in explain and answer-only modes, for every variant of
-an export, on the run's first held-out questions.
+an export, on the run's held-out questions. Given a scorer, each answer is also scored, so every export's
+accuracy is measured on the same questions as its PyTorch student (export-time parity checks only a few).
 
-    lat = measure_export(Path("runs/default/exports/tiny"), questions, n_threads=1)
-    lat["gguf-q4_k_m"]["explain"]["median_s"]
+    lat = measure_export(Path("runs/default/exports/tiny"), questions, n_threads=1, score=score)
+    lat["gguf-q4_k_m"]["explain"]["median_s"], lat["gguf-q4_k_m"]["answer"]["accuracy"]
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,37 +26,57 @@ log = logging.getLogger(__name__)
 MODES = {"explain": True, "answer": False}
 
 
-def _time_answers(reasoner: Any, questions: list[str], explain: bool) -> dict[str, float]:
+Score = Callable[[int, str], bool]  # (question index, answer text) -> right
+
+
+def _time_answers(reasoner: Any, questions: list[str], explain: bool, score: Score | None) -> dict[str, Any]:
     reasoner.ask(questions[0], explain=explain)  # warm-up: first-call allocations are not a user's wait
-    seconds = []
-    for q in questions:
+    seconds, right = [], 0
+    for i, q in enumerate(questions):
         t0 = time.perf_counter()
-        reasoner.ask(q, explain=explain)
+        a = reasoner.ask(q, explain=explain)
         seconds.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(seconds), "mean_s": statistics.fmean(seconds), "n": len(seconds)}
+        right += bool(score and score(i, a.text))
+    out = {"median_s": statistics.median(seconds), "mean_s": statistics.fmean(seconds), "n": len(seconds)}
+    if score:
+        out.update(correct=right, accuracy=right / len(questions))
+    return out
 
 
-def measure_variant(export_dir: Path, variant: str, questions: list[str], n_threads: int) -> dict[str, Any]:
-    """Median and mean seconds per answer of one variant, in both modes."""
+def measure_variant(
+    export_dir: Path, variant: str, questions: list[str], n_threads: int, score: Score | None = None
+) -> dict[str, Any]:
+    """Median and mean seconds per answer of one variant in both modes (and accuracy, given `score`)."""
     from nestling.serve.runtime import Reasoner
 
     with Reasoner.load(export_dir, variant=variant, n_threads=n_threads) as r:
-        return {mode: _time_answers(r, questions, explain) for mode, explain in MODES.items()}
+        return {mode: _time_answers(r, questions, explain, score) for mode, explain in MODES.items()}
 
 
 def measure_export(
-    export_dir: Path, questions: list[str], n_threads: int = 1, cache: Path | None = None
+    export_dir: Path,
+    questions: list[str],
+    n_threads: int = 1,
+    cache: Path | None = None,
+    score: Score | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every variant of an export; cached in ``cache`` (keyed by the export's files and the questions)."""
     manifest = read_manifest(export_dir, stage="export")
-    key = {"files": manifest.get("files"), "questions": questions, "threads": n_threads}
+    key = {
+        "files": manifest.get("files"),
+        "questions": questions,
+        "threads": n_threads,
+        "scored": bool(score),
+    }
     cached = try_read_json(cache) if cache else None
     if cached and cached.get("key") == key:
         return cached["variants"]
     out = {}
     for variant in manifest.get("variants", {}):
-        log.info("timing %d answers of %s %s in both modes", len(questions), export_dir.name, variant)
-        out[variant] = measure_variant(export_dir, variant, questions, n_threads)
+        log.info(
+            "timing (and scoring) %d answers of %s %s in both modes", len(questions), export_dir.name, variant
+        )
+        out[variant] = measure_variant(export_dir, variant, questions, n_threads, score)
     if cache:
         atomic_write_json(cache, {"key": key, "variants": out})
     return out

@@ -92,7 +92,8 @@ def _student_entry(student_dir: Path, res: dict[str, Any]) -> dict[str, Any]:
 
 
 def _export_entries(run_dir: Path, export_dir: Path) -> dict[str, dict[str, Any]]:
-    """One entry per variant of an export: export-time accuracy and parity, and the run's answer timings."""
+    """One entry per variant of an export: accuracy and answer times from the run's pass over the held-out
+    questions through Reasoner (RUN/latency), else the export-time check on its parity prompts."""
     from nestling.serve.manifest import try_read_manifest
 
     name = export_dir.name
@@ -101,20 +102,24 @@ def _export_entries(run_dir: Path, export_dir: Path) -> dict[str, dict[str, Any]
     metrics = m.get("metrics") or {}
     entries = {}
     for variant, v in (m.get("variants") or {}).items():
+        t = timed.get(variant) or {}
+        scored = (t.get("explain") or {}).get("accuracy") is not None
         entries[f"{name}-{variant}"] = _with_ci(
             {
                 "student": name,
                 "variant": variant,
                 "engine": v.get("engine"),
                 "path": str(export_dir / v["path"]),
-                "accuracy": v.get("accuracy"),
-                "accuracy_delta_vs_pytorch": v.get("accuracy_delta"),
-                "pytorch_accuracy_same_prompts": (metrics.get("pytorch") or {}).get("accuracy"),
-                "n": metrics.get("parity_prompts"),
+                "accuracy": t["explain"]["accuracy"] if scored else v.get("accuracy"),
+                "accuracy_answer_only": (t.get("answer") or {}).get("accuracy"),
+                "n": t["explain"]["n"] if scored else metrics.get("parity_prompts"),
+                "parity_accuracy": v.get("accuracy"),
+                "parity_accuracy_delta_vs_pytorch": v.get("accuracy_delta"),
+                "parity_prompts": metrics.get("parity_prompts"),
                 "params": (m.get("student") or {}).get("params"),
                 "bytes": v.get("bytes"),
                 "tokens_per_s": v.get("tokens_per_s"),
-                "answer_s": {mode: t.get("median_s") for mode, t in (timed.get(variant) or {}).items()},
+                "answer_s": {mode: x.get("median_s") for mode, x in t.items()},
                 "parity": v.get("parity"),
             }
         )
@@ -186,15 +191,15 @@ def _report_markdown(report: dict[str, Any]) -> str:
         f"Recommended artifact: **{report.get('recommended') or '-'}** (the quickest explained answers among "
         f"exports within {100 * report['tolerance']:.0f} points of the most accurate one).",
         "",
-        "| model | student | held-out accuracy | 95% interval | questions | params | size | decode tokens/s "
-        "| per answer, explained | per answer, answer-only |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | student | held-out accuracy | 95% interval | answer-only accuracy | questions | params "
+        "| size | decode tokens/s | per answer, explained | per answer, answer-only |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, student, e in rows:
         answer_s = e.get("answer_s") or {}
         lines.append(
             f"| {name} | {student} | {_fmt(e.get('accuracy'), 'acc')} | {_fmt(e.get('accuracy_ci'), 'ci')} | "
-            f"{e.get('n') or '-'} | "
+            f"{_fmt(e.get('accuracy_answer_only'), 'acc')} | {e.get('n') or '-'} | "
             f"{_fmt(e.get('params'), 'params')} | "
             f"{_fmt(e.get('bytes'), 'bytes')} | {_fmt(e.get('tokens_per_s'), 'tps')} | "
             f"{_fmt(answer_s.get('explain'), 's')} | {_fmt(answer_s.get('answer'), 's')} |"
@@ -202,10 +207,10 @@ def _report_markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "Teacher and students are scored on the held-out split (explain mode, greedy); each export on the "
-        "first `questions` held-out prompts at export time, beside its PyTorch student on the same prompts "
-        "(`accuracy_delta_vs_pytorch` in report.json). Decode speed is single-stream on this machine; "
-        "per-answer times are medians over held-out questions asked one at a time through `Reasoner` (prompt "
-        "included; the teacher's through its own engine and prompt).",
+        "held-out questions it answered one at a time through `Reasoner` (all of them by default, the same "
+        "questions as its PyTorch student; answer-only accuracy and the export-time parity check are in "
+        "report.json). Decode speed is single-stream on this machine; per-answer times are medians over "
+        "those answers (prompt included; the teacher's through its own engine and prompt).",
     ]
     return "\n".join(lines) + "\n"
 

@@ -111,4 +111,3 @@ def config_from_args(cls: type[T], ns: argparse.Namespace, **overrides: Any) -> 
         return cls(**values)
     except TypeError as e:
         raise NestlingError(f"{cls.__name__}: {e}") from None
-

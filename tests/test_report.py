@@ -88,3 +88,27 @@ def test_answers_are_timed_per_variant_in_both_modes_and_cached(tmp_path):
     assert sum(e.calls for e in loaded) == calls  # served from the cache: nothing re-timed
     measure_export(export, questions[:1], cache=cache)
     assert sum(e.calls for e in loaded) > calls  # other questions: timed again
+
+
+def test_exports_are_scored_on_the_questions_they_answer_and_reported_so(tmp_path):
+    from nestling.latency import measure_export
+
+    register_fake()
+    export = make_fake_export(tmp_path / "run" / "exports")
+    questions = ["What is 2 + 3?", "What is 9 * 8?", "What is 1 + 1?"]
+    seen: list[tuple[int, str]] = []
+
+    def score(i: int, text: str) -> bool:
+        seen.append((i, text))
+        return i != 1
+
+    cache = tmp_path / "run" / "latency" / "tiny.json"
+    timed = measure_export(export, questions, cache=cache, score=score)
+    for modes in timed.values():
+        for m in modes.values():
+            assert (m["n"], m["correct"]) == (3, 2) and abs(m["accuracy"] - 2 / 3) < 1e-9
+    assert sorted({i for i, _ in seen}) == [0, 1, 2] and all(isinstance(t, str) for _, t in seen)
+    entries = nestling_report._export_entries(tmp_path / "run", export)
+    for e in entries.values():  # the timed pass decides the reported accuracy, not the parity prompts
+        assert e["n"] == 3 and abs(e["accuracy"] - 2 / 3) < 1e-9 and e["accuracy_answer_only"] is not None
+        assert e["accuracy_ci"][0] < 2 / 3 < e["accuracy_ci"][1]

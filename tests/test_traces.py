@@ -302,3 +302,9 @@ def test_kill_9_mid_run_then_rerun_loses_nothing_and_duplicates_nothing(tmp_path
     train = [q["id"] for q in read_jsonl(run / "traces" / "questions.jsonl") if q["split"] == "train"]
     assert set(ids) == {f"{q}:{j}" for q in train for j in range(2)}
     assert read_manifest(run / "traces", stage="traces")["metrics"]["records"] == 80
+
+
+def test_the_default_heldout_is_half_the_questions_at_most_200():
+    assert TracesConfig().heldout == 200 and TracesConfig().n == 400
+    assert TracesConfig(n=100).heldout == 50
+    assert TracesConfig(n=100, heldout=0.2).heldout == 0.2
