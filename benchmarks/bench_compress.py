@@ -115,7 +115,7 @@ def main() -> None:
     p.add_argument("--fresh", type=int, default=400)
     p.add_argument("--kd-alpha", type=float, default=0.5)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one compact student per seed and shape")
     p.add_argument("--threads", type=int, default=2, help="training and PyTorch eval threads")
     p.add_argument("--latency-questions", type=int, default=100, help="held-out questions timed one by one")
     p.add_argument("--out", default="benchmarks/results/compress")
@@ -130,23 +130,26 @@ def main() -> None:
     run = Path(args.run)
     names, seconds = [args.source, f"{args.source}-trim"], {}
     for k in args.layers:
-        cfg = CompressConfig(
-            run=str(run),
-            source=args.source,
-            keep_layers=k,
-            intermediate_size=args.width,
-            recover_steps=args.recover_steps,
-            fresh=args.fresh,
-            kd_alpha=args.kd_alpha,
-            lr=args.lr,
-            seed=args.seed,
-            threads=args.threads,
-            progress=False,
-        )
-        t0 = time.perf_counter()
-        compress(cfg)
-        seconds[str(cfg.name)] = round(time.perf_counter() - t0, 1)
-        names.append(str(cfg.name))
+        for seed in args.seeds:
+            width = f"-w{args.width}" if args.width else ""
+            cfg = CompressConfig(
+                run=str(run),
+                source=args.source,
+                name=f"{args.source}-c{k}{width}" + (f"-s{seed}" if len(args.seeds) > 1 else ""),
+                keep_layers=k,
+                intermediate_size=args.width,
+                recover_steps=args.recover_steps,
+                fresh=args.fresh,
+                kd_alpha=args.kd_alpha,
+                lr=args.lr,
+                seed=seed,
+                threads=args.threads,
+                progress=False,
+            )
+            t0 = time.perf_counter()
+            compress(cfg)
+            seconds[str(cfg.name)] = round(time.perf_counter() - t0, 1)
+            names.append(str(cfg.name))
     ev = evaluate(
         EvalConfig(run=str(run), students=names, latency_samples=0, threads=args.threads, progress=False)
     )
@@ -190,12 +193,43 @@ def main() -> None:
         row["speedup_vs_self_distilled"] = {
             m: round(base[m]["mean_s"] / row["gguf_q8_0"][m]["mean_s"], 2) for m in ("answer", "explain")
         }
+    if len(args.seeds) > 1:
+        res["seeds"] = seed_summary(res, args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.with_suffix(".json"), res)
     plot(res, out.with_suffix(".png"))
     print(json.dumps({k: _brief(v) for k, v in res["students"].items()}, indent=1))
     print("teacher", json.dumps(res["teacher"]["heldout"]), json.dumps(res["teacher"]["gguf"]))
+    if "seeds" in res:
+        print("seeds", json.dumps(res["seeds"], indent=1))
+
+
+def seed_summary(res: dict, args: argparse.Namespace) -> dict:
+    """Mean and spread over seeds of each shape: accuracy (PyTorch, both modes) and speed-ups."""
+    out = {}
+    for k in args.layers:
+        width = f"-w{args.width}" if args.width else ""
+        rows = [res["students"][f"{args.source}-c{k}{width}-s{s}"] for s in args.seeds]
+        stat = lambda xs: {"mean": round(statistics.fmean(xs), 4), "stdev": round(statistics.stdev(xs), 4)}  # noqa: E731
+        out[f"{args.source}-c{k}{width}"] = {
+            "seeds": args.seeds,
+            "params": rows[0]["params"],
+            "param_ratio": rows[0]["param_ratio"],
+            **{
+                f"accuracy_{m}": stat([r["pytorch"][m]["accuracy"] for r in rows])
+                for m in ("explain", "answer")
+            },
+            **{
+                f"q8_0_accuracy_{m}": stat([r["gguf_q8_0"][m]["accuracy"] for r in rows])
+                for m in ("explain", "answer")
+            },
+            **{
+                f"speedup_{m}": stat([r["speedup_vs_teacher"][m] for r in rows])
+                for m in ("explain", "answer")
+            },
+        }
+    return out
 
 
 def _brief(row: dict) -> dict:

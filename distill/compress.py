@@ -331,11 +331,13 @@ class CompressConfig:
     name: str | None = field(
         default=None, metadata={"help": "compact student's name (default: SOURCE-cK[-wI])"}
     )
-    keep_layers: int = field(
-        default=18, metadata={"help": "decoder layers kept, by angular distance (first and last always)"}
+    keep_layers: int | None = field(
+        default=None,
+        metadata={"help": "decoder layers kept, by angular distance (first and last always; default: all)"},
     )
     intermediate_size: int | None = field(
-        default=None, metadata={"help": "MLP channels kept per layer, by activation (default: all)"}
+        default=None,
+        metadata={"help": "MLP channels kept per layer, by activation x down-projection norm (default: all)"},
     )
     calib: int = field(default=64, metadata={"help": "training texts used to measure importance"})
     fresh: int = field(
@@ -345,11 +347,15 @@ class CompressConfig:
     vocab_questions: int = field(
         default=2000, metadata={"help": "task questions drawn to cover the task's vocabulary"}
     )
-    recover_steps: int = field(default=600, metadata={"help": "recovery optimizer steps (0 = none)"})
-    lr: float = field(default=3e-4, metadata={"help": "recovery peak learning rate"})
+    # Measured on a 200-question held-out split, SmolLM2 cut to 768 MLP channels (held-out accuracy, explain /
+    # answer-only): 600 steps at 3e-4 with KD weight 0.5: 68.0 / 67.0%; 300 at 3e-4, 0.9: 69.0 / 65.0%;
+    # 600 at 1e-4, 0.9: 71.0 / 67.5%; 300 at 1e-4, 0.9: 72.5 / 69.0%. The recovery set is a few hundred rows:
+    # a gentle, short schedule that leans on the source's soft targets forgets least.
+    recover_steps: int = field(default=300, metadata={"help": "recovery optimizer steps (0 = none)"})
+    lr: float = field(default=1e-4, metadata={"help": "recovery peak learning rate"})
     batch_size: int = field(default=8, metadata={"help": "recovery examples per step"})
     kd_alpha: float = field(
-        default=0.5, metadata={"help": "weight of the KL to the trimmed source's logits (rest: CE)"}
+        default=0.9, metadata={"help": "weight of the KL to the trimmed source's logits (rest: CE)"}
     )
     kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature for KD"})
     seed: int = field(default=0, metadata={"help": "seed for fresh questions and recovery"})
@@ -357,7 +363,10 @@ class CompressConfig:
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
-        check(self.keep_layers >= 2, f"--keep-layers {self.keep_layers}: must be >= 2")
+        check(
+            self.keep_layers is None or self.keep_layers >= 2,
+            f"--keep-layers {self.keep_layers}: must be >= 2",
+        )
         check(
             self.intermediate_size is None or self.intermediate_size > 0,
             f"--intermediate-size {self.intermediate_size}: must be > 0",
@@ -371,7 +380,8 @@ class CompressConfig:
         check(0.0 <= self.kd_alpha <= 1.0, f"--kd-alpha {self.kd_alpha}: must be in [0, 1]")
         if self.name is None:
             width = f"-w{self.intermediate_size}" if self.intermediate_size else ""
-            self.name = f"{self.source}-c{self.keep_layers}{width}"
+            depth = f"-c{self.keep_layers}" if self.keep_layers else ""
+            self.name = f"{self.source}{depth}{width}" if depth or width else f"{self.source}-compact"
 
     def recipe(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("run", "threads", "progress")}
@@ -595,7 +605,7 @@ def _prune(
 
     calib = task_texts(rows, [])[:: max(1, 2 * len(rows) // cfg.calib)][: cfg.calib]
     scores = layer_importance(model, tok, calib)
-    layers = select_layers(scores, cfg.keep_layers)
+    layers = select_layers(scores, cfg.keep_layers or len(scores))
     model = keep_layers(model, layers)
     if cfg.intermediate_size:
         model = prune_mlp(model, tok, calib, cfg.intermediate_size)
