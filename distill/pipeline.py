@@ -30,9 +30,10 @@ from nestling.serve.errors import NestlingError
 log = logging.getLogger(__name__)
 
 # The embedded default: a fast from-scratch student (<= 1/20 of the teacher's parameters) and SmolLM2
-# self-distilled on its own verified rationales, which keeps the arithmetic facts the tiny one cannot learn.
-# Depth-pruned SmolLM2 (gguf:smollm2?keep_layers=N) is available but lost too much at this training budget:
-# 12 of 30 layers 6%, 24 of 30 31% held-out, against 77% unpruned (benchmarks/results/students_exp.json).
+# self-distilled on its own verified rationales, which keeps the arithmetic facts the tiny one cannot learn;
+# `nestling run` then cuts a compact student from the latter (nestling.run.DEFAULT_COMPRESS). Depth pruning
+# at train time (gguf:smollm2?keep_layers=N) lost too much: 12 of 30 layers 6%, 24 of 30 31% held-out, against
+# 77% unpruned (benchmarks/results/students_exp.json).
 DEFAULT_STUDENTS = ["tiny", "gguf:smollm2"]
 
 

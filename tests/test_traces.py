@@ -308,3 +308,17 @@ def test_the_default_heldout_is_half_the_questions_at_most_200():
     assert TracesConfig().heldout == 200 and TracesConfig().n == 400
     assert TracesConfig(n=100).heldout == 50
     assert TracesConfig(n=100, heldout=0.2).heldout == 0.2
+
+
+def test_a_small_task_keeps_half_its_questions_for_training(tmp_path):
+    from nestling.distill.tasks import load_task
+    from nestling.distill.traces import _questions
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text(
+        "".join(json.dumps({"question": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(30))
+    )
+    c = TracesConfig(task=f"file:{data}", out=str(tmp_path / "run"))  # default: n 400, 200 held out
+    (tmp_path / "run" / "traces").mkdir(parents=True)
+    train, held, _ = _questions(load_task(c.task), c, tmp_path / "run" / "traces")
+    assert (len(train), len(held)) == (15, 15)
