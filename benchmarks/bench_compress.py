@@ -1,19 +1,23 @@
-"""Compact students cut from the self-distilled SmolLM2 (trimmed vocabulary, depth pruned by angular
-distance, recovered by logit KD), side by side with the teacher: parameters, accuracy, per-answer latency.
+"""Compact students cut from the self-distilled SmolLM2 (trimmed vocabulary, layers and/or MLP channels
+pruned by measured importance, recovered by logit KD), side by side with the teacher: parameters, accuracy,
+per-answer latency; one student per shape and seed.
 
     nestling traces --out runs/compress --n 360 --heldout 200      # 160 train + 200 held-out questions
     nestling train --run runs/compress --student gguf:smollm2         # the self-distilled student
-    OMP_NUM_THREADS=2 python3 benchmarks/bench_compress.py --run runs/compress --layers 18 10 \\
-        --out benchmarks/results/compress
+    OMP_NUM_THREADS=2 python3 benchmarks/bench_compress.py --run runs/compress --layers 30 --width 768 \
+        --seeds 0 1 2 --recover-steps 300 --lr 1e-4 --kd-alpha 0.9 --latency-questions 100 \
+        --out benchmarks/results/compact_3seeds
 
-For each --layers K, distill.compress builds RUN/students/smollm2-cK (resumable). Every model is then
+For each --layers K (and seed), distill.compress builds RUN/students/smollm2-cK[-wW][-sS] (resumable). Every
+model is then
   - scored in PyTorch on the whole held-out split, explain and answer-only modes (nestling eval, cached),
   - exported to GGUF Q8_0 (parity-checked by the export stage) and asked the first --latency-questions
     held-out questions one at a time through nestling.serve.Reasoner (llama.cpp, 1 thread): per-answer
     latency as a user waits for it, and the Q8_0 file's own accuracy,
 beside the teacher's GGUF answering the same questions with the prompt that wrote the traces (same engine,
-same thread count, timed in the same run). Writes OUT.json and OUT.png (accuracy against per-answer
-latency, marker area ~ parameters).
+same thread count, timed in the same run). With several seeds, OUT.json's "seeds" holds mean and standard
+deviation per shape. Writes OUT.json and OUT.png (accuracy against per-answer latency, marker area ~
+parameters).
 """
 
 from __future__ import annotations
