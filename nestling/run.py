@@ -40,9 +40,9 @@ class RunConfig(DistillConfig):
         default=None,
         metadata={
             "help": "compact students derived after training, SOURCE:LAYERS[:WIDTH]: vocabulary trimmed, "
-            "layers and MLP channels pruned by measured importance, recovered by KD; each (and "
-            "SOURCE-trim) is evaluated, exported and timed. Default: smollm2:30:768 when smollm2 is "
-            "trained; 'none' for no compact student"
+            "layers and MLP channels pruned by measured importance, recovered by KD; each is evaluated, "
+            "exported and timed (SOURCE-trim evaluated). Default: smollm2:30:768 when smollm2 is trained; "
+            "'none' for no compact student"
         },
     )
     export_sources: bool = field(
