@@ -102,7 +102,8 @@ def _overrides(cfg: RunConfig, target: type) -> dict[str, Any]:
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
-    """Distil (traces, students, eval), export every student, then write report.{json,md,png} in cfg.out."""
+    """Distil (traces, students, eval), cut the compact students, export and time (and score) the deployable
+    ones, then write report.{json,md,png} in cfg.out."""
     from nestling.distill.accel import is_main_process
     from nestling.distill.pipeline import run_distill
     from nestling.export.pipeline import ExportConfig, export_student
