@@ -42,7 +42,17 @@ def collect_report(run_dir: Path) -> dict[str, Any]:
     report["exports"] = {}
     for manifest_path in sorted(run_dir.glob("exports/*/manifest.json")):
         report["exports"].update(_export_entries(run_dir, manifest_path.parent))
+    for e in report["exports"].values():
+        _delta_vs_pytorch(e, report["students"].get(e["student"]) or {})
     return report
+
+
+def _delta_vs_pytorch(export: dict[str, Any], student: dict[str, Any]) -> None:
+    """Export minus PyTorch accuracy, where both scored the same held-out questions (the run's timed pass
+    over the split its student was evaluated on); the export-time parity delta covers only a few prompts."""
+    same = export.get("n") and export.get("n") == student.get("n")
+    if same and export.get("accuracy") is not None and student.get("accuracy") is not None:
+        export["accuracy_delta_vs_pytorch"] = round(export["accuracy"] - student["accuracy"], 4)
 
 
 def _with_ci(entry: dict[str, Any]) -> dict[str, Any]:
@@ -208,9 +218,9 @@ def _report_markdown(report: dict[str, Any]) -> str:
         "",
         "Teacher and students are scored on the held-out split (explain mode, greedy); each export on the "
         "held-out questions it answered one at a time through `Reasoner` (all of them by default, the same "
-        "questions as its PyTorch student; answer-only accuracy and the export-time parity check are in "
-        "report.json). Decode speed is single-stream on this machine; per-answer times are medians over "
-        "those answers (prompt included; the teacher's through its own engine and prompt).",
+        "questions as its PyTorch student: `accuracy_delta_vs_pytorch` in report.json, beside the "
+        "export-time parity check). Decode speed is single-stream on this machine; per-answer times are "
+        "medians over those answers (prompt included; the teacher's through its own engine and prompt).",
     ]
     return "\n".join(lines) + "\n"
 
