@@ -1,6 +1,6 @@
-"""Compress a trained student: trim its vocabulary to the task, prune depth (and width), recover with KD.
+"""Compress a trained student: trim its vocabulary to the task, prune width and/or depth, recover with KD.
 
-    python -m nestling.distill.compress --run runs/x --source smollm2 --keep-layers 18 --recover-steps 600
+    nestling compress --run runs/x --source smollm2 --intermediate-size 768     # half of every MLP
 
 Reads RUN/students/<source>/model (a save_pretrained llama, usually the self-distilled student) and writes
   RUN/students/<source>-trim/   the source with its vocabulary trimmed: lossless on task text, and the KD
@@ -289,8 +289,8 @@ def mlp_importance(
 def prune_mlp(
     model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, texts: Sequence[str], intermediate_size: int
 ) -> LlamaForCausalLM:
-    """Keep the `intermediate_size` most active MLP channels of every layer (one size for all layers, as
-    the llama config requires); in place."""
+    """Keep the `intermediate_size` MLP channels of every layer that write most into the residual stream
+    (mlp_importance; one size for all layers, as the llama config requires); in place."""
     import torch
 
     current = model.config.intermediate_size
@@ -329,7 +329,8 @@ class CompressConfig:
         default="smollm2", metadata={"help": "student under RUN/students to compress (its KD teacher too)"}
     )
     name: str | None = field(
-        default=None, metadata={"help": "compact student's name (default: SOURCE-cK[-wI])"}
+        default=None,
+        metadata={"help": "compact student's name (default: SOURCE[-cK][-wN], SOURCE-compact if neither)"},
     )
     keep_layers: int | None = field(
         default=None,
@@ -604,9 +605,11 @@ def _prune(
     from nestling.distill.students import save_student
 
     calib = task_texts(rows, [])[:: max(1, 2 * len(rows) // cfg.calib)][: cfg.calib]
-    scores = layer_importance(model, tok, calib)
-    layers = select_layers(scores, cfg.keep_layers or len(scores))
-    model = keep_layers(model, layers)
+    layers, scores = list(range(model.config.num_hidden_layers)), []
+    if cfg.keep_layers is not None:  # a calibration pass only where depth is cut
+        scores = layer_importance(model, tok, calib)
+        layers = select_layers(scores, cfg.keep_layers)
+        model = keep_layers(model, layers)
     if cfg.intermediate_size:
         model = prune_mlp(model, tok, calib, cfg.intermediate_size)
     shutil.rmtree(init_dir, ignore_errors=True)

@@ -226,3 +226,16 @@ def test_compress_stage_end_to_end_and_skip_on_rerun(tiny_student_dir: Path, tmp
 
     monkeypatch.setattr(compress_mod, "trim_vocab", lambda *a: pytest.fail("a fresh compress was rebuilt"))
     assert compress(cfg) == out
+
+
+def test_prune_mlp_ranks_channels_by_what_they_write_not_how_loud_they_are(tok):
+    model = tiny_llama(tok, layers=2, seed=3)
+    for layer in model.model.layers:  # channels 0-63 fire loudest but write nothing into the residual
+        layer.mlp.up_proj.weight.data[:64] *= 10
+        layer.mlp.down_proj.weight.data[:, :64] = 0
+    enc = tok(TASK[:4], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        before = model(**enc).logits
+        model = prune_mlp(model, tok, TASK[:8], intermediate_size=model.config.intermediate_size - 64)
+        after = model(**enc).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)  # only the silent channels went
