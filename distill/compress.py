@@ -500,6 +500,11 @@ def _publish(model: Any, tok: Any, out: Path, **manifest: Any) -> Path:
     return out / "model"
 
 
+def trim_name(source: str) -> str:
+    """The name a source's lossless trim is published under (the compact student's KD teacher)."""
+    return f"{source}-trim"
+
+
 def compress(cfg: CompressConfig) -> Path:
     """trim -> prune -> recover; returns RUN/students/<name>. Re-running with the same inputs skips."""
     from nestling.distill.accel import set_threads
@@ -579,7 +584,7 @@ def _trim(
     trim_dir = _publish(
         model,
         tok,
-        run / "students" / f"{cfg.source}-trim",
+        run / "students" / trim_name(cfg.source),
         config={"source": cfg.source, "vocab_questions": cfg.vocab_questions},
         inputs=inputs,
         metrics={"params": count_params(model), "vocab": len(kept)},

@@ -84,14 +84,17 @@ class DistillConfig:
         metadata={"help": "auto | fp32 | bf16 autocast (see nestling train)", "choices": PRECISIONS},
     )
 
-    def __post_init__(self) -> None:
+    def student_names(self) -> list[str]:
         from nestling.distill.students import parse_student_spec
 
+        return [parse_student_spec(s).name for s in self.students]
+
+    def __post_init__(self) -> None:
         if isinstance(self.students, str):
             self.students = [self.students]
         self.students = [s.strip() for item in self.students for s in _split_specs(item) if s.strip()]
         check(bool(self.students), "--students: name at least one student, e.g. tiny")
-        names = [parse_student_spec(s).name for s in self.students]
+        names = self.student_names()
         check(len(set(names)) == len(names), f"--students: duplicate student names {names}; use NAME=SPEC")
         check(
             self.objective in OBJECTIVES,

@@ -63,12 +63,12 @@ class RunConfig(DistillConfig):
             self.latency_questions is None or self.latency_questions >= 1,
             f"--latency-questions {self.latency_questions}: must be >= 1",
         )
-        if self.compress is not None:
-            self.compress = [] if [c.lower() for c in self.compress] == ["none"] else self.compress
-        from nestling.distill.students import parse_student_spec
-
-        names = [parse_student_spec(spec).name for spec in self.students]
-        for item in self.compress or []:
+        names = self.student_names()
+        if self.compress is None:  # the default compact student, where its source is among the students
+            self.compress = [item for item in DEFAULT_COMPRESS if parse_compress(item)[0] in names]
+        elif [c.lower() for c in self.compress] == ["none"]:
+            self.compress = []
+        for item in self.compress:
             source = parse_compress(item)[0]
             check(source in names, f"--compress {item!r}: {source!r} is not one of the students {names}")
 
@@ -112,12 +112,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     distilled = run_distill(DistillConfig(out=cfg.out, **_overrides(cfg, DistillConfig)))
     if not is_main_process():  # under a launcher every rank trains; rank 0 alone exports and reports
         return {}
-    items = _compress_items(cfg, list(distilled["students"]))
-    compact = _compress(cfg, items, list(distilled["students"]))
-    students = {**distilled["students"], **compact}
-    if compact and not cfg.export_sources:
-        sources = {parse_compress(item)[0] for item in items}
-        students = {k: v for k, v in students.items() if k not in sources | {f"{s}-trim" for s in sources}}
+    compact, sources = _compress(cfg, distilled["students"])
+    students = {**distilled["students"], **compact, **sources}
+    if not cfg.export_sources:  # the compact students' teachers are evaluated, not deployed
+        students = {k: v for k, v in students.items() if k not in sources}
     rows = _heldout_rows(run_dir, cfg.latency_questions)
     questions, score = [r["question"] for r in rows], _scorer(rows)
     for name, student_dir in students.items():
@@ -127,23 +125,18 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     return write_report(run_dir, collect_report(run_dir), cfg.recommend_within)
 
 
-def _compress_items(cfg: RunConfig, trained: list[str]) -> list[str]:
-    """The user's --compress items, or the default compact student where its source was trained."""
-    if cfg.compress is not None:
-        return cfg.compress
-    return [item for item in DEFAULT_COMPRESS if parse_compress(item)[0] in trained]
-
-
-def _compress(cfg: RunConfig, items: list[str], trained: list[str]) -> dict[str, Path]:
-    """Compact students (and each source's lossless trim) derived from trained ones, then evaluated beside
-    them (evaluation is cached per student, so the trained ones are not scored again)."""
-    if not items:
-        return {}
-    from nestling.distill.compress import CompressConfig, compress
+def _compress(cfg: RunConfig, trained: dict[str, Path]) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Compact students derived from trained ones, then evaluated beside them with each source's lossless
+    trim (evaluation is cached per student, so the trained ones are not scored again). Returns (compact
+    students, their sources and the sources' trims)."""
+    if not cfg.compress:
+        return {}, {}
+    from nestling.distill.compress import CompressConfig, compress, trim_name
     from nestling.distill.evaluate import EvalConfig, evaluate
 
     made: dict[str, Path] = {}
-    for item in items:
+    sources: dict[str, Path] = {}
+    for item in cfg.compress:
         source, layers, width = parse_compress(item)
         ccfg = CompressConfig(
             run=cfg.out,
@@ -154,17 +147,18 @@ def _compress(cfg: RunConfig, items: list[str], trained: list[str]) -> dict[str,
             threads=cfg.threads,
         )
         made[str(ccfg.name)] = compress(ccfg) / "model"
-        made[f"{source}-trim"] = Path(cfg.out) / "students" / f"{source}-trim" / "model"
+        sources[source] = trained[source]
+        sources[trim_name(source)] = Path(cfg.out) / "students" / trim_name(source) / "model"
     evaluate(
         EvalConfig(
             run=cfg.out,
-            students=[*trained, *made],
+            students=list(dict.fromkeys([*trained, *made, *sources])),
             teacher=cfg.teacher,
             limit=cfg.eval_limit,
             threads=cfg.threads,
         )
     )
-    return made
+    return made, sources
 
 
 def _heldout_rows(run_dir: Path, n: int | None) -> list[dict[str, Any]]:
