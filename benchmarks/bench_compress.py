@@ -128,18 +128,17 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from nestling.distill.compress import CompressConfig, compress
+    from nestling.distill.compress import CompressConfig, compress, trim_name
     from nestling.distill.evaluate import EvalConfig, Scorer, evaluate, load_questions
 
     run = Path(args.run)
-    names, seconds = [args.source, f"{args.source}-trim"], {}
+    names, seconds = [args.source, trim_name(args.source)], {}
     for k in args.layers:
         for seed in args.seeds:
-            width = f"-w{args.width}" if args.width else ""
             cfg = CompressConfig(
                 run=str(run),
                 source=args.source,
-                name=f"{args.source}-c{k}{width}" + (f"-s{seed}" if len(args.seeds) > 1 else ""),
+                name=shape_name(args, k) + (f"-s{seed}" if len(args.seeds) > 1 else ""),
                 keep_layers=k,
                 intermediate_size=args.width,
                 recover_steps=args.recover_steps,
@@ -209,14 +208,17 @@ def main() -> None:
         print("seeds", json.dumps(res["seeds"], indent=1))
 
 
+def shape_name(args: argparse.Namespace, layers: int) -> str:
+    return f"{args.source}-c{layers}" + (f"-w{args.width}" if args.width else "")
+
+
 def seed_summary(res: dict, args: argparse.Namespace) -> dict:
     """Mean and spread over seeds of each shape: accuracy (PyTorch, both modes) and speed-ups."""
     out = {}
     for k in args.layers:
-        width = f"-w{args.width}" if args.width else ""
-        rows = [res["students"][f"{args.source}-c{k}{width}-s{s}"] for s in args.seeds]
+        rows = [res["students"][f"{shape_name(args, k)}-s{s}"] for s in args.seeds]
         stat = lambda xs: {"mean": round(statistics.fmean(xs), 4), "stdev": round(statistics.stdev(xs), 4)}  # noqa: E731
-        out[f"{args.source}-c{k}{width}"] = {
+        out[shape_name(args, k)] = {
             "seeds": args.seeds,
             "params": rows[0]["params"],
             "param_ratio": rows[0]["param_ratio"],
