@@ -289,6 +289,17 @@ def _read_jsonl(path: Path) -> list[dict]:
     return read_jsonl(path, fix="delete the file to redraw the questions")
 
 
+def _heldout(cfg: TracesConfig, drawn: int) -> float:
+    """The held-out fraction, or a count that leaves questions to train on: at most all but one, and at most
+    half of a task that has fewer questions than --n."""
+    if cfg.heldout < 1:
+        return cfg.heldout
+    cap = drawn - 1 if drawn >= cfg.n else min(drawn - 1, max(1, drawn // 2))
+    if cfg.heldout > cap and drawn < cfg.n:
+        log.warning("task %s: held-out capped at %d of %d questions", cfg.task, cap, drawn)
+    return min(int(cfg.heldout), cap)
+
+
 def _questions(task: Task, cfg: TracesConfig, out_dir: Path) -> tuple[list[Example], list[Example], dict]:
     """Draw and split the questions; an existing questions.jsonl must be the same draw (same config)."""
     examples = task.examples(cfg.n, cfg.seed)
@@ -296,11 +307,7 @@ def _questions(task: Task, cfg: TracesConfig, out_dir: Path) -> tuple[list[Examp
         raise NestlingError(f"task {cfg.task!r}: no questions drawn; check the task spec")
     if len(examples) < cfg.n:
         log.warning("task %s: %d distinct questions available (asked for %d)", cfg.task, len(examples), cfg.n)
-    heldout = cfg.heldout if cfg.heldout < 1 else min(int(cfg.heldout), len(examples) - 1)
-    if len(examples) < cfg.n and heldout >= 1 and heldout > len(examples) // 2:
-        heldout = max(1, len(examples) // 2)  # a small task keeps half its questions to train on
-        log.warning("task %s: held-out capped at %d of %d questions", cfg.task, heldout, len(examples))
-    train, held = split_examples(examples, heldout, cfg.seed)
+    train, held = split_examples(examples, _heldout(cfg, len(examples)), cfg.seed)
     held_ids = {ex.id for ex in held}
     rows = [{**ex.to_row(), "split": "heldout" if ex.id in held_ids else "train"} for ex in examples]
     path = out_dir / "questions.jsonl"
