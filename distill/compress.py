@@ -263,11 +263,13 @@ def mlp_importance(
     texts: Sequence[str],
     batch_size: int = 8,
     max_len: int = 256,
+    by_write: bool = True,
 ) -> list[Any]:
     """Per layer, each MLP channel's mean |act(gate(x)) * up(x)| over real tokens times the norm of its
-    down-projection column: what the channel writes into the residual stream. Minitron ranks by activation
-    alone; with the column norm, SmolLM2 cut to 768 of 1536 channels kept 44.5% held-out accuracy before
-    any recovery against 36.5% (200 questions, answer mode, 64 calibration texts)."""
+    down-projection column: what the channel writes into the residual stream (by_write=False: activation
+    alone, as Minitron ranks). With the column norm, SmolLM2 cut to 768 of 1536 channels kept 44.5% held-out
+    accuracy before any recovery against 36.5% (200 questions, answer mode, 64 calibration texts;
+    benchmarks/bench_prune.py)."""
     import torch
 
     sums = [torch.zeros(layer.mlp.down_proj.in_features) for layer in model.model.layers]
@@ -280,6 +282,8 @@ def mlp_importance(
         return layer.mlp.down_proj.register_forward_pre_hook(hook)
 
     _calibrate(model, tok, texts, register, batch_size, max_len)
+    if not by_write:
+        return sums
     return [
         s * layer.mlp.down_proj.weight.detach().float().norm(dim=0)
         for s, layer in zip(sums, model.model.layers, strict=True)
@@ -287,7 +291,11 @@ def mlp_importance(
 
 
 def prune_mlp(
-    model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, texts: Sequence[str], intermediate_size: int
+    model: LlamaForCausalLM,
+    tok: PreTrainedTokenizerFast,
+    texts: Sequence[str],
+    intermediate_size: int,
+    by_write: bool = True,
 ) -> LlamaForCausalLM:
     """Keep the `intermediate_size` MLP channels of every layer that write most into the residual stream
     (mlp_importance; one size for all layers, as the llama config requires); in place."""
@@ -300,7 +308,9 @@ def prune_mlp(
     )
     if intermediate_size == current:
         return model
-    for layer, score in zip(model.model.layers, mlp_importance(model, tok, texts), strict=True):
+    for layer, score in zip(
+        model.model.layers, mlp_importance(model, tok, texts, by_write=by_write), strict=True
+    ):
         idx = torch.topk(score, intermediate_size).indices.sort().values
         mlp = layer.mlp
         for name in ("gate_proj", "up_proj"):
@@ -437,6 +447,11 @@ def task_texts(rows: list[dict], questions: list[Any]) -> list[str]:
         texts.append(student_prompt(ex.question))
         texts.append(student_prompt(ex.question, explain=False) + answer_target(str(ex.gold or "")))
     return texts
+
+
+def calibration_texts(rows: list[dict], n: int) -> list[str]:
+    """n task texts spread evenly over the verified rows (both modes), what importance is measured on."""
+    return task_texts(rows, [])[:: max(1, 2 * len(rows) // n)][:n]
 
 
 def fresh_rows(
@@ -609,7 +624,7 @@ def _prune(
     """Depth (and optionally width) by measured importance; the pruned model is saved as recovery's init."""
     from nestling.distill.students import save_student
 
-    calib = task_texts(rows, [])[:: max(1, 2 * len(rows) // cfg.calib)][: cfg.calib]
+    calib = calibration_texts(rows, cfg.calib)
     layers, scores = list(range(model.config.num_hidden_layers)), []
     if cfg.keep_layers is not None:  # a calibration pass only where depth is cut
         scores = layer_importance(model, tok, calib)
