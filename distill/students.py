@@ -276,7 +276,10 @@ def check_student_spec(spec: StudentSpec, lora: bool = False) -> StudentShape:
         shape = StudentShape(None, None, None)
     if spec.keep_layers and shape.layers is not None:
         if spec.keep_layers > shape.layers:
-            raise NestlingError(f"keep_layers={spec.keep_layers}: the model has only {shape.layers} layers")
+            raise NestlingError(
+                f"student {spec.source!r}: keep_layers={spec.keep_layers}, but it has only "
+                f"{shape.layers} layers"
+            )
         shape = StudentShape(shape.model_type, spec.keep_layers, shape.intermediate_size)
     if lora and spec.pretrained and shape.model_type is not None:
         from nestling.distill.lora import LORA_RECIPES
