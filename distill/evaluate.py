@@ -299,7 +299,7 @@ def teacher_eval(run: Path, spec: str, held: list[dict], scorer: Scorer, cfg: Ev
     result["accuracy_ci"] = result["explain"]["accuracy_ci"]
     if failed:
         log.warning("teacher eval: %d of %d requests failed (scored wrong, not cached)", failed, len(gens))
-    else:
+    elif _writable(run):
         atomic_write_json(cache_path, {"stage": "eval-teacher", "key": key, "result": result})
     return result
 
@@ -346,7 +346,7 @@ def vote_reference(
             if g.error is None
         ]
         labels = vote_labels(records, FilterConfig(vote_threshold=threshold))
-        if not any(g.error for row in gens for g in row):
+        if not any(g.error for row in gens for g in row) and _writable(run):
             atomic_write_json(cache_path, {"stage": "eval-vote", "key": key, "labels": labels})
     labelled = [{**r, "gold": labels[r["id"]]} for r in held if r["id"] in labels]
     info["labelled"] = len(labelled)
@@ -523,6 +523,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     set_threads(cfg.threads)
     scorer = Scorer()
+    write = _writable(run)
+    if not write:
+        log.warning("%s: another process is writing this run; evaluating read-only (nothing written)", run)
     teacher_spec = cfg.teacher or default_teacher(run)
     ref: dict[str, Any] = {"kind": "gold", "heldout": len(held)}
     if all(r.get("gold") is None for r in held):
@@ -558,6 +561,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             continue
         res = student_eval(sdir / "model", held, scorer, cfg, name)
         students[name] = res
+        if not write:
+            continue
         atomic_write_json(
             sdir / "eval.json",
             {
@@ -574,9 +579,18 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         atomic_write_text(sdir / "eval.md", _student_md(name, res, base, teacher, ref))
     result = {"stage": "eval", "reference": ref, "teacher": teacher, "baseline": base, "students": students}
     result["table"] = summary_table(result)
-    atomic_write_json(run / "eval.json", result)
-    atomic_write_text(run / "eval.md", f"# nestling eval: {run}\n\n{result['table']}")
+    if write:
+        atomic_write_json(run / "eval.json", result)
+        atomic_write_text(run / "eval.md", f"# nestling eval: {run}\n\n{result['table']}")
     return result
+
+
+def _writable(run: Path) -> bool:
+    """False while another process holds the run's writer lock: eval then reads (and computes) without
+    writing, so a finished run can be evaluated beside a running stage."""
+    from nestling.serve.lock import locked_by_another
+
+    return not locked_by_another(run)
 
 
 def _vote_labelled_train(run: Path, train_rows: list[dict]) -> list[dict]:

@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,10 @@ class Command:
     extra: str = "train"  # the pip extra its config and main need: named when an import is missing
     settings: bool = False  # the config is serve's pydantic Settings: flags fall back to NESTLING_* variables
     needs: tuple[str, ...] = _TRAIN  # modules checked before any work starts: a missing one names `extra`
+    # The config field naming the directory this command writes: held under its writer lock (serve.lock)
+    # for the command's life, and --wait waits for another writer instead of refusing.
+    writes: str | None = None
+    lock: str = "creates"  # "creates" the directory | "needs" it to exist | "reads" when locked | "export"
 
 
 COMMANDS: dict[str, Command] = {
@@ -51,24 +56,30 @@ COMMANDS: dict[str, Command] = {
         "Generate, verify and filter teacher rationales into RUN/traces/. Kill it any time and re-run the "
         "same command to continue.",
         needs=("reasoning_gym", "openai", "jinja2"),
+        writes="out",
     ),
     "train": Command(
         "train one student on a run directory's verified traces (torchrun / accelerate launch: one job)",
         "nestling.distill.train:TrainConfig",
         "nestling.distill.cli:train_main",
         torch=True,
+        writes="run",
+        lock="needs",
     ),
     "eval": Command(
         "teacher, trivial baseline and students on the held-out split",
         "nestling.distill.evaluate:EvalConfig",
         "nestling.distill.cli:eval_main",
         torch=True,
+        writes="run",
+        lock="reads",
     ),
     "distill": Command(
         "traces -> train each student -> eval, resumable; prints the table",
         "nestling.distill.pipeline:DistillConfig",
         "nestling.distill.cli:distill_main",
         torch=True,
+        writes="out",
     ),
     "compress": Command(
         "a compact student from a trained one: vocabulary trimmed to the task, layers pruned by measured "
@@ -76,6 +87,8 @@ COMMANDS: dict[str, Command] = {
         "nestling.distill.compress:CompressConfig",
         "nestling.distill.cli:compress_main",
         torch=True,
+        writes="run",
+        lock="needs",
     ),
     "export": Command(
         "ONNX (fp32, int8) + GGUF (f16, Q8_0, Q4_K_M) of a student, parity-checked against PyTorch",
@@ -86,6 +99,8 @@ COMMANDS: dict[str, Command] = {
         "match.",
         extra="train,onnx,gguf",
         needs=_EXPORT,
+        writes="out",
+        lock="export",
     ),
     "ask": Command(
         "answer a question (or a JSONL file of them) with an exported reasoner: steps, answer, latency",
@@ -111,6 +126,7 @@ COMMANDS: dict[str, Command] = {
         torch=True,
         extra="train,onnx,gguf",
         needs=_EXPORT,
+        writes="out",
     ),
 }
 
@@ -162,6 +178,13 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help)
         if name == chosen:
             _add_command_args(p, cmd)
+        if cmd.writes:
+            p.add_argument(
+                "--wait",
+                action="store_true",
+                help="when another nestling process is writing the same directory, wait for it to finish "
+                "(default: exit 2 naming it)",
+            )
     return parser
 
 
@@ -186,6 +209,19 @@ def _config(cmd: Command, args: argparse.Namespace) -> Any:
     if cmd.settings:
         return _load("nestling.serve.settings:settings_from_args", cmd.extra)(args)
     return config_from_args(_load(cmd.config, cmd.extra), args)
+
+
+def _writer_lock(cmd: Command, cfg: Any, wait: bool) -> AbstractContextManager:
+    """The lock on the directory `cmd` writes; eval reads without it while another process writes."""
+    if not cmd.writes:
+        return nullcontext()
+    from nestling.serve.lock import locked_by_another, writer_lock
+
+    directory = getattr(cfg, cmd.writes)
+    if cmd.lock == "reads" and not wait and locked_by_another(directory):
+        return nullcontext()  # evaluate() sees the holder and writes nothing
+    create = cmd.lock not in ("needs", "reads")
+    return writer_lock(directory, wait=wait, export=cmd.lock == "export", create=create)
 
 
 def run_main(cfg: Any) -> int:
@@ -218,7 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from nestling.distill.accel import configure_openmp
 
             configure_openmp()  # before torch (and its OpenMP) loads
-        return int(_load(cmd.main, cmd.extra)(_config(cmd, args)) or 0)
+        cfg = _config(cmd, args)
+        with _writer_lock(cmd, cfg, getattr(args, "wait", False)):
+            return int(_load(cmd.main, cmd.extra)(cfg) or 0)
     except NestlingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -137,6 +137,7 @@ def test_distill_trains_each_student_evaluates_and_resumes(tmp_path, scripted_te
         return Path(cfg.out) / "traces"
 
     monkeypatch.setattr(pipeline, "_traces", fake_traces)
+    monkeypatch.setattr("nestling.distill.teachers.check_teacher_spec", lambda spec: None)  # gguf:fake
     cfg = pipeline.DistillConfig(
         out=str(tmp_path / "run"), teacher="gguf:fake", students=["nano,b=nano?seed=1"], steps=8, threads=1
     )
