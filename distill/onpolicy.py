@@ -205,9 +205,9 @@ class HFScorer:
 
 class LlamaCppScorer:
     """A GGUF teacher through llama.cpp: one eval per sequence with logits_all=True (llama-cpp-python fills
-    `scores` for every position only then), log-softmax and top-k in numpy."""
+    `scores` for every position only then), log-softmax and top-k in numpy. n_ctx 0: the model's own."""
 
-    def __init__(self, spec: str, path: Any, student_tok: Any, n_threads: int = 1, n_ctx: int = 1024):
+    def __init__(self, spec: str, path: Any, student_tok: Any, n_threads: int = 1, n_ctx: int = 0):
         try:
             from llama_cpp import Llama
         except ImportError:

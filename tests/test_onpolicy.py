@@ -216,3 +216,79 @@ def test_a_trimmed_students_ids_map_to_its_teacher_by_token_string(teacher_dir: 
     assert ids[0, 0] == 3 and lps[0, 0] == pytest.approx(-0.1) and lps[0, 2] == NEG
     scored = HFScorer(teacher).score([tok(student_prompt("What is 4 + 4?"))["input_ids"]], k=5)
     assert scored[0][0].shape == (len(tok(student_prompt("What is 4 + 4?"))["input_ids"]) - 1, 5)
+
+
+def _hf_pairs(model):
+    """score(ids, k) for the fake server: every (id, logprob) at each position, most likely first."""
+
+    def score(ids: list[int], k: int) -> list[list[tuple[int, float]]]:
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
+        top = lp.topk(lp.shape[-1], dim=-1)
+        return [
+            list(zip(i.tolist(), v.tolist(), strict=True))
+            for i, v in zip(top.indices, top.values, strict=True)
+        ]
+
+    return score
+
+
+def test_a_server_returning_prompt_logprobs_scores_like_the_local_model(teacher_dir: Path):
+    from teacher_fakes import PromptLogprobsStandIn
+
+    from nestling.distill.compress import trim_vocab
+    from nestling.distill.onpolicy import load_scorer
+
+    teacher, tok = load_student(teacher_dir)
+    seqs = [tok(student_prompt(q))["input_ids"] + [5, 9] for q in ("What is 2 + 2?", "What is 8 - 1?")]
+    with PromptLogprobsStandIn(_hf_pairs(teacher)) as srv:
+        scorer = load_scorer(f"openai:stand-in@{srv.url}", tok)
+        got = scorer.score(seqs, k=4)
+        assert sorted(r["prompt"] for r in srv.requests) == sorted(seqs)  # in flight together, any order
+        # A trimmed student sends the teacher's ids and reads its own back.
+        _, small_tok, kept = trim_vocab(load_student(teacher_dir)[0], tok, [student_prompt("What is 2 + 2?")])
+        small = load_scorer(f"openai:stand-in@{srv.url}", small_tok, teacher_tokens=student_tokens(tok))
+        small_seq = small_tok(student_prompt("What is 2 + 2?"))["input_ids"]
+        small_ids, small_lps = small.score([small_seq], k=4)[0]
+        assert srv.requests[-1]["prompt"] == [kept[i] for i in small_seq]
+    want = HFScorer(teacher).score(seqs, k=4)
+    for (ids, lps), (w_ids, w_lps) in zip(got, want, strict=True):
+        assert (ids == w_ids).all()
+        assert abs(lps - w_lps).max() < 1e-5
+    with torch.no_grad():  # each kept slot holds the teacher's logprob of that token, in the student's ids
+        x = torch.tensor([[kept[i] for i in small_seq]])
+        full = torch.log_softmax(teacher(input_ids=x).logits[0, :-1].float(), -1)
+    valid = small_lps > NEG / 2
+    assert valid[:, 0].all()
+    for r, j in zip(*valid.nonzero(), strict=True):
+        assert abs(full[r, kept[small_ids[r, j]]].item() - small_lps[r, j]) < 1e-5
+
+
+def test_a_gguf_teacher_scores_through_llama_cpp_like_transformers(teacher_dir: Path, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from nestling.distill.onpolicy import load_scorer
+    from nestling.export.gguf import write_gguf
+
+    teacher, tok = load_student(teacher_dir)
+    path = write_gguf(teacher_dir, tmp_path / "teacher-f32.gguf", dtype="f32")
+    scorer = load_scorer(f"llamacpp:{path}", tok)
+    seqs = [tok(student_prompt(q))["input_ids"] + [7, 11, 3] for q in ("What is 3 + 4?", "What is 9 - 2?")]
+    got, want = scorer.score(seqs, k=5), HFScorer(teacher).score(seqs, k=5)
+    for (ids, lps), (w_ids, w_lps) in zip(got, want, strict=True):
+        assert ids.shape == w_ids.shape and ids.shape[1] == 5
+        assert (ids[:, 0] == w_ids[:, 0]).all()  # the teacher's top token at every position
+        # f32 weights, another engine's arithmetic: measured |dlogprob| ~2e-5 typical, 5e-3 at worst.
+        assert abs(lps[:, 0] - w_lps[:, 0]).max() < 2e-2
+
+
+def test_on_policy_training_with_a_llama_cpp_teacher(teacher_dir: Path, student_dir: Path, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from nestling.export.gguf import write_gguf
+
+    path = write_gguf(teacher_dir, tmp_path / "teacher-f32.gguf", dtype="f32")
+    run = make_run(tmp_path / "run", n=30, heldout=5)
+    out = train(_cfg(run, student_dir, teacher_dir, kd_teacher=f"llamacpp:{path}", kd_top_k=8, steps=3))
+    m = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert m["onpolicy_steps"] == 3 and 0 < m["final_loss"] < 10
+    with pytest.raises(NestlingError, match="scores on-policy samples only"):
+        train(_cfg(run, student_dir, teacher_dir, kd_teacher=f"llamacpp:{path}", lmbda=0.5, kd_alpha=0.5))
