@@ -1,6 +1,7 @@
 """Compress a trained student: trim its vocabulary to the task, prune width and/or depth, recover with KD.
 
     nestling compress --run runs/x --source smollm2 --intermediate-size 768     # half of every MLP
+    nestling compress --run runs/x --source smollm2 --keep-layers 9 --objective mix --beta 1   # + on-policy
 
 Reads RUN/students/<source>/model (a save_pretrained llama, usually the self-distilled student) and writes
   RUN/students/<source>-trim/   the source with its vocabulary trimmed: lossless on task text, and the KD
@@ -8,6 +9,9 @@ Reads RUN/students/<source>/model (a save_pretrained llama, usually the self-dis
   RUN/students/<name>/          the compact student: trimmed, depth/width pruned by measured importance,
                                 then trained by ``distill.train`` with logit KD from the trimmed source plus
                                 cross-entropy on the verified rationales and on fresh verified ones
+                                (--objective off-policy, the default); on-policy: every step the student
+                                samples on training and fresh questions and the trimmed source scores
+                                each sampled token (GKD; distill.onpolicy); mix: --lmbda of the steps so
   RUN/compress/<name>/          the recovery run: traces/kept.jsonl = the run's verified rows + rows the
                                 source wrote (greedy, verified) for freshly drawn training questions
 Every directory is in save_pretrained form with a manifest, so ``nestling eval`` and ``nestling export``

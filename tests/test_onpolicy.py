@@ -292,3 +292,33 @@ def test_on_policy_training_with_a_llama_cpp_teacher(teacher_dir: Path, student_
     assert m["onpolicy_steps"] == 3 and 0 < m["final_loss"] < 10
     with pytest.raises(NestlingError, match="scores on-policy samples only"):
         train(_cfg(run, student_dir, teacher_dir, kd_teacher=f"llamacpp:{path}", lmbda=0.5, kd_alpha=0.5))
+
+
+@pytest.mark.slow  # two torchrun processes and one plain one, ~1 min on the shared 2-core machine
+def test_two_processes_sample_their_shards_and_match_one_process(tmp_path, student_dir, teacher_dir):
+    import subprocess
+    import sys
+
+    from test_distributed import REPO, _env
+
+    def flags(run: Path) -> list[str]:
+        return [
+            "train", "--run", str(run), "--student", f"onp=hf:{student_dir}", "--kd-teacher",
+            f"hf:{teacher_dir}", "--objective", "cot", "--lmbda", "1", "--beta", "0.5", "--steps", "6",
+            "--batch-size", "4", "--lr", "3e-3", "--warmup", "2", "--max-new-tokens", "16", "--threads", "1",
+            "--no-progress", "--precision", "fp32", "--checkpoint-every", "0",
+        ]  # fmt: skip
+
+    one, two = make_run(tmp_path / "one", n=40, heldout=10), make_run(tmp_path / "two", n=40, heldout=10)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for cmd in (
+        [*launcher, "-m", "nestling", "--", *flags(two)],
+        [sys.executable, "-m", "nestling", *flags(one)],
+    ):
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    m1 = json.loads((one / "students/onp/manifest.json").read_text())["metrics"]
+    m2 = json.loads((two / "students/onp/manifest.json").read_text())["metrics"]
+    assert m2["processes"] == 2 and m1["processes"] == 1 and m1["onpolicy_steps"] == m2["onpolicy_steps"] == 6
+    assert m1["train_tokens"] == m2["train_tokens"]  # the same samples, drawn by other processes
+    assert abs(m1["final_loss"] - m2["final_loss"]) <= 1e-3
