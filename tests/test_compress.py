@@ -188,8 +188,12 @@ def test_trimmed_pruned_student_exports_with_parity(tiny_student_dir: Path, tiny
 
 
 @pytest.mark.slow  # ~40 s on the shared 2-core machine (KD training, reasoning-gym draws)
-def test_compress_stage_end_to_end_and_skip_on_rerun(tiny_student_dir: Path, tmp_path: Path, monkeypatch):
-    """trim -> prune -> a few KD steps on a fake run; the recovery traces hold no held-out question."""
+@pytest.mark.parametrize("objective", ["off-policy", "mix"])
+def test_compress_stage_end_to_end_and_skip_on_rerun(
+    tiny_student_dir: Path, tmp_path: Path, monkeypatch, objective: str
+):
+    """trim -> prune -> a few KD steps (mix: some on the student's samples) on a fake run; the recovery
+    traces hold no held-out question."""
     import shutil
 
     from fake_run import make_run
@@ -208,6 +212,8 @@ def test_compress_stage_end_to_end_and_skip_on_rerun(tiny_student_dir: Path, tmp
         recover_steps=3,
         fresh=8,
         vocab_questions=16,
+        objective=objective,
+        lmbda=0.5,
         threads=1,
         progress=False,
     )
@@ -218,6 +224,7 @@ def test_compress_stage_end_to_end_and_skip_on_rerun(tiny_student_dir: Path, tmp
     _, source_tok = load_student(tiny_student_dir)
     assert len(tok) == m["vocab"] < len(source_tok) and model.config.intermediate_size == 256
     assert m["recovery"]["steps"] == 3 and m["params"] == count_params(model) < m["teacher_params"]
+    assert (m["recovery"]["onpolicy_steps"] > 0) == (objective == "mix")
     trim_model, trim_tok = load_student(run / "students" / "tiny-trim" / "model")
     assert trim_tok.get_vocab() == tok.get_vocab() and trim_model.config.num_hidden_layers == 2
     held = {r["id"] for r in read_jsonl(run / "traces" / "questions.jsonl") if r["split"] == "heldout"}
