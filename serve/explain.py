@@ -381,6 +381,9 @@ def arithmetic_claims(step: str) -> list[Claim]:
         eq_pos = m.start(1) + len(m.group(1))
         if eq_pos in seen_spans or not re.search(r"\d\s*[-+*/^]\s*[-+(]*\s*\d", lhs):
             continue
+        # Later matches ending at this "=" are suffixes of this lhs, all tried below: once per "=" keeps a
+        # long step linear in its "=" signs instead of quadratic in its length.
+        seen_spans.add(eq_pos)
         value = None
         for start in range(len(lhs)):
             if start and not (lhs[start - 1].isspace() or lhs[start - 1] in "(=,"):
@@ -393,7 +396,6 @@ def arithmetic_claims(step: str) -> list[Claim]:
                 continue
         if value is None or not re.search(r"\d\s*[-+*/^]\s*[-+(]*\s*\d", lhs):
             continue
-        seen_spans.add(eq_pos)
         stated_text = rhs.replace(" ", "")
         try:
             stated = safe_eval(stated_text)
@@ -755,9 +757,10 @@ class _Ground:
                 partials += eval_partials(side)[1]
             except (ValueError, ZeroDivisionError, OverflowError):
                 pass
-        if _HAS_OP.search(c.stated):  # a chain link "3 + 4 = 7 + 1": the right side uses numbers too
-            leaves += _numbers(c.stated)
-        return [x for x in leaves if x not in partials or x in self.known], partials, True
+        if _HAS_OP.search(c.stated):
+            # A chain link "(2 + 3) * 4 = 5 * 4": the right side may use what the left side computes.
+            leaves += [x for x in _numbers(c.stated) if x not in {abs(p) for p in partials}]
+        return leaves, partials, True
 
     def _off_question(self, claims: list[Claim]) -> str | None:
         """A claim over exactly the question's numbers that computes another value ("7 + 3" for 7 - 3)."""
