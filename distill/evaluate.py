@@ -35,7 +35,7 @@ from typing import Any
 
 from nestling.serve.config import check
 from nestling.serve.errors import NestlingError
-from nestling.serve.explain import check_steps, explanation_consistent, parse_steps
+from nestling.serve.explain import explanation_consistent, ground, parse_steps
 from nestling.serve.fmt import pct
 from nestling.serve.manifest import (
     atomic_write_json,
@@ -161,11 +161,13 @@ def baseline(train: list[dict], held: list[dict], scorer: Scorer) -> dict[str, A
 def score_outputs(
     rows: list[dict], texts: list[str], scorer: Scorer, explain: bool, answers: list[str] | None = None
 ) -> dict[str, Any]:
-    """Accuracy (overall and by task, each with its 95% Wilson interval); for explanations also step checks
-    and consistency. ``answers``: the texts to extract answers from when they differ from ``texts`` (a
-    reasoning teacher's answer part, while its steps come from chain + answer)."""
+    """Accuracy (overall and by task, each with its 95% Wilson interval); for explanations also step checks,
+    consistency and the share of complete explanations (serve.explain.ground: every step grounded in the
+    question or unchecked, the answer derived from the steps). ``answers``: the texts to extract answers
+    from when they differ from ``texts`` (a reasoning teacher's answer part, while its steps come from
+    chain + answer)."""
     correct, by_task = [], {}
-    all_right, checkable, consistent = 0, 0, 0
+    all_right, checkable, consistent, complete, ungrounded = 0, 0, 0, 0, 0
     for row, text, answer_text in zip(rows, texts, answers or texts, strict=True):
         answer = scorer.extract(row, answer_text) if answer_text.strip() else None
         ok = scorer.score(row, answer)
@@ -173,11 +175,13 @@ def score_outputs(
         by_task.setdefault(row["task"], []).append(ok)
         if explain:
             steps = parse_steps(text)
-            checks = [c.ok for c in check_steps(steps, row["task"])]
-            checked = [c for c in checks if c is not None]
+            e = ground(row.get("question") or "", steps, answer, row["task"])
+            checked = [c.ok for c in e.steps if c.ok is not None]
             checkable += bool(checked)
             all_right += bool(checked) and all(checked)
             consistent += explanation_consistent(steps, answer)
+            complete += e.complete
+            ungrounded += any(c.status == "ungrounded" for c in e.steps)
     n = len(rows)
     out: dict[str, Any] = {
         "accuracy": sum(correct) / n,
@@ -191,6 +195,9 @@ def score_outputs(
         out["steps_all_right_ci"] = wilson(all_right, n)
         out["steps_checkable"] = checkable / n
         out["consistent"] = consistent / n
+        out["complete"] = complete / n  # every step grounded or unchecked (one grounded), answer derived
+        out["complete_ci"] = wilson(complete, n)
+        out["ungrounded"] = ungrounded / n  # a step with a number from nowhere
     return out
 
 
@@ -471,9 +478,9 @@ def summary_table(result: dict[str, Any]) -> str:
     lines = [
         reference_line(result.get("reference") or {}),
         "",
-        "| model | params | accuracy (explain) | accuracy (answer) | all steps right | consistent | "
-        "mean tokens | latency s | tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | params | accuracy (explain) | accuracy (answer) | all steps right | complete | "
+        "consistent | mean tokens | latency s | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     t = result.get("teacher")
     if t:
@@ -481,16 +488,18 @@ def summary_table(result: dict[str, Any]) -> str:
         p = f"{t['params'] / 1e6:.1f}M" if t.get("params") else "-"
         lines.append(
             f"| teacher {t['spec']} (greedy) | {p} | {_acc(e)} | - | "
-            f"{_acc(e, 'steps_all_right')} | {pct(e['consistent'])} | {t['mean_new_tokens']:.0f} | "
+            f"{_acc(e, 'steps_all_right')} | {_acc(e, 'complete')} | {pct(e['consistent'])} | "
+            f"{t['mean_new_tokens']:.0f} | "
             f"{t['latency_s']:.2f} | {t['tokens_per_s']:.0f} |"
         )
     b = result["baseline"]
-    lines.append(f"| trivial baseline | - | - | {_acc(b)} | - | - | - | - | - |")
+    lines.append(f"| trivial baseline | - | - | {_acc(b)} | - | - | - | - | - | - |")
     for name, s in result.get("students", {}).items():
         e, a = s["explain"], s["answer"]
         lines.append(
             f"| student {name} | {s['params'] / 1e6:.2f}M | {_acc(e)} | {_acc(a)} | "
-            f"{_acc(e, 'steps_all_right')} | {pct(e['consistent'])} | {e['mean_new_tokens']:.0f} | "
+            f"{_acc(e, 'steps_all_right')} | {_acc(e, 'complete')} | {pct(e['consistent'])} | "
+            f"{e['mean_new_tokens']:.0f} | "
             f"{s.get('latency_s', 0):.2f} | {s.get('tokens_per_s', 0):.0f} |"
         )
     return "\n".join(lines) + "\n"

@@ -92,6 +92,7 @@ def _student_entry(student_dir: Path, res: dict[str, Any]) -> dict[str, Any]:
             "accuracy_ci": explain.get("accuracy_ci"),
             "accuracy_answer_only": res.get("accuracy_answer"),
             "steps_all_right": explain.get("steps_all_right"),
+            "explanations_complete": explain.get("complete"),
             "params": res.get("params"),
             "bytes": weights or None,
             "tokens_per_s": res.get("tokens_per_s"),

@@ -63,6 +63,13 @@ def test_the_page_streams_steps_marks_and_latency(browser, tmp_path):
         assert "time to first token" in latency and "fake-a (fake)" in latency
         assert page.text_content("#error") == ""
 
+        page.fill("#question", "lucky: 3 + 4?")
+        page.click("#go")
+        page.wait_for_function("document.getElementById('verdict').textContent.length > 0", timeout=15_000)
+        assert page.get_attribute("#steps li", "class") == "step ungrounded"  # apart from a false step
+        assert page.text_content("#steps li") == "? 2 + 5 = 7"
+        assert page.text_content("#verdict").startswith("explanation incomplete")
+
         page.fill("#question", "What is 7 + 5?")
         page.click("#go")
         page.wait_for_function(ANSWERED_12, timeout=15_000)

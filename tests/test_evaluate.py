@@ -76,6 +76,20 @@ def test_explanation_metrics_tell_right_steps_from_lucky_answers():
     assert m["by_task"] == {"rg:basic_arithmetic": 0.75}
 
 
+def test_complete_explanations_are_grounded_in_the_question():
+    row = {"task": "rg:basic_arithmetic", "question": "Calculate 3 + 4.", "gold": "7", "meta": {}}
+    texts = [
+        "\nStep 1: 3 + 4 = 7\nAnswer: 7",  # complete
+        "\nStep 1: 2 + 5 = 7\nAnswer: 7",  # right answer and arithmetic, numbers from nowhere
+        "\nStep 1: 3 * 4 = 12\nAnswer: 12",  # the question's numbers, another operation
+        "\nStep 1: 3 + 4 = 7\nStep 2: 7 + 0 = 7\nAnswer: 7",  # 0 is not in the question
+    ]
+    rows = [{**row, "id": str(i)} for i in range(len(texts))]
+    m = score_outputs(rows, texts, Scorer(), explain=True)
+    assert m["steps_all_right"] == 1.0 and m["consistent"] == 1.0
+    assert m["complete"] == pytest.approx(1 / 4) and m["ungrounded"] == pytest.approx(3 / 4)
+
+
 def test_eval_writes_files_caches_the_teacher_and_skips_unchanged_students(
     tmp_path, scripted_teacher, monkeypatch
 ):
@@ -95,7 +109,7 @@ def test_eval_writes_files_caches_the_teacher_and_skips_unchanged_students(
         assert 0.0 <= s[mode]["accuracy"] <= 1.0 and s[mode]["n"] == len(held)
         assert s[mode]["mean_new_tokens"] > 0
     assert s["params"] > 0 and s["latency_s"] > 0 and s["tokens_per_s"] > 0
-    assert "steps_all_right" in s["explain"] and "consistent" in s["explain"]
+    assert "steps_all_right" in s["explain"] and "consistent" in s["explain"] and "complete" in s["explain"]
 
     saved = json.loads((run / "students/tiny/eval.json").read_text())
     assert saved["stage"] == "eval" and saved["result"]["accuracy"] == s["accuracy"]

@@ -39,7 +39,7 @@ class AnswerRequest(SamplingFields):
     stream: bool = Field(False, description="server-sent events: 'token' {text}... then 'answer' {...}")
     verify: int | None = Field(
         None, ge=1, le=16,
-        description="tries: > 1 resamples while a checked step is false (not streamed); default: server",
+        description="tries: > 1 resamples until the explanation is complete (not streamed); default: server",
     )  # fmt: skip
 
     def job(self, settings: Settings, choice: int = 0) -> Job:
