@@ -785,9 +785,14 @@ class _Ground:
             )
             return
         sc.status = "unchecked"
-        restated = [n for n in nums if n in self.results]
+        # Numbers are read unsigned here ("- Check: -4 ..." is a bullet, then a sign): a restated result keeps
+        # the sign the steps derived it with.
+        restated = [n for n in nums if n in self.results or -n in self.results]
         if restated:
-            self.last, self.last_text = restated[-1], _fmt(restated[-1])
+            n = restated[-1]
+            if not (self.last is not None and abs(self.last) == n):
+                self.last = n if n in self.results else -n
+            self.last_text = _fmt(self.last)
 
     def answer_derived(self, answer: str | None) -> bool:
         if answer is None or self.last is None:
