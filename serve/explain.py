@@ -596,13 +596,13 @@ _IMPLIED = [
 ]
 
 
-def _numbers(text: str) -> list[Fraction]:
-    """The numbers written in symbolized text ("3/4" gives 3, 4 and 3/4), as absolute values."""
+def _numbers(text: str, fractions: bool = False) -> list[Fraction]:
+    """The numbers written in symbolized text, as absolute values; ``fractions``: "3/4" also gives 3/4."""
     out: list[Fraction] = []
-    for m in re.finditer(r"\d+(?:\.\d+)?(?:\s*/\s*\d+)?", text):
-        parts = [Fraction(p) for p in re.split(r"\s*/\s*", m.group(0))]
+    for m in re.finditer(r"\d+(?:\.\d+)?(?:/\d+)?", text):
+        parts = [Fraction(p) for p in m.group(0).split("/")]
         out.extend(parts)
-        if len(parts) == 2 and parts[1]:
+        if fractions and len(parts) == 2 and parts[1]:
             out.append(parts[0] / parts[1])
     return out
 
@@ -610,7 +610,7 @@ def _numbers(text: str) -> list[Fraction]:
 def question_numbers(question: str) -> set[Fraction]:
     """Every number the question states, in digits or words, and those its words imply ("dozen": 12)."""
     q = question[:MAX_QUESTION_CHARS]
-    known = set(_numbers(_symbolize(q)))
+    known = set(_numbers(_symbolize(q), fractions=True))
     for pattern, values in _IMPLIED:
         if pattern.search(q):
             known.update(Fraction(v) for v in values)

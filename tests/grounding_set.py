@@ -222,6 +222,8 @@ def score(items: list[Item]) -> dict:
         "items": len(items),
         "correct_chains": positives,
         "corrupted_chains": len(corrupted),
+        "true_complete": tp,
+        "false_complete": fp,
         "precision": tp / (tp + fp) if tp + fp else 1.0,
         "recall": tp / positives if positives else 0.0,
         "corrupted_called_complete": fp / len(corrupted) if corrupted else 0.0,

@@ -207,6 +207,8 @@ def marks(question, text, task=None):
         ("Tom has three apples and buys a dozen more.", "3 + 12 = 15\nAnswer: 15", ["grounded"], True),
         ("Ana has twenty-one cards and loses 4.", "21 - 4 = 17\nAnswer: 17", ["grounded"], True),
         ("What is 2 + 3 and 4 + 5?", "2 + 3 = 5\n4 + 5 = 9\nAnswer: 5, 9", ["grounded"] * 2, True),
+        ("Calculate 8 / 2.", "Step 1: 4 + 0 = 4\nAnswer: 4", ["ungrounded"], False),  # 8 / 2 states no 4
+        ("What is 14 divided by 2?", "Step 1: \\frac{14}{2} = 7\nAnswer: 7", ["grounded"], True),
     ],
 )
 def test_every_step_is_marked_against_the_question(question, text, statuses, complete):
