@@ -143,7 +143,7 @@ def _tokenizer_fields(model_dir: Path, vocab_size: int, pre: str | None) -> dict
     log-probabilities. A Unigram vocabulary written as "llama" is not the same tokenizer: SPM merges pairs
     greedily and cannot reach a piece whose halves are not pieces (14 of 67 test strings matched, against
     67 of 67 as "t5"). UGM has no byte fallback: a character outside the vocabulary is <unk> in llama.cpp
-    where HF emits its bytes, which check_gguf_tokenizer reports before anything is built.
+    where HF emits its bytes, which check_gguf_writable reports before anything is built.
     """
     tok_path = model_dir / "tokenizer.json"
     if not tok_path.is_file():
@@ -368,18 +368,21 @@ def write_gguf(
     """Write a student of any family in gguf_arch.FAMILIES as GGUF (f16 or f32; 1-D tensors always F32).
 
     vocab_only=True writes the metadata and tokenizer without tensors: what llama.cpp's vocab_only
-    loader needs, in about a second whatever the model's size (check_gguf_tokenizer).
+    loader needs, in about a second whatever the model's size (check_gguf_writable).
     """
+    return _write(Path(model_dir), Path(out_path), dtype, pre, vocab_only)[0]
+
+
+def _write(d: Path, out: Path, dtype: str, pre: str | None, vocab_only: bool) -> tuple[Path, str]:
+    """write_gguf; also returns the tokenizer model written ("gpt2", "llama" or "t5")."""
     if dtype not in ("f16", "f32"):
         raise NestlingError(f"GGUF base dtype {dtype!r}: use f16 or f32")
-    d = Path(model_dir)
     cfg = _read_json(d / "config.json")
     fam = family_for(cfg, d)
     shape = _Shape(cfg)
     tokf = _tokenizer_fields(d, int(cfg["vocab_size"]), pre)
     tensors = {} if vocab_only else _load_tensors(d)
     names = _tensor_names(d, list(tensors), cfg, fam)
-    out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its INFO lines repeat what we log below
@@ -414,7 +417,7 @@ def write_gguf(
         tokf["pre"],
         tokf["add_bos"],
     )
-    return out
+    return out, tokf["model"]
 
 
 def check_student_weights(model_dir: str | Path) -> None:
@@ -435,8 +438,7 @@ def check_gguf_writable(model_dir: str | Path, pre: str | None = None, texts: Se
     if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", "linear", "llama3"):
         raise NestlingError(f"{d}: rope_scaling {scaling} is not supported (default, linear, llama3 are)")
     with tempfile.TemporaryDirectory(prefix="nestling-vocab-") as tmp:
-        path = write_gguf(d, Path(tmp) / "vocab.gguf", pre=pre, vocab_only=True)
-        model = _tokenizer_fields(d, int(cfg["vocab_size"]), pre)["model"]
+        path, model = _write(d, Path(tmp) / "vocab.gguf", "f16", pre, vocab_only=True)
         _compare_tokenization(d, path, model, list(texts))
     return model
 
