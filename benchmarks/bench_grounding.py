@@ -67,7 +67,8 @@ def labelled(seeds: list[int]) -> dict:
 def real_traces(path: Path) -> dict:
     """Unlabelled real records: how many right-answer explanations are complete, ungrounded, false."""
     from nestling.distill.filters import record_steps
-    from nestling.serve.explain import ground
+
+    from nestling.core.explain import ground
 
     rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
     right = [r for r in rows if r.get("correct") and r.get("question")]
@@ -94,7 +95,7 @@ def real_traces(path: Path) -> dict:
 
 
 def bounded() -> dict:
-    from nestling.serve.explain import MAX_CHECKED_STEPS, MAX_STEP_CHARS, ground
+    from nestling.core.explain import MAX_CHECKED_STEPS, MAX_STEP_CHARS, ground
 
     nested = "(" * 150 + "1 + 1" + ")" * 150 + " = 2"  # within the step limit: parsed
     t0 = time.perf_counter()
@@ -115,7 +116,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "grounding.json")
     args = ap.parse_args()
 
-    from nestling.serve.manifest import atomic_write_json
+    from nestling.core.manifest import atomic_write_json
 
     out = {"cpu": cpu(), "labelled": labelled(args.seeds), "bounded": bounded()}
     real = args.traces or next(iter(sorted(ROOT.glob("benchmarks/results/**/traces.jsonl"))), None)

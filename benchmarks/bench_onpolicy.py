@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from nestling.serve.manifest import atomic_write_json  # noqa: E402
+from nestling.core.manifest import atomic_write_json  # noqa: E402
 
 
 def cpu_info() -> dict:
@@ -34,8 +34,9 @@ def cpu_info() -> dict:
 def accuracy(model_dir: Path, held: list[dict]) -> float:
     from nestling.distill.evaluate import generate
     from nestling.distill.students import load_student
-    from nestling.serve.explain import extract_answer
-    from nestling.serve.prompting import student_prompt
+
+    from nestling.core.explain import extract_answer
+    from nestling.core.prompting import student_prompt
 
     model, tok = load_student(model_dir)
     texts, _, _ = generate(model, tok, [student_prompt(r["question"]) for r in held], 24, 16, "eval", False)
@@ -56,11 +57,11 @@ def main() -> None:
     import torch
     from conftest import arithmetic_rows, build_tiny_student, training_texts
     from fake_run import make_run
-
     from nestling.distill.compress import prune_mlp
     from nestling.distill.students import count_params, load_student, save_student
     from nestling.distill.train import TrainConfig, train
-    from nestling.serve.manifest import read_jsonl, read_manifest
+
+    from nestling.core.manifest import read_jsonl, read_manifest
 
     torch.set_num_threads(1)
     work = Path(args.work)

@@ -5,7 +5,7 @@ latency per answer, greedy vs plain sampling vs resample-until-complete, side by
     OMP_NUM_THREADS=1 python3 benchmarks/bench_serve_verify.py        # a tiny student trained here (~2 min)
 
 A complete explanation (``complete_share``) has every step grounded in the question or unchecked and an
-answer the steps derive (serve.explain.ground); ``verified_share`` counts only the arithmetic of the checked
+answer the steps derive (core.explain.ground); ``verified_share`` counts only the arithmetic of the checked
 steps. Writes benchmarks/results/serve_verify.json. Questions: one-digit sums and differences (the tiny
 student's task) unless --export's manifest names a task this script cannot draw; then pass --questions
 FILE.jsonl with {"question", "answer"} lines.
@@ -28,7 +28,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 def trained_export(cache: Path) -> Path:
     """A tiny student trained long enough to write the format (and still get many steps wrong)."""
     from conftest import arithmetic_rows, build_tiny_student
-
     from nestling.export.pipeline import ExportConfig, export_student
 
     out, student = cache / "verify-export", cache / "verify-student"
@@ -84,9 +83,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_verify.json")
     args = ap.parse_args()
 
-    from nestling.serve.manifest import atomic_write_json
     from nestling.serve.runtime import VERIFY_TEMPERATURE, Reasoner
     from nestling.serve.sampling import SamplingParams
+
+    from nestling.core.manifest import atomic_write_json
 
     export = args.export or trained_export(args.cache)
     rows = questions(args.questions, args.n)

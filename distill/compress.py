@@ -36,10 +36,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nestling.serve.config import check
-from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import is_fresh, read_jsonl, read_manifest, write_jsonl, write_manifest
-from nestling.serve.prompting import answer_target, explain_target, student_prompt
+from nestling.core.config import check
+from nestling.core.errors import NestlingError
+from nestling.core.manifest import is_fresh, read_jsonl, read_manifest, write_jsonl, write_manifest
+from nestling.core.prompting import answer_target, explain_target, student_prompt
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -496,7 +496,8 @@ def fresh_rows(
     keep the rows with a right answer and no false step. Returns (kept rows, filter stats)."""
     from nestling.distill.evaluate import generate
     from nestling.distill.filters import filter_traces
-    from nestling.serve.explain import extract_answer
+
+    from nestling.core.explain import extract_answer
 
     if not examples:
         return [], {}
@@ -535,7 +536,8 @@ def _score(ex: Any, answer: str) -> bool:
 
 def _source_inputs(run: Path, source: str) -> dict[str, Any]:
     from nestling.distill.train import fingerprint_inputs
-    from nestling.serve.manifest import try_read_manifest
+
+    from nestling.core.manifest import try_read_manifest
 
     m = try_read_manifest(run / "students" / source) or {}
     return {"source": m.get("files", {}), "traces": fingerprint_inputs(run)}

@@ -7,7 +7,7 @@ For each held-out question of RUN/traces/questions.jsonl: the teacher answers gr
 (cached in RUN/teacher_eval.json, keyed by teacher spec + questions, because it is the slow part); each
 student answers greedily under the answer prompt and under the explain prompt. Scored by the task's own
 verifier (task.extract + task.score, full credit only). Explanations are parsed into steps and checked by
-serve.explain, the same checks the runtime shows. Writes RUN/students/<name>/eval.{json,md} and
+core.explain, the same checks the runtime shows. Writes RUN/students/<name>/eval.{json,md} and
 RUN/eval.{json,md} (the side-by-side table); every eval.json carries "stage": "eval".
 
 The trivial baseline answers every question with the most common gold answer of the training split (per
@@ -33,18 +33,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nestling.serve.config import check
-from nestling.serve.errors import NestlingError
-from nestling.serve.explain import explanation_consistent, ground, parse_steps
-from nestling.serve.fmt import pct
-from nestling.serve.manifest import (
+from nestling.core.config import check
+from nestling.core.errors import NestlingError
+from nestling.core.explain import explanation_consistent, ground, parse_steps
+from nestling.core.fmt import pct
+from nestling.core.manifest import (
     atomic_write_json,
     atomic_write_text,
     fingerprint,
     try_read_json,
     try_read_manifest,
 )
-from nestling.serve.prompting import student_prompt
+from nestling.core.prompting import student_prompt
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def score_outputs(
     rows: list[dict], texts: list[str], scorer: Scorer, explain: bool, answers: list[str] | None = None
 ) -> dict[str, Any]:
     """Accuracy (overall and by task, each with its 95% Wilson interval); for explanations also step checks,
-    consistency and the share of complete explanations (serve.explain.ground: every step grounded in the
+    consistency and the share of complete explanations (core.explain.ground: every step grounded in the
     question or unchecked, the answer derived from the steps). ``answers``: the texts to extract answers
     from when they differ from ``texts`` (a reasoning teacher's answer part, while its steps come from
     chain + answer)."""
@@ -239,10 +239,9 @@ def run_teacher(
     desc: str,
 ) -> tuple[list[list[Any]], int | None]:
     """Every row's samples through teacher.stream (concurrent for openai:), as [row][sample] Generations."""
-    from tqdm.auto import tqdm
-
     from nestling.distill.prompts import teacher_messages
     from nestling.distill.teachers import Job, default_teacher_threads, load_teacher
+    from tqdm.auto import tqdm
 
     teacher = load_teacher(spec, n_threads=cfg.threads or default_teacher_threads(), **opts)
     jobs = [
@@ -418,7 +417,6 @@ def student_eval(
 ) -> dict[str, Any]:
     """Both modes, batched for accuracy; a few questions one at a time for latency."""
     import torch
-
     from nestling.distill.students import count_params, load_student
 
     model, tok = load_student(model_dir)
@@ -597,7 +595,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 def _writable(run: Path) -> bool:
     """False while another process holds the run's writer lock: eval then reads (and computes) without
     writing, so a finished run can be evaluated beside a running stage."""
-    from nestling.serve.lock import locked_by_another
+    from nestling.core.lock import locked_by_another
 
     return not locked_by_another(run)
 

@@ -12,13 +12,13 @@ Filters run in this order, each counted in ``stats["filters"]`` (in, kept, yield
               answer of the k samples is the label when its share reaches vote_threshold)
     steps     no false step (every arithmetic / per-task claim holds) and the last stated result is the
               answer; with grounding "grounded" (the default) also every step grounded in the question
-              (serve.explain.ground: its numbers are the question's or earlier results) and the answer
+              (core.explain.ground: its numbers are the question's or earlier results) and the answer
               derived from the steps, where grounding applies (arithmetic and word problems);
               right-answer-wrong-steps and right-answer-ungrounded rationales are counted separately
     dedupe    one copy of each distinct step list per question
 
 A reasoning teacher's record carries its chain apart from the answer part (``chain``); its steps are the
-chain's followed by the answer part's, split from free-form text by serve.explain.parse_steps, and every one
+chain's followed by the answer part's, split from free-form text by core.explain.parse_steps, and every one
 is checked. Kept rows carry two rationale styles, both checked the same way:
     steps_full    every step the teacher wrote
     steps_short   the steps that carry a checkable claim (each distinct claim once), plus the conclusion;
@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nestling.distill.tasks import Example
-from nestling.serve.config import check
-from nestling.serve.explain import (
+
+from nestling.core.config import check
+from nestling.core.explain import (
     check_step,
     check_steps,
     clean_steps,
@@ -45,7 +46,7 @@ from nestling.serve.explain import (
     normalize_answer,
     parse_steps,
 )
-from nestling.serve.prompting import explain_target
+from nestling.core.prompting import explain_target
 
 RATIONALE_STYLES = ("full", "short")
 GROUNDING = ("grounded", "checked")
@@ -126,7 +127,7 @@ def training_steps(row: dict, style: str | None = None) -> list[str]:
 
 
 def training_text(row: dict, style: str | None = None) -> str:
-    """The explain-mode target a student learns from a kept row: serve.prompting's canonical rationale."""
+    """The explain-mode target a student learns from a kept row: core.prompting's canonical rationale."""
     return explain_target(training_steps(row, style), str(row["answer"]))
 
 

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from nestling.serve.errors import NestlingError
+from nestling.core.errors import NestlingError
 
 log = logging.getLogger(__name__)
 

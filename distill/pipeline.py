@@ -3,7 +3,7 @@
     nestling distill --out runs/x
     nestling distill --out runs/x --students tiny,pruned=gguf:smollm2?keep_layers=8 --objective cot
 
-Each stage is skipped when its manifest records the same config and inputs (serve.manifest.is_fresh), so
+Each stage is skipped when its manifest records the same config and inputs (core.manifest.is_fresh), so
 re-running the command after an interruption continues where it stopped; training itself resumes from its
 newest checkpoint. Torch is imported by the stages, never by this module.
 
@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 
 from nestling.distill.accel import PRECISIONS
 from nestling.distill.train import OBJECTIVES
-from nestling.serve.config import check
-from nestling.serve.errors import NestlingError
+
+from nestling.core.config import check
+from nestling.core.errors import NestlingError
 
 if TYPE_CHECKING:
     from nestling.distill.students import StudentShape

@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nestling.serve.errors import NestlingError
-from nestling.serve.prompting import CHAT_TEMPLATE
-from nestling.serve.specs import parse_query
+from nestling.core.errors import NestlingError
+from nestling.core.prompting import CHAT_TEMPLATE
+from nestling.core.specs import parse_query
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast

@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nestling.serve.config import check
-from nestling.serve.errors import NestlingError
+from nestling.core.config import check
+from nestling.core.errors import NestlingError
 
 log = logging.getLogger(__name__)
 
@@ -457,9 +457,8 @@ class HFTeacher(Teacher):
     def __init__(self, spec: str, name: str, n_threads: int, batch: int = 8, device: str | None = None):
         try:
             import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
             from nestling.distill.students import count_params
+            from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError:
             raise NestlingError(
                 "hf teachers need torch and transformers; pip install 'nestling[train]'"

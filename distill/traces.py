@@ -38,9 +38,10 @@ from nestling.distill.teachers import (
     load_teacher,
     teacher_options,
 )
-from nestling.serve.config import check
-from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import (
+
+from nestling.core.config import check
+from nestling.core.errors import NestlingError
+from nestling.core.manifest import (
     atomic_write_json,
     fingerprint,
     is_fresh,

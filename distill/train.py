@@ -16,7 +16,7 @@ The recipe is setup -> fit -> save. Under a launcher every process builds the sa
 share (rank::world) of each global batch, and DDP averages the gradients; the loss is normalised by the
 global batch's weights, so N processes compute the single-process step. Only rank 0 writes.
 
-Objectives (the student's format is serve.prompting, the one the runtime and the exports use):
+Objectives (the student's format is core.prompting, the one the runtime and the exports use):
   cot          explain prompt -> "Step 1: ...\\nAnswer: X" + eos
   answer-only  answer prompt  -> " X" + eos                               (the baseline)
   multitask    both, every example twice (Distilling Step-by-Step, Hsieh et al. 2023, decoder-only form):
@@ -40,11 +40,12 @@ from typing import Any
 
 from nestling.distill import checkpoint
 from nestling.distill.accel import PRECISIONS, Runtime, autocast, barrier, resolve_precision, setup_runtime
-from nestling.serve.config import check
-from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import is_fresh, sha256_file, write_manifest
-from nestling.serve.manifest import read_jsonl as _read_jsonl
-from nestling.serve.prompting import answer_target, explain_target, student_prompt
+
+from nestling.core.config import check
+from nestling.core.errors import NestlingError
+from nestling.core.manifest import is_fresh, sha256_file, write_manifest
+from nestling.core.manifest import read_jsonl as _read_jsonl
+from nestling.core.prompting import answer_target, explain_target, student_prompt
 
 log = logging.getLogger(__name__)
 
@@ -502,7 +503,6 @@ def student_texts(rows: list[dict]) -> list[str]:
 def build_student(cfg: TrainConfig, spec: Any, rows: list[dict], ckpt: Path | None) -> tuple[Any, Any]:
     """(model, tokenizer): from the checkpoint, or freshly initialised; LoRA adapters added under --lora."""
     import torch
-
     from nestling.distill.lora import add_lora, lora_recipe
     from nestling.distill.students import init_student, load_student
 
@@ -591,7 +591,6 @@ def prepare_model(cfg: TrainConfig, model: Any, rt: Runtime) -> tuple[Any, list,
 def setup(cfg: TrainConfig, rt: Runtime, rows: list[dict], inputs: dict[str, str]) -> Job:
     """Student, data, optimizer and state, from the newest checkpoint when resuming. Writes nothing."""
     import torch
-
     from nestling.distill.students import count_params, parse_student_spec
 
     spec = parse_student_spec(cfg.student)
@@ -686,7 +685,6 @@ def teacher_scores(job: Job, batch: dict[str, Any], keep: Any) -> tuple[Any, Any
     """(ids or None, logprobs) of the teacher at the kept positions: (B, K, V) full log-probabilities from a
     transformers teacher (or its top --kd-top-k), (B, K, k) from a scoring teacher."""
     import torch
-
     from nestling.distill.onpolicy import scores_to_batch
 
     cfg = job.cfg
@@ -713,7 +711,6 @@ def onpolicy_micro_step(job: Job, step: int, micro: int, sync: bool) -> tuple[fl
     Normalised like micro_step: by the global batch's weights, times the world size for DDP's average.
     """
     import torch
-
     from nestling.distill.onpolicy import generalized_jsd, sample
 
     cfg, rt = job.cfg, job.rt

@@ -31,7 +31,6 @@ from typing import Any
 
 import gguf
 import numpy as np
-
 from nestling.export.gguf_arch import (
     Family,
     add_space_prefix,
@@ -39,9 +38,10 @@ from nestling.export.gguf_arch import (
     gguf_model_name,
     pre_tokenizer_name,
 )
-from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import read_json
-from nestling.serve.prompting import CHAT_TEMPLATE
+
+from nestling.core.errors import NestlingError
+from nestling.core.manifest import read_json
+from nestling.core.prompting import CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
 
@@ -445,9 +445,8 @@ def check_gguf_writable(model_dir: str | Path, pre: str | None = None, texts: Se
 
 def _compare_tokenization(d: Path, path: Path, model: str, texts: list[str]) -> None:
     import llama_cpp
-    from transformers import AutoTokenizer
-
     from nestling.export.parity import TOKENIZATION_PROBES
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(d)
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)

@@ -34,9 +34,10 @@ from nestling.export.parity import (
     raise_on_failures,
     torch_reference,
 )
-from nestling.serve.config import check
-from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import (
+
+from nestling.core.config import check
+from nestling.core.errors import NestlingError
+from nestling.core.manifest import (
     describe_files,
     fingerprint,
     is_fresh,
@@ -45,7 +46,7 @@ from nestling.serve.manifest import (
     read_manifest,
     write_manifest,
 )
-from nestling.serve.prompting import PROMPT_FORMAT
+from nestling.core.prompting import PROMPT_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ def make_scorer(prompts: list[Prompt], task_spec: str | None) -> Scorer:
 
             tasks[spec] = load_task(spec)
         except Exception as e:  # scoring falls back to lenient extraction; say so
-            log.warning("task %s: cannot load its scorer (%s); using serve.explain answer matching", spec, e)
+            log.warning("task %s: cannot load its scorer (%s); using core.explain answer matching", spec, e)
     fallback = default_scorer()
 
     def score(text: str, p: Prompt) -> bool:
@@ -416,7 +417,6 @@ def _export_into(job: _Job) -> dict[str, Any]:
 def _reference(job: _Job) -> _Reference:
     import numpy as np
     import torch
-
     from nestling.distill.students import count_params, load_student
 
     torch.set_num_threads(job.cfg.threads)

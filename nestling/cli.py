@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nestling.serve.errors import NestlingError
+from nestling.core.errors import NestlingError
 
 _TRAIN = ("torch", "transformers", "safetensors", "reasoning_gym")
 _EXPORT = (*_TRAIN, "optimum.onnxruntime", "onnx", "gguf", "llama_cpp")
@@ -42,7 +42,7 @@ class Command:
     extra: str = "train"  # the pip extra its config and main need: named when an import is missing
     settings: bool = False  # the config is serve's pydantic Settings: flags fall back to NESTLING_* variables
     needs: tuple[str, ...] = _TRAIN  # modules checked before any work starts: a missing one names `extra`
-    # The config field naming the directory this command writes: held under its writer lock (serve.lock)
+    # The config field naming the directory this command writes: held under its writer lock (core.lock)
     # for the command's life, and --wait waits for another writer instead of refusing.
     writes: str | None = None
     lock: str = "creates"  # "creates" the directory | "needs" it to exist | "reads" when locked | "export"
@@ -189,7 +189,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 
 def _add_command_args(p: argparse.ArgumentParser, cmd: Command) -> None:
-    from nestling.serve.config import add_config_args
+    from nestling.core.config import add_config_args
 
     if cmd.settings:  # pydantic: the [serve] extra
         add_settings_args = _load("nestling.serve.settings:add_settings_args", cmd.extra)
@@ -204,7 +204,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def _config(cmd: Command, args: argparse.Namespace) -> Any:
-    from nestling.serve.config import config_from_args
+    from nestling.core.config import config_from_args
 
     if cmd.settings:
         return _load("nestling.serve.settings:settings_from_args", cmd.extra)(args)
@@ -215,7 +215,7 @@ def _writer_lock(cmd: Command, cfg: Any, wait: bool) -> AbstractContextManager:
     """The lock on the directory `cmd` writes; eval reads without it while another process writes."""
     if not cmd.writes:
         return nullcontext()
-    from nestling.serve.lock import locked_by_another, writer_lock
+    from nestling.core.lock import locked_by_another, writer_lock
 
     directory = getattr(cfg, cmd.writes)
     if cmd.lock == "reads" and not wait and locked_by_another(directory):

@@ -10,11 +10,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from nestling.core.config import check
+from nestling.core.manifest import read_jsonl
 from nestling.distill.pipeline import DistillConfig
 from nestling.latency import measure_export
 from nestling.report import collect_report, write_report
-from nestling.serve.config import check
-from nestling.serve.manifest import read_jsonl
 
 if TYPE_CHECKING:
     from nestling.distill.students import StudentShape

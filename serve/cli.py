@@ -21,16 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nestling.serve.config import check
-from nestling.serve.errors import NestlingError
 from nestling.serve.sampling import SamplingParams
+
+from nestling.core.config import check
+from nestling.core.errors import NestlingError
 
 if TYPE_CHECKING:
     from nestling.serve.runtime import Answer
     from nestling.serve.settings import Settings
 
 ENGINE_CHOICES = ["auto", "gguf", "onnx"]
-# By step status (serve.explain.STEP_STATUSES): "?" is true arithmetic on a number from nowhere.
+# By step status (core.explain.STEP_STATUSES): "?" is true arithmetic on a number from nowhere.
 MARKS = {"grounded": "\u2713", "false": "\u2717", "ungrounded": "?", "unchecked": "\u00b7"}
 VERIFIED = {True: "checked steps hold", False: "a checked step is wrong", None: "nothing to check"}
 COMPLETE = {True: "explanation complete", False: "explanation incomplete", None: "not grounded"}
@@ -136,8 +137,9 @@ def ask_main(cfg: AskConfig) -> int:
 
 def serve_main(s: Settings) -> int:
     """Check the export and the port, then serve until Ctrl-C."""
-    from nestling.serve.manifest import read_manifest
     from nestling.serve.runtime import Reasoner
+
+    from nestling.core.manifest import read_manifest
 
     check(bool(s.model_dir), "no export directory: pass DIR or set NESTLING_MODEL_DIR")
     # Cheap checks before the port opens; hashing and loading happen in the background at startup.
@@ -151,7 +153,6 @@ def serve_main(s: Settings) -> int:
         raise NestlingError(msg) from None
 
     import uvicorn
-
     from nestling.serve.app import create_app
 
     failures: list[BaseException] = []

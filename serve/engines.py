@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-
-from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import read_json
 from nestling.serve.sampling import Sampler
+
+from nestling.core.errors import NestlingError
+from nestling.core.manifest import read_json
 
 log = logging.getLogger(__name__)
 

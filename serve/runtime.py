@@ -33,12 +33,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nestling.serve.config import check
-from nestling.serve.errors import NestlingError
-from nestling.serve.explain import clean_answer, extract_answer, ground, parse_steps
-from nestling.serve.manifest import read_manifest, verify_files
-from nestling.serve.prompting import ANSWER_MARK, PROMPT_FORMAT, student_prompt
 from nestling.serve.sampling import SamplingParams
+
+from nestling.core.config import check
+from nestling.core.errors import NestlingError
+from nestling.core.explain import clean_answer, extract_answer, ground, parse_steps
+from nestling.core.manifest import read_manifest, verify_files
+from nestling.core.prompting import ANSWER_MARK, PROMPT_FORMAT, student_prompt
 
 if TYPE_CHECKING:  # the protocol only: importing serve.engines here would load numpy for nothing
     from nestling.serve.engines import Engine
@@ -97,7 +98,7 @@ def register_engine(kind: str, load: Callable[[str, int], Engine], available: Ca
 class Step:
     """One step of an explanation. ``ok``: True every calculation in it checks out, False one is wrong,
     None nothing checkable. ``claims``: the checked calculations (expr, stated, value, ok). ``status``: the
-    step against the question (serve.explain.STEP_STATUSES): grounded | false | ungrounded | unchecked;
+    step against the question (core.explain.STEP_STATUSES): grounded | false | ungrounded | unchecked;
     ``reason`` says why a step is not grounded."""
 
     text: str
@@ -134,7 +135,7 @@ class Answer:
     verified: bool | None = None
     tries: int = 1  # generations made for this answer (> 1 when verification resampled a false one)
     # True: every step is grounded or unchecked (at least one grounded) and the answer is the steps' last
-    # result, computing what the question asks (serve.explain.ground); False: not so; None: answer-only
+    # result, computing what the question asks (core.explain.ground); False: not so; None: answer-only
     # mode, or a question grounding is not asked of (fewer than two numbers stated).
     complete: bool | None = None
     answer_derived: bool | None = None  # the answer is the steps' last result (None: answer-only mode)
@@ -524,7 +525,7 @@ class Reasoner:
         return Answer(answer, [], text, latency, finish_reason=finish)
 
     def _ground(self, a: Answer, question: str) -> None:
-        """Mark every step against the question (serve.explain.ground) and set verified / complete."""
+        """Mark every step against the question (core.explain.ground) and set verified / complete."""
         e = ground(question, parse_steps(a.text), a.answer, self.task)
         a.steps = [
             Step(c.text, c.ok, [asdict(x) for x in c.claims], c.status or "unchecked", c.reason)

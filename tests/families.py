@@ -18,7 +18,8 @@ from typing import Any
 
 from nestling.export.gguf_arch import LLAMA3_REGEX, QWEN2_REGEX
 from nestling.export.parity import TOKENIZATION_PROBES
-from nestling.serve.prompting import explain_target, student_prompt
+
+from nestling.core.prompting import explain_target, student_prompt
 
 SPM = "spm"
 UNIGRAM = "unigram"
@@ -222,7 +223,7 @@ def build_tokenizer(family: str, texts: list[str], vocab_size: int = 512, kind: 
     from tokenizers import AddedToken, processors
     from transformers import PreTrainedTokenizerFast
 
-    from nestling.serve.prompting import CHAT_TEMPLATE
+    from nestling.core.prompting import CHAT_TEMPLATE
 
     kind = kind or KINDS[family]
     builders = {SPM: byte_fallback_bpe, UNIGRAM: byte_fallback_unigram}

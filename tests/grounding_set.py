@@ -1,4 +1,4 @@
-"""A labelled set of rationales for measuring serve.explain.ground as a classifier of "complete".
+"""A labelled set of rationales for measuring core.explain.ground as a classifier of "complete".
 
     items = labelled_set(seed=0)          # [Item(question, text, label, family, kind), ...], deterministic
     scores = score(items)                 # precision / recall of "complete" and the rate per kind
@@ -200,7 +200,7 @@ def labelled_set(seed: int = 0, per_family: int = 40) -> list[Item]:
 
 def score(items: list[Item]) -> dict:
     """Precision and recall of "complete" (blind spots apart), and the share called complete per kind."""
-    from nestling.serve.explain import clean_steps, extract_answer, ground, parse_steps
+    from nestling.core.explain import clean_steps, extract_answer, ground, parse_steps
 
     called: list[tuple[Item, bool]] = []
     for it in items:

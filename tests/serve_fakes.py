@@ -31,8 +31,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from nestling.serve.manifest import write_manifest
-from nestling.serve.prompting import EXPLAIN_MARK
+from nestling.core.manifest import write_manifest
+from nestling.core.prompting import EXPLAIN_MARK
 
 BOS, EOS = 256, 257
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}

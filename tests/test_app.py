@@ -9,13 +9,13 @@ import threading
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from serve_fakes import FakeEngine, serve_in_thread
-
 from nestling.serve.app import create_app
-from nestling.serve.errors import NestlingError
 from nestling.serve.routers.common import get_settings
 from nestling.serve.runtime import Reasoner
 from nestling.serve.settings import Settings, load_settings
+from serve_fakes import FakeEngine, serve_in_thread
+
+from nestling.core.errors import NestlingError
 
 
 def make_app(gate=None, **settings):

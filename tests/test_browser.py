@@ -8,11 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from serve_fakes import FakeEngine, serve_in_thread
-
 from nestling.serve.app import create_app
 from nestling.serve.runtime import Reasoner
 from nestling.serve.settings import Settings
+from serve_fakes import FakeEngine, serve_in_thread
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [

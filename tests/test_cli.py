@@ -123,7 +123,7 @@ def test_an_engine_without_its_library_names_the_extra(tmp_path, kind, blocked, 
     (tmp_path / "tokenizer.json").write_text("{}")
     proc = _run_without(
         (blocked,),
-        "from nestling.serve.engines import load_engine\nfrom nestling.serve.errors import NestlingError\n"
+        "from nestling.serve.engines import load_engine\nfrom nestling.core.errors import NestlingError\n"
         f"try:\n    load_engine({str(path)!r}, kind={kind!r})\n"
         "except NestlingError as e:\n    print(e)",
     )

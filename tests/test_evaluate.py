@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nestling.distill.teachers as distill_teachers
 import pytest
 from fake_run import make_run
-
-import nestling.distill.teachers as distill_teachers
 from nestling.distill.evaluate import EvalConfig, Scorer, baseline, evaluate, load_questions, score_outputs
 from nestling.distill.teachers import Generation, Teacher
-from nestling.serve.errors import NestlingError
+
+from nestling.core.errors import NestlingError
 
 
 class ScriptedTeacher(Teacher):
@@ -188,10 +188,9 @@ def test_wilson_interval_matches_the_textbook_values():
 
 def test_a_task_without_gold_runs_end_to_end_and_every_table_says_what_it_was_scored_against(tmp_path):
     """traces (a stand-in server, answers by vote) -> a nano student -> eval against the teacher's vote."""
-    from teacher_fakes import StandIn
-
     from nestling.distill.traces import TracesConfig, run_traces
     from nestling.distill.train import TrainConfig, train
+    from teacher_fakes import StandIn
 
     data = tmp_path / "questions.jsonl"
     pairs = [(a, b) for a in range(2, 9) for b in range(1, 6)]

@@ -1,10 +1,10 @@
-"""serve.explain: answer extraction, step parsing/cleaning and the per-task step checkers."""
+"""core.explain: answer extraction, step parsing/cleaning and the per-task step checkers."""
 
 from __future__ import annotations
 
 import pytest
 
-from nestling.serve.explain import (
+from nestling.core.explain import (
     MAX_CHECKED_STEPS,
     MAX_STEP_CHARS,
     STEP_CHECKERS,
@@ -117,10 +117,10 @@ def test_letter_checker_applies_to_letter_counting_and_mixes_only():
 
 
 def test_register_step_checker_extends_one_task(monkeypatch):
-    from nestling.serve.explain import Claim
+    from nestling.core.explain import Claim
 
     monkeypatch.setattr(
-        "nestling.serve.explain.STEP_CHECKERS", {k: list(v) for k, v in STEP_CHECKERS.items()}
+        "nestling.core.explain.STEP_CHECKERS", {k: list(v) for k, v in STEP_CHECKERS.items()}
     )
     never = lambda step: [Claim(step, "x", "y", False)] if "magic" in step else []  # noqa: E731
     register_step_checker(never, tasks=["file:"])
@@ -251,7 +251,7 @@ def test_a_step_the_parser_cannot_read_is_unchecked_or_false_never_an_exception(
 
 
 def test_huge_and_deeply_nested_inputs_are_bounded_by_construction(monkeypatch):
-    import nestling.serve.explain as ex
+    import nestling.core.explain as ex
 
     calls = []
     real = ex.check_step

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from families import KINDS, LLAMA2, SPM, TRICKY, UNIGRAM, Kind, build_family, family_texts, train_steps
-
 from nestling.distill.students import save_student
 from nestling.export.gguf import check_gguf_writable, write_gguf
 from nestling.export.pipeline import VARIANTS, ExportConfig, export_student, preflight
-from nestling.serve.errors import NestlingError
+
+from nestling.core.errors import NestlingError
 
 PROMPTS = [("What is 3 + 4?", "7"), ("What is 8 + 1?", "9")]
 FAST = ["onnx-fp32", "gguf-f16"]
@@ -92,9 +92,8 @@ def test_gguf_tokenizer_metadata(spm_student, tmp_path, case):
 
 @pytest.mark.parametrize("case", CASES)
 def test_llama_cpp_tokenizes_exactly_like_hf(spm_student, tmp_path, case):
-    from transformers import AutoTokenizer
-
     from nestling.serve.engines import load_engine
+    from transformers import AutoTokenizer
 
     student = spm_student(case)
     tok = AutoTokenizer.from_pretrained(student)
@@ -169,8 +168,9 @@ def test_unwritable_student_is_refused_at_second_zero(spm_student, tmp_path, cap
 def test_every_variant_exports_with_parity_and_reasoner_answers(spm_student, tmp_path, case):
     """All five variants: tokenization as HF, f16 GGUF and fp32 ONNX greedy and logits as PyTorch, the
     quantized ones close; the Reasoner answers from the GGUF export as llama.cpp's own greedy decoding."""
-    from nestling.serve.prompting import student_prompt
     from nestling.serve.runtime import Reasoner
+
+    from nestling.core.prompting import student_prompt
 
     out = tmp_path / "export"
     cfg = ExportConfig(student=str(spm_student(case)), out=str(out), max_new_tokens=24)
@@ -194,7 +194,6 @@ def test_student_taken_from_a_gemma3_gguf_ships_back_as_gguf(tmp_path):
     ("llama" SPM, as released), taken as a `gguf:FILE` student (transformers turns its vocabulary into a
     byte-fallback Unigram tokenizer.json), exports to every variant with parity, its tokenizer as "t5"."""
     import torch
-
     from nestling.distill.students import init_student
 
     torch.set_num_threads(1)

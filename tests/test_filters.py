@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
 from nestling.distill.filters import FilterConfig, filter_traces, vote_labels
 from nestling.distill.tasks import Example
-from nestling.serve.errors import NestlingError
+
+from nestling.core.errors import NestlingError
 
 TASK = "rg:basic_arithmetic"
 

@@ -1,4 +1,4 @@
-"""serve.lock and the CLI's writer locks: one writer per run (and export) directory, the second refused at
+"""core.lock and the CLI's writer locks: one writer per run (and export) directory, the second refused at
 once with the holder named or waiting with --wait, re-entrant nested stages, rank-0-only under a launcher,
 and a kill -9 of the holder that frees the directory for a rerun that loses and repeats nothing."""
 
@@ -17,8 +17,8 @@ import pytest
 from fake_run import make_run
 from teacher_fakes import StandIn
 
-from nestling.serve.errors import NestlingError
-from nestling.serve.lock import LOCK_NAME, lock_file, locked_by_another, read_holder, writer_lock
+from nestling.core.errors import NestlingError
+from nestling.core.lock import LOCK_NAME, lock_file, locked_by_another, read_holder, writer_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 EASY = (
@@ -27,7 +27,7 @@ EASY = (
 )
 HOLDER = """
 import sys
-from nestling.serve.lock import writer_lock
+from nestling.core.lock import writer_lock
 with writer_lock(sys.argv[1], export=sys.argv[2] == "export"):
     print("held", flush=True)
     sys.stdin.read()  # until the test closes the pipe

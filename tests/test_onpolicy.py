@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 from fake_run import make_run
-
 from nestling.distill.onpolicy import NEG, HFScorer, VocabMap, generalized_jsd, sample, student_tokens
 from nestling.distill.students import StudentPreset, load_student, new_student, save_student
 from nestling.distill.train import TrainConfig, onpolicy_questions, train, training_rows
-from nestling.serve.errors import NestlingError
-from nestling.serve.prompting import student_prompt
+
+from nestling.core.errors import NestlingError
+from nestling.core.prompting import student_prompt
 
 
 def _direct(p_t: list[float], p_s: list[float], beta: float) -> float:
@@ -159,9 +159,8 @@ def test_on_policy_samples_never_come_from_heldout_questions(tmp_path, student_d
 def test_resume_after_interruption_reaches_the_uninterrupted_weights(
     tmp_path, student_dir, teacher_dir, monkeypatch
 ):
-    from safetensors.torch import load_file
-
     import nestling.distill.train as train_mod
+    from safetensors.torch import load_file
 
     a, b = make_run(tmp_path / "a", n=40, heldout=10), make_run(tmp_path / "b", n=40, heldout=10)
     kw = dict(steps=8, checkpoint_every=3, lmbda=0.5, kd_alpha=0.5)
@@ -234,10 +233,9 @@ def _hf_pairs(model):
 
 
 def test_a_server_returning_prompt_logprobs_scores_like_the_local_model(teacher_dir: Path):
-    from teacher_fakes import PromptLogprobsStandIn
-
     from nestling.distill.compress import trim_vocab
     from nestling.distill.onpolicy import load_scorer
+    from teacher_fakes import PromptLogprobsStandIn
 
     teacher, tok = load_student(teacher_dir)
     seqs = [tok(student_prompt(q))["input_ids"] + [5, 9] for q in ("What is 2 + 2?", "What is 8 - 1?")]

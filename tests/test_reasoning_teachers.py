@@ -10,9 +10,6 @@ import re
 from pathlib import Path
 
 import pytest
-from teacher_fakes import StandIn
-
-from nestling import cli as nestling_cli
 from nestling.distill.filters import FilterConfig, filter_traces, shorten, training_steps, training_text
 from nestling.distill.prompts import teacher_messages
 from nestling.distill.tasks import Example
@@ -27,8 +24,11 @@ from nestling.distill.teachers import (
     with_chain,
 )
 from nestling.distill.traces import TracesConfig, run_traces
-from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import read_manifest
+from teacher_fakes import StandIn
+
+from nestling import cli as nestling_cli
+from nestling.core.errors import NestlingError
+from nestling.core.manifest import read_manifest
 
 EASY = (
     "rg:basic_arithmetic?min_terms=2&max_terms=2&min_digits=1&max_digits=1&operators=+,-&allow_negation=false"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import nestling.run as run_mod
-from nestling.serve.errors import NestlingError
+from nestling.core.errors import NestlingError
 
 
 def _stub_stages(tmp_path, monkeypatch) -> dict[str, list]:

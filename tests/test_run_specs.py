@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from teacher_fakes import StandIn
-
 from nestling.distill.pipeline import DistillConfig, check_specs
 from nestling.distill.students import check_student_spec, parse_student_spec
-from nestling.serve.errors import NestlingError
+from teacher_fakes import StandIn
+
+from nestling.core.errors import NestlingError
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "rg:basic_arithmetic?min_terms=2&max_terms=2&max_digits=1"

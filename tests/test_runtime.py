@@ -6,11 +6,11 @@ import json
 import threading
 
 import pytest
-from serve_fakes import FakeEngine, make_fake_export, register_fake
-
-from nestling.serve.errors import NestlingError
 from nestling.serve.runtime import ENGINES, Answer, Reasoner
 from nestling.serve.sampling import SamplingParams
+from serve_fakes import FakeEngine, make_fake_export, register_fake
+
+from nestling.core.errors import NestlingError
 
 
 @pytest.fixture
@@ -190,7 +190,7 @@ def test_an_unloadable_file_with_a_matching_hash_is_a_clear_error(tmp_path):
         out = make_fake_export(tmp_path)
         p = out / "fake" / "fake-a.bin"
         p.write_text("garbage")
-        from nestling.serve.manifest import write_manifest
+        from nestling.core.manifest import write_manifest
 
         m = json.loads((out / "manifest.json").read_text())
         extra = {k: m[k] for k in ("prompt_format", "student", "task", "default_variant", "variants")}
@@ -266,7 +266,7 @@ def test_auto_loads_the_default_variant(tiny_export_dir):
 def test_truncated_or_tampered_real_artifacts_are_refused(tiny_export_dir, tmp_path, variant):
     import shutil
 
-    from nestling.serve.manifest import write_manifest
+    from nestling.core.manifest import write_manifest
 
     out = tmp_path / "copy"
     shutil.copytree(tiny_export_dir, out)

@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-
-from nestling import cli as nestling_cli
 from nestling.distill.teachers import Generation, Teacher
 from nestling.distill.traces import TracesConfig, TraceStore, run_traces
-from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import read_manifest
+
+from nestling import cli as nestling_cli
+from nestling.core.errors import NestlingError
+from nestling.core.manifest import read_manifest
 
 EASY = (
     "rg:basic_arithmetic?min_terms=2&max_terms=2&min_digits=1&max_digits=1&operators=+,-&allow_negation=false"

@@ -10,8 +10,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends
-from pydantic import ConfigDict, Field
-
 from nestling.serve.routers.common import (
     SamplingFields,
     SettingsDep,
@@ -25,6 +23,7 @@ from nestling.serve.routers.common import (
 from nestling.serve.runtime import Answer
 from nestling.serve.settings import Settings
 from nestling.serve.slots import Job
+from pydantic import ConfigDict, Field
 
 router = APIRouter(prefix="/v1", tags=["answer"], dependencies=[Depends(require_key)])
 

@@ -22,10 +22,6 @@ from dataclasses import asdict
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ConfigDict, Field
-
-from nestling.serve.errors import ApiError
-from nestling.serve.prompting import ANSWER_MARK
 from nestling.serve.routers.common import (
     SamplingFields,
     SettingsDep,
@@ -40,6 +36,10 @@ from nestling.serve.routers.common import (
 from nestling.serve.runtime import Answer
 from nestling.serve.settings import Settings
 from nestling.serve.slots import Job
+from pydantic import BaseModel, ConfigDict, Field
+
+from nestling.core.errors import ApiError
+from nestling.core.prompting import ANSWER_MARK
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_key)])
 

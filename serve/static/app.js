@@ -2,7 +2,7 @@
 // tokens as they arrive, then the steps marked against the question, and the latency.
 "use strict";
 const $ = (id) => document.getElementById(id);
-// A step's status (serve.explain): an ungrounded step is right arithmetic on a number the question never
+// A step's status (core.explain): an ungrounded step is right arithmetic on a number the question never
 // stated and no earlier step derived, so it is shown apart from a false one.
 const MARK = {
   grounded: ["\u2713", "ok", "checks out and uses the question's numbers"],

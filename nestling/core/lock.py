@@ -31,7 +31,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from nestling.serve.errors import NestlingError
+from nestling.core.errors import NestlingError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
-from nestling.serve.specs import split_mix
+from nestling.core.specs import split_mix
 
 # ---- answer extraction -------------------------------------------------------------------------------
 
