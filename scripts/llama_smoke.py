@@ -1,6 +1,6 @@
 """One greedy token of the bundled SmolLM2 through llama-cpp-python: exits 0 when llama.cpp can decode here.
 
-    python3 scripts/llama_smoke.py      # scripts/setup.sh runs it; a crash (SIGSEGV) exits non-zero
+python3 scripts/llama_smoke.py      # scripts/setup.sh runs it; a crash (SIGSEGV) exits non-zero
 """
 
 import importlib.util

@@ -119,9 +119,7 @@ def test_letter_checker_applies_to_letter_counting_and_mixes_only():
 def test_register_step_checker_extends_one_task(monkeypatch):
     from nestling.core.explain import Claim
 
-    monkeypatch.setattr(
-        "nestling.core.explain.STEP_CHECKERS", {k: list(v) for k, v in STEP_CHECKERS.items()}
-    )
+    monkeypatch.setattr("nestling.core.explain.STEP_CHECKERS", {k: list(v) for k, v in STEP_CHECKERS.items()})
     never = lambda step: [Claim(step, "x", "y", False)] if "magic" in step else []  # noqa: E731
     register_step_checker(never, tasks=["file:"])
     assert check_steps(["magic word"], "file:x.jsonl")[0].ok is False
