@@ -35,7 +35,7 @@ def package_view(tree: Path, dest: Path) -> Path:
 
 
 def lint_imports(tree: Path, tmp: Path) -> subprocess.CompletedProcess:
-    # import-linter puts its working directory first on sys.path: run it in the view, with the tree's contracts.
+    # import-linter puts its working directory first on sys.path: run it in the view, with the contracts.
     view = package_view(tree, tmp / "view")
     exe = shutil.which("lint-imports") or pytest.fail("import-linter missing: pip install -e .[dev]")
     cmd = [exe, "--no-cache", "--config", str(tree / "pyproject.toml")]
