@@ -53,8 +53,9 @@ def test_one_path_per_module():
     staged = subprocess.run(["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True).stdout
     links = [line.split("\t")[-1] for line in staged.splitlines() if line.startswith("120000")]
     assert links == []
-    import nestling.core.explain
     import nestling.serve.runtime
+
+    import nestling.core.explain
 
     assert Path(nestling.serve.runtime.__file__).parent == ROOT / "serve"
     assert Path(nestling.core.explain.__file__).parent == ROOT / "nestling" / "core"
