@@ -32,7 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nestling.distill.evaluate import wilson  # noqa: E402
-from nestling.serve.manifest import atomic_write_json  # noqa: E402
+
+from nestling.core.manifest import atomic_write_json  # noqa: E402
 
 
 def acc(ok: list[bool]) -> dict:

@@ -20,14 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nestling.export.parity import decode_speed, torch_decode_speed  # noqa: E402
-from nestling.serve.manifest import atomic_write_json  # noqa: E402
+
+from nestling.core.manifest import atomic_write_json  # noqa: E402
 
 PROMPT = "Question: What is 7 + 8? Think about the digits and carry carefully.\nExplain:"
 
 
 def _torch_speed(student_dir: Path, n: int, repeats: int, threads: int) -> tuple[float, list[int]]:
     import torch
-
     from nestling.distill.students import load_student
 
     torch.set_num_threads(threads)
@@ -41,7 +41,6 @@ def build_default_student(work: Path) -> Path:
     decode at the same speed as trained ones."""
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import arithmetic_rows, training_texts
-
     from nestling.distill.students import new_student, save_student, train_tokenizer
 
     tok = train_tokenizer(training_texts(arithmetic_rows(400)), vocab_size=2048)
@@ -62,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     from nestling.distill.students import bundled_smollm2
     from nestling.export.pipeline import ExportConfig, export_student
     from nestling.serve.engines import load_engine
-    from nestling.serve.manifest import read_manifest
+
+    from nestling.core.manifest import read_manifest
 
     work = Path(tempfile.mkdtemp(prefix="bench_export-"))
     student = args.student or build_default_student(work)

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from nestling.serve.manifest import atomic_write_json  # noqa: E402
+from nestling.core.manifest import atomic_write_json  # noqa: E402
 
 VARIANTS = ["onnx-fp32", "onnx-int8", "gguf-f16", "gguf-q8_0", "gguf-q4_k_m"]
 METRICS = ("greedy_match", "teacher_forced_top1")
@@ -43,7 +43,6 @@ def questions(n: int, seed: int = 7) -> list[tuple[str, str]]:
 
 def tiny_student(family: str, work: Path, steps: int) -> Path:
     from families import build_family, family_texts, train_steps
-
     from nestling.distill.students import save_student
 
     texts = family_texts()

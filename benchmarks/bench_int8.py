@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nestling.serve.manifest import atomic_write_json  # noqa: E402
+from nestling.core.manifest import atomic_write_json  # noqa: E402
 
 RECIPES: dict[str, dict] = {
     "dynamic": {},
@@ -78,7 +78,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     import torch
-
     from nestling.distill.students import init_student, load_student, save_student
     from nestling.export.onnx import export_onnx_fp32, quantize_onnx_int8
     from nestling.export.parity import Prompt, check_variant, torch_reference

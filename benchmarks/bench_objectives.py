@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nestling.serve.manifest import atomic_write_json  # noqa: E402
+from nestling.core.manifest import atomic_write_json  # noqa: E402
 
 OBJECTIVES = ("answer-only", "cot", "multitask")
 
@@ -46,7 +46,8 @@ def _examples_and_tokens(run: Path, student: str, objective: str) -> tuple[int, 
     """(examples, mean tokens per example) for an objective, with the student's tokenizer."""
     from nestling.distill.students import init_student
     from nestling.distill.train import build_examples, training_rows
-    from nestling.serve.prompting import explain_target, student_prompt
+
+    from nestling.core.prompting import explain_target, student_prompt
 
     rows = training_rows(run)
     texts = [student_prompt(r["question"]) + explain_target(list(r["steps"]), str(r["answer"])) for r in rows]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nestling.serve.manifest import atomic_write_json  # noqa: E402
+from nestling.core.manifest import atomic_write_json  # noqa: E402
 
 
 def main() -> None:
@@ -43,7 +43,8 @@ def main() -> None:
     from nestling.distill.evaluate import Scorer, generate, load_questions, wilson
     from nestling.distill.students import count_params, load_student
     from nestling.distill.train import training_rows
-    from nestling.serve.prompting import student_prompt
+
+    from nestling.core.prompting import student_prompt
 
     set_threads(args.threads)
     run = Path(args.run)

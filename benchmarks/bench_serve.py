@@ -45,7 +45,6 @@ def tiny_export(cache: Path) -> Path:
     if (out / "manifest.json").is_file():
         return out
     from conftest import arithmetic_rows, build_tiny_student
-
     from nestling.export.pipeline import ExportConfig, export_student
 
     # Longer training than the test fixture's 80 steps, so the student writes whole rationales.
@@ -61,7 +60,7 @@ def tiny_export(cache: Path) -> Path:
 
 def smollm2_export(cache: Path) -> Path:
     """The bundled SmolLM2-135M Q4_1 GGUF behind an export manifest (a symlink, hashed once)."""
-    from nestling.serve.manifest import write_manifest
+    from nestling.core.manifest import write_manifest
 
     out = cache / "smollm2"
     if (out / "manifest.json").is_file():
@@ -90,10 +89,10 @@ def median_ms(xs: list[float]) -> float:
 def bench_model(export: Path, repeats: int, max_tokens: int) -> dict:
     import httpx
     import llama_cpp
+    from nestling.serve.runtime import Reasoner
     from serve_fakes import serve_process
 
-    from nestling.serve.prompting import student_prompt
-    from nestling.serve.runtime import Reasoner
+    from nestling.core.prompting import student_prompt
 
     r = Reasoner.load(export, engine="gguf", n_threads=1)
     res: dict = {"export": str(export), "variant": r.variant}
@@ -206,7 +205,7 @@ SERVERS = {
 
 def _server(name: str, export: Path, gguf: Path, variant: str, max_tokens: int) -> tuple[dict, dict]:
     """(serve_process arguments, run_load arguments) of one compared server."""
-    from nestling.serve.prompting import student_prompt
+    from nestling.core.prompting import student_prompt
 
     if name != "llama_cpp.server":
         body = {"question": QUESTIONS[0], "max_tokens": max_tokens}
@@ -231,10 +230,10 @@ def bench_load(
     machine falls on all of them alike."""
     from contextlib import ExitStack
 
+    from nestling.serve.runtime import Reasoner
     from serve_fakes import run_load, serve_process
 
-    from nestling.serve.manifest import read_manifest
-    from nestling.serve.runtime import Reasoner
+    from nestling.core.manifest import read_manifest
 
     manifest = read_manifest(export, stage="export")
     variant = Reasoner.pick_variant(manifest, "gguf")
@@ -383,7 +382,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve")
     args = ap.parse_args()
 
-    from nestling.serve.manifest import atomic_write_json
+    from nestling.core.manifest import atomic_write_json
 
     export = args.export or tiny_export(args.cache)
     targets = {"tiny": export}

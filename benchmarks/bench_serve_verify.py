@@ -1,12 +1,14 @@
-"""Does verification when serving pay? Accuracy, share of fully-checked explanations and latency per answer,
-greedy vs plain sampling vs resample-while-a-checked-step-is-false, side by side on the same questions.
+"""Does verification when serving pay? Accuracy, shares of fully-checked and of complete explanations and
+latency per answer, greedy vs plain sampling vs resample-until-complete, side by side on the same questions.
 
     OMP_NUM_THREADS=1 python3 benchmarks/bench_serve_verify.py --export runs/default/exports/smollm2
     OMP_NUM_THREADS=1 python3 benchmarks/bench_serve_verify.py        # a tiny student trained here (~2 min)
 
-Writes benchmarks/results/serve_verify.json. Questions: one-digit sums and differences (the tiny student's
-task) unless --export's manifest names a task this script cannot draw; then pass --questions FILE.jsonl
-with {"question", "answer"} lines.
+A complete explanation (``complete_share``) has every step grounded in the question or unchecked and an
+answer the steps derive (core.explain.ground); ``verified_share`` counts only the arithmetic of the checked
+steps. Writes benchmarks/results/serve_verify.json. Questions: one-digit sums and differences (the tiny
+student's task) unless --export's manifest names a task this script cannot draw; then pass --questions
+FILE.jsonl with {"question", "answer"} lines.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 def trained_export(cache: Path) -> Path:
     """A tiny student trained long enough to write the format (and still get many steps wrong)."""
     from conftest import arithmetic_rows, build_tiny_student
-
     from nestling.export.pipeline import ExportConfig, export_student
 
     out, student = cache / "verify-export", cache / "verify-student"
@@ -52,17 +53,19 @@ def questions(path: Path | None, n: int) -> list[tuple[str, str]]:
 
 def run(r, rows: list[tuple[str, str]], **kw) -> dict:
     """Accuracy, share verified, tries and latency over the rows (one call at a time: latency per answer)."""
-    right, verified, tries, secs = 0, 0, [], []
+    right, verified, complete, tries, secs = 0, 0, 0, [], []
     for q, gold in rows:
         t0 = time.perf_counter()
         a = r.ask(q, max_tokens=48, **kw)
         secs.append(time.perf_counter() - t0)
         right += a.answer == gold
         verified += a.verified is True
+        complete += a.complete is True
         tries.append(a.tries)
     n = len(rows)
     return {
-        "accuracy": right / n, "verified_share": verified / n, "mean_tries": statistics.mean(tries),
+        "accuracy": right / n, "verified_share": verified / n, "complete_share": complete / n,
+        "mean_tries": statistics.mean(tries),
         "latency_ms_mean": 1000 * statistics.mean(secs), "latency_ms_p50": 1000 * statistics.median(secs),
         "latency_ms_max": 1000 * max(secs), "questions": n,
     }  # fmt: skip
@@ -80,9 +83,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_verify.json")
     args = ap.parse_args()
 
-    from nestling.serve.manifest import atomic_write_json
     from nestling.serve.runtime import VERIFY_TEMPERATURE, Reasoner
     from nestling.serve.sampling import SamplingParams
+
+    from nestling.core.manifest import atomic_write_json
 
     export = args.export or trained_export(args.cache)
     rows = questions(args.questions, args.n)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nestling.serve.manifest import atomic_write_json  # noqa: E402
+from nestling.core.manifest import atomic_write_json  # noqa: E402
 
 
 def collect(run: Path) -> dict:

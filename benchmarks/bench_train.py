@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from nestling.serve.manifest import atomic_write_json  # noqa: E402
+from nestling.core.manifest import atomic_write_json  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 FAMILY_CONFIGS = {
@@ -150,7 +150,6 @@ def _model(family: str, shape: dict) -> object:
 
 def _cell(family: str, shape: dict, lora: bool) -> dict:
     import torch
-
     from nestling.distill.lora import add_lora, lora_recipe
     from nestling.distill.students import count_params
 
@@ -174,7 +173,6 @@ def _cell(family: str, shape: dict, lora: bool) -> dict:
 def _step(cell: dict, ids: object, precision: str) -> None:
     import torch
     import torch.nn.functional as F
-
     from nestling.distill.accel import autocast, resolve_precision
 
     device = torch.device("cpu")

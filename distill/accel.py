@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nestling.serve.errors import NestlingError
+from nestling.core.errors import NestlingError
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import atomic_write_json
+from nestling.core.errors import NestlingError
+from nestling.core.manifest import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,6 @@ def save_checkpoint(
 ) -> Path:
     """Write step-NNNNNN under a temp name, then rename; keep the newest `keep` checkpoints."""
     import torch
-
     from nestling.distill.students import save_student
 
     final = root / f"step-{step:06d}"

@@ -17,11 +17,11 @@ def traces_main(cfg: TracesConfig) -> int:
     """Run the traces stage and print its data card."""
     import json
 
+    from nestling.distill.traces import run_traces
     from rich.console import Console
     from rich.table import Table
 
-    from nestling.distill.traces import run_traces
-    from nestling.serve.fmt import pct
+    from nestling.core.fmt import pct
 
     out = run_traces(cfg)
     card = json.loads((out / "datacard.json").read_text())
@@ -98,7 +98,8 @@ def train_main(cfg: TrainConfig) -> int:
     """Train one student; rank 0 prints its size, steps, loss and speed."""
     from nestling.distill.accel import is_main_process
     from nestling.distill.train import train
-    from nestling.serve.manifest import read_manifest
+
+    from nestling.core.manifest import read_manifest
 
     out = train(cfg)
     if not is_main_process():
@@ -128,7 +129,8 @@ def distill_main(cfg: DistillConfig) -> int:
 def compress_main(cfg: CompressConfig) -> int:
     """Trim, prune and recover a compact student; print its size against its source."""
     from nestling.distill.compress import compress
-    from nestling.serve.manifest import read_manifest
+
+    from nestling.core.manifest import read_manifest
 
     out = compress(cfg)
     m = read_manifest(out)["metrics"]

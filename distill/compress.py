@@ -1,6 +1,7 @@
 """Compress a trained student: trim its vocabulary to the task, prune width and/or depth, recover with KD.
 
     nestling compress --run runs/x --source smollm2 --intermediate-size 768     # half of every MLP
+    nestling compress --run runs/x --source smollm2 --keep-layers 9 --objective mix --beta 1   # + on-policy
 
 Reads RUN/students/<source>/model (a save_pretrained llama, usually the self-distilled student) and writes
   RUN/students/<source>-trim/   the source with its vocabulary trimmed: lossless on task text, and the KD
@@ -8,6 +9,9 @@ Reads RUN/students/<source>/model (a save_pretrained llama, usually the self-dis
   RUN/students/<name>/          the compact student: trimmed, depth/width pruned by measured importance,
                                 then trained by ``distill.train`` with logit KD from the trimmed source plus
                                 cross-entropy on the verified rationales and on fresh verified ones
+                                (--objective off-policy, the default); on-policy: every step the student
+                                samples on training and fresh questions and the trimmed source scores
+                                each sampled token (GKD; distill.onpolicy); mix: --lmbda of the steps so
   RUN/compress/<name>/          the recovery run: traces/kept.jsonl = the run's verified rows + rows the
                                 source wrote (greedy, verified) for freshly drawn training questions
 Every directory is in save_pretrained form with a manifest, so ``nestling eval`` and ``nestling export``
@@ -32,10 +36,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nestling.serve.config import check
-from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import is_fresh, read_jsonl, read_manifest, write_jsonl, write_manifest
-from nestling.serve.prompting import answer_target, explain_target, student_prompt
+from nestling.core.config import check
+from nestling.core.errors import NestlingError
+from nestling.core.manifest import is_fresh, read_jsonl, read_manifest, write_jsonl, write_manifest
+from nestling.core.prompting import answer_target, explain_target, student_prompt
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -330,6 +334,9 @@ def prune_mlp(
 # ---- the stage -----------------------------------------------------------------------------------------
 
 
+RECOVERY_OBJECTIVES = ("off-policy", "on-policy", "mix")
+
+
 @dataclass
 class CompressConfig:
     """`nestling compress`: a compact student from a trained one."""
@@ -369,6 +376,22 @@ class CompressConfig:
         default=0.9, metadata={"help": "weight of the KL to the trimmed source's logits (rest: CE)"}
     )
     kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature for KD"})
+    objective: str = field(
+        default="off-policy",
+        metadata={
+            "help": "recovery: off-policy (KD/CE on fixed rationales) | on-policy (the student samples, the "
+            "trimmed source scores every token: GKD) | mix (--lmbda of the steps on-policy)",
+            "choices": RECOVERY_OBJECTIVES,
+        },
+    )
+    lmbda: float = field(default=0.5, metadata={"help": "--objective mix: share of on-policy steps"})
+    beta: float = field(
+        default=0.5, metadata={"help": "on-policy generalized JSD: 0 = forward KL, 1 = reverse KL"}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "temperature of the student's samples"})
+    kd_top_k: int = field(
+        default=0, metadata={"help": "on-policy: the source's top-k tokens only (0 = full distribution)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed for fresh questions and recovery"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads (default min(2, cores))"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
@@ -389,6 +412,14 @@ class CompressConfig:
         check(self.lr > 0, f"--lr {self.lr}: must be > 0")
         check(self.batch_size > 0, f"--batch-size {self.batch_size}: must be > 0")
         check(0.0 <= self.kd_alpha <= 1.0, f"--kd-alpha {self.kd_alpha}: must be in [0, 1]")
+        check(
+            self.objective in RECOVERY_OBJECTIVES,
+            f"--objective {self.objective!r}: use one of {', '.join(RECOVERY_OBJECTIVES)}",
+        )
+        check(0.0 < self.lmbda < 1.0, f"--lmbda {self.lmbda}: must be in (0, 1); see --objective")
+        check(0.0 <= self.beta <= 1.0, f"--beta {self.beta}: must be in [0, 1]")
+        check(self.temperature > 0, f"--temperature {self.temperature}: must be > 0")
+        check(self.kd_top_k >= 0, f"--kd-top-k {self.kd_top_k}: must be >= 0")
         if self.name is None:
             width = f"-w{self.intermediate_size}" if self.intermediate_size else ""
             depth = f"-c{self.keep_layers}" if self.keep_layers else ""
@@ -396,6 +427,10 @@ class CompressConfig:
 
     def recipe(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("run", "threads", "progress")}
+
+    def onpolicy_share(self) -> float:
+        """GKD's lambda for the recovery run: 0, 1 or --lmbda."""
+        return {"off-policy": 0.0, "on-policy": 1.0}.get(self.objective, self.lmbda)
 
 
 def _held_keys(questions: list[dict]) -> set[str]:
@@ -461,7 +496,8 @@ def fresh_rows(
     keep the rows with a right answer and no false step. Returns (kept rows, filter stats)."""
     from nestling.distill.evaluate import generate
     from nestling.distill.filters import filter_traces
-    from nestling.serve.explain import extract_answer
+
+    from nestling.core.explain import extract_answer
 
     if not examples:
         return [], {}
@@ -500,7 +536,8 @@ def _score(ex: Any, answer: str) -> bool:
 
 def _source_inputs(run: Path, source: str) -> dict[str, Any]:
     from nestling.distill.train import fingerprint_inputs
-    from nestling.serve.manifest import try_read_manifest
+
+    from nestling.core.manifest import try_read_manifest
 
     m = try_read_manifest(run / "students" / source) or {}
     return {"source": m.get("files", {}), "traces": fingerprint_inputs(run)}
@@ -638,7 +675,8 @@ def _prune(
 
 
 def _recover(rec_run: Path, trim_dir: Path, cfg: CompressConfig) -> tuple[Any, Any, dict[str, Any]]:
-    """Logit KD from the trimmed source plus CE on the verified rows, through distill.train."""
+    """Logit KD from the trimmed source plus CE on the verified rows and/or on-policy GKD steps (the student
+    samples on training and fresh questions, the trimmed source scores), through distill.train."""
     from nestling.distill.students import load_student
     from nestling.distill.train import TrainConfig, train
 
@@ -652,6 +690,11 @@ def _recover(rec_run: Path, trim_dir: Path, cfg: CompressConfig) -> tuple[Any, A
         kd_alpha=cfg.kd_alpha,
         kd_teacher=f"hf:{trim_dir.resolve()}",
         kd_temperature=cfg.kd_temperature,
+        lmbda=cfg.onpolicy_share(),
+        beta=cfg.beta,
+        sample_temperature=cfg.temperature,
+        kd_top_k=cfg.kd_top_k,
+        onpolicy_fresh=cfg.fresh if cfg.objective != "off-policy" else 0,
         seed=cfg.seed,
         threads=cfg.threads,
         progress=cfg.progress,

@@ -7,7 +7,7 @@ For each held-out question of RUN/traces/questions.jsonl: the teacher answers gr
 (cached in RUN/teacher_eval.json, keyed by teacher spec + questions, because it is the slow part); each
 student answers greedily under the answer prompt and under the explain prompt. Scored by the task's own
 verifier (task.extract + task.score, full credit only). Explanations are parsed into steps and checked by
-serve.explain, the same checks the runtime shows. Writes RUN/students/<name>/eval.{json,md} and
+core.explain, the same checks the runtime shows. Writes RUN/students/<name>/eval.{json,md} and
 RUN/eval.{json,md} (the side-by-side table); every eval.json carries "stage": "eval".
 
 The trivial baseline answers every question with the most common gold answer of the training split (per
@@ -33,18 +33,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nestling.serve.config import check
-from nestling.serve.errors import NestlingError
-from nestling.serve.explain import check_steps, explanation_consistent, parse_steps
-from nestling.serve.fmt import pct
-from nestling.serve.manifest import (
+from nestling.core.config import check
+from nestling.core.errors import NestlingError
+from nestling.core.explain import explanation_consistent, ground, parse_steps
+from nestling.core.fmt import pct
+from nestling.core.manifest import (
     atomic_write_json,
     atomic_write_text,
     fingerprint,
     try_read_json,
     try_read_manifest,
 )
-from nestling.serve.prompting import student_prompt
+from nestling.core.prompting import student_prompt
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +161,13 @@ def baseline(train: list[dict], held: list[dict], scorer: Scorer) -> dict[str, A
 def score_outputs(
     rows: list[dict], texts: list[str], scorer: Scorer, explain: bool, answers: list[str] | None = None
 ) -> dict[str, Any]:
-    """Accuracy (overall and by task, each with its 95% Wilson interval); for explanations also step checks
-    and consistency. ``answers``: the texts to extract answers from when they differ from ``texts`` (a
-    reasoning teacher's answer part, while its steps come from chain + answer)."""
+    """Accuracy (overall and by task, each with its 95% Wilson interval); for explanations also step checks,
+    consistency and the share of complete explanations (core.explain.ground: every step grounded in the
+    question or unchecked, the answer derived from the steps). ``answers``: the texts to extract answers
+    from when they differ from ``texts`` (a reasoning teacher's answer part, while its steps come from
+    chain + answer)."""
     correct, by_task = [], {}
-    all_right, checkable, consistent = 0, 0, 0
+    all_right, checkable, consistent, complete, ungrounded = 0, 0, 0, 0, 0
     for row, text, answer_text in zip(rows, texts, answers or texts, strict=True):
         answer = scorer.extract(row, answer_text) if answer_text.strip() else None
         ok = scorer.score(row, answer)
@@ -173,11 +175,13 @@ def score_outputs(
         by_task.setdefault(row["task"], []).append(ok)
         if explain:
             steps = parse_steps(text)
-            checks = [c.ok for c in check_steps(steps, row["task"])]
-            checked = [c for c in checks if c is not None]
+            e = ground(row.get("question") or "", steps, answer, row["task"])
+            checked = [c.ok for c in e.steps if c.ok is not None]
             checkable += bool(checked)
             all_right += bool(checked) and all(checked)
             consistent += explanation_consistent(steps, answer)
+            complete += e.complete
+            ungrounded += any(c.status == "ungrounded" for c in e.steps)
     n = len(rows)
     out: dict[str, Any] = {
         "accuracy": sum(correct) / n,
@@ -191,6 +195,9 @@ def score_outputs(
         out["steps_all_right_ci"] = wilson(all_right, n)
         out["steps_checkable"] = checkable / n
         out["consistent"] = consistent / n
+        out["complete"] = complete / n  # every step grounded or unchecked (one grounded), answer derived
+        out["complete_ci"] = wilson(complete, n)
+        out["ungrounded"] = ungrounded / n  # a step with a number from nowhere
     return out
 
 
@@ -232,10 +239,9 @@ def run_teacher(
     desc: str,
 ) -> tuple[list[list[Any]], int | None]:
     """Every row's samples through teacher.stream (concurrent for openai:), as [row][sample] Generations."""
-    from tqdm.auto import tqdm
-
     from nestling.distill.prompts import teacher_messages
     from nestling.distill.teachers import Job, default_teacher_threads, load_teacher
+    from tqdm.auto import tqdm
 
     teacher = load_teacher(spec, n_threads=cfg.threads or default_teacher_threads(), **opts)
     jobs = [
@@ -299,7 +305,7 @@ def teacher_eval(run: Path, spec: str, held: list[dict], scorer: Scorer, cfg: Ev
     result["accuracy_ci"] = result["explain"]["accuracy_ci"]
     if failed:
         log.warning("teacher eval: %d of %d requests failed (scored wrong, not cached)", failed, len(gens))
-    else:
+    elif _writable(run):
         atomic_write_json(cache_path, {"stage": "eval-teacher", "key": key, "result": result})
     return result
 
@@ -346,7 +352,7 @@ def vote_reference(
             if g.error is None
         ]
         labels = vote_labels(records, FilterConfig(vote_threshold=threshold))
-        if not any(g.error for row in gens for g in row):
+        if not any(g.error for row in gens for g in row) and _writable(run):
             atomic_write_json(cache_path, {"stage": "eval-vote", "key": key, "labels": labels})
     labelled = [{**r, "gold": labels[r["id"]]} for r in held if r["id"] in labels]
     info["labelled"] = len(labelled)
@@ -411,7 +417,6 @@ def student_eval(
 ) -> dict[str, Any]:
     """Both modes, batched for accuracy; a few questions one at a time for latency."""
     import torch
-
     from nestling.distill.students import count_params, load_student
 
     model, tok = load_student(model_dir)
@@ -471,9 +476,9 @@ def summary_table(result: dict[str, Any]) -> str:
     lines = [
         reference_line(result.get("reference") or {}),
         "",
-        "| model | params | accuracy (explain) | accuracy (answer) | all steps right | consistent | "
-        "mean tokens | latency s | tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | params | accuracy (explain) | accuracy (answer) | all steps right | complete | "
+        "consistent | mean tokens | latency s | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     t = result.get("teacher")
     if t:
@@ -481,16 +486,18 @@ def summary_table(result: dict[str, Any]) -> str:
         p = f"{t['params'] / 1e6:.1f}M" if t.get("params") else "-"
         lines.append(
             f"| teacher {t['spec']} (greedy) | {p} | {_acc(e)} | - | "
-            f"{_acc(e, 'steps_all_right')} | {pct(e['consistent'])} | {t['mean_new_tokens']:.0f} | "
+            f"{_acc(e, 'steps_all_right')} | {_acc(e, 'complete')} | {pct(e['consistent'])} | "
+            f"{t['mean_new_tokens']:.0f} | "
             f"{t['latency_s']:.2f} | {t['tokens_per_s']:.0f} |"
         )
     b = result["baseline"]
-    lines.append(f"| trivial baseline | - | - | {_acc(b)} | - | - | - | - | - |")
+    lines.append(f"| trivial baseline | - | - | {_acc(b)} | - | - | - | - | - | - |")
     for name, s in result.get("students", {}).items():
         e, a = s["explain"], s["answer"]
         lines.append(
             f"| student {name} | {s['params'] / 1e6:.2f}M | {_acc(e)} | {_acc(a)} | "
-            f"{_acc(e, 'steps_all_right')} | {pct(e['consistent'])} | {e['mean_new_tokens']:.0f} | "
+            f"{_acc(e, 'steps_all_right')} | {_acc(e, 'complete')} | {pct(e['consistent'])} | "
+            f"{e['mean_new_tokens']:.0f} | "
             f"{s.get('latency_s', 0):.2f} | {s.get('tokens_per_s', 0):.0f} |"
         )
     return "\n".join(lines) + "\n"
@@ -523,6 +530,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     set_threads(cfg.threads)
     scorer = Scorer()
+    write = _writable(run)
+    if not write:
+        log.warning("%s: another process is writing this run; evaluating read-only (nothing written)", run)
     teacher_spec = cfg.teacher or default_teacher(run)
     ref: dict[str, Any] = {"kind": "gold", "heldout": len(held)}
     if all(r.get("gold") is None for r in held):
@@ -558,6 +568,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             continue
         res = student_eval(sdir / "model", held, scorer, cfg, name)
         students[name] = res
+        if not write:
+            continue
         atomic_write_json(
             sdir / "eval.json",
             {
@@ -574,9 +586,18 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         atomic_write_text(sdir / "eval.md", _student_md(name, res, base, teacher, ref))
     result = {"stage": "eval", "reference": ref, "teacher": teacher, "baseline": base, "students": students}
     result["table"] = summary_table(result)
-    atomic_write_json(run / "eval.json", result)
-    atomic_write_text(run / "eval.md", f"# nestling eval: {run}\n\n{result['table']}")
+    if write:
+        atomic_write_json(run / "eval.json", result)
+        atomic_write_text(run / "eval.md", f"# nestling eval: {run}\n\n{result['table']}")
     return result
+
+
+def _writable(run: Path) -> bool:
+    """False while another process holds the run's writer lock: eval then reads (and computes) without
+    writing, so a finished run can be evaluated beside a running stage."""
+    from nestling.core.lock import locked_by_another
+
+    return not locked_by_another(run)
 
 
 def _vote_labelled_train(run: Path, train_rows: list[dict]) -> list[dict]:

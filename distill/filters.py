@@ -11,11 +11,14 @@ Filters run in this order, each counted in ``stats["filters"]`` (in, kept, yield
     correct   matches the gold answer; questions without gold use a self-consistency vote (the majority
               answer of the k samples is the label when its share reaches vote_threshold)
     steps     no false step (every arithmetic / per-task claim holds) and the last stated result is the
-              answer; right-answer-wrong-steps rationales are counted separately
+              answer; with grounding "grounded" (the default) also every step grounded in the question
+              (core.explain.ground: its numbers are the question's or earlier results) and the answer
+              derived from the steps, where grounding applies (arithmetic and word problems);
+              right-answer-wrong-steps and right-answer-ungrounded rationales are counted separately
     dedupe    one copy of each distinct step list per question
 
 A reasoning teacher's record carries its chain apart from the answer part (``chain``); its steps are the
-chain's followed by the answer part's, split from free-form text by serve.explain.parse_steps, and every one
+chain's followed by the answer part's, split from free-form text by core.explain.parse_steps, and every one
 is checked. Kept rows carry two rationale styles, both checked the same way:
     steps_full    every step the teacher wrote
     steps_short   the steps that carry a checkable claim (each distinct claim once), plus the conclusion;
@@ -32,18 +35,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nestling.distill.tasks import Example
-from nestling.serve.config import check
-from nestling.serve.explain import (
+
+from nestling.core.config import check
+from nestling.core.explain import (
     check_step,
     check_steps,
     clean_steps,
     explanation_consistent,
+    ground,
     normalize_answer,
     parse_steps,
 )
-from nestling.serve.prompting import explain_target
+from nestling.core.prompting import explain_target
 
 RATIONALE_STYLES = ("full", "short")
+GROUNDING = ("grounded", "checked")
 
 
 @dataclass
@@ -61,6 +67,14 @@ class FilterConfig:
     require_consistent: bool = field(
         default=True, metadata={"help": "drop rationales whose last stated result is not the answer"}
     )
+    grounding: str = field(
+        default="grounded",
+        metadata={
+            "help": "grounded: also drop chains with a step not grounded in the question or an answer the "
+            "steps do not derive (arithmetic and word problems); checked: only false steps",
+            "choices": GROUNDING,
+        },
+    )
     max_steps: int = field(default=12, metadata={"help": "drop rationales with more steps (rambling)"})
     max_chars: int = field(default=1500, metadata={"help": "drop rationales longer than this"})
     style: str = field(
@@ -77,6 +91,7 @@ class FilterConfig:
         check(
             self.style in RATIONALE_STYLES, f"style {self.style!r}: use one of {', '.join(RATIONALE_STYLES)}"
         )
+        check(self.grounding in GROUNDING, f"grounding {self.grounding!r}: use one of {', '.join(GROUNDING)}")
 
 
 def record_steps(record: dict, task: str | None = None) -> tuple[list[str], list[str]]:
@@ -112,7 +127,7 @@ def training_steps(row: dict, style: str | None = None) -> list[str]:
 
 
 def training_text(row: dict, style: str | None = None) -> str:
-    """The explain-mode target a student learns from a kept row: serve.prompting's canonical rationale."""
+    """The explain-mode target a student learns from a kept row: core.prompting's canonical rationale."""
     return explain_target(training_steps(row, style), str(row["answer"]))
 
 
@@ -148,7 +163,7 @@ def filter_traces(
     records = [r for r in records if r.get("qid") in by_id]
     labels = vote_labels([r for r in records if by_id[r["qid"]].gold is None], cfg)
     passed = dict.fromkeys(FILTERS, 0)
-    dropped_steps = {"wrong": 0, "inconsistent": 0}
+    dropped_steps = {"wrong": 0, "inconsistent": 0, "ungrounded": 0}
     seen: set[tuple[str, tuple[str, ...]]] = set()
     kept: list[dict] = []
     for r in records:
@@ -188,6 +203,10 @@ def _judge(r: dict, ex: Example, cfg: FilterConfig, labels: dict[str, str]) -> t
         return "wrong", None
     if cfg.require_consistent and not explanation_consistent(steps, answer):
         return "inconsistent", None
+    if cfg.check_steps and cfg.grounding == "grounded":
+        e = ground(ex.question, steps, answer, r.get("task") or ex.task)
+        if e.grounding and not e.complete:
+            return "ungrounded", None
     row = {
         "qid": ex.id,
         "task": ex.task,
@@ -229,6 +248,8 @@ def _filter_stats(
         "filters": filters,
         "right_answer_wrong_steps": dropped_steps["wrong"],
         "right_answer_inconsistent_steps": dropped_steps["inconsistent"],
+        "right_answer_ungrounded_steps": dropped_steps["ungrounded"],
+        "grounding": cfg.grounding if cfg.check_steps else "off",
         "kept": len(kept),
         "yield": round(len(kept) / len(records), 4) if records else 0.0,
         "questions": len(examples),

@@ -3,7 +3,7 @@
     nestling distill --out runs/x
     nestling distill --out runs/x --students tiny,pruned=gguf:smollm2?keep_layers=8 --objective cot
 
-Each stage is skipped when its manifest records the same config and inputs (serve.manifest.is_fresh), so
+Each stage is skipped when its manifest records the same config and inputs (core.manifest.is_fresh), so
 re-running the command after an interruption continues where it stopped; training itself resumes from its
 newest checkpoint. Torch is imported by the stages, never by this module.
 
@@ -20,12 +20,17 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nestling.distill.accel import PRECISIONS
 from nestling.distill.train import OBJECTIVES
-from nestling.serve.config import check
-from nestling.serve.errors import NestlingError
+
+from nestling.core.config import check
+from nestling.core.errors import NestlingError
+
+if TYPE_CHECKING:
+    from nestling.distill.students import StudentShape
+    from nestling.distill.traces import TracesConfig
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +135,9 @@ def _split_specs(text: str) -> list[str]:
     return text.split(",")
 
 
-def _traces(cfg: DistillConfig) -> Path:
-    from nestling.distill.traces import TracesConfig, run_traces
+def traces_config(cfg: DistillConfig) -> TracesConfig:
+    """The traces stage's config for this run (its defaults where cfg leaves a field unset)."""
+    from nestling.distill.traces import TracesConfig
 
     names = {f.name for f in dataclasses.fields(TracesConfig) if f.init}
     wanted = {
@@ -152,13 +158,13 @@ def _traces(cfg: DistillConfig) -> Path:
         "seed": cfg.seed,
         "threads": cfg.threads,
     }
-    return run_traces(TracesConfig(**{k: v for k, v in wanted.items() if v is not None and k in names}))
+    return TracesConfig(**{k: v for k, v in wanted.items() if v is not None and k in names})
 
 
 def check_coverage(traces_dir: Path, min_coverage: float) -> None:
     """Refuse to train on a task the teacher cannot do: a student of a handful of rationales loses to the
     trivial baseline, and the run would still recommend it."""
-    from nestling.serve.manifest import read_json
+    from nestling.core.manifest import read_json
 
     card = read_json(traces_dir / "datacard.json", default=None) or {}
     coverage = card.get("coverage")
@@ -173,8 +179,43 @@ def check_coverage(traces_dir: Path, min_coverage: float) -> None:
     )
 
 
-def run_distill(cfg: DistillConfig) -> dict[str, Any]:
-    """Traces, then each student, then eval. Returns {run, students: {name: model_dir}, eval, table}."""
+def _traces(cfg: DistillConfig) -> Path:
+    from nestling.distill.traces import run_traces
+
+    return run_traces(traces_config(cfg))
+
+
+def check_specs(cfg: DistillConfig) -> dict[str, StudentShape]:
+    """Every spec resolved and checked before the teacher is asked anything: students, then task and
+    teacher. Returns the students' shapes by name."""
+    shapes = check_students(cfg)
+    check_sources(cfg)
+    return shapes
+
+
+def check_students(cfg: DistillConfig) -> dict[str, StudentShape]:
+    """Each student resolved without loading weights (see check_student_spec); their shapes by name, for
+    checks that depend on them (nestling run's compress shapes)."""
+    from nestling.distill.students import check_student_spec, parse_student_spec
+
+    specs = [parse_student_spec(text) for text in cfg.students]
+    return {spec.name: check_student_spec(spec, lora=cfg.lora) for spec in specs}
+
+
+def check_sources(cfg: DistillConfig) -> None:
+    """The task (loaded as the traces stage loads it) and the teacher (its file, or its endpoint
+    answering)."""
+    from nestling.distill.tasks import load_task
+    from nestling.distill.teachers import check_teacher_spec
+
+    tcfg = traces_config(cfg)
+    load_task(tcfg.task)
+    check_teacher_spec(tcfg.teacher)
+
+
+def run_distill(cfg: DistillConfig, checked: bool = False) -> dict[str, Any]:
+    """Traces, then each student, then eval. Returns {run, students: {name: model_dir}, eval, table}.
+    checked: the caller has run check_specs(cfg) already."""
     from nestling.distill.accel import barrier, init_process_group, is_main_process
     from nestling.distill.evaluate import EvalConfig, evaluate
     from nestling.distill.students import parse_student_spec
@@ -183,6 +224,8 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     run = Path(cfg.out)
     init_process_group()
     if is_main_process():
+        if not checked:
+            check_specs(cfg)
         _traces(cfg)
     barrier()
     check_coverage(run / "traces", cfg.min_coverage)

@@ -4,7 +4,7 @@
     teacher_messages("Calculate 7 * 8.", fewshot=False)  # system + question
 
 A worked example raised SmolLM2-135M's ``Answer:`` line compliance from ~4% to ~60% (measured); steps
-written as ``a op b = c`` are what serve.explain checks, so the example shows exactly that form.
+written as ``a op b = c`` are what core.explain checks, so the example shows exactly that form.
 """
 
 from __future__ import annotations

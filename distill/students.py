@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nestling.serve.errors import NestlingError
-from nestling.serve.prompting import CHAT_TEMPLATE
-from nestling.serve.specs import parse_query
+from nestling.core.errors import NestlingError
+from nestling.core.prompting import CHAT_TEMPLATE
+from nestling.core.specs import parse_query
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -242,6 +242,84 @@ def _check_checkpoint_files(d: Path) -> None:
         raise NestlingError(f"{d}: no .safetensors weights (pickled weights are never loaded)")
     if not (d / "tokenizer.json").is_file():
         raise NestlingError(f"{d}: no tokenizer.json; save it with its fast tokenizer (save_student)")
+
+
+@dataclass(frozen=True)
+class StudentShape:
+    """What a student spec resolves to before any weights load; None where it cannot be read offline."""
+
+    model_type: str | None
+    layers: int | None  # after keep_layers
+    intermediate_size: int | None
+
+
+def check_student_spec(spec: StudentSpec, lora: bool = False) -> StudentShape:
+    """Resolve `spec` without loading weights and refuse, with the loaders' own messages, what training
+    would refuse later: a missing path, a directory without safetensors weights or tokenizer, an unsupported
+    family, keep_layers beyond the model's layers, LoRA on a family without targets."""
+    kind, _, target = spec.source.partition(":")
+    if spec.source in PRESETS:
+        p = PRESETS[spec.source]
+        shape = StudentShape("llama", p.num_hidden_layers, p.intermediate_size)
+    elif kind == "gguf":
+        shape = _gguf_shape(spec.source, _gguf_path(spec.source, target))
+    elif Path(target).exists() or not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", target):
+        where = f"student {spec.source!r}: {target}"
+        if Path(target).suffix == ".gguf":
+            raise NestlingError(f"{where} is a GGUF file: write gguf:{target} (hf: is a checkpoint dir)")
+        if not Path(target).is_dir():
+            raise NestlingError(f"{where} not found; pass gguf:smollm2 or an existing checkpoint directory")
+        cfg = check_student_dir(target)
+        text = cfg.get("text_config") or cfg  # multimodal configs nest the decoder's
+        shape = StudentShape(cfg["model_type"], text.get("num_hidden_layers"), text.get("intermediate_size"))
+    else:  # a hub name: read when training starts online
+        shape = StudentShape(None, None, None)
+    if spec.keep_layers and shape.layers is not None:
+        if spec.keep_layers > shape.layers:
+            raise NestlingError(
+                f"student {spec.source!r}: keep_layers={spec.keep_layers}, but it has only "
+                f"{shape.layers} layers"
+            )
+        shape = StudentShape(shape.model_type, spec.keep_layers, shape.intermediate_size)
+    if lora and spec.pretrained and shape.model_type is not None:
+        from nestling.distill.lora import LORA_RECIPES
+
+        if shape.model_type not in LORA_RECIPES:
+            raise NestlingError(
+                f"--lora: no LoRA targets known for model_type {shape.model_type!r} "
+                f"(known: {', '.join(LORA_RECIPES)})"
+            )
+    return shape
+
+
+def _gguf_shape(source: str, path: Path) -> StudentShape:
+    """Layers and MLP width from the GGUF's metadata (gguf-py's reader maps the file; no tensor is read)."""
+    if not path.is_file():
+        raise NestlingError(f"student {source!r}: {path} not found; pass gguf:smollm2 or an existing path")
+    if path.suffix != ".gguf":
+        raise NestlingError(f"student {source!r}: {path} is not a .gguf file; a checkpoint dir is hf:DIR")
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return StudentShape(None, None, None)
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # truncated or not a GGUF at all
+        raise NestlingError(
+            f"student {source!r}: {path} is not a readable GGUF ({type(e).__name__})"
+        ) from None
+
+    def value(key: str) -> object:
+        f = reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    arch = value("general.architecture")
+    layers, width = value(f"{arch}.block_count"), value(f"{arch}.feed_forward_length")
+    return StudentShape(
+        None,  # GGUF names architectures its own way; the loaded model's family is checked on load
+        int(layers) if isinstance(layers, int) else None,
+        int(width) if isinstance(width, int) else None,
+    )
 
 
 def _fix_gguf_special_tokens(path: Path, model: PreTrainedModel, tok: PreTrainedTokenizerFast) -> None:

@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nestling.serve.errors import NestlingError
-from nestling.serve.explain import answers_match, extract_answer, normalize_answer, safe_eval
-from nestling.serve.specs import parse_query, split_mix
+from nestling.core.errors import NestlingError
+from nestling.core.explain import answers_match, extract_answer, normalize_answer, safe_eval
+from nestling.core.specs import parse_query, split_mix
 
 log = logging.getLogger(__name__)
 

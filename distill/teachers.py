@@ -39,8 +39,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from nestling.serve.config import check
-from nestling.serve.errors import NestlingError
+from nestling.core.config import check
+from nestling.core.errors import NestlingError
 
 log = logging.getLogger(__name__)
 
@@ -291,6 +291,19 @@ class GGUFTeacher(Teacher):
 # ---- openai-compatible ---------------------------------------------------------------------------------
 
 
+def probe_endpoint(spec: str, base_url: str, timeout: float = 10.0) -> None:
+    """Fail fast with a clear line when nothing listens at base_url (any HTTP answer is fine here)."""
+    import httpx
+
+    try:
+        httpx.get(f"{base_url.rstrip('/')}/models", timeout=timeout)
+    except httpx.HTTPError as e:
+        raise NestlingError(
+            f"teacher {spec!r}: cannot reach {base_url} ({type(e).__name__}); "
+            "start the server or fix the URL (openai:MODEL@http://HOST:PORT/v1)"
+        ) from None
+
+
 class OpenAITeacher(Teacher):
     """Chat completions through the ``openai`` SDK (its retries, backoff and Retry-After handling), up to
     ``concurrency`` requests in flight, each result handed back as soon as it arrives."""
@@ -334,16 +347,7 @@ class OpenAITeacher(Teacher):
             self._probe()
 
     def _probe(self) -> None:
-        """Fail fast with a clear line when nothing listens at base_url (any HTTP answer is fine here)."""
-        import httpx
-
-        try:
-            httpx.get(f"{self.base_url}/models", timeout=10.0)
-        except httpx.HTTPError as e:
-            raise NestlingError(
-                f"teacher {self.spec!r}: cannot reach {self.base_url} ({type(e).__name__}); "
-                "start the server or fix the URL (openai:MODEL@http://HOST:PORT/v1)"
-            ) from None
+        probe_endpoint(self.spec, self.base_url)
 
     def _create(self, messages: Messages, sampling: Sampling, seed: int) -> tuple[Any, str | None]:
         """(reply, None) or (None, 'kind: detail') once the SDK's retries are spent; a failure that no retry
@@ -465,15 +469,19 @@ def _short(text: str, limit: int = 120) -> str:
 # ---- transformers ----------------------------------------------------------------------------------------
 
 
+def _check_hf_dir(spec: str, local: Path) -> None:
+    if local.exists() and not (local / "config.json").is_file():
+        raise NestlingError(f"teacher {spec!r}: {local} has no config.json; pass a save_pretrained directory")
+
+
 class HFTeacher(Teacher):
     """transformers causal LM; prompts batched with left padding, n samples per prompt."""
 
     def __init__(self, spec: str, name: str, n_threads: int, batch: int = 8, device: str | None = None):
         try:
             import torch
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
             from nestling.distill.students import count_params
+            from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError:
             raise NestlingError(
                 "hf teachers need torch and transformers; pip install 'nestling[train]'"
@@ -485,10 +493,7 @@ class HFTeacher(Teacher):
             torch.set_num_threads(n_threads)
         self.device = device
         local = Path(name).expanduser()
-        if local.exists() and not (local / "config.json").is_file():
-            raise NestlingError(
-                f"teacher {spec!r}: {local} has no config.json; pass a save_pretrained directory"
-            )
+        _check_hf_dir(spec, local)
         try:
             self.tok = AutoTokenizer.from_pretrained(str(local) if local.exists() else name)
             self.model = AutoModelForCausalLM.from_pretrained(
@@ -581,6 +586,30 @@ def teacher_options(
     return {}
 
 
+def _openai_target(spec: str, rest: str) -> tuple[str, str]:
+    model, _, base = rest.partition("@")
+    base = base or os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1")
+    if not model or not base.startswith(("http://", "https://")):
+        raise NestlingError(f"teacher {spec!r}: write openai:MODEL@http://HOST:PORT/v1")
+    return model, base
+
+
+def check_teacher_spec(spec: str) -> None:
+    """Refuse, before anything is generated, a teacher that load_teacher would refuse: an unknown kind, a
+    missing GGUF file or local directory, an openai: URL that is malformed or where nothing listens (one GET
+    of /models with a short timeout). Loads no model."""
+    spec = (spec or "").strip()
+    kind, _, rest = spec.partition(":")
+    if kind == "gguf" and rest:
+        resolve_gguf(rest)
+    elif kind == "openai" and rest:
+        probe_endpoint(spec, _openai_target(spec, rest)[1], timeout=5.0)
+    elif kind == "hf" and rest:
+        _check_hf_dir(spec, Path(rest).expanduser())
+    else:
+        load_teacher(spec)  # the unknown-spec message, in one place
+
+
 def load_teacher(spec: str, n_threads: int | None = None, **opts: Any) -> Teacher:
     """Parse a teacher spec (see the module docstring). opts go to the backend (e.g. concurrency=16)."""
     spec = (spec or "").strip()
@@ -590,10 +619,7 @@ def load_teacher(spec: str, n_threads: int | None = None, **opts: Any) -> Teache
     if kind == "gguf" and rest:
         return GGUFTeacher(spec, resolve_gguf(rest), threads, **opts)
     if kind == "openai" and rest:
-        model, _, base = rest.partition("@")
-        base = base or os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1")
-        if not model or not base.startswith(("http://", "https://")):
-            raise NestlingError(f"teacher {spec!r}: write openai:MODEL@http://HOST:PORT/v1")
+        model, base = _openai_target(spec, rest)
         key = os.environ.get("NESTLING_TEACHER_API_KEY") or os.environ.get("OPENAI_API_KEY")
         if "concurrency" not in opts and os.environ.get("NESTLING_TEACHER_CONCURRENCY"):
             raw = os.environ["NESTLING_TEACHER_CONCURRENCY"]

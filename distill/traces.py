@@ -24,11 +24,11 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from nestling.distill.filters import RATIONALE_STYLES, FilterConfig, filter_traces
+from nestling.distill.filters import GROUNDING, RATIONALE_STYLES, FilterConfig, filter_traces
 from nestling.distill.prompts import prompt_card, prompt_hash, teacher_messages
 from nestling.distill.tasks import DEFAULT_TASK, Example, Task, load_task, split_examples, trivial_baseline
 from nestling.distill.teachers import (
@@ -39,9 +39,10 @@ from nestling.distill.teachers import (
     load_teacher,
     teacher_options,
 )
-from nestling.serve.config import check
-from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import (
+
+from nestling.core.config import check
+from nestling.core.errors import NestlingError
+from nestling.core.manifest import (
     atomic_write_json,
     fingerprint,
     is_fresh,
@@ -154,6 +155,14 @@ class TracesConfig:
         metadata={"help": "no-gold questions: majority share needed for a self-consistency label"},
     )
     check_steps: bool = field(default=True, metadata={"help": "drop rationales with a false step"})
+    grounding: str = field(
+        default="grounded",
+        metadata={
+            "help": "grounded: keep only chains whose every step is grounded in the question and whose "
+            "answer the steps derive (arithmetic and word problems); checked: drop only false steps",
+            "choices": GROUNDING,
+        },
+    )
     max_steps: int = field(default=12, metadata={"help": "drop rationales with more steps than this"})
 
     def __post_init__(self) -> None:
@@ -227,6 +236,7 @@ class TracesConfig:
         return FilterConfig(
             vote_threshold=self.vote_threshold,
             check_steps=self.check_steps,
+            grounding=self.grounding,
             max_steps=self.max_steps,
             style=self.rationale_style,
         )
@@ -443,6 +453,7 @@ def run_traces(cfg: TracesConfig, progress: bool = True) -> Path:
         card["adaptive"] = adaptive
     errors = writer.errors
     card["teacher_errors"] = {"failed_requests_last_run": dict(errors), "samples_missing": missing}
+    card["grounding"] = grounding_effect(records, train, cfg.filters(), fstats)
     atomic_write_json(out_dir / "datacard.json", card)
     metrics = {k: card[k] for k in ("records", "kept", "coverage", "sample_accuracy", "rationales_per_s")}
     write_manifest(
@@ -465,6 +476,22 @@ def run_traces(cfg: TracesConfig, progress: bool = True) -> Path:
 
 def _wanted(ex: Example, store: TraceStore, indices: Iterable[int]) -> tuple[int, ...]:
     return tuple(j for j in indices if f"{ex.id}:{j}" not in store.ids)
+
+
+def grounding_effect(
+    records: list[dict], train: list[Example], fcfg: FilterConfig, fstats: dict[str, Any]
+) -> dict[str, Any]:
+    """What the grounding filter costs: rows and coverage kept, against the arithmetic-only filter."""
+    out: dict[str, Any] = {
+        "mode": fstats.get("grounding", fcfg.grounding),
+        "kept": fstats["kept"],
+        "coverage": fstats["coverage"],
+        "dropped_ungrounded": fstats.get("right_answer_ungrounded_steps", 0),
+    }
+    if fcfg.check_steps and fcfg.grounding == "grounded":
+        _, checked = filter_traces(records, train, replace(fcfg, grounding="checked"))
+        out["checked_only"] = {"kept": checked["kept"], "coverage": checked["coverage"]}
+    return out
 
 
 def _missing_samples(out_dir: Path) -> int:
@@ -763,6 +790,7 @@ def datacard(
         "filters": fstats["filters"],
         "right_answer_wrong_steps": fstats["right_answer_wrong_steps"],
         "right_answer_inconsistent_steps": fstats["right_answer_inconsistent_steps"],
+        "right_answer_ungrounded_steps": fstats.get("right_answer_ungrounded_steps", 0),
         "vote": fstats["vote"],
         "kept": fstats["kept"],
         "yield": fstats["yield"],

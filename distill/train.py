@@ -16,7 +16,7 @@ The recipe is setup -> fit -> save. Under a launcher every process builds the sa
 share (rank::world) of each global batch, and DDP averages the gradients; the loss is normalised by the
 global batch's weights, so N processes compute the single-process step. Only rank 0 writes.
 
-Objectives (the student's format is serve.prompting, the one the runtime and the exports use):
+Objectives (the student's format is core.prompting, the one the runtime and the exports use):
   cot          explain prompt -> "Step 1: ...\\nAnswer: X" + eos
   answer-only  answer prompt  -> " X" + eos                               (the baseline)
   multitask    both, every example twice (Distilling Step-by-Step, Hsieh et al. 2023, decoder-only form):
@@ -40,11 +40,12 @@ from typing import Any
 
 from nestling.distill import checkpoint
 from nestling.distill.accel import PRECISIONS, Runtime, autocast, barrier, resolve_precision, setup_runtime
-from nestling.serve.config import check
-from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import is_fresh, sha256_file, write_manifest
-from nestling.serve.manifest import read_jsonl as _read_jsonl
-from nestling.serve.prompting import answer_target, explain_target, student_prompt
+
+from nestling.core.config import check
+from nestling.core.errors import NestlingError
+from nestling.core.manifest import is_fresh, sha256_file, write_manifest
+from nestling.core.manifest import read_jsonl as _read_jsonl
+from nestling.core.prompting import answer_target, explain_target, student_prompt
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,32 @@ class TrainConfig:
     )
     kd_teacher: str = field(default="gguf:smollm2", metadata={"help": "logit teacher for --kd-alpha > 0"})
     kd_temperature: float = field(default=1.0, metadata={"help": "softmax temperature for KD"})
+    lmbda: float = field(
+        default=0.0,
+        metadata={
+            "help": "share of steps trained on-policy: the student samples, --kd-teacher scores every token "
+            "(GKD's lambda; 0 = off-policy KD/CE only, 1 = on-policy only)"
+        },
+    )
+    beta: float = field(
+        default=0.5,
+        metadata={"help": "on-policy generalized JSD: 0 = forward KL, 1 = reverse KL (GKD's beta)"},
+    )
+    sample_temperature: float = field(
+        default=1.0, metadata={"help": "temperature of the student's on-policy samples"}
+    )
+    max_new_tokens: int = field(default=96, metadata={"help": "longest on-policy sample in tokens"})
+    kd_top_k: int = field(
+        default=0,
+        metadata={
+            "help": "on-policy: the teacher's top-k tokens only (0 = its full distribution; a llamacpp: or "
+            "openai: teacher scores top-k only and uses 20)"
+        },
+    )
+    onpolicy_fresh: int = field(
+        default=0,
+        metadata={"help": "fresh task questions (never held-out) added to the on-policy prompts"},
+    )
     lora: bool = field(
         default=False, metadata={"help": "train LoRA adapters (peft) instead of every weight; merged on save"}
     )
@@ -178,6 +205,12 @@ class TrainConfig:
         check(self.train_layers >= 0, f"--train-layers {self.train_layers}: must be >= 0 (0 = all)")
         check(0.0 <= self.kd_alpha <= 1.0, f"--kd-alpha {self.kd_alpha}: must be in [0, 1]")
         check(self.kd_temperature > 0, f"--kd-temperature {self.kd_temperature}: must be > 0")
+        check(0.0 <= self.lmbda <= 1.0, f"--lmbda {self.lmbda}: must be in [0, 1]")
+        check(0.0 <= self.beta <= 1.0, f"--beta {self.beta}: must be in [0, 1]")
+        check(self.sample_temperature > 0, f"--sample-temperature {self.sample_temperature}: must be > 0")
+        check(self.max_new_tokens > 0, f"--max-new-tokens {self.max_new_tokens}: must be > 0")
+        check(self.kd_top_k >= 0, f"--kd-top-k {self.kd_top_k}: must be >= 0")
+        check(self.onpolicy_fresh >= 0, f"--onpolicy-fresh {self.onpolicy_fresh}: must be >= 0")
         check(self.checkpoint_every >= 0, f"--checkpoint-every {self.checkpoint_every}: must be >= 0")
         check(self.keep_checkpoints >= 1, f"--keep-checkpoints {self.keep_checkpoints}: must be >= 1")
         check(self.threads is None or self.threads > 0, f"--threads {self.threads}: must be > 0")
@@ -274,6 +307,47 @@ def build_examples(
         log.info("--max-len %d: %d of %d examples cut, %d dropped", max_len, cut, len(pairs), dropped)
     if not out:
         raise NestlingError(f"every training example is longer than --max-len {max_len}; raise it")
+    return out
+
+
+def onpolicy_questions(run: Path, rows: list[dict], n_fresh: int, seed: int) -> list[str]:
+    """What the student samples on: the training rows' questions, the train split's, and `n_fresh` fresh
+    questions from the task's generator; never a held-out question (by id, text or expression)."""
+    from nestling.distill.compress import _held_keys, draw_fresh
+    from nestling.distill.evaluate import traces_config
+    from nestling.distill.tasks import normalize_question
+
+    qpath = run / "traces" / "questions.jsonl"
+    questions = read_jsonl(qpath) if qpath.is_file() else []
+    held = _held_keys(questions)
+    texts = [str(r["question"]) for r in rows]
+    texts += [str(r["question"]) for r in questions if r.get("split") == "train"]
+    if n_fresh:
+        task = str(traces_config(run).get("task") or (questions or rows)[0]["task"])
+        texts += [ex.question for ex in draw_fresh(task, questions, n_fresh, seed)]
+    seen: set[str] = set()
+    out = []
+    for q in texts:
+        key = normalize_question(q)
+        if key not in seen and key not in held:
+            seen.add(key)
+            out.append(q)
+    return out
+
+
+def onpolicy_prompts(
+    questions: list[str], tokenizer: Any, objective: str, alpha: float, max_len: int
+) -> list[Example]:
+    """The prompts of every objective mode (weighted as the objective weighs it), as Examples holding the
+    prompt alone: the student writes the rest."""
+    rows = [{"question": q, "answer": "", "steps": []} for q in questions]
+    out = []
+    for prompt, _target, w in objective_pairs(rows, objective, alpha):
+        p = tokenizer(prompt)["input_ids"]
+        if len(p) < max_len:
+            out.append(Example(p, len(p), w))
+    if not out:
+        raise NestlingError(f"no on-policy prompt fits --max-len {max_len}; raise it")
     return out
 
 
@@ -412,7 +486,8 @@ class Job:
     optimizer: Any
     trainable: list
     dtype: Any  # autocast dtype, None for fp32
-    teacher: Any = None
+    teacher: Any = None  # a transformers model (full logits) or an onpolicy.TokenScorer
+    prompts: list[Example] = field(default_factory=list)  # what on-policy steps sample from
     state: dict[str, Any] = field(default_factory=dict)  # step, tokens, seconds, losses: the sidecar
 
     @property
@@ -428,7 +503,6 @@ def student_texts(rows: list[dict]) -> list[str]:
 def build_student(cfg: TrainConfig, spec: Any, rows: list[dict], ckpt: Path | None) -> tuple[Any, Any]:
     """(model, tokenizer): from the checkpoint, or freshly initialised; LoRA adapters added under --lora."""
     import torch
-
     from nestling.distill.lora import add_lora, lora_recipe
     from nestling.distill.students import init_student, load_student
 
@@ -447,16 +521,36 @@ def build_student(cfg: TrainConfig, spec: Any, rows: list[dict], ckpt: Path | No
 
 def load_kd_teacher(cfg: TrainConfig, spec: Any, tok: Any) -> Any:
     """The logit teacher for --kd-alpha > 0 (None otherwise); it must share the student's vocabulary."""
-    if cfg.kd_alpha <= 0:
+    if cfg.kd_alpha <= 0 and cfg.lmbda <= 0:
         return None
+    from nestling.distill.onpolicy import is_scorer_spec, load_scorer
+
+    if is_scorer_spec(cfg.kd_teacher):
+        if cfg.kd_alpha > 0:
+            raise NestlingError(
+                f"--kd-teacher {cfg.kd_teacher}: it scores on-policy samples only (--lmbda); --kd-alpha "
+                "needs a transformers teacher (hf:DIR or gguf:smollm2)"
+            )
+        return load_scorer(cfg.kd_teacher, tok, n_threads=cfg.threads or 1)
     if not spec.pretrained:
-        raise NestlingError("--kd-alpha needs a student sharing the teacher's tokenizer, e.g. gguf:smollm2")
+        raise NestlingError(
+            "--kd-alpha/--lmbda need a student sharing the teacher's tokenizer, e.g. gguf:smollm2"
+        )
     from nestling.distill.students import load_pretrained
 
     teacher, teacher_tok = load_pretrained(cfg.kd_teacher)
-    if teacher_tok.get_vocab() != tok.get_vocab():
-        raise NestlingError(f"--kd-teacher {cfg.kd_teacher}: its tokenizer differs from the student's")
+    check_tokenizer_match(cfg.kd_teacher, teacher_tok, tok)
     return teacher.eval().requires_grad_(False)
+
+
+def check_tokenizer_match(spec: str, teacher_tok: Any, tok: Any) -> None:
+    """Full-logit KD compares distributions id by id: the vocabularies must be the same."""
+    if teacher_tok.get_vocab() != tok.get_vocab():
+        raise NestlingError(
+            f"--kd-teacher {spec}: its tokenizer differs from the student's ({len(teacher_tok)} vs "
+            f"{len(tok)} tokens); full-logit KD needs a shared tokenizer (a trim of the teacher's is not: "
+            "use the trimmed source, as compress does)"
+        )
 
 
 def check_same_tokenizer(tok: Any, rt: Runtime) -> None:
@@ -497,7 +591,6 @@ def prepare_model(cfg: TrainConfig, model: Any, rt: Runtime) -> tuple[Any, list,
 def setup(cfg: TrainConfig, rt: Runtime, rows: list[dict], inputs: dict[str, str]) -> Job:
     """Student, data, optimizer and state, from the newest checkpoint when resuming. Writes nothing."""
     import torch
-
     from nestling.distill.students import count_params, parse_student_spec
 
     spec = parse_student_spec(cfg.student)
@@ -511,6 +604,10 @@ def setup(cfg: TrainConfig, rt: Runtime, rows: list[dict], inputs: dict[str, str
     teacher = load_kd_teacher(cfg, spec, tok)
     check_same_tokenizer(tok, rt)
     examples = build_examples(rows, tok, cfg.objective, cfg.alpha, cfg.max_len, cfg.truncate)
+    prompts: list[Example] = []
+    if cfg.lmbda > 0:
+        questions = onpolicy_questions(Path(cfg.run), rows, cfg.onpolicy_fresh, cfg.seed)
+        prompts = onpolicy_prompts(questions, tok, cfg.objective, cfg.alpha, cfg.max_len)
     log.info(
         "student %s: %s, %.2fM parameters, %d examples, %d process(es) on %s",
         name,
@@ -528,12 +625,12 @@ def setup(cfg: TrainConfig, rt: Runtime, rows: list[dict], inputs: dict[str, str
         log.info("resuming %s from %s", name, ckpt.name)
     else:
         torch.manual_seed(cfg.seed)
-    if teacher is not None:
+    if teacher is not None and hasattr(teacher, "to"):
         teacher.to(rt.device)
     return Job(
         cfg=cfg, rt=rt, name=name, spec=spec, out=out, rows=rows, inputs=inputs, model=model, student=student,
         tok=tok, examples=examples, optimizer=optimizer, trainable=trainable,
-        dtype=resolve_precision(cfg.precision, rt.device), teacher=teacher, state=state,
+        dtype=resolve_precision(cfg.precision, rt.device), teacher=teacher, prompts=prompts, state=state,
     )  # fmt: skip
 
 
@@ -568,6 +665,87 @@ def micro_step(job: Job, idx: list[int], sync: bool) -> float:
     return loss.item() / cfg.grad_accum
 
 
+def is_onpolicy_step(step: int, cfg: TrainConfig) -> bool:
+    """Whether optimizer step `step` trains on the student's own samples: a pure function of (seed, step)
+    drawn with probability --lmbda, so a resumed run mixes exactly as the uninterrupted one."""
+    if cfg.lmbda <= 0 or cfg.lmbda >= 1:
+        return cfg.lmbda >= 1
+    import torch
+
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + step + 1)
+    return float(torch.rand(1, generator=g)) < cfg.lmbda
+
+
+def sample_seed(cfg: TrainConfig, step: int, micro: int, slot: int) -> int:
+    """The noise seed of slot `slot` of a global batch: the same whichever process samples it."""
+    return ((cfg.seed * 1_000_003 + step) * 10_007 + micro) * 65_537 + slot
+
+
+def teacher_scores(job: Job, batch: dict[str, Any], keep: Any) -> tuple[Any, Any]:
+    """(ids or None, logprobs) of the teacher at the kept positions: (B, K, V) full log-probabilities from a
+    transformers teacher (or its top --kd-top-k), (B, K, k) from a scoring teacher."""
+    import torch
+    from nestling.distill.onpolicy import scores_to_batch
+
+    cfg = job.cfg
+    if not hasattr(job.teacher, "score"):
+        with torch.no_grad():
+            t = job.teacher(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep
+            ).logits
+        lp = torch.log_softmax(t.float(), dim=-1)  # (B, K, V)
+        if not cfg.kd_top_k:
+            return None, lp
+        top = lp.topk(min(cfg.kd_top_k, lp.shape[-1]), dim=-1)
+        return top.indices, top.values
+    k = cfg.kd_top_k or 20
+    lengths = batch["attention_mask"].sum(1).tolist()
+    seqs = [batch["input_ids"][i, : int(n)].tolist() for i, n in enumerate(lengths)]
+    return scores_to_batch(job.teacher.score(seqs, k), keep, k)
+
+
+def onpolicy_micro_step(job: Job, step: int, micro: int, sync: bool) -> tuple[float, int]:
+    """The student samples completions for its share of a batch of prompts, the teacher scores them, and the
+    loss is the generalized JSD on the sampled tokens; (this process's part of the loss, global tokens).
+
+    Normalised like micro_step: by the global batch's weights, times the world size for DDP's average.
+    """
+    import torch
+    from nestling.distill.onpolicy import generalized_jsd, sample
+
+    cfg, rt = job.cfg, job.rt
+    idx = batch_indices(step, micro, cfg, len(job.prompts))
+    total_weight = torch.tensor([job.prompts[i].weight for i in idx], dtype=torch.float32).sum()
+    slots = list(range(len(idx)))[rt.rank :: rt.world]
+    prompts = [job.prompts[idx[s]] for s in slots]
+    with autocast(rt.device, job.dtype):
+        completions = sample(
+            job.student,
+            [p.ids for p in prompts],
+            seeds=[sample_seed(cfg, step, micro, s) for s in slots],
+            max_new=[min(cfg.max_new_tokens, cfg.max_len - len(p.ids)) for p in prompts],
+            temperature=cfg.sample_temperature,
+            eos_id=job.tok.eos_token_id,
+            pad_id=job.tok.pad_token_id,
+        )
+    mine = [Example(p.ids + c, len(p.ids), p.weight) for p, c in zip(prompts, completions, strict=True)]
+    batch = {k: v.to(rt.device) for k, v in collate(mine, job.tok.pad_token_id).items()}
+    keep = target_positions(batch["labels"])  # (K,)
+    no_sync = job.model.no_sync() if rt.distributed and not sync else nullcontext()
+    with no_sync:
+        with autocast(rt.device, job.dtype):
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            logits = job.model(**inputs, logits_to_keep=keep).logits  # (B, K, V)
+            t_ids, t_lp = teacher_scores(job, batch, keep)
+        div = generalized_jsd(logits, t_lp, cfg.beta, cfg.kd_temperature, t_ids)  # (B, K)
+        mask = (batch["labels"][:, keep + 1] != -100).float()
+        per_example = (div * mask).sum(1) / mask.sum(1).clamp(min=1)  # (B,)
+        loss = (per_example * batch["weights"]).sum() / total_weight.to(per_example.device).clamp(min=1e-8)
+        (loss * rt.world / cfg.grad_accum).backward()
+    tokens = all_reduce_sum(float(sum(len(e.ids) for e in mine)), rt)
+    return loss.item() / cfg.grad_accum, int(tokens)
+
+
 def train_step(job: Job, step: int) -> tuple[float, int]:
     """One optimizer step over grad_accum micro-batches; (global loss, global tokens)."""
     import torch
@@ -577,10 +755,18 @@ def train_step(job: Job, step: int) -> tuple[float, int]:
     for group in job.optimizer.param_groups:
         group["lr"] = lr
     loss, tokens = 0.0, 0
+    onpolicy = is_onpolicy_step(step, cfg)
     for micro in range(cfg.grad_accum):
+        sync = micro == cfg.grad_accum - 1
+        if onpolicy:
+            part, n = onpolicy_micro_step(job, step, micro, sync)
+            loss, tokens = loss + part, tokens + n
+            continue
         idx = batch_indices(step, micro, cfg, len(job.examples))
-        loss += micro_step(job, idx, sync=micro == cfg.grad_accum - 1)
+        loss += micro_step(job, idx, sync=sync)
         tokens += sum(len(job.examples[i].ids) for i in idx)
+    if onpolicy:
+        job.state["onpolicy_steps"] = job.state.get("onpolicy_steps", 0) + 1
     if cfg.grad_clip > 0:
         # DDP has averaged the gradients: every process clips the same norm and steps to the same weights.
         torch.nn.utils.clip_grad_norm_(job.trainable, cfg.grad_clip)
@@ -726,6 +912,8 @@ def train_metrics(job: Job, params: int) -> dict[str, Any]:
         "processes": job.rt.world,
         "precision": "bf16" if job.dtype is not None else "fp32",
         "lora": cfg.lora,
+        "onpolicy_steps": state.get("onpolicy_steps", 0),
+        "onpolicy_prompts": len(job.prompts),
     }
 
 

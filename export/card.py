@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from nestling.serve.fmt import pct
-from nestling.serve.prompting import EXPLAIN_MARK, PROMPT_FORMAT
+from nestling.core.fmt import pct
+from nestling.core.prompting import EXPLAIN_MARK, PROMPT_FORMAT
 
 
 def modelfile(gguf_rel: str, eos_token: str | None) -> str:

@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 def export_main(cfg: ExportConfig) -> int:
     """Export, then print the parity and accuracy table of every variant."""
     from nestling.export.pipeline import export_student
-    from nestling.serve.fmt import pct
+
+    from nestling.core.fmt import pct
 
     m = export_student(cfg)
     print(f"exported {cfg.student} -> {cfg.out} ({m['metrics'].get('seconds', 0)} s)")

@@ -8,12 +8,15 @@ does for every family in ``export.gguf_arch.FAMILIES`` (llama, mistral, qwen2, q
 tensor names, token types and file types come from gguf-py's tables, per-family conventions (q/k
 permutation, norm offsets, sliding window, hard-coded hyper-parameters) from the one table in gguf_arch, and
 the tokenizer is described so that llama.cpp tokenizes exactly like Hugging Face (byte-level BPE as "gpt2"
-with its pre-tokenizer name; byte-fallback BPE as sentencepiece-style "llama" with scores). export.parity
-checks the result at export time.
+with its pre-tokenizer name; byte-fallback BPE as sentencepiece-style "llama" with scores; Unigram, what
+transformers makes of a Gemma or other sentencepiece GGUF, as "t5" with its log-probabilities).
+``check_gguf_writable`` proves that on a vocab-only GGUF in about a second, before any artifact is built;
+export.parity checks the result again at export time.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import json
@@ -22,13 +25,12 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
-
 from nestling.export.gguf_arch import (
     Family,
     add_space_prefix,
@@ -36,9 +38,10 @@ from nestling.export.gguf_arch import (
     gguf_model_name,
     pre_tokenizer_name,
 )
-from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import read_json
-from nestling.serve.prompting import CHAT_TEMPLATE
+
+from nestling.core.errors import NestlingError
+from nestling.core.manifest import read_json
+from nestling.core.prompting import CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
 
@@ -75,20 +78,21 @@ def _is_sentencepiece(tj: dict[str, Any]) -> bool:
     return bool(tj["model"].get("byte_fallback")) and "ByteLevel" not in json.dumps(tj.get("pre_tokenizer"))
 
 
-def _token_types(tokens: list[str | None], tj: dict[str, Any], unk: str | None) -> list[gguf.TokenType]:
+def _token_types(
+    tokens: list[str | None], tj: dict[str, Any], unk_id: int | None, byte_fallback: bool
+) -> list[gguf.TokenType]:
     special = {a["id"] for a in tj.get("added_tokens", []) if a.get("special")}
     user = {a["id"] for a in tj.get("added_tokens", []) if not a.get("special")}
-    byte_fallback = _is_sentencepiece(tj)
     types = []
     for i, t in enumerate(tokens):
         if t is None:
             types.append(gguf.TokenType.UNUSED)
+        elif i == unk_id:  # even when also an added special token, as llama.cpp's converter types it
+            types.append(gguf.TokenType.UNKNOWN)
         elif i in special:
             types.append(gguf.TokenType.CONTROL)
         elif i in user:
             types.append(gguf.TokenType.USER_DEFINED)
-        elif t == unk:
-            types.append(gguf.TokenType.UNKNOWN)
         elif byte_fallback and _BYTE_TOKEN.fullmatch(t):
             types.append(gguf.TokenType.BYTE)
         else:
@@ -118,29 +122,51 @@ def _template_ends(post: dict[str, Any] | None) -> tuple[str | None, str | None]
     return None, None
 
 
+def _vocab_of(tj: dict[str, Any]) -> tuple[dict[str, int], dict[str, float]]:
+    """Token -> id (added tokens included) and, for Unigram, token -> log-probability score."""
+    model = tj["model"]
+    if model["type"] == "Unigram":
+        pieces = model.get("vocab", [])
+        vocab, scores = {p: i for i, (p, _) in enumerate(pieces)}, {p: float(x) for p, x in pieces}
+    else:
+        vocab, scores = dict(model.get("vocab", {})), {}
+    for added in tj.get("added_tokens", []):
+        vocab[added["content"]] = added["id"]
+    return vocab, scores
+
+
 def _tokenizer_fields(model_dir: Path, vocab_size: int, pre: str | None) -> dict[str, Any]:
-    """Tokens, types, scores or merges, and flags for the GGUF, read from tokenizer.json."""
+    """Tokens, types, scores or merges, and flags for the GGUF, read from tokenizer.json.
+
+    Byte-level BPE -> "gpt2" with its pre-tokenizer name; sentencepiece-style BPE with byte fallback ->
+    "llama" (SPM) with merge ranks as scores; Unigram -> "t5" (UGM), llama.cpp's Viterbi over the same
+    log-probabilities. A Unigram vocabulary written as "llama" is not the same tokenizer: SPM merges pairs
+    greedily and cannot reach a piece whose halves are not pieces (14 of 67 test strings matched, against
+    67 of 67 as "t5"). UGM has no byte fallback: a character outside the vocabulary is <unk> in llama.cpp
+    where HF emits its bytes, which check_gguf_writable reports before anything is built.
+    """
     tok_path = model_dir / "tokenizer.json"
     if not tok_path.is_file():
         raise NestlingError(f"{model_dir}: no tokenizer.json; save the student with its fast tokenizer")
     tj = _read_json(tok_path)
     model = tj.get("model", {})
-    if model.get("type") != "BPE":
+    kind = model.get("type")
+    if kind not in ("BPE", "Unigram"):
         raise NestlingError(
-            f"{tok_path}: {model.get('type')} tokenizer; GGUF export supports byte-level or byte-fallback BPE"
+            f"{tok_path}: {kind} tokenizer; GGUF export supports byte-level BPE, sentencepiece-style BPE "
+            "with byte fallback and Unigram"
         )
-    vocab: dict[str, int] = dict(model.get("vocab", {}))
-    for added in tj.get("added_tokens", []):
-        vocab[added["content"]] = added["id"]
+    vocab, unigram_scores = _vocab_of(tj)
     n = max(vocab_size, max(vocab.values()) + 1)
     tokens: list[str | None] = [None] * n
     for text, i in vocab.items():
         tokens[i] = text
-    unk = model.get("unk_token")
-    types = _token_types(tokens, tj, unk)
+    unigram = kind == "Unigram"
+    spm = unigram or _is_sentencepiece(tj)
+    unk_id = model.get("unk_id") if unigram else vocab.get(model.get("unk_token") or "")
+    types = _token_types(tokens, tj, unk_id, byte_fallback=spm and bool(model.get("byte_fallback")))
     # The embedding may be padded past the tokenizer: llama.cpp wants a name for every row.
     names = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
-    spm = _is_sentencepiece(tj)
     cfg = _read_json(model_dir / "tokenizer_config.json")
     first, last = _template_ends(tj.get("post_processor"))
 
@@ -148,17 +174,35 @@ def _tokenizer_fields(model_dir: Path, vocab_size: int, pre: str | None) -> dict
         v = cfg.get(key)
         return v.get("content") if isinstance(v, dict) else v
 
+    if unigram:
+        scores: list[float] | None = [unigram_scores.get(t, 0.0) for t in names]
+        if any(float(np.float32(x)) != x for x in unigram_scores.values()):
+            # sentencepiece and GGUF hold float32 scores; finer ones may break Viterbi's near-ties otherwise
+            log.warning("%s: Unigram scores rounded to float32 for GGUF", tok_path)
+    else:
+        scores = _merge_scores(names, model.get("merges", [])) if spm else None
     return {
-        "model": "llama" if spm else "gpt2",
+        "model": "t5" if unigram else "llama" if spm else "gpt2",
         "pre": None if spm else (pre or pre_tokenizer_name(tj)),
         "tokens": names,
         "types": types,
-        "scores": _merge_scores(names, model.get("merges", [])) if spm else None,
+        "scores": scores,
+        "unk_id": unk_id,
+        "charsmap": _precompiled_charsmap(tj) if unigram else None,
         "add_space_prefix": add_space_prefix(tj) if spm else False,
         "name": gguf_model_name(model_dir.parent.name if model_dir.name == "model" else model_dir.name, tj),
         "add_bos": first is not None and first == text_of("bos_token"),
         "add_eos": last is not None and last == text_of("eos_token"),
     }
+
+
+def _precompiled_charsmap(tj: dict[str, Any]) -> bytes | None:
+    """sentencepiece's normalization table (T5-style tokenizer.json), which llama.cpp's UGM applies as is."""
+    norm = tj.get("normalizer") or {}
+    for node in [norm, *norm.get("normalizers", [])]:
+        if node.get("type") == "Precompiled" and node.get("precompiled_charsmap"):
+            return base64.b64decode(node["precompiled_charsmap"])
+    return None
 
 
 def _load_tensors(model_dir: Path) -> dict[str, np.ndarray]:
@@ -255,7 +299,11 @@ def _add_tokenizer(w: gguf.GGUFWriter, d: Path, tokf: dict[str, Any]) -> None:
         # Chat servers tokenize a rendered template without adding bos (llama-cpp-python) or strip a leading
         # one before adding it (llama.cpp): either way the template must start with it, as HF templates do.
         special.chat_template = "{{- bos_token -}}" + special.chat_template
+    if tokf["unk_id"] is not None:  # UGM scores unknown characters with it; the model names it by id
+        special.special_token_ids["unk"] = int(tokf["unk_id"])
     special.add_to_gguf(w, quiet=True)
+    if tokf["charsmap"]:
+        w.add_precompiled_charsmap(tokf["charsmap"])
     w.add_add_bos_token(tokf["add_bos"])
     w.add_add_eos_token(tokf["add_eos"])
     w.add_add_space_prefix(tokf["add_space_prefix"])
@@ -278,22 +326,63 @@ def _convert(hf_name: str, arr: np.ndarray, fam: Family, shape: _Shape) -> np.nd
     return arr
 
 
+def _tensor_names(d: Path, tensors: list[str], cfg: dict[str, Any], fam: Family) -> dict[str, str]:
+    """HF tensor name -> llama.cpp name, for every tensor written; NestlingError for one without a name."""
+    name_map = gguf.get_tensor_name_map(fam.arch, int(cfg["num_hidden_layers"]))
+    tied = bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in tensors
+    out = {}
+    for hf_name in tensors:
+        if (hf_name == "lm_head.weight" and tied) or hf_name.endswith("rotary_emb.inv_freq"):
+            continue  # llama.cpp reuses token_embd for the output when output.weight is absent
+        name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise NestlingError(f"{d}: tensor {hf_name!r} has no llama.cpp name for {cfg['model_type']}")
+        out[hf_name] = name
+    return out
+
+
+def _safetensors_keys(d: Path) -> list[str]:
+    """Tensor names from the safetensors headers alone (no weights read)."""
+    from safetensors import safe_open
+
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise NestlingError(f"{d}: no .safetensors weights (pickled weights are never loaded)")
+    keys: list[str] = []
+    try:
+        for f in files:
+            with safe_open(str(f), framework="np") as st:
+                keys += list(st.keys())
+    except Exception as e:
+        raise NestlingError(f"{d}: cannot load the student's weights ({e}); re-save the student") from None
+    return keys
+
+
 def write_gguf(
-    model_dir: str | Path, out_path: str | Path, dtype: str = "f16", pre: str | None = None
+    model_dir: str | Path,
+    out_path: str | Path,
+    dtype: str = "f16",
+    pre: str | None = None,
+    vocab_only: bool = False,
 ) -> Path:
-    """Write a student of any family in gguf_arch.FAMILIES as GGUF (f16 or f32; 1-D tensors always F32)."""
+    """Write a student of any family in gguf_arch.FAMILIES as GGUF (f16 or f32; 1-D tensors always F32).
+
+    vocab_only=True writes the metadata and tokenizer without tensors: what llama.cpp's vocab_only
+    loader needs, in about a second whatever the model's size (check_gguf_writable).
+    """
+    return _write(Path(model_dir), Path(out_path), dtype, pre, vocab_only)[0]
+
+
+def _write(d: Path, out: Path, dtype: str, pre: str | None, vocab_only: bool) -> tuple[Path, str]:
+    """write_gguf; also returns the tokenizer model written ("gpt2", "llama" or "t5")."""
     if dtype not in ("f16", "f32"):
         raise NestlingError(f"GGUF base dtype {dtype!r}: use f16 or f32")
-    d = Path(model_dir)
     cfg = _read_json(d / "config.json")
     fam = family_for(cfg, d)
     shape = _Shape(cfg)
     tokf = _tokenizer_fields(d, int(cfg["vocab_size"]), pre)
-    tensors = _load_tensors(d)
-
-    name_map = gguf.get_tensor_name_map(fam.arch, shape.n_layer)
-    tied = bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in tensors
-    out = Path(out_path)
+    tensors = {} if vocab_only else _load_tensors(d)
+    names = _tensor_names(d, list(tensors), cfg, fam)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     logging.getLogger("gguf").setLevel(logging.WARNING)  # its INFO lines repeat what we log below
@@ -301,18 +390,11 @@ def write_gguf(
     try:
         w.add_name(tokf["name"] or "student")
         _add_hparams(w, cfg, fam, shape, dtype)
-        extra = _rope_scaling(w, d, cfg, fam)
+        extra = {} if vocab_only else _rope_scaling(w, d, cfg, fam)
         w.add_vocab_size(len(tokf["tokens"]))
         _add_tokenizer(w, d, tokf)
-        for hf_name, arr in tensors.items():
-            if hf_name == "lm_head.weight" and tied:
-                continue  # llama.cpp reuses token_embd for the output when output.weight is absent
-            if hf_name.endswith("rotary_emb.inv_freq"):
-                continue
-            name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-            if name is None:
-                raise NestlingError(f"{d}: tensor {hf_name!r} has no llama.cpp name for {cfg['model_type']}")
-            arr = _convert(hf_name, arr, fam, shape)
+        for hf_name, name in names.items():
+            arr = _convert(hf_name, tensors[hf_name], fam, shape)
             # Norms and biases (1-D) stay F32: llama.cpp expects it and they cost nothing.
             w.add_tensor(name, arr.astype(np.float16 if dtype == "f16" and arr.ndim > 1 else np.float32))
         for name, arr in extra.items():
@@ -330,12 +412,61 @@ def write_gguf(
         "wrote %s (%s, %d tensors, tokenizer %s/%s, add_bos=%s)",
         out,
         cfg["model_type"],
-        len(tensors),
+        len(names) + len(extra),
         tokf["model"],
         tokf["pre"],
         tokf["add_bos"],
     )
-    return out
+    return out, tokf["model"]
+
+
+def check_student_weights(model_dir: str | Path) -> None:
+    """The safetensors headers are readable (a corrupt student fails every variant, not only GGUF)."""
+    _safetensors_keys(Path(model_dir))
+
+
+def check_gguf_writable(model_dir: str | Path, pre: str | None = None, texts: Sequence[str] = ()) -> str:
+    """Everything write_gguf would refuse, found in about a second and before any artifact: the family
+    and its config, every tensor's llama.cpp name, rope scaling, and the tokenizer, which llama.cpp must
+    tokenize exactly like HF on the export's probe strings (and `texts`). Returns the tokenizer model
+    ("gpt2", "llama" or "t5"); raises a one-line NestlingError otherwise."""
+    d = Path(model_dir)
+    cfg = _read_json(d / "config.json")
+    fam = family_for(cfg, d)
+    _tensor_names(d, _safetensors_keys(d), cfg, fam)
+    scaling = cfg.get("rope_scaling") or {}
+    if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", "linear", "llama3"):
+        raise NestlingError(f"{d}: rope_scaling {scaling} is not supported (default, linear, llama3 are)")
+    with tempfile.TemporaryDirectory(prefix="nestling-vocab-") as tmp:
+        path, model = _write(d, Path(tmp) / "vocab.gguf", "f16", pre, vocab_only=True)
+        _compare_tokenization(d, path, model, list(texts))
+    return model
+
+
+def _compare_tokenization(d: Path, path: Path, model: str, texts: list[str]) -> None:
+    import llama_cpp
+    from nestling.export.parity import TOKENIZATION_PROBES
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(d)
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        ends = [s for s in (tok.eos_token, tok.bos_token) if s]  # special tokens inside text
+        specials = [t + s + " after" for s in ends for t in TOKENIZATION_PROBES[:2]]
+        for text in [*TOKENIZATION_PROBES, *specials, *texts]:
+            hf = tok(text)["input_ids"]
+            cpp = list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+            if hf != cpp:
+                at = 0
+                while at < min(len(hf), len(cpp)) and hf[at] == cpp[at]:
+                    at += 1
+                raise NestlingError(
+                    f"{d}: llama.cpp ({model!r} tokenizer) would tokenize {text!r} unlike Hugging Face "
+                    f"(from token {at}: {cpp[at : at + 4]} vs {hf[at : at + 4]}); this tokenizer cannot "
+                    "be written as GGUF exactly"
+                )
+    finally:
+        llm.close()
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from typing import Any
 
 import gguf
 
-from nestling.serve.errors import NestlingError
+from nestling.core.errors import NestlingError
 
 
 def _gemma3_fixed(cfg: dict[str, Any]) -> list[str]:

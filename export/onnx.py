@@ -13,7 +13,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from nestling.serve.errors import NestlingError
+from nestling.core.errors import NestlingError
 
 log = logging.getLogger(__name__)
 

@@ -33,9 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from nestling.serve.errors import NestlingError
-from nestling.serve.explain import answers_match, extract_answer
-from nestling.serve.prompting import student_prompt
+from nestling.core.errors import NestlingError
+from nestling.core.explain import answers_match, extract_answer
+from nestling.core.prompting import student_prompt
 
 if TYPE_CHECKING:
     from nestling.serve.engines import Engine
@@ -162,7 +162,7 @@ Scorer = Callable[[str, Prompt], bool]
 
 
 def default_scorer(task: Any = None) -> Scorer:
-    """The task's own extractor and scorer when known, else serve.explain's lenient extraction + match."""
+    """The task's own extractor and scorer when known, else core.explain's lenient extraction + match."""
 
     def score(text: str, p: Prompt) -> bool:
         if task is not None and p.example is not None:

@@ -2,7 +2,10 @@
 
     manifest = export_student(ExportConfig(student="runs/x/students/tiny/model", out="runs/x/exports/tiny"))
 
-Builds ONNX fp32/int8 and GGUF f16/Q8_0/Q4_K_M in ``OUT.tmp-XXXX``, runs each through ``serve.engines``
+First ``preflight`` refuses, in about a second and before anything is written, what the GGUF writer could
+not reproduce (family, config, tensors, a tokenizer llama.cpp would not tokenize exactly like HF); the message
+names ``--variants`` to skip GGUF knowingly. Then it builds ONNX fp32/int8 and GGUF f16/Q8_0/Q4_K_M in
+``OUT.tmp-XXXX``, runs each through ``serve.engines``
 against PyTorch on held-out prompts (``export.parity``), writes the Modelfile, the model card and
 manifest.json, and only then renames the directory to OUT. An unquantized artifact that does not match
 PyTorch raises NestlingError and leaves no OUT behind. A complete OUT with the same config and student is
@@ -17,6 +20,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,9 +34,10 @@ from nestling.export.parity import (
     raise_on_failures,
     torch_reference,
 )
-from nestling.serve.config import check
-from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import (
+
+from nestling.core.config import check
+from nestling.core.errors import NestlingError
+from nestling.core.manifest import (
     describe_files,
     fingerprint,
     is_fresh,
@@ -41,7 +46,7 @@ from nestling.serve.manifest import (
     read_manifest,
     write_manifest,
 )
-from nestling.serve.prompting import PROMPT_FORMAT
+from nestling.core.prompting import PROMPT_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +234,7 @@ def make_scorer(prompts: list[Prompt], task_spec: str | None) -> Scorer:
 
             tasks[spec] = load_task(spec)
         except Exception as e:  # scoring falls back to lenient extraction; say so
-            log.warning("task %s: cannot load its scorer (%s); using serve.explain answer matching", spec, e)
+            log.warning("task %s: cannot load its scorer (%s); using core.explain answer matching", spec, e)
     fallback = default_scorer()
 
     def score(text: str, p: Prompt) -> bool:
@@ -304,6 +309,25 @@ def _publish(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def preflight(cfg: ExportConfig, prompts: Sequence[Prompt] = ()) -> None:
+    """Refuse, in about a second and before any artifact, what a wanted variant could not write: the GGUF
+    writer's family, config, tensor and tokenizer checks (llama.cpp must tokenize the probes and prompts
+    exactly like HF). The message says how to skip GGUF knowingly."""
+    wanted = set(cfg.variants) | {SOURCE_OF[v] for v in cfg.variants if v in SOURCE_OF}
+    if not any(VARIANTS[v]["engine"] == "gguf" for v in wanted):
+        return
+    from nestling.export.gguf import check_gguf_writable, check_student_weights
+
+    check_student_weights(cfg.student)  # not a GGUF limit: no --variants advice
+    onnx_only = " ".join(v for v in VARIANTS if VARIANTS[v]["engine"] == "onnx")
+    try:
+        check_gguf_writable(cfg.student, cfg.gguf_pre, [p.text for p in prompts])
+    except NestlingError as e:
+        raise NestlingError(
+            f"GGUF export refused: {e}; to export ONNX only pass --variants {onnx_only}"
+        ) from None
+
+
 def export_student(cfg: ExportConfig, prompts: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     """Export, check and publish one student; returns the manifest. See the module docstring."""
     from nestling.serve.engines import load_engine
@@ -319,6 +343,7 @@ def export_student(cfg: ExportConfig, prompts: list[tuple[str, str]] | None = No
     if not cfg.force and is_fresh(out, "export", config, inputs):
         log.info("%s: complete and matching this student and config; skipped", out)
         return read_manifest(out, "export")
+    preflight(cfg, plist)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
@@ -392,7 +417,6 @@ def _export_into(job: _Job) -> dict[str, Any]:
 def _reference(job: _Job) -> _Reference:
     import numpy as np
     import torch
-
     from nestling.distill.students import count_params, load_student
 
     torch.set_num_threads(job.cfg.threads)

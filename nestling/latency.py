@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nestling.serve.manifest import atomic_write_json, read_manifest, try_read_json
+from nestling.core.manifest import atomic_write_json, read_manifest, try_read_json
 
 log = logging.getLogger(__name__)
 

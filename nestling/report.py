@@ -10,9 +10,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from nestling.serve.errors import NestlingError
-from nestling.serve.fmt import pct
-from nestling.serve.manifest import try_read_json
+from nestling.core.errors import NestlingError
+from nestling.core.fmt import pct
+from nestling.core.manifest import try_read_json
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -92,6 +92,7 @@ def _student_entry(student_dir: Path, res: dict[str, Any]) -> dict[str, Any]:
             "accuracy_ci": explain.get("accuracy_ci"),
             "accuracy_answer_only": res.get("accuracy_answer"),
             "steps_all_right": explain.get("steps_all_right"),
+            "explanations_complete": explain.get("complete"),
             "params": res.get("params"),
             "bytes": weights or None,
             "tokens_per_s": res.get("tokens_per_s"),
@@ -104,7 +105,7 @@ def _student_entry(student_dir: Path, res: dict[str, Any]) -> dict[str, Any]:
 def _export_entries(run_dir: Path, export_dir: Path) -> dict[str, dict[str, Any]]:
     """One entry per variant of an export: accuracy and answer times from the run's pass over the held-out
     questions through Reasoner (RUN/latency), else the export-time check on its parity prompts."""
-    from nestling.serve.manifest import try_read_manifest
+    from nestling.core.manifest import try_read_manifest
 
     name = export_dir.name
     m = try_read_manifest(export_dir, "export") or {}
@@ -158,7 +159,7 @@ def _speed(e: dict[str, Any]) -> tuple[int, float] | None:
 
 def write_report(run_dir: Path, report: dict[str, Any], tolerance: float) -> dict[str, Any]:
     """report.json (keys: teacher, baseline, students, exports, recommended), report.md and report.png."""
-    from nestling.serve.manifest import atomic_write_json, atomic_write_text
+    from nestling.core.manifest import atomic_write_json, atomic_write_text
 
     report = {
         **report,

@@ -8,13 +8,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from nestling.core.config import check
+from nestling.core.manifest import read_jsonl
 from nestling.distill.pipeline import DistillConfig
 from nestling.latency import measure_export
 from nestling.report import collect_report, write_report
-from nestling.serve.config import check
-from nestling.serve.manifest import read_jsonl
+
+if TYPE_CHECKING:
+    from nestling.distill.students import StudentShape
 
 
 @dataclass
@@ -45,6 +48,10 @@ class RunConfig(DistillConfig):
             "'none' for no compact student"
         },
     )
+    variants: list[str] | None = field(
+        default=None,
+        metadata={"help": "export variants of every deployed student (default: all of export's)"},
+    )
     export_sources: bool = field(
         default=False,
         metadata={
@@ -63,6 +70,12 @@ class RunConfig(DistillConfig):
             self.latency_questions is None or self.latency_questions >= 1,
             f"--latency-questions {self.latency_questions}: must be >= 1",
         )
+        if self.variants is not None:
+            from nestling.export.pipeline import VARIANTS
+
+            unknown = [v for v in self.variants if v not in VARIANTS]
+            check(not unknown, f"--variants {unknown}: unknown; choose from {', '.join(VARIANTS)}")
+            check(bool(self.variants), f"--variants: name at least one of {', '.join(VARIANTS)}")
         names = self.student_names()
         if self.compress is None:  # the default compact student, where its source is among the students
             self.compress = [item for item in DEFAULT_COMPRESS if parse_compress(item)[0] in names]
@@ -95,6 +108,23 @@ def parse_compress(item: str) -> tuple[str, int, int | None]:
     return source, int(numbers[0]), int(numbers[1]) if len(numbers) == 2 else None
 
 
+def check_compress_shapes(items: list[str], shapes: dict[str, StudentShape]) -> None:
+    """Each SOURCE:LAYERS[:WIDTH] within its source's layers and MLP channels (where the source's shape
+    is known before training: presets, local checkpoints, GGUF files)."""
+    for item in items:
+        source, layers, width = parse_compress(item)
+        shape = shapes[source]
+        check(
+            shape.layers is None or layers <= shape.layers,
+            f"--compress {item!r}: keeps {layers} layers but {source!r} has only {shape.layers}",
+        )
+        check(
+            width is None or shape.intermediate_size is None or width <= shape.intermediate_size,
+            f"--compress {item!r}: keeps {width} MLP channels but {source!r} has only "
+            f"{shape.intermediate_size} per layer",
+        )
+
+
 def _overrides(cfg: RunConfig, target: type) -> dict[str, Any]:
     """RunConfig values the user set, for the stage config fields of the same name."""
     names = {f.name for f in fields(target) if f.init} - {"out"}
@@ -105,11 +135,15 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     """Distil (traces, students, eval), cut the compact students, export and time (and score) the deployable
     ones, then write report.{json,md,png} in cfg.out."""
     from nestling.distill.accel import is_main_process
-    from nestling.distill.pipeline import run_distill
+    from nestling.distill.pipeline import check_sources, check_students, run_distill
     from nestling.export.pipeline import ExportConfig, export_student
 
     run_dir = Path(cfg.out)
-    distilled = run_distill(DistillConfig(out=cfg.out, **_overrides(cfg, DistillConfig)))
+    dcfg = DistillConfig(out=cfg.out, **_overrides(cfg, DistillConfig))
+    if is_main_process():  # every spec checked before the teacher is asked anything
+        check_compress_shapes(cfg.compress or [], check_students(dcfg))
+        check_sources(dcfg)
+    distilled = run_distill(dcfg, checked=True)
     if not is_main_process():  # under a launcher every rank trains; rank 0 alone exports and reports
         return {}
     compact, sources = _compress(cfg, distilled["students"])

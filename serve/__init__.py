@@ -1,10 +1,11 @@
-"""nestling's torch-free floor: manifests, answer extraction, step checks, and the runtime.
+"""nestling's torch-free runtime: the embeddable Reasoner, its engines (ONNX, GGUF) and the server.
 
     from nestling.serve import Reasoner
     print(Reasoner.load("runs/default/exports/tiny").ask("What is 7 + 5?").answer)
 
-The runtime names resolve lazily, so ``import serve`` (which every stage does for serve.errors and friends)
-loads neither an engine library nor fastapi.
+The runtime names resolve lazily, so ``import nestling.serve`` loads neither an engine library nor fastapi.
+What every stage shares (manifests, errors, configs, specs, prompting, answer and step checks) is in
+``nestling.core``, below this package.
 """
 
 from __future__ import annotations
@@ -22,4 +23,4 @@ def __getattr__(name: str) -> Any:
         from nestling.serve import runtime
 
         return getattr(runtime, name)
-    raise AttributeError(f"module 'serve' has no attribute {name!r}")
+    raise AttributeError(f"module 'nestling.serve' has no attribute {name!r}")

@@ -23,15 +23,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from nestling.serve.errors import ApiError, NestlingError
 from nestling.serve.routers import answer, openai, ops, page
 from nestling.serve.routers.common import error_response
 from nestling.serve.runtime import Reasoner
 from nestling.serve.settings import Settings, load_settings
 from nestling.serve.slots import ModelState
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from nestling.core.errors import ApiError, NestlingError
 
 log = logging.getLogger(__name__)
 

@@ -21,17 +21,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nestling.serve.config import check
-from nestling.serve.errors import NestlingError
 from nestling.serve.sampling import SamplingParams
+
+from nestling.core.config import check
+from nestling.core.errors import NestlingError
 
 if TYPE_CHECKING:
     from nestling.serve.runtime import Answer
     from nestling.serve.settings import Settings
 
 ENGINE_CHOICES = ["auto", "gguf", "onnx"]
-MARKS = {True: "\u2713", False: "\u2717", None: "\u00b7"}
+# By step status (core.explain.STEP_STATUSES): "?" is true arithmetic on a number from nowhere.
+MARKS = {"grounded": "\u2713", "false": "\u2717", "ungrounded": "?", "unchecked": "\u00b7"}
 VERIFIED = {True: "checked steps hold", False: "a checked step is wrong", None: "nothing to check"}
+COMPLETE = {True: "explanation complete", False: "explanation incomplete", None: "not grounded"}
 
 
 @dataclass
@@ -58,7 +61,8 @@ class AskConfig:
     seed: int | None = field(default=None, metadata={"help": "same seed, same answer"})
     stop: list[str] = field(default_factory=list, metadata={"help": "end the text before any of these"})
     verify: int = field(
-        default=1, metadata={"help": "tries: > 1 resamples (seeded) while a checked step is false"}
+        default=1,
+        metadata={"help": "tries: > 1 resamples (seeded) while the explanation is not complete"},
     )
     file: str | None = field(
         default=None, metadata={"help": 'a JSONL file of {"question": ...}: answers as JSONL on stdout'}
@@ -74,8 +78,9 @@ class AskConfig:
 
 
 def format_answer(a: Answer) -> str:
-    """Steps with marks (✓ checks out, ✗ a calculation is wrong, · nothing to check), answer, latency."""
-    lines = [f"  {MARKS[s.ok]} Step {i}: {s.text}" for i, s in enumerate(a.steps, 1)]
+    """Steps with marks (✓ checked and grounded, ✗ a calculation is wrong, ? a number from nowhere,
+    · nothing to check), answer, latency."""
+    lines = [f"  {MARKS.get(s.status, '?')} Step {i}: {s.text}" for i, s in enumerate(a.steps, 1)]
     lines.append(f"Answer: {a.answer if a.answer is not None else '(none)'}")
     lat = a.latency
     cut = ", cut at --max-tokens" if a.finish_reason == "length" else ""
@@ -84,7 +89,7 @@ def format_answer(a: Answer) -> str:
         f"latency: first token {1000 * lat.ttft_s:.1f} ms, total {1000 * lat.total_s:.1f} ms, "
         f"{lat.prompt_tokens} prompt + {lat.completion_tokens} completion tokens, "
         f"{lat.tokens_per_s:,.0f} tokens/s ({lat.variant} on {lat.engine}){cut}; "
-        f"{VERIFIED[a.verified]}, {tries}"
+        f"{VERIFIED[a.verified]}, {COMPLETE[a.complete] if a.steps else 'no steps'}, {tries}"
     )
     return "\n".join(lines)
 
@@ -132,8 +137,9 @@ def ask_main(cfg: AskConfig) -> int:
 
 def serve_main(s: Settings) -> int:
     """Check the export and the port, then serve until Ctrl-C."""
-    from nestling.serve.manifest import read_manifest
     from nestling.serve.runtime import Reasoner
+
+    from nestling.core.manifest import read_manifest
 
     check(bool(s.model_dir), "no export directory: pass DIR or set NESTLING_MODEL_DIR")
     # Cheap checks before the port opens; hashing and loading happen in the background at startup.
@@ -147,7 +153,6 @@ def serve_main(s: Settings) -> int:
         raise NestlingError(msg) from None
 
     import uvicorn
-
     from nestling.serve.app import create_app
 
     failures: list[BaseException] = []

@@ -15,6 +15,7 @@ Heavy dependencies (llama_cpp, onnxruntime, tokenizers) are imported inside each
 
 from __future__ import annotations
 
+import importlib
 import logging
 import queue
 import threading
@@ -24,14 +25,24 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-
-from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import read_json
 from nestling.serve.sampling import Sampler
+
+from nestling.core.errors import NestlingError
+from nestling.core.manifest import read_json
 
 log = logging.getLogger(__name__)
 
 KINDS = ("gguf", "onnx")
+
+
+def _require(module: str, extra: str, what: str) -> Any:
+    """Import an engine library, or say in one line which extra brings it."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError:
+        raise NestlingError(
+            f"{what} needs {module}, which is not installed: pip install 'nestling[{extra}]'"
+        ) from None
 
 
 class Engine(Protocol):
@@ -88,8 +99,7 @@ class GGUFEngine:
         with open(self.path, "rb") as f:
             if f.read(4) != b"GGUF":
                 raise NestlingError(f"{self.path}: not a GGUF file (bad magic); re-export it")
-        import llama_cpp
-
+        llama_cpp = _require("llama_cpp", "gguf", "a GGUF export")
         self._lib = llama_cpp
         try:
             # Capped: an 8k-context model would otherwise reserve a large KV cache for short prompts;
@@ -383,8 +393,8 @@ class ONNXEngine:
             raise NestlingError(f"{model}: ONNX model not found; export the student first")
         if not (d / "tokenizer.json").is_file():
             raise NestlingError(f"{d}: no tokenizer.json beside model.onnx; re-export the student")
-        import onnxruntime as ort
-        from tokenizers import Tokenizer
+        ort = _require("onnxruntime", "serve", "an ONNX export")
+        Tokenizer = _require("tokenizers", "serve", "an ONNX export").Tokenizer
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = n_threads

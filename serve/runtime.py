@@ -8,7 +8,7 @@
     for piece in s: print(piece, end="")
     s.answer.latency.tokens_per_s
     r.ask("What is 7 + 5?", sampling=SamplingParams(temperature=0.7, seed=1), stop=["Step 2"])
-    r.ask("What is 7 + 5?", verify=4)      # resample while a checked step is false: a.verified, a.tries
+    r.ask("What is 7 + 5?", verify=4)      # resample until the explanation is complete: a.complete, a.tries
     r.ask_many(["What is 1 + 1?", "What is 2 + 2?"])            # spread over the engine pool
 
 ``Reasoner.load(..., pool=N)`` loads N engines over the same file: N questions decode at once, one per
@@ -33,12 +33,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nestling.serve.config import check
-from nestling.serve.errors import NestlingError
-from nestling.serve.explain import check_steps, clean_answer, extract_answer, parse_steps
-from nestling.serve.manifest import read_manifest, verify_files
-from nestling.serve.prompting import ANSWER_MARK, PROMPT_FORMAT, student_prompt
 from nestling.serve.sampling import SamplingParams
+
+from nestling.core.config import check
+from nestling.core.errors import NestlingError
+from nestling.core.explain import clean_answer, extract_answer, ground, parse_steps
+from nestling.core.manifest import read_manifest, verify_files
+from nestling.core.prompting import ANSWER_MARK, PROMPT_FORMAT, student_prompt
 
 if TYPE_CHECKING:  # the protocol only: importing serve.engines here would load numpy for nothing
     from nestling.serve.engines import Engine
@@ -96,11 +97,15 @@ def register_engine(kind: str, load: Callable[[str, int], Engine], available: Ca
 @dataclass
 class Step:
     """One step of an explanation. ``ok``: True every calculation in it checks out, False one is wrong,
-    None nothing checkable. ``claims``: the checked calculations (expr, stated, value, ok)."""
+    None nothing checkable. ``claims``: the checked calculations (expr, stated, value, ok). ``status``: the
+    step against the question (core.explain.STEP_STATUSES): grounded | false | ungrounded | unchecked;
+    ``reason`` says why a step is not grounded."""
 
     text: str
     ok: bool | None
     claims: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "unchecked"
+    reason: str | None = None
 
 
 @dataclass
@@ -129,6 +134,15 @@ class Answer:
     # None: nothing to check (answer-only mode, or no step states a calculation).
     verified: bool | None = None
     tries: int = 1  # generations made for this answer (> 1 when verification resampled a false one)
+    # True: every step is grounded or unchecked (at least one grounded) and the answer is the steps' last
+    # result, computing what the question asks (core.explain.ground); False: not so; None: answer-only
+    # mode, or a question grounding is not asked of (fewer than two numbers stated).
+    complete: bool | None = None
+    answer_derived: bool | None = None  # the answer is the steps' last result (None: answer-only mode)
+
+    def needs_retry(self) -> bool:
+        """What verification resamples: an incomplete explanation, else (no grounding) a false step."""
+        return self.complete is False if self.complete is not None else self.verified is False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -359,17 +373,18 @@ class Reasoner:
         """Generate (greedy unless ``sampling`` says otherwise) and return the answer, the checked steps
         (explain mode) and the latency.
 
-        ``verify`` > 1: while a checked step is false, generate again, up to ``verify`` tries in all and
-        while ``verify_budget_s`` is not spent, sampled with seeds ``seed+1, seed+2, ...`` (at
-        ``VERIFY_TEMPERATURE`` when the request is greedy); the first explanation whose checked steps all
-        hold is returned, else the first one. ``answer.tries`` counts the generations, ``total_s`` all of
-        them.
+        ``verify`` > 1: while the explanation is not complete (``answer.complete``: every step grounded in
+        the question or unchecked, the answer derived from the steps; for a question grounding is not asked
+        of, while a checked step is false), generate again, up to ``verify`` tries in all and while
+        ``verify_budget_s`` is not spent, sampled with seeds ``seed+1, seed+2, ...`` (at
+        ``VERIFY_TEMPERATURE`` when the request is greedy); the first complete explanation is returned, else
+        the first one. ``answer.tries`` counts the generations, ``total_s`` all of them.
         """
         _validate(question, max_tokens, stop)
         check(isinstance(verify, int) and 1 <= verify <= 64, f"verify {verify!r}: tries must be 1 to 64")
         t0 = time.perf_counter()
         first = self._ask_once(question, explain, max_tokens, sampling, stop)
-        if verify == 1 or first.verified is not False:
+        if verify == 1 or not first.needs_retry():
             return first
         resample = sampling if not sampling.greedy else replace(sampling, temperature=VERIFY_TEMPERATURE)
         base = sampling.seed or 0
@@ -377,7 +392,7 @@ class Reasoner:
         while tries < verify and time.perf_counter() - t0 < verify_budget_s:
             a = self._ask_once(question, explain, max_tokens, resample.with_seed(base + tries), stop)
             tries += 1
-            if a.verified is not False:
+            if not a.needs_retry():
                 return _after_tries(a, tries, t0)
         return _after_tries(first, tries, t0)
 
@@ -469,7 +484,9 @@ class Reasoner:
                 tail = dec.flush()
                 if tail:
                     yield tail
-            answer = self._finish(dec.text, explain, prompt_ids, dec.ids, t0, first, last, finish, eng.kind)
+            answer = self._finish(dec.text, explain, prompt_ids, dec.ids, (t0, first, last), finish, eng.kind)
+            if explain:
+                self._ground(answer, question)
         answer.stopped_by = stopped_by
         holder.append(answer)
 
@@ -479,12 +496,13 @@ class Reasoner:
         explain: bool,
         prompt_ids: list[int],
         ids: list[int],
-        t0: float,
-        first: float,
-        last: float,
+        times: tuple[float, float, float],
         finish: str,
         kind: str,
     ) -> Answer:
+        """The answer without its step marks (``_ground`` adds them in explain mode); ``times``: the call,
+        the first token and the last token."""
+        t0, first, last = times
         n = len(ids)
         ttft = (first - t0) if n else 0.0
         total = last - t0
@@ -500,16 +518,23 @@ class Reasoner:
             variant=self.variant,
         )
         if explain:
-            checks = check_steps(parse_steps(text), self.task)
-            steps = [Step(c.text, c.ok, [asdict(x) for x in c.claims]) for c in checks]
             answer = extract_answer(text)
         else:
-            steps = []
             line = text.strip().split("\n", 1)[0] if text.strip() else ""
             answer = clean_answer(line) or None
-        checked = [s.ok for s in steps if s.ok is not None]
-        verified = all(checked) if checked else None
-        return Answer(answer, steps, text, latency, finish_reason=finish, verified=verified)
+        return Answer(answer, [], text, latency, finish_reason=finish)
+
+    def _ground(self, a: Answer, question: str) -> None:
+        """Mark every step against the question (core.explain.ground) and set verified / complete."""
+        e = ground(question, parse_steps(a.text), a.answer, self.task)
+        a.steps = [
+            Step(c.text, c.ok, [asdict(x) for x in c.claims], c.status or "unchecked", c.reason)
+            for c in e.steps
+        ]
+        checked = [s.ok for s in a.steps if s.ok is not None]
+        a.verified = all(checked) if checked else None
+        a.answer_derived = e.answer_derived
+        a.complete = e.complete if e.grounding else None
 
 
 def auto_pool(n_threads: int = 1) -> int:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from nestling.serve.config import check
+from nestling.core.config import check
 
 MAX_TEMPERATURE = 2.0  # OpenAI's range; far above it sampling is uniform noise
 MAX_TOP_K = 1000

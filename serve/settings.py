@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from nestling.serve.errors import NestlingError
+from nestling.core.errors import NestlingError
 
 
 class Settings(BaseSettings):

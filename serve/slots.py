@@ -20,11 +20,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from nestling.serve.errors import ApiError, NestlingError
 from nestling.serve.metrics import Metrics
 from nestling.serve.runtime import GREEDY, Answer, Reasoner
 from nestling.serve.sampling import SamplingParams
 from nestling.serve.settings import Settings
+
+from nestling.core.errors import ApiError, NestlingError
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from nestling.serve.prompting import explain_target, student_prompt
+from nestling.core.prompting import explain_target, student_prompt
 
 TINY_STEPS = 80
 
@@ -41,7 +41,6 @@ def training_texts(rows: list[tuple[str, str]]) -> list[str]:
 def build_tiny_student(out_dir: Path, steps: int = TINY_STEPS, seed: int = 0, lr: float = 1e-2) -> Path:
     """Train and save the tiny student in ``save_pretrained`` form; returns out_dir."""
     import torch
-
     from nestling.distill.students import StudentPreset, new_student, save_student, train_tokenizer
 
     torch.manual_seed(seed)

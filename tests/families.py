@@ -12,14 +12,17 @@ text (llama.cpp tokenizer model "llama", scores and types), with a '▁' prefix 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from nestling.export.gguf_arch import LLAMA3_REGEX, QWEN2_REGEX
 from nestling.export.parity import TOKENIZATION_PROBES
-from nestling.serve.prompting import explain_target, student_prompt
+
+from nestling.core.prompting import explain_target, student_prompt
 
 SPM = "spm"
+UNIGRAM = "unigram"
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,7 @@ class Kind:
     """One family's test model: its config class and extra config, its tokenizer kind and special tokens."""
 
     config: str  # transformers config class name
-    tokenizer: str  # a Split regex (byte-level BPE) or SPM (byte-fallback BPE)
+    tokenizer: str  # a Split regex (byte-level BPE), SPM (byte-fallback BPE) or UNIGRAM (byte fallback)
     specials: tuple[str, ...]  # in id order, from 0
     bos: str | None
     eos: str
@@ -113,6 +116,9 @@ KINDS: dict[str, Kind] = {
 }
 FAMILY_NAMES = list(KINDS)
 
+# Llama 2 / TinyLlama: the llama architecture with a sentencepiece vocabulary, '▁' prefix, untied head.
+LLAMA2 = dataclasses.replace(KINDS["mistral"], config="LlamaConfig", extra={})
+
 # The strings export's parity check tokenizes with both llama.cpp and HF: digits, spacing, non-ASCII.
 TRICKY = TOKENIZATION_PROBES
 
@@ -186,19 +192,42 @@ def byte_fallback_bpe(texts: list[str], kind: Kind, vocab_size: int) -> Any:
     return tok
 
 
-def build_tokenizer(family: str, texts: list[str], vocab_size: int = 512) -> Any:
-    """The family's kind of tokenizer, trained on `texts`, wrapped for transformers."""
+def byte_fallback_unigram(texts: list[str], kind: Kind, vocab_size: int) -> Any:
+    """A sentencepiece-style Unigram (what transformers makes of a Gemma or other SPM GGUF): specials, the
+    256 <0xXX> byte tokens, then the learned pieces with their log-probabilities; Viterbi over the whole
+    '▁'-escaped text, bytes for characters outside the vocabulary."""
+    import numpy as np
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    steps = ([normalizers.Prepend("▁")] if kind.dummy_prefix else []) + [normalizers.Replace(" ", "▁")]
+    learner = Tokenizer(models.Unigram())
+    learner.normalizer = normalizers.Sequence(steps)
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, max_piece_length=8, show_progress=False)
+    learner.train_from_iterator(texts, trainer)
+    pieces = [(p, 0.0) for p in kind.specials] + [(f"<0x{b:02X}>", 0.0) for b in range(256)]
+    taken = {p for p, _ in pieces}
+    # float32 scores, as sentencepiece's model file (and so every tokenizer.json made from one or from a
+    # GGUF) holds them: GGUF stores float32, and Viterbi's near-ties must round alike on both sides.
+    learned = json.loads(learner.to_str())["model"]["vocab"]
+    pieces += [(p, float(np.float32(s))) for p, s in learned if p not in taken]
+    unk = [p for p, _ in pieces].index(kind.unk) if kind.unk else None
+    tok = Tokenizer(models.Unigram(pieces, unk_id=unk, byte_fallback=True))
+    tok.normalizer = normalizers.Sequence(steps)
+    decode = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(decode + ([decoders.Strip(" ", 1, 0)] if kind.dummy_prefix else []))
+    return tok
+
+
+def build_tokenizer(family: str, texts: list[str], vocab_size: int = 512, kind: Kind | None = None) -> Any:
+    """The family's kind of tokenizer (or `kind`'s), trained on `texts`, wrapped for transformers."""
     from tokenizers import AddedToken, processors
     from transformers import PreTrainedTokenizerFast
 
-    from nestling.serve.prompting import CHAT_TEMPLATE
+    from nestling.core.prompting import CHAT_TEMPLATE
 
-    kind = KINDS[family]
-    tok = (
-        byte_fallback_bpe(texts, kind, vocab_size)
-        if kind.tokenizer == SPM
-        else byte_level_bpe(texts, kind, vocab_size)
-    )
+    kind = kind or KINDS[family]
+    builders = {SPM: byte_fallback_bpe, UNIGRAM: byte_fallback_unigram}
+    tok = builders.get(kind.tokenizer, byte_level_bpe)(texts, kind, vocab_size)
     tok.add_special_tokens(
         [AddedToken(s, special=True, normalized=False, rstrip=s in kind.rstrip) for s in kind.specials]
     )
@@ -219,13 +248,16 @@ def build_tokenizer(family: str, texts: list[str], vocab_size: int = 512) -> Any
     )
 
 
-def build_family(family: str, texts: list[str], seed: int = 0, vocab_size: int = 512) -> tuple[Any, Any]:
-    """A 2-layer random model of `family` (hidden 256, 4 query / 2 key-value heads) and its tokenizer."""
+def build_family(
+    family: str, texts: list[str], seed: int = 0, vocab_size: int = 512, kind: Kind | None = None
+) -> tuple[Any, Any]:
+    """A 2-layer random model of `family` (hidden 256, 4 query / 2 key-value heads) and its tokenizer
+    (the family's own kind, or `kind`: e.g. a Unigram vocabulary on gemma3_text)."""
     import torch
     import transformers
 
-    kind = KINDS[family]
-    tok = build_tokenizer(family, texts, vocab_size)
+    kind = kind or KINDS[family]
+    tok = build_tokenizer(family, texts, vocab_size, kind)
     config = getattr(transformers, kind.config)(
         **{
             "vocab_size": len(tok),

@@ -12,6 +12,8 @@ What it "generates" for ``Question: Q\\nExplain:`` (answer mode ``Answer:`` give
   "... after ..."    -> "\\nStep 1: 2 + 2 = 4\\nAnswer: 4\\nStep 2: more" (text after the answer line)
   "... flaky ..."    -> greedy: the wrong script above; sampled: the sampler picks between it (logit 1) and
                         "\\nStep 1: 9 * 8 = 72\\nAnswer: 72" (logit 0), so the seed decides
+  "lucky: 3 + 4?"    -> greedy: "\\nStep 1: 2 + 5 = 7\\nAnswer: 7" (true arithmetic on numbers from nowhere);
+                        sampled: that or "\\nStep 1: 3 + 4 = 7\\nAnswer: 7", as the sampler picks
 Every byte of the script is one token; eos ends it.
 """
 
@@ -29,8 +31,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from nestling.serve.manifest import write_manifest
-from nestling.serve.prompting import EXPLAIN_MARK
+from nestling.core.manifest import write_manifest
+from nestling.core.prompting import EXPLAIN_MARK
 
 BOS, EOS = 256, 257
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
@@ -45,6 +47,9 @@ def script(prompt: str, sampler=None) -> str:
 
         if sampler(np.array([1.0, 0.0])) == 1:
             return "\nStep 1: 9 * 8 = 72\nAnswer: 72" if explain else " 72"
+    if "lucky" in q and explain:
+        grounded = sampler is not None and sampler(__import__("numpy").array([1.0, 0.0])) == 1
+        return "\nStep 1: 3 + 4 = 7\nAnswer: 7" if grounded else "\nStep 1: 2 + 5 = 7\nAnswer: 7"
     if "ramble" in q:
         return "la " * 10_000
     if "wrong" in q or "flaky" in q:

@@ -170,6 +170,30 @@ class StandIn:
         self.close()
 
 
+class PromptLogprobsStandIn(StandIn):
+    """/v1/completions as vLLM answers ``prompt_logprobs``: per prompt token a {id: {logprob, rank,
+    decoded_token}} dict of the top-k plus the token itself, None for the first. ``score(ids, k)`` gives,
+    for each position t >= 1, the (id, logprob) pairs of the distribution of token t, most likely first
+    (all of them, or at least k plus the prompt's token)."""
+
+    def __init__(self, score, **kw):
+        super().__init__(**kw)
+        self.score = score
+
+    def respond(self, h: BaseHTTPRequestHandler, body: dict, action) -> None:
+        if "prompt" not in body or action != "ok":
+            return super().respond(h, body, action)
+        ids, k = list(body["prompt"]), int(body["prompt_logprobs"])
+        entries: list[dict | None] = [None]
+        for t, pairs in enumerate(self.score(ids, k), start=1):
+            top = dict(pairs[:k])
+            top.setdefault(ids[t], dict(pairs)[ids[t]])  # vLLM adds the prompt's own token
+            entries.append({str(i): {"logprob": lp, "rank": 1, "decoded_token": ""} for i, lp in top.items()})
+        choice = {"index": 0, "text": "", "finish_reason": "length", "prompt_logprobs": entries}
+        h._send(200, {"id": "cmpl-standin", "object": "text_completion", "created": 0,
+                      "model": body.get("model", "stand-in"), "choices": [choice]})  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description="stand-in OpenAI-compatible teacher server")
     p.add_argument("--port", type=int, required=True)

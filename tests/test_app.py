@@ -9,13 +9,13 @@ import threading
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from serve_fakes import FakeEngine, serve_in_thread
-
 from nestling.serve.app import create_app
-from nestling.serve.errors import NestlingError
 from nestling.serve.routers.common import get_settings
 from nestling.serve.runtime import Reasoner
 from nestling.serve.settings import Settings, load_settings
+from serve_fakes import FakeEngine, serve_in_thread
+
+from nestling.core.errors import NestlingError
 
 
 def make_app(gate=None, **settings):
@@ -79,6 +79,8 @@ def test_chat_completions_non_streaming_and_length(client):
         body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
     )
     assert body["nestling"]["answer"] == "7" and body["nestling"]["steps"][0]["ok"] is True
+    assert body["nestling"]["steps"][0]["status"] == "grounded" and body["nestling"]["marks"] == ["grounded"]
+    assert body["nestling"]["complete"] is True and body["nestling"]["answer_derived"] is True
     cut = client.post(
         "/v1/chat/completions", json={"messages": [{"role": "user", "content": "ramble"}], "max_tokens": 4}
     ).json()
@@ -376,6 +378,22 @@ def test_a_stream_refused_by_the_engine_ends_with_a_4xx_error_event():
 # ---- sampling, chat semantics, reasoning_content, queueing ---------------------------------------------
 
 USER = [{"role": "user", "content": "What is 2 + 5?"}]
+
+
+def test_ungrounded_steps_are_marked_apart_from_false_ones_on_both_endpoints(client):
+    lucky = client.post("/v1/answer", json={"question": "lucky: 3 + 4?"}).json()
+    assert [(s["ok"], s["status"]) for s in lucky["steps"]] == [(True, "ungrounded")]
+    assert (lucky["verified"], lucky["complete"]) == (True, False)
+    wrong = client.post("/v1/answer", json={"question": "a wrong one"}).json()
+    assert [s["status"] for s in wrong["steps"]] == ["false", "unchecked"]
+    msgs = [{"role": "user", "content": "lucky: 3 + 4?"}]
+    ext = client.post("/v1/chat/completions", json={"messages": msgs}).json()["nestling"]
+    assert ext["marks"] == ["ungrounded"] and ext["complete"] is False
+    fixed = client.post("/v1/answer", json={"question": "lucky: 3 + 4?", "verify": 8, "seed": 0}).json()
+    assert fixed["complete"] is True and fixed["steps"][0]["status"] == "grounded" and fixed["tries"] > 1
+    with client.stream("POST", "/v1/chat/completions", json={"messages": msgs, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks[-1]["nestling"]["marks"] == ["ungrounded"] and chunks[-1]["choices"][0]["finish_reason"]
 
 
 def test_sampling_fields_are_honoured_on_both_endpoints(client):

@@ -8,11 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from serve_fakes import FakeEngine, serve_in_thread
-
 from nestling.serve.app import create_app
 from nestling.serve.runtime import Reasoner
 from nestling.serve.settings import Settings
+from serve_fakes import FakeEngine, serve_in_thread
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -62,6 +61,13 @@ def test_the_page_streams_steps_marks_and_latency(browser, tmp_path):
         latency = page.text_content("#latency")
         assert "time to first token" in latency and "fake-a (fake)" in latency
         assert page.text_content("#error") == ""
+
+        page.fill("#question", "lucky: 3 + 4?")
+        page.click("#go")
+        page.wait_for_function("document.getElementById('verdict').textContent.length > 0", timeout=15_000)
+        assert page.get_attribute("#steps li", "class") == "step ungrounded"  # apart from a false step
+        assert page.text_content("#steps li") == "? 2 + 5 = 7"
+        assert page.text_content("#verdict").startswith("explanation incomplete")
 
         page.fill("#question", "What is 7 + 5?")
         page.click("#go")

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from nestling.distill.compress import (
     draw_fresh,
     keep_layers,
@@ -26,8 +25,9 @@ from nestling.distill.students import (
     save_student,
     train_tokenizer,
 )
-from nestling.serve.errors import NestlingError
-from nestling.serve.prompting import explain_target, student_prompt
+
+from nestling.core.errors import NestlingError
+from nestling.core.prompting import explain_target, student_prompt
 
 # A tokenizer trained on wider text than the task uses, so trimming has something to drop.
 WIDE = [
@@ -168,7 +168,8 @@ def test_trimmed_pruned_student_exports_with_parity(tiny_student_dir: Path, tiny
     """A trimmed, width-pruned student goes through `nestling export` unchanged (GGUF tokenizer and
     ONNX both parity-checked against PyTorch by the export stage itself)."""
     from nestling.export.pipeline import ExportConfig, export_student
-    from nestling.serve.manifest import read_manifest
+
+    from nestling.core.manifest import read_manifest
 
     model, tok = load_student(tiny_student_dir)
     corpus = [student_prompt(q) + explain_target([f"{q[8:-1]} = {g}"], g) for q, g in tiny_prompts]
@@ -188,15 +189,19 @@ def test_trimmed_pruned_student_exports_with_parity(tiny_student_dir: Path, tiny
 
 
 @pytest.mark.slow  # ~40 s on the shared 2-core machine (KD training, reasoning-gym draws)
-def test_compress_stage_end_to_end_and_skip_on_rerun(tiny_student_dir: Path, tmp_path: Path, monkeypatch):
-    """trim -> prune -> a few KD steps on a fake run; the recovery traces hold no held-out question."""
+@pytest.mark.parametrize("objective", ["off-policy", "mix"])
+def test_compress_stage_end_to_end_and_skip_on_rerun(
+    tiny_student_dir: Path, tmp_path: Path, monkeypatch, objective: str
+):
+    """trim -> prune -> a few KD steps (mix: some on the student's samples) on a fake run; the recovery
+    traces hold no held-out question."""
     import shutil
 
-    from fake_run import make_run
-
     import nestling.distill.compress as compress_mod
+    from fake_run import make_run
     from nestling.distill.compress import CompressConfig, compress
-    from nestling.serve.manifest import read_jsonl, read_manifest
+
+    from nestling.core.manifest import read_jsonl, read_manifest
 
     run = make_run(tmp_path / "run", n=60, heldout=20)
     shutil.copytree(tiny_student_dir, run / "students" / "tiny" / "model")
@@ -208,6 +213,8 @@ def test_compress_stage_end_to_end_and_skip_on_rerun(tiny_student_dir: Path, tmp
         recover_steps=3,
         fresh=8,
         vocab_questions=16,
+        objective=objective,
+        lmbda=0.5,
         threads=1,
         progress=False,
     )
@@ -218,6 +225,7 @@ def test_compress_stage_end_to_end_and_skip_on_rerun(tiny_student_dir: Path, tmp
     _, source_tok = load_student(tiny_student_dir)
     assert len(tok) == m["vocab"] < len(source_tok) and model.config.intermediate_size == 256
     assert m["recovery"]["steps"] == 3 and m["params"] == count_params(model) < m["teacher_params"]
+    assert (m["recovery"]["onpolicy_steps"] > 0) == (objective == "mix")
     trim_model, trim_tok = load_student(run / "students" / "tiny-trim" / "model")
     assert trim_tok.get_vocab() == tok.get_vocab() and trim_model.config.num_hidden_layers == 2
     held = {r["id"] for r in read_jsonl(run / "traces" / "questions.jsonl") if r["split"] == "heldout"}

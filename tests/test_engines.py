@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from nestling.serve.engines import load_engine
-from nestling.serve.errors import NestlingError
-from nestling.serve.prompting import student_prompt
+
+from nestling.core.errors import NestlingError
+from nestling.core.prompting import student_prompt
 
 ENGINES = {"gguf": "gguf/model-f16.gguf", "onnx": "onnx/fp32"}
 

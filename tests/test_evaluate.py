@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nestling.distill.teachers as distill_teachers
 import pytest
 from fake_run import make_run
-
-import nestling.distill.teachers as distill_teachers
 from nestling.distill.evaluate import EvalConfig, Scorer, baseline, evaluate, load_questions, score_outputs
 from nestling.distill.teachers import Generation, Teacher
-from nestling.serve.errors import NestlingError
+
+from nestling.core.errors import NestlingError
 
 
 class ScriptedTeacher(Teacher):
@@ -76,6 +76,20 @@ def test_explanation_metrics_tell_right_steps_from_lucky_answers():
     assert m["by_task"] == {"rg:basic_arithmetic": 0.75}
 
 
+def test_complete_explanations_are_grounded_in_the_question():
+    row = {"task": "rg:basic_arithmetic", "question": "Calculate 3 + 4.", "gold": "7", "meta": {}}
+    texts = [
+        "\nStep 1: 3 + 4 = 7\nAnswer: 7",  # complete
+        "\nStep 1: 2 + 5 = 7\nAnswer: 7",  # right answer and arithmetic, numbers from nowhere
+        "\nStep 1: 3 * 4 = 12\nAnswer: 12",  # the question's numbers, another operation
+        "\nStep 1: 3 + 4 = 7\nStep 2: 7 + 0 = 7\nAnswer: 7",  # 0 is not in the question
+    ]
+    rows = [{**row, "id": str(i)} for i in range(len(texts))]
+    m = score_outputs(rows, texts, Scorer(), explain=True)
+    assert m["steps_all_right"] == 1.0 and m["consistent"] == 1.0
+    assert m["complete"] == pytest.approx(1 / 4) and m["ungrounded"] == pytest.approx(3 / 4)
+
+
 def test_eval_writes_files_caches_the_teacher_and_skips_unchanged_students(
     tmp_path, scripted_teacher, monkeypatch
 ):
@@ -95,7 +109,7 @@ def test_eval_writes_files_caches_the_teacher_and_skips_unchanged_students(
         assert 0.0 <= s[mode]["accuracy"] <= 1.0 and s[mode]["n"] == len(held)
         assert s[mode]["mean_new_tokens"] > 0
     assert s["params"] > 0 and s["latency_s"] > 0 and s["tokens_per_s"] > 0
-    assert "steps_all_right" in s["explain"] and "consistent" in s["explain"]
+    assert "steps_all_right" in s["explain"] and "consistent" in s["explain"] and "complete" in s["explain"]
 
     saved = json.loads((run / "students/tiny/eval.json").read_text())
     assert saved["stage"] == "eval" and saved["result"]["accuracy"] == s["accuracy"]
@@ -137,6 +151,7 @@ def test_distill_trains_each_student_evaluates_and_resumes(tmp_path, scripted_te
         return Path(cfg.out) / "traces"
 
     monkeypatch.setattr(pipeline, "_traces", fake_traces)
+    monkeypatch.setattr("nestling.distill.teachers.check_teacher_spec", lambda spec: None)  # gguf:fake
     cfg = pipeline.DistillConfig(
         out=str(tmp_path / "run"), teacher="gguf:fake", students=["nano,b=nano?seed=1"], steps=8, threads=1
     )
@@ -173,10 +188,9 @@ def test_wilson_interval_matches_the_textbook_values():
 
 def test_a_task_without_gold_runs_end_to_end_and_every_table_says_what_it_was_scored_against(tmp_path):
     """traces (a stand-in server, answers by vote) -> a nano student -> eval against the teacher's vote."""
-    from teacher_fakes import StandIn
-
     from nestling.distill.traces import TracesConfig, run_traces
     from nestling.distill.train import TrainConfig, train
+    from teacher_fakes import StandIn
 
     data = tmp_path / "questions.jsonl"
     pairs = [(a, b) for a in range(2, 9) for b in range(1, 6)]

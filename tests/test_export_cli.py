@@ -7,12 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from nestling import cli as nestling_cli
 from nestling.export.parity import Prompt
 from nestling.export.pipeline import VARIANTS, ExportConfig, export_student, make_scorer, student_fingerprint
-from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import read_manifest, verify_files
+
+from nestling import cli as nestling_cli
+from nestling.core.errors import NestlingError
+from nestling.core.manifest import read_manifest, verify_files
 
 
 def _leftovers(parent: Path, name: str) -> list[str]:
@@ -195,7 +195,6 @@ class _ScriptedEngine:
 @pytest.mark.parametrize(("margin", "tie"), [(0.001, True), (0.5, False)])
 def test_greedy_divergence_counts_as_tie_only_within_measured_error(margin, tie):
     import numpy as np
-
     from nestling.export.parity import Reference, check_variant
 
     ids, want = [3, 4], [7, 8]  # PyTorch: 7 then 8; the engine says 7 then 9
@@ -227,7 +226,7 @@ def test_scorer_uses_the_task_when_it_loads(monkeypatch):
     import nestling.distill.tasks as distill_tasks
     from nestling.distill.tasks import Example
 
-    class Words:  # a task whose own extractor and scorer differ from serve.explain's defaults
+    class Words:  # a task whose own extractor and scorer differ from core.explain's defaults
         def extract(self, text: str) -> str:
             return text.rsplit(" ", 1)[-1]
 

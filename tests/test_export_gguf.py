@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from peers import llama_cpp_server
-
 from nestling.export.gguf import detect_pre_tokenizer, permute_qk
 from nestling.serve.engines import load_engine
-from nestling.serve.prompting import CHAT_TEMPLATE, student_prompt
+from peers import llama_cpp_server
+
+from nestling.core.prompting import CHAT_TEMPLATE, student_prompt
 
 GGUFS = ["model-f16.gguf", "model-q8_0.gguf", "model-q4_k_m.gguf"]
 
@@ -49,7 +49,7 @@ def test_pre_tokenizer_detection():
         }
     }
     assert detect_pre_tokenizer(smollm) == "smollm"
-    from nestling.serve.errors import NestlingError
+    from nestling.core.errors import NestlingError
 
     with pytest.raises(NestlingError, match="--gguf-pre"):
         detect_pre_tokenizer({"pre_tokenizer": {"type": "Whitespace"}})
@@ -106,9 +106,8 @@ def test_llama_cpp_loads_every_gguf(tiny_export_dir: Path, name: str):
 
 def test_transformers_loads_f16_gguf_and_matches_pytorch(tiny_export_dir: Path, tiny_student_dir: Path):
     import torch
-    from transformers import AutoModelForCausalLM
-
     from nestling.distill.students import load_student
+    from transformers import AutoModelForCausalLM
 
     model, tok = load_student(tiny_student_dir)
     gg = AutoModelForCausalLM.from_pretrained(tiny_export_dir / "gguf", gguf_file="model-f16.gguf")
@@ -143,9 +142,9 @@ def test_pretrained_smollm2_student_gqa_and_its_tokenizer(tmp_path: Path):
     """SmolLM2 (vocab 49152, hidden 576, GQA 9/3), depth-pruned to 2 layers: the writer's GQA permutation and
     its tokenizer must hold; K-quant rows of 576 fall back, which is fine."""
     import torch
-
     from nestling.distill.students import init_student, save_student
     from nestling.export.pipeline import ExportConfig, export_student
+
     from tests.test_engines import tricky_texts
 
     torch.set_num_threads(1)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nestling.serve.prompting import student_prompt
+from nestling.core.prompting import student_prompt
 
 VARIANTS = ["fp32", "int8"]
 
@@ -41,9 +41,8 @@ def test_int8_is_smaller(tiny_export_dir: Path):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_optimum_ort_model_loads_and_generates(tiny_export_dir: Path, tiny_student_dir: Path, variant: str):
     import torch
-    from optimum.onnxruntime import ORTModelForCausalLM
-
     from nestling.distill.students import load_student
+    from optimum.onnxruntime import ORTModelForCausalLM
 
     model, tok = load_student(tiny_student_dir)
     ort = ORTModelForCausalLM.from_pretrained(tiny_export_dir / "onnx" / variant)
@@ -64,7 +63,6 @@ def test_optimum_ort_model_loads_and_generates(tiny_export_dir: Path, tiny_stude
 
 def test_int8_recipes_keep_named_matmuls_fp32_and_static_calibration_writes_qdq(tiny_export_dir, tmp_path):
     import onnx
-
     from nestling.export.onnx import quantize_onnx_int8
     from nestling.serve.engines import load_engine
 
@@ -90,7 +88,6 @@ def test_int8_recipes_keep_named_matmuls_fp32_and_static_calibration_writes_qdq(
 def test_weight_only_int8_keeps_fp32_activations_close(tiny_export_dir, tmp_path):
     import numpy as np
     import onnx
-
     from nestling.export.onnx import quantize_onnx_int8
     from nestling.serve.engines import load_engine
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 from families import FAMILY_NAMES, KINDS, TRICKY, build_family, family_texts, train_steps
-
 from nestling.distill.students import FAMILIES, check_student_dir, init_student, save_student
 from nestling.export import gguf_arch
 from nestling.export.pipeline import ExportConfig, export_student
-from nestling.serve.errors import NestlingError
-from nestling.serve.prompting import student_prompt
+
+from nestling.core.errors import NestlingError
+from nestling.core.prompting import student_prompt
 
 PROMPTS = [("What is 3 + 4?", "7"), ("What is 8 + 1?", "9"), ("What is 5 + 5?", "10")]
 FAST = ["onnx-fp32", "gguf-f16"]
@@ -170,8 +170,10 @@ def test_a_wrong_pre_tokenizer_name_is_caught_by_parity(family_student, tmp_path
     cfg = ExportConfig(
         student=str(family_student("llama")), out=str(tmp_path / "x"), variants=["gguf-f16"], gguf_pre="qwen2"
     )
-    with pytest.raises(NestlingError, match="tokenization differs from Hugging Face"):
+    # Caught before any artifact, by the vocab-only check export runs first.
+    with pytest.raises(NestlingError, match="GGUF export refused: .*'gpt2' tokenizer.* unlike Hugging Face"):
         export_student(cfg, prompts=PROMPTS)
+    assert not (tmp_path / "x").exists()
 
 
 def test_gemma3_values_llama_cpp_hard_codes_are_refused(family_student, tmp_path):
@@ -225,10 +227,9 @@ def test_pretrained_family_student_loads_and_prunes(family_student):
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_tricky_strings_tokenize_alike_in_llama_cpp(family_student, tmp_path, family):
-    from transformers import AutoTokenizer
-
     from nestling.export.gguf import write_gguf
     from nestling.serve.engines import load_engine
+    from transformers import AutoTokenizer
 
     student = family_student(family)
     tok = AutoTokenizer.from_pretrained(student)
@@ -247,12 +248,12 @@ def test_family_trained_by_the_recipe_exports_every_variant_and_answers(family_s
     every export variant, transformers reading our f16 GGUF, and the Reasoner answering from the export."""
     import torch
     from fake_run import make_run
-    from transformers import AutoModelForCausalLM
-
     from nestling.distill.students import load_student
     from nestling.distill.train import TrainConfig, train
-    from nestling.serve.prompting import student_prompt
     from nestling.serve.runtime import Reasoner
+    from transformers import AutoModelForCausalLM
+
+    from nestling.core.prompting import student_prompt
 
     run = make_run(tmp_path / "run", n=60, heldout=10)
     cfg = TrainConfig(
@@ -298,9 +299,8 @@ def test_llama_cpp_server_renders_the_chat_template_into_the_student_prompt(fami
     """A chat request to llama.cpp's server (which renders the GGUF's template) answers exactly as the
     completion of the student prompt does: the template is right for this family's tokenizer and specials."""
     import httpx
-    from peers import llama_cpp_server
-
     from nestling.export.gguf import write_gguf
+    from peers import llama_cpp_server
 
     path = write_gguf(family_student(family), tmp_path / "m.gguf")
     q = "What is 3 + 4?"

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-
 from nestling.distill.filters import FilterConfig, filter_traces, vote_labels
 from nestling.distill.tasks import Example
-from nestling.serve.errors import NestlingError
+
+from nestling.core.errors import NestlingError
 
 TASK = "rg:basic_arithmetic"
 
@@ -66,6 +66,23 @@ def test_step_check_can_be_turned_off(examples):
     records = [rec("q1", 1, "9 times 8 is 64, so 9 + 8 = 17.\nAnswer: 17", "17", True)]
     assert filter_traces(records, examples, FilterConfig(check_steps=False))[0]
     assert not filter_traces(records, examples, FilterConfig())[0]
+
+
+def test_grounded_filter_drops_right_answers_whose_steps_ignore_the_question(examples):
+    records = [
+        rec("q1", 0, "Step 1: 9 + 8 = 17.\nAnswer: 17", "17", True),
+        rec("q1", 1, "Step 1: 10 + 7 = 17.\nAnswer: 17", "17", True),  # right answer, numbers from nowhere
+        rec("q1", 2, "Step 1: 9 + 8 = 17.\nStep 2: 17 + 0 = 17.\nAnswer: 17", "17", True),  # 0 from nowhere
+        rec("q2", 0, "Step 1: 3 * 4 = 12.\nAnswer: 12", "12", True),
+        rec("q2", 1, "Step 1: 6 * 2 = 12.\nAnswer: 12", "12", True),
+    ]
+    kept, stats = filter_traces(records, examples)
+    assert [r["trace"] for r in kept] == ["q1:0", "q2:0"]
+    assert stats["right_answer_ungrounded_steps"] == 3 and stats["grounding"] == "grounded"
+    loose, loose_stats = filter_traces(records, examples, FilterConfig(grounding="checked"))
+    assert len(loose) == 5 and loose_stats["right_answer_ungrounded_steps"] == 0
+    with pytest.raises(NestlingError, match="grounding"):
+        FilterConfig(grounding="strict")
 
 
 def test_vote_labels_questions_without_gold(examples):

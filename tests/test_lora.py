@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from fake_run import make_run
 from families import FAMILY_NAMES, build_family, family_texts
-
 from nestling.distill.train import TrainConfig, train
-from nestling.serve.errors import NestlingError
+
+from nestling.core.errors import NestlingError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,11 +35,10 @@ def _adapter_steps(model, tok, steps: int = 3) -> None:
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_merged_student_has_the_adapted_logits_and_saves_plain(tmp_path, family):
     import torch
-    from safetensors import safe_open
-
     from nestling.distill.checkpoint import save_model_dir
     from nestling.distill.lora import LORA_RECIPES, add_lora, linear_names, lora_recipe
     from nestling.distill.students import load_student
+    from safetensors import safe_open
 
     base, tok = build_family(family, family_texts(60))
     base_keys = set(base.state_dict())
@@ -68,7 +67,8 @@ def test_merged_student_has_the_adapted_logits_and_saves_plain(tmp_path, family)
 
 def _family_student(tmp_path: Path, family: str) -> str:
     from nestling.distill.students import save_student
-    from nestling.serve.prompting import explain_target, student_prompt
+
+    from nestling.core.prompting import explain_target, student_prompt
 
     texts = [student_prompt(f"What is {a} + {b}?") + explain_target([f"{a} + {b} = {a + b}"], str(a + b))
              for a in range(10) for b in range(10)]  # fmt: skip
@@ -117,10 +117,9 @@ def test_a_lora_target_the_model_lacks_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_a_lora_run_resumes_from_its_adapter_checkpoint_to_the_same_weights(tmp_path, monkeypatch, caplog):
+    import nestling.distill.train as train_mod
     import torch
     from safetensors.torch import load_file
-
-    import nestling.distill.train as train_mod
 
     student = _family_student(tmp_path, "qwen2")
     a, b = make_run(tmp_path / "a", n=30, heldout=5), make_run(tmp_path / "b", n=30, heldout=5)

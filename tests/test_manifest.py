@@ -1,4 +1,4 @@
-"""serve.manifest: the stage contract. Tampering and truncation are caught; freshness tracks inputs."""
+"""core.manifest: the stage contract. Tampering and truncation are caught; freshness tracks inputs."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import (
+from nestling.core.errors import NestlingError
+from nestling.core.manifest import (
     atomic_write_json,
     fingerprint,
     is_fresh,
@@ -109,7 +109,7 @@ def test_atomic_write_makes_an_ordinary_readable_file(tmp_path):
 
 
 def test_read_jsonl_names_the_bad_line_and_the_fix(tmp_path):
-    from nestling.serve.manifest import read_jsonl
+    from nestling.core.manifest import read_jsonl
 
     p = tmp_path / "rows.jsonl"
     p.write_text('{"a": 1}\n\n{"a": 2}\n{oops\n')
@@ -122,7 +122,7 @@ def test_read_jsonl_names_the_bad_line_and_the_fix(tmp_path):
 
 
 def test_outputs_get_the_umask_mode_and_importing_leaves_the_umask_alone(tmp_path):
-    from nestling.serve.manifest import atomic_write_text
+    from nestling.core.manifest import atomic_write_text
 
     old = os.umask(0o027)
     try:
@@ -135,7 +135,7 @@ def test_outputs_get_the_umask_mode_and_importing_leaves_the_umask_alone(tmp_pat
 
 
 def test_read_json_names_the_file_and_the_fix(tmp_path):
-    from nestling.serve.manifest import read_json, try_read_json
+    from nestling.core.manifest import read_json, try_read_json
 
     bad = tmp_path / "x.json"
     bad.write_text("{not json")

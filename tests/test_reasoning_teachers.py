@@ -10,9 +10,6 @@ import re
 from pathlib import Path
 
 import pytest
-from teacher_fakes import StandIn
-
-from nestling import cli as nestling_cli
 from nestling.distill.filters import FilterConfig, filter_traces, shorten, training_steps, training_text
 from nestling.distill.prompts import teacher_messages
 from nestling.distill.tasks import Example
@@ -27,8 +24,11 @@ from nestling.distill.teachers import (
     with_chain,
 )
 from nestling.distill.traces import TracesConfig, run_traces
-from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import read_manifest
+from teacher_fakes import StandIn
+
+from nestling import cli as nestling_cli
+from nestling.core.errors import NestlingError
+from nestling.core.manifest import read_manifest
 
 EASY = (
     "rg:basic_arithmetic?min_terms=2&max_terms=2&min_digits=1&max_digits=1&operators=+,-&allow_negation=false"
@@ -195,7 +195,12 @@ def test_shorten_keeps_each_claim_once_and_the_conclusion():
 
 def test_long_chains_are_kept_checked_and_both_styles_stored():
     examples = [Example("q1", "rg:basic_arithmetic", "Calculate 23 * 4.", "92", {})]
-    long = "\n".join(f"Hmm, I keep thinking about part {i}." for i in range(20)) + "\n" + LONG_CHAIN
+    # Filler without numbers: a number from nowhere would make the chain ungrounded (not what this tests).
+    long = (
+        "\n".join("Hmm, I keep thinking about " + "another " * i + "part." for i in range(20))
+        + "\n"
+        + LONG_CHAIN
+    )
     wrong = LONG_CHAIN.replace("3 * 4 = 12", "3 * 4 = 13")
     records = [
         {
@@ -215,7 +220,9 @@ def test_long_chains_are_kept_checked_and_both_styles_stored():
             "correct": True,
         },
     ]
-    kept, stats = filter_traces(records, examples)
+    # Arithmetic checks only: the chain breaks 23 into 20 + 3, numbers the question does not state, which the
+    # grounded filter (the default) drops; that is tested with the grounding set, this is about length.
+    kept, stats = filter_traces(records, examples, FilterConfig(grounding="checked"))
     assert [r["trace"] for r in kept] == ["q1:0"] and stats["right_answer_wrong_steps"] == 1
     row = kept[0]
     assert len(row["steps_full"]) > 20  # more than max_steps: a chain is not dropped for its length
@@ -228,7 +235,7 @@ def test_long_chains_are_kept_checked_and_both_styles_stored():
     kept, _ = filter_traces(
         records[:1],
         examples,
-        FilterConfig(style="short"),
+        FilterConfig(style="short", grounding="checked"),
     )
     assert kept[0]["steps"] == kept[0]["steps_short"]
 

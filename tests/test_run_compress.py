@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import nestling.run as run_mod
-from nestling.serve.errors import NestlingError
+from nestling.core.errors import NestlingError
 
 
 def _stub_stages(tmp_path, monkeypatch) -> dict[str, list]:
@@ -22,7 +22,7 @@ def _stub_stages(tmp_path, monkeypatch) -> dict[str, list]:
     calls: dict[str, list] = {"compress": [], "eval": [], "export": [], "timed": []}
     students = tmp_path / "students"
     trained = {"tiny": students / "tiny" / "model", "smollm2": students / "smollm2" / "model"}
-    monkeypatch.setattr(pipeline_mod, "run_distill", lambda cfg: {"students": dict(trained)})
+    monkeypatch.setattr(pipeline_mod, "run_distill", lambda cfg, **kw: {"students": dict(trained)})
 
     def fake_compress(cfg):
         calls["compress"].append((cfg.source, cfg.keep_layers, cfg.intermediate_size))

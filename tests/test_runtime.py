@@ -6,11 +6,11 @@ import json
 import threading
 
 import pytest
-from serve_fakes import FakeEngine, make_fake_export, register_fake
-
-from nestling.serve.errors import NestlingError
 from nestling.serve.runtime import ENGINES, Answer, Reasoner
 from nestling.serve.sampling import SamplingParams
+from serve_fakes import FakeEngine, make_fake_export, register_fake
+
+from nestling.core.errors import NestlingError
 
 
 @pytest.fixture
@@ -190,7 +190,7 @@ def test_an_unloadable_file_with_a_matching_hash_is_a_clear_error(tmp_path):
         out = make_fake_export(tmp_path)
         p = out / "fake" / "fake-a.bin"
         p.write_text("garbage")
-        from nestling.serve.manifest import write_manifest
+        from nestling.core.manifest import write_manifest
 
         m = json.loads((out / "manifest.json").read_text())
         extra = {k: m[k] for k in ("prompt_format", "student", "task", "default_variant", "variants")}
@@ -213,6 +213,9 @@ def test_cli_ask_prints_marked_steps_answer_and_one_latency_line(fake_export, ca
     assert lines[1] == "  \u00b7 Step 2: So the result is 64"
     assert lines[2] == "Answer: 64"
     assert lines[3].startswith("latency: first token ") and "(fake-a on fake)" in lines[3] and len(lines) == 4
+    assert nestling_cli.main(["ask", str(fake_export), "lucky: 3 + 4?"]) == 0
+    lines = capsys.readouterr().out.rstrip("\n").split("\n")
+    assert lines[0] == "  ? Step 1: 2 + 5 = 7" and "explanation incomplete" in lines[2]
     argv = ["ask", str(fake_export), "What is 2 + 2?", "--no-explain", "--variant", "fake-b"]
     assert nestling_cli.main(argv) == 0
     lines = capsys.readouterr().out.strip().split("\n")
@@ -263,7 +266,7 @@ def test_auto_loads_the_default_variant(tiny_export_dir):
 def test_truncated_or_tampered_real_artifacts_are_refused(tiny_export_dir, tmp_path, variant):
     import shutil
 
-    from nestling.serve.manifest import write_manifest
+    from nestling.core.manifest import write_manifest
 
     out = tmp_path / "copy"
     shutil.copytree(tiny_export_dir, out)
@@ -369,6 +372,20 @@ def test_verification_resamples_until_the_checked_steps_hold():
     assert (hopeless.verified, hopeless.tries, hopeless.answer) == (False, 3, "64")  # the first, marked
     assert r.ask("What is 2 + 2?", verify=5).tries == 1 and r.ask("What is 2 + 2?").verified is True
     assert r.ask("What is 2 + 2?", explain=False).verified is None
+
+
+def test_verification_resamples_until_the_explanation_is_complete():
+    r = reasoner()
+    lucky = r.ask("lucky: 3 + 4?")
+    assert (lucky.answer, lucky.verified, lucky.complete, lucky.answer_derived) == ("7", True, False, True)
+    assert lucky.steps[0].ok is True and lucky.steps[0].status == "ungrounded"
+    assert "2 is not in the question" in lucky.steps[0].reason
+    complete = r.ask("lucky: 3 + 4?", verify=8, sampling=SamplingParams(seed=0))
+    assert complete.complete is True and complete.steps[0].status == "grounded" and complete.tries > 1
+    good = r.ask("What is 2 + 2?", verify=5)
+    assert (good.complete, good.tries, good.steps[0].status) == (True, 1, "grounded")
+    # no numbers in the question: nothing to ground, verification falls back to the arithmetic
+    assert r.ask("a flaky one").complete is None and r.ask("What is 2 + 2?", explain=False).complete is None
 
 
 def test_a_pool_answers_as_many_questions_at_once_as_it_has_engines():

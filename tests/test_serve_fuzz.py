@@ -7,11 +7,10 @@ import json
 
 import pytest
 from hypothesis import HealthCheck, settings
-from serve_fakes import FakeEngine
-
 from nestling.serve.app import create_app
 from nestling.serve.runtime import Reasoner
 from nestling.serve.settings import Settings
+from serve_fakes import FakeEngine
 
 schemathesis = pytest.importorskip("schemathesis")
 

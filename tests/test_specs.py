@@ -1,11 +1,11 @@
-"""serve.specs: the one parser of `kind:NAME?k=v` and `mix:` specs (tasks, students, step checks)."""
+"""core.specs: the one parser of `kind:NAME?k=v` and `mix:` specs (tasks, students, step checks)."""
 
 from __future__ import annotations
 
 import pytest
 
-from nestling.serve.errors import NestlingError
-from nestling.serve.specs import parse_query, split_mix
+from nestling.core.errors import NestlingError
+from nestling.core.specs import parse_query, split_mix
 
 
 def test_a_comma_splits_a_mix_only_before_a_task_kind():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from nestling.distill.students import (
     PRESETS,
     count_params,
@@ -16,8 +15,9 @@ from nestling.distill.students import (
     save_student,
     train_tokenizer,
 )
-from nestling.serve.errors import NestlingError
-from nestling.serve.prompting import CHAT_TEMPLATE
+
+from nestling.core.errors import NestlingError
+from nestling.core.prompting import CHAT_TEMPLATE
 
 TEXTS = [
     f"Question: What is {a} + {b}?\nExplain:\nStep 1: {a} + {b} = {a + b}\nAnswer: {a + b}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from nestling.distill.tasks import (
     DEFAULT_TASK,
     Example,
@@ -13,8 +12,9 @@ from nestling.distill.tasks import (
     normalize_question,
     split_examples,
 )
-from nestling.serve.errors import NestlingError
-from nestling.serve.explain import normalize_answer, safe_eval
+
+from nestling.core.errors import NestlingError
+from nestling.core.explain import normalize_answer, safe_eval
 
 EASY = "rg:basic_arithmetic?min_terms=2&max_terms=2&min_digits=1&max_digits=1&allow_parentheses=false"
 

@@ -7,12 +7,12 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from nestling.distill.prompts import teacher_messages
+from nestling.distill.teachers import Sampling, load_teacher, resolve_gguf
 from peers import free_port, llama_cpp_server
 from teacher_fakes import StandIn
 
-from nestling.distill.prompts import teacher_messages
-from nestling.distill.teachers import Sampling, load_teacher, resolve_gguf
-from nestling.serve.errors import NestlingError
+from nestling.core.errors import NestlingError
 
 
 def test_sampling_validation():

@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-
-from nestling import cli as nestling_cli
 from nestling.distill.teachers import Generation, Teacher
 from nestling.distill.traces import TracesConfig, TraceStore, run_traces
-from nestling.serve.errors import NestlingError
-from nestling.serve.manifest import read_manifest
+
+from nestling import cli as nestling_cli
+from nestling.core.errors import NestlingError
+from nestling.core.manifest import read_manifest
 
 EASY = (
     "rg:basic_arithmetic?min_terms=2&max_terms=2&min_digits=1&max_digits=1&operators=+,-&allow_negation=false"
@@ -115,6 +115,8 @@ def test_run_traces_writes_the_stage_files_and_an_honest_datacard(tmp_path, fake
     card = json.loads((out / "datacard.json").read_text())
     assert card["records"] == 64 and card["kept"] == 16 and card["coverage"] == 1.0
     assert card["sample_accuracy"] == 0.5 and card["right_answer_wrong_steps"] == 16
+    grounding = card["grounding"]
+    assert grounding["mode"] == "grounded" and grounding["checked_only"]["kept"] >= grounding["kept"] == 16
     assert [f["kept"] for f in card["filters"]] == [48, 48, 32, 16, 16]
     assert card["time"]["teacher_seconds"] == 32.0 and card["rationales_per_s"] == 2.0
     assert card["questions"] == {"requested": 20, "drawn": 20, "train": 16, "heldout": 4}

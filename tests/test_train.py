@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from fake_run import make_run
-
 from nestling.distill.train import (
     TrainConfig,
     batch_indices,
@@ -22,8 +21,9 @@ from nestling.distill.train import (
     train,
     training_rows,
 )
-from nestling.serve.errors import NestlingError
-from nestling.serve.prompting import answer_target, explain_target, student_prompt
+
+from nestling.core.errors import NestlingError
+from nestling.core.prompting import answer_target, explain_target, student_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -234,7 +234,6 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_weights(tmp_path):
 def test_logits_only_at_target_positions_give_the_full_loss(tmp_path, tok):
     import torch
     import torch.nn.functional as F
-
     from nestling.distill.students import new_student
     from nestling.distill.train import target_positions, weighted_loss
 
@@ -259,16 +258,16 @@ def test_logits_only_at_target_positions_give_the_full_loss(tmp_path, tok):
 
 def test_train_layers_updates_only_the_top_layers(tmp_path):
     import torch
-    from safetensors.torch import load_file
-
     from nestling.distill.students import load_student
+    from safetensors.torch import load_file
 
     run = make_run(tmp_path / "run", n=40, heldout=5)
     out = train(_cfg(run, student="tiny", steps=2, train_layers=1, warmup=0))
     trained = load_file(out / "model/model.safetensors")
     model, tok = load_student(out / "model")  # the same weights; rebuild the untrained init to compare
     from nestling.distill.students import init_student
-    from nestling.serve.prompting import explain_target, student_prompt
+
+    from nestling.core.prompting import explain_target, student_prompt
 
     rows = training_rows(run)
     texts = [student_prompt(r["question"]) + explain_target(r["steps"], r["answer"]) for r in rows]
@@ -294,7 +293,6 @@ def test_unset_flags_come_from_the_students_recipe():
 
 def test_kd_term_is_zero_against_itself_and_positive_against_another_teacher():
     import torch
-
     from nestling.distill.train import weighted_loss
 
     torch.manual_seed(0)
@@ -332,7 +330,6 @@ def test_gradient_checkpointing_trains_to_the_same_weights(tmp_path):
 
 def test_precision_is_chosen_and_recorded(tmp_path):
     import torch
-
     from nestling.distill.accel import cpu_has_bf16, resolve_precision
 
     cpu = torch.device("cpu")

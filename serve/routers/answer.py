@@ -10,8 +10,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends
-from pydantic import ConfigDict, Field
-
 from nestling.serve.routers.common import (
     SamplingFields,
     SettingsDep,
@@ -25,6 +23,7 @@ from nestling.serve.routers.common import (
 from nestling.serve.runtime import Answer
 from nestling.serve.settings import Settings
 from nestling.serve.slots import Job
+from pydantic import ConfigDict, Field
 
 router = APIRouter(prefix="/v1", tags=["answer"], dependencies=[Depends(require_key)])
 
@@ -39,7 +38,7 @@ class AnswerRequest(SamplingFields):
     stream: bool = Field(False, description="server-sent events: 'token' {text}... then 'answer' {...}")
     verify: int | None = Field(
         None, ge=1, le=16,
-        description="tries: > 1 resamples while a checked step is false (not streamed); default: server",
+        description="tries: > 1 resamples until the explanation is complete (not streamed); default: server",
     )  # fmt: skip
 
     def job(self, settings: Settings, choice: int = 0) -> Job:

@@ -16,14 +16,14 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field, StrictInt
-from sse_starlette import EventSourceResponse
-
-from nestling.serve.errors import ApiError, NestlingError
 from nestling.serve.runtime import MAX_STOP, MAX_STOP_CHARS
 from nestling.serve.sampling import MAX_SEED, MAX_TEMPERATURE, MAX_TOP_K, SamplingParams
 from nestling.serve.settings import Settings
 from nestling.serve.slots import ModelState
+from pydantic import BaseModel, Field, StrictInt
+from sse_starlette import EventSourceResponse
+
+from nestling.core.errors import ApiError, NestlingError
 
 __all__ = ["ApiError", "error_response", "get_settings", "get_state", "require_key", "sse_response"]
 

@@ -6,6 +6,10 @@ put before it (or refused, ``system_messages=refuse``), earlier turns are refuse
 when streaming) and only the answer in ``content``, as llama.cpp's ``--reasoning-format deepseek`` does.
 Sampling fields (temperature, top_p, top_k, seed, stop) are honoured; ``n`` > 1 gives n choices (seeds
 seed, seed+1, ...; not with ``stream``).
+
+The reply carries a ``nestling`` extension field (the last chunk when streaming): the question, the answer,
+every step with its ``ok`` and ``status`` mark (grounded | false | ungrounded | unchecked) and ``reason``,
+``marks`` (the statuses in order), ``answer_derived``, ``complete``, ``verified``, ``tries`` and the latency.
 """
 
 from __future__ import annotations
@@ -18,10 +22,6 @@ from dataclasses import asdict
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends
-from pydantic import BaseModel, ConfigDict, Field
-
-from nestling.serve.errors import ApiError
-from nestling.serve.prompting import ANSWER_MARK
 from nestling.serve.routers.common import (
     SamplingFields,
     SettingsDep,
@@ -36,6 +36,10 @@ from nestling.serve.routers.common import (
 from nestling.serve.runtime import Answer
 from nestling.serve.settings import Settings
 from nestling.serve.slots import Job
+from pydantic import BaseModel, ConfigDict, Field
+
+from nestling.core.errors import ApiError
+from nestling.core.prompting import ANSWER_MARK
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_key)])
 
@@ -184,9 +188,12 @@ def _message(a: Answer, fmt: ReasoningFormat) -> dict[str, Any]:
 
 
 def _nestling(a: Answer, question: str) -> dict[str, Any]:
+    """The ``nestling`` extension field: each step with its mark (``status``: grounded | false | ungrounded
+    | unchecked, and ``reason``), whether the answer is derived from the steps, whether it is complete."""
     return {
-        "question": question, "answer": a.answer, "steps": a.to_dict()["steps"], "verified": a.verified,
-        "tries": a.tries, "latency": asdict(a.latency),
+        "question": question, "answer": a.answer, "steps": a.to_dict()["steps"],
+        "marks": [s.status for s in a.steps], "answer_derived": a.answer_derived, "complete": a.complete,
+        "verified": a.verified, "tries": a.tries, "latency": asdict(a.latency),
     }  # fmt: skip
 
 
@@ -221,11 +228,15 @@ async def chat_completions(req: ChatRequest, state: StateDep, settings: Settings
         return {**out, "nestling": _nestling(answers[0], question)}
     events = await state.stream(settings, jobs[0])
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return sse_response(_chunks(events, head, fmt, include_usage))
+    return sse_response(_chunks(events, head, fmt, include_usage, question))
 
 
 async def _chunks(
-    events: AsyncIterator[tuple[str, Any]], head: dict[str, Any], fmt: ReasoningFormat, include_usage: bool
+    events: AsyncIterator[tuple[str, Any]],
+    head: dict[str, Any],
+    fmt: ReasoningFormat,
+    include_usage: bool,
+    question: str,
 ) -> AsyncIterator[dict[str, str]]:
     def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, str]:
         choice = {"index": 0, "delta": delta, "finish_reason": finish}
@@ -247,7 +258,10 @@ async def _chunks(
         elif kind == "answer":
             for field, text in split.end() if split is not None else []:
                 yield chunk({field: text})
-            yield chunk({}, _finish(value.finish_reason), usage=_usage([value]))
+            # The marks are known once the text is: the last chunk carries the extension field.
+            yield chunk(
+                {}, _finish(value.finish_reason), usage=_usage([value]), nestling=_nestling(value, question)
+            )
             if include_usage:
                 usage = {**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage([value])}
                 yield event(usage)

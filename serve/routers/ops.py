@@ -6,7 +6,6 @@ from typing import Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
-
 from nestling.serve.metrics import CONTENT_TYPE
 from nestling.serve.routers.common import StateDep, require_key
 

@@ -1,9 +1,18 @@
 // The nestling page: POST /v1/answer with stream=true, read server-sent events from the fetch body, show
-// tokens as they arrive, then the checked steps and the latency.
+// tokens as they arrive, then the steps marked against the question, and the latency.
 "use strict";
 const $ = (id) => document.getElementById(id);
-const MARK = { true: ["\u2713", "ok", "checks out"], false: ["\u2717", "bad", "a calculation is wrong"],
-               null: ["\u00b7", "unchecked", "nothing to check"] };
+// A step's status (core.explain): an ungrounded step is right arithmetic on a number the question never
+// stated and no earlier step derived, so it is shown apart from a false one.
+const MARK = {
+  grounded: ["\u2713", "ok", "checks out and uses the question's numbers"],
+  false: ["\u2717", "bad", "a calculation is wrong"],
+  ungrounded: ["?", "ungrounded", "a number from nowhere"],
+  unchecked: ["\u00b7", "unchecked", "nothing to check"],
+};
+const BY_OK = { true: "grounded", false: "false", null: "unchecked" }; // a server without step statuses
+const VERDICT = { true: "explanation complete: every step follows from the question to the answer",
+                  false: "explanation incomplete", null: "" };
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -25,14 +34,18 @@ function showAnswer(a, clientTtft) {
   const ol = $("steps");
   ol.innerHTML = "";
   for (const s of a.steps) {
-    const [sym, cls, title] = MARK[String(s.ok)];
+    const [sym, cls, title] = MARK[s.status] || MARK[BY_OK[String(s.ok)]];
     const li = document.createElement("li");
     li.className = "step " + cls;
-    li.title = title;
+    li.title = s.reason ? `${title}: ${s.reason}` : title;
     li.textContent = `${sym} ${s.text}`;
     ol.appendChild(li);
   }
   $("answer").textContent = "Answer: " + (a.answer ?? "(none)");
+  const verdict = a.steps.length ? VERDICT[String(a.complete ?? null)] : "";
+  $("verdict").textContent = verdict && a.complete === false && a.answer_derived === false
+    ? verdict + " (the answer is not the steps' last result)" : verdict;
+  $("verdict").className = a.complete ? "ok" : "unchecked";
   const l = a.latency;
   $("latency").textContent =
     `time to first token ${(1000 * l.ttft_s).toFixed(1)} ms · total ${(1000 * l.total_s).toFixed(1)} ms · ` +
@@ -43,7 +56,7 @@ function showAnswer(a, clientTtft) {
 
 async function ask(ev) {
   ev.preventDefault();
-  for (const id of ["live", "answer", "latency", "error"]) $(id).textContent = "";
+  for (const id of ["live", "answer", "verdict", "latency", "error"]) $(id).textContent = "";
   $("steps").innerHTML = "";
   $("go").disabled = true;
   const t0 = performance.now();

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from nestling.serve.errors import NestlingError
+from nestling.core.errors import NestlingError
 
 TASK_KINDS = ("rg", "file", "hf")
 # A comma starts a new task only where a task kind follows: option values may hold commas (operators=+,-).

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from nestling.serve.errors import NestlingError
+from nestling.core.errors import NestlingError
 
 FORMAT = "nestling/1"
 MANIFEST = "manifest.json"

@@ -19,7 +19,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
-from nestling.serve.errors import NestlingError
+from nestling.core.errors import NestlingError
 
 T = TypeVar("T")
 

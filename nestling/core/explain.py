@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
-from nestling.serve.specs import split_mix
+from nestling.core.specs import split_mix
 
 # ---- answer extraction -------------------------------------------------------------------------------
 
@@ -164,6 +164,8 @@ class Claim:
 class StepCheck:
     text: str
     claims: list[Claim] = field(default_factory=list)
+    status: str | None = None  # one of STEP_STATUSES once ground() has marked it, else None
+    reason: str | None = None  # why it is false, ungrounded or unchecked (for the reader)
 
     @property
     def ok(self) -> bool | None:
@@ -173,7 +175,8 @@ class StepCheck:
         return all(c.ok for c in self.claims)
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "ok": self.ok, "claims": [asdict(c) for c in self.claims]}
+        d = {"text": self.text, "ok": self.ok, "claims": [asdict(c) for c in self.claims]}
+        return {**d, "status": self.status, "reason": self.reason}
 
 
 StepChecker = Callable[[str], list[Claim]]
@@ -196,6 +199,7 @@ class _Evaluator:
             self.tokens.append(m.group(1))
             pos = m.end()
         self.i = 0
+        self.partials: list[Fraction] = []  # every sub-result (each operation, each parenthesis)
 
     def parse(self) -> Fraction:
         value = self._sum()
@@ -219,6 +223,7 @@ class _Evaluator:
             op = self._take()
             rhs = self._product()
             value = value + rhs if op == "+" else value - rhs
+            self.partials.append(value)
         return value
 
     def _product(self) -> Fraction:
@@ -232,6 +237,7 @@ class _Evaluator:
                 raise ValueError("division by zero")
             else:
                 value /= rhs
+            self.partials.append(value)
         return value
 
     def _power(self) -> Fraction:
@@ -241,7 +247,8 @@ class _Evaluator:
             exp = self._power()
             if exp.denominator != 1 or abs(exp) > self.MAX_EXPONENT:
                 raise ValueError("unsupported exponent")
-            return base ** int(exp)
+            self.partials.append(base ** int(exp))
+            return self.partials[-1]
         return base
 
     def _unary(self) -> Fraction:
@@ -253,6 +260,7 @@ class _Evaluator:
             value = self._sum()
             if self._take() != ")":
                 raise ValueError("unbalanced parentheses")
+            self.partials.append(value)
             return value
         if tok in "+-*/^)":
             raise ValueError(f"unexpected {tok!r}")
@@ -261,9 +269,15 @@ class _Evaluator:
 
 def safe_eval(expr: str) -> Fraction:
     """Evaluate an arithmetic expression exactly; ValueError when it is not one."""
+    return eval_partials(expr)[0]
+
+
+def eval_partials(expr: str) -> tuple[Fraction, list[Fraction]]:
+    """(value, every intermediate result): "(2 + 3) * 4" -> (20, [5, 5, 20]). ValueError when not one."""
     if len(expr) > 200:
         raise ValueError("expression too long")
-    return _Evaluator(expr).parse()
+    ev = _Evaluator(expr)
+    return ev.parse(), ev.partials
 
 
 _NUMBER_WORDS = {
@@ -273,6 +287,11 @@ _NUMBER_WORDS = {
         "sixteen seventeen eighteen nineteen twenty".split()
     )
 }
+_TENS = {w: 10 * i for i, w in enumerate("thirty forty fifty sixty seventy eighty ninety".split(), 3)}
+_NUMBER_WORDS.update({w: str(v) for w, v in _TENS.items()}, hundred="100", thousand="1000")
+_UNITS = "one two three four five six seven eight nine".split()
+# "twenty-one" is 21, not 20 - 1: compounds become one number before the hyphen can read as a minus.
+_COMPOUND = re.compile(rf"(?i)\b(twenty|{'|'.join(_TENS)})[-\s]({'|'.join(_UNITS)})\b")
 _WORD_OPS = [
     (r"\bmultiplied\s+by\b|\btimes\b", "*"),
     (r"\bdivided\s+by\b", "/"),
@@ -281,12 +300,24 @@ _WORD_OPS = [
     (r"\bto\s+the\s+power\s+of\b", "^"),
     (r"\b(?:is\s+equal\s+to|equals?|is|are|gives?|makes?|results?\s+in|yields?)\b", "="),
 ]
+_N = r"(\d+(?:\.\d+)?)"
+# What a result is called in prose ("..., which gives us 7"): an equals sign; the comma before it goes too.
+_GIVES = (
+    r"\s*,?\s*(?:which\s+gives(?:\s+us)?|gives\s+us|(?:and\s+|to\s+|we\s+|you\s+)get|that\s+makes|"
+    r"which\s+is)\b"
+)
 _BINARY_PHRASES = [
+    (re.compile(rf"(?i)\bsubtract(?:ing)?\s+{_N}\s+from\s+{_N}"), r"\2 - \1"),
+    (re.compile(rf"(?i)\badd(?:ing)?\s+{_N}\s+(?:and|to)\s+{_N}"), r"\1 + \2"),
+    (re.compile(rf"(?i)\bmultiply(?:ing)?\s+{_N}\s+(?:by|and|with)\s+{_N}"), r"\1 * \2"),
+    (re.compile(rf"(?i)\bdivid(?:e|ing)\s+{_N}\s+by\s+{_N}"), r"\1 / \2"),
+    (re.compile(_GIVES, re.I), " = "),
     (re.compile(r"\bthe\s+sum\s+of\s+(\S+)\s+and\s+(\S+)", re.I), r"\1 + \2"),
     (re.compile(r"\bthe\s+product\s+of\s+(\S+)\s+and\s+(\S+)", re.I), r"\1 * \2"),
     (re.compile(r"\bthe\s+difference\s+(?:between|of)\s+(\S+)\s+and\s+(\S+)", re.I), r"\1 - \2"),
     (re.compile(r"\bthe\s+quotient\s+of\s+(\S+)\s+and\s+(\S+)", re.I), r"\1 / \2"),
 ]
+_UNIT_WORD = re.compile(r"(\d)\s+[A-Za-z]+\b(?=\s*[-+*/=])")
 _EXPR = r"[-+(]*\s*\d[\d.\s+\-*/^()]*"
 # The stated value must end its equation: in "2 - 7 = 2 - 7 = -5" the claim is -5, not 2.
 _CLAIM = re.compile(
@@ -314,6 +345,9 @@ def _symbolize(text: str) -> str:
     t = t.replace("**", "^").replace("\u22c5", "*").replace("\u00b7", "*")
     t = re.sub(r"(?<=\d),(?=\d{3}\b)", "", t)
     t = re.sub(r"(?<=\d)\s*[xX]\s*(?=\d)", " * ", t)
+    t = _COMPOUND.sub(
+        lambda m: str(int(_NUMBER_WORDS[m.group(1).lower()]) + _UNITS.index(m.group(2).lower()) + 1), t
+    )
     t = re.sub(
         r"\b(" + "|".join(_NUMBER_WORDS) + r")\b", lambda m: _NUMBER_WORDS[m.group(1).lower()], t, flags=re.I
     )
@@ -321,7 +355,8 @@ def _symbolize(text: str) -> str:
         t = pattern.sub(repl, t)
     for pattern, sym in _WORD_OPS:
         t = re.sub(pattern, f" {sym} ", t, flags=re.I)
-    return t
+    # "7 apples - 3 apples = 4": a unit word between a number and an operator is not part of the sum.
+    return _UNIT_WORD.sub(r"\1", t)
 
 
 def _close_enough(value: Fraction, stated_text: str, stated: Fraction) -> bool:
@@ -346,6 +381,9 @@ def arithmetic_claims(step: str) -> list[Claim]:
         eq_pos = m.start(1) + len(m.group(1))
         if eq_pos in seen_spans or not re.search(r"\d\s*[-+*/^]\s*[-+(]*\s*\d", lhs):
             continue
+        # Later matches ending at this "=" are suffixes of this lhs, all tried below: once per "=" keeps a
+        # long step linear in its "=" signs instead of quadratic in its length.
+        seen_spans.add(eq_pos)
         value = None
         for start in range(len(lhs)):
             if start and not (lhs[start - 1].isspace() or lhs[start - 1] in "(=,"):
@@ -358,7 +396,6 @@ def arithmetic_claims(step: str) -> list[Claim]:
                 continue
         if value is None or not re.search(r"\d\s*[-+*/^]\s*[-+(]*\s*\d", lhs):
             continue
-        seen_spans.add(eq_pos)
         stated_text = rhs.replace(" ", "")
         try:
             stated = safe_eval(stated_text)
@@ -524,3 +561,296 @@ def explanation_consistent(steps: list[str], answer: str | None) -> bool:
         if nums:
             return answers_match(nums[-1], answer)
     return False
+
+
+# ---- grounding: every number a step uses comes from the question or an earlier step -------------------
+
+# A step's mark against its question (StepCheck.status):
+#   grounded    every claim holds and uses only numbers stated in the question or derived by earlier steps
+#   false       a claim does not hold (its arithmetic or count is wrong)
+#   ungrounded  the claims hold but use a number from nowhere (or compute something the question does not
+#               ask), or a step without a claim states a number from nowhere
+#   unchecked   nothing to check: no claim and no new number (prose, a restatement), or past the limits
+STEP_STATUSES = ("grounded", "false", "ungrounded", "unchecked")
+# The work is bounded by construction: at most MAX_CHECKED_STEPS steps of at most MAX_STEP_CHARS characters
+# are checked (the regexes are at worst quadratic in a step's length); the rest are unchecked and the
+# explanation is not complete. A student's explanation is a few hundred tokens, far inside both.
+MAX_CHECKED_STEPS = 256
+MAX_STEP_CHARS = 400
+MAX_QUESTION_CHARS = 4000
+
+_PLAIN_NUM = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:/\d+)?(?![\w])")
+_STEP_REF = re.compile(r"(?i)\bsteps?\s+\d+")
+_LETTER_EXPR = re.compile(r'^count\("(.)" in "(.*)"\)$', re.S)
+# Numbers a word in the question implies: "a dozen eggs" states 12, "20%" states 100, "per hour" 60.
+_IMPLIED = [
+    (re.compile(r"(?i)\bdozens?\b"), (12,)),
+    (re.compile(r"(?i)\bhalf\b|\bhalve[sd]?\b|\btwice\b|\bdouble[sd]?\b|\bpairs?\b"), (2,)),
+    (re.compile(r"(?i)\btriple[sd]?\b|\bthrice\b"), (3,)),
+    (re.compile(r"(?i)\bquarters?\b"), (4,)),
+    (re.compile(r"%|\bpercent\b|\bcents?\b"), (100,)),
+    (re.compile(r"(?i)\bhours?\b|\bminutes?\b"), (60,)),
+    (re.compile(r"(?i)\bweeks?\b"), (7,)),
+    (re.compile(r"(?i)\bdays?\b"), (24,)),
+    (re.compile(r"(?i)\byears?\b"), (12, 52, 365)),
+]
+
+
+def _numbers(text: str, fractions: bool = False) -> list[Fraction]:
+    """The numbers written in symbolized text, as absolute values; ``fractions``: "3/4" also gives 3/4."""
+    out: list[Fraction] = []
+    for m in re.finditer(r"\d+(?:\.\d+)?(?:/\d+)?", text):
+        parts = [Fraction(p) for p in m.group(0).split("/")]
+        out.extend(parts)
+        if fractions and len(parts) == 2 and parts[1]:
+            out.append(parts[0] / parts[1])
+    return out
+
+
+def question_numbers(question: str) -> set[Fraction]:
+    """Every number the question states, in digits or words, and those its words imply ("dozen": 12)."""
+    q = question[:MAX_QUESTION_CHARS]
+    known = set(_numbers(_symbolize(q), fractions=True))
+    for pattern, values in _IMPLIED:
+        if pattern.search(q):
+            known.update(Fraction(v) for v in values)
+    if "%" in q or re.search(r"(?i)\bpercent\b", q):
+        known.update(n / 100 for n in list(known))
+    return known
+
+
+def grounding_applies(question: str | None, task: str | None = None) -> bool:
+    """Grounding is asked of arithmetic and word problems (questions that state at least two numbers, in
+    digits, words or implied: "three apples and a dozen pears"), and of tasks with their own checker
+    (letter counting: the counted word must be quoted from the question)."""
+    if not question:
+        return False
+    q = question[:MAX_QUESTION_CHARS]
+    stated = len(_numbers(_symbolize(q))) + sum(bool(p.search(q)) for p, _ in _IMPLIED)
+    return stated >= 2 or len(_checkers_for(task)) > len(STEP_CHECKERS.get("*", []))
+
+
+@dataclass
+class Target:
+    """The expression an arithmetic question states ("Calculate 4 - 1." -> 4 - 1): its numbers and value."""
+
+    expr: str
+    value: Fraction
+    leaves: list[Fraction]
+
+
+def question_expression(question: str) -> Target | None:
+    """The one arithmetic expression the question states, None when it states none or several."""
+    text = _symbolize(question[:MAX_QUESTION_CHARS])
+    found = []
+    for m in re.finditer(r"[-+(]*\s*\d[\d.\s+\-*/^()]*", text):
+        seg = m.group(0).strip().rstrip("+-*/^ .(")
+        if not _HAS_OP.search(seg):
+            continue
+        for cut in range(len(seg), 0, -1):
+            try:
+                value = safe_eval(seg[:cut])
+            except (ValueError, ZeroDivisionError, OverflowError):
+                continue
+            if _HAS_OP.search(seg[:cut]):
+                found.append(Target(" ".join(seg[:cut].split()), value, sorted(_numbers(seg[:cut]))))
+            break
+    return found[0] if len(found) == 1 else None
+
+
+@dataclass
+class Explanation:
+    """A whole explanation checked against its question: every step marked, and the answer's footing.
+
+    ``answer_derived``: the answer is the steps' last result (or each of its numbers is a derived result).
+    ``on_question``: the last result is the value of the expression the question states (None: it states
+    none). ``complete``: grounding applies, no step is false or ungrounded, at least one is grounded, the
+    answer is derived and on_question is not False: an explanation a user can follow from the question to
+    the answer. ``grounding``: whether the question is one grounding is asked of (``grounding_applies``).
+    """
+
+    steps: list[StepCheck]
+    answer: str | None
+    answer_derived: bool
+    on_question: bool | None
+    complete: bool
+    grounding: bool
+    reason: str | None = None  # why the explanation is not complete
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "steps"}
+        return {**d, "steps": [s.to_dict() for s in self.steps]}
+
+
+class _Ground:
+    """The numbers a step may use: the question's, then every result the steps derive, in order."""
+
+    def __init__(self, question: str):
+        self.question = question[:MAX_QUESTION_CHARS].lower()
+        self.known = question_numbers(question)
+        self.target = question_expression(question)
+        self.results: set[Fraction] = set()  # derived by the steps (not stated by the question)
+        self.last: Fraction | None = None
+        self.last_text: str | None = None
+
+    def derive(self, c: Claim, partials: Iterable[Fraction] = ()) -> None:
+        new = {abs(x) for x in partials}
+        for text in (c.stated, c.value):
+            try:
+                new.add(abs(safe_eval(text)))
+            except (ValueError, ZeroDivisionError):
+                continue
+            if not c.ok:
+                break  # a false claim's true value was never derived: only what it states
+        self.results |= new
+        self.known |= new
+
+    def mark(self, sc: StepCheck) -> None:
+        if not sc.claims:
+            self._mark_prose(sc)
+            return
+        missing = self._ground_claims(sc.claims)
+        last = sc.claims[-1]
+        self.last, self.last_text = _value_of(last.stated), last.stated
+        if any(not c.ok for c in sc.claims):
+            sc.status, sc.reason = "false", "a claim does not hold"
+        elif missing:
+            sc.status, sc.reason = "ungrounded", missing
+        else:
+            sc.status = "grounded"
+
+    def _ground_claims(self, claims: list[Claim]) -> str | None:
+        """Ground the step's claims (in any order: a step may use a result it states later in the same
+        sentence); why the first ungrounded one is, or None."""
+        pending, why = list(claims), None
+        progress = True
+        while pending and progress:
+            progress = False
+            for c in list(pending):
+                leaves, partials, ok_words = self._leaves(c)
+                if ok_words and all(x in self.known for x in leaves):
+                    self.derive(c, partials)
+                    pending.remove(c)
+                    progress = True
+        for c in pending:
+            leaves, _, ok_words = self._leaves(c)
+            nowhere = [x for x in leaves if x not in self.known]
+            why = why or (
+                f"{c.expr}: the text is not in the question"
+                if not ok_words
+                else f"{c.expr}: {_fmt(nowhere[0])} is not in the question or an earlier step"
+            )
+            self.derive(c)  # later steps are judged on their own numbers, not blamed for this one's
+        off = self._off_question(claims)
+        return why or off
+
+    def _leaves(self, c: Claim) -> tuple[list[Fraction], list[Fraction], bool]:
+        """(the numbers a claim uses, its intermediate results, whether the words it counts in are quoted
+        from the question)."""
+        m = _LETTER_EXPR.match(c.expr)
+        if m:
+            return [], [], m.group(2).lower() in self.question
+        leaves = _numbers(c.expr)
+        partials: list[Fraction] = []
+        for side in (c.expr, c.stated):
+            try:
+                partials += eval_partials(side)[1]
+            except (ValueError, ZeroDivisionError, OverflowError):
+                pass
+        if _HAS_OP.search(c.stated):
+            # A chain link "(2 + 3) * 4 = 5 * 4": the right side may use what the left side computes.
+            leaves += [x for x in _numbers(c.stated) if x not in {abs(p) for p in partials}]
+        return leaves, partials, True
+
+    def _off_question(self, claims: list[Claim]) -> str | None:
+        """A claim over exactly the question's numbers that computes another value ("7 + 3" for 7 - 3)."""
+        t = self.target
+        for c in claims:
+            if t and not _LETTER_EXPR.match(c.expr) and sorted(_numbers(c.expr)) == t.leaves:
+                value = _value_of(c.value)
+                if value is not None and value != t.value:
+                    return f"{c.expr}: the question asks {t.expr}"
+        return None
+
+    def _mark_prose(self, sc: StepCheck) -> None:
+        """A step without a claim: unchecked, unless it states a number from nowhere. A derived result it
+        restates becomes the last result ("So the total is 12.")."""
+        text = _STEP_REF.sub(" ", re.sub(r"(?<=\d),(?=\d{3}\b)", "", sc.text))
+        nums = [abs(Fraction(n)) for n in _PLAIN_NUM.findall(text)]
+        nowhere = [n for n in nums if n not in self.known]
+        if nowhere:
+            sc.status, sc.reason = (
+                "ungrounded",
+                f"{_fmt(nowhere[0])} is not in the question or an earlier step",
+            )
+            return
+        sc.status = "unchecked"
+        # Numbers are read unsigned here ("- Check: -4 ..." is a bullet, then a sign): a restated result keeps
+        # the sign the steps derived it with.
+        restated = [n for n in nums if n in self.results or -n in self.results]
+        if restated:
+            n = restated[-1]
+            if not (self.last is not None and abs(self.last) == n):
+                self.last = n if n in self.results else -n
+            self.last_text = _fmt(self.last)
+
+    def answer_derived(self, answer: str | None) -> bool:
+        if answer is None or self.last is None:
+            return False
+        value = parse_number(answer)
+        if value is not None:
+            return value == self.last
+        nums = _numbers(_symbolize(answer))
+        # "3, 5" or "x = 3, y = 5": a combination of results, each derived by the steps.
+        return len(nums) >= 2 and all(n in self.results for n in nums)
+
+
+def _value_of(text: str) -> Fraction | None:
+    try:
+        return safe_eval(text.replace(" ", ""))
+    except (ValueError, ZeroDivisionError, OverflowError):
+        return None
+
+
+def ground(question: str, steps: list[str], answer: str | None, task: str | None = None) -> Explanation:
+    """Check every step against the question and the steps before it, and the answer against the steps.
+
+    e = ground("Calculate 7 - 3.", ["7 + 3 = 10"], "10")
+    e.steps[0].status -> "ungrounded" (it computes 7 + 3), e.complete -> False
+    ground("Calculate 7 - 3.", ["7 - 3 = 4"], "4").complete -> True
+    """
+    g = _Ground(question or "")
+    checks: list[StepCheck] = []
+    for i, text in enumerate(steps):
+        if i >= MAX_CHECKED_STEPS or len(text) > MAX_STEP_CHARS:
+            why = "too many steps to check" if i >= MAX_CHECKED_STEPS else "step too long to check"
+            checks.append(StepCheck(text=text[:MAX_STEP_CHARS], status="unchecked", reason=why))
+            continue
+        sc = check_step(text, task)
+        g.mark(sc)
+        checks.append(sc)
+    statuses = [c.status for c in checks]
+    derived = g.answer_derived(answer)
+    on_question = None if g.target is None else (g.last is not None and g.last == g.target.value)
+    applies = grounding_applies(question, task)
+    reason = _why_incomplete(statuses, derived, on_question, applies, len(steps) > MAX_CHECKED_STEPS)
+    return Explanation(checks, answer, derived, on_question, reason is None, applies, reason)
+
+
+def _why_incomplete(
+    statuses: list[str | None], derived: bool, on_question: bool | None, applies: bool, cut: bool
+) -> str | None:
+    if not applies:
+        return "the question states fewer than two numbers: nothing to ground the steps in"
+    if cut:
+        return "too many steps to check"
+    for status in ("false", "ungrounded"):
+        if status in statuses:
+            return f"step {statuses.index(status) + 1} is {status}"
+    if "grounded" not in statuses:
+        return "no step states a checkable calculation"
+    if not derived:
+        return "the answer is not the steps' last result"
+    if on_question is False:
+        return "the steps do not compute the question's expression"
+    return None

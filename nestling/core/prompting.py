@@ -22,7 +22,7 @@ def student_prompt(question: str, explain: bool = True) -> str:
 
 
 def explain_target(steps: list[str], answer: str) -> str:
-    """The canonical rationale a student learns and the runtime parses back (see serve.explain)."""
+    """The canonical rationale a student learns and the runtime parses back (see core.explain)."""
     lines = [f"Step {i}: {s.strip()}" for i, s in enumerate(steps, 1) if s.strip()]
     return "\n" + "\n".join([*lines, f"{ANSWER_MARK} {answer.strip()}"])
 
