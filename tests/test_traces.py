@@ -435,7 +435,8 @@ def test_adaptive_stop_after_m_keeps_sampling_until_m_distinct_verified_rational
     assert all(v <= 2 for v in per_q.values()) and 2 in per_q.values()
 
 
-@pytest.mark.parametrize("budget", [{"budget_tokens": 150}, {"budget_seconds": 6.0}])
+# Round 1 costs 24 x 10 tokens (12 s): each budget runs out part-way through round 2.
+@pytest.mark.parametrize("budget", [{"budget_tokens": 400}, {"budget_seconds": 20.0}])
 def test_adaptive_respects_a_total_budget_spending_it_on_the_least_sampled_questions_first(
     tmp_path, graded, budget
 ):
@@ -468,9 +469,9 @@ def test_adaptive_killed_mid_round_resumes_to_the_same_records_without_duplicate
         )
         with pytest.raises(KeyboardInterrupt):
             run_traces(c, progress=False)
-    path = tmp_path / "killed" / "traces" / "traces.jsonl"
+    path = tmp_path / "killed" / "run" / "traces" / "traces.jsonl"
     before = path.read_bytes()
-    assert not (tmp_path / "killed" / "traces" / "manifest.json").exists()
+    assert not (tmp_path / "killed" / "run" / "traces" / "manifest.json").exists()
     resumed = GradedTeacher()
     monkeypatch.setattr("nestling.distill.traces.load_teacher", lambda spec, n_threads=None, **kw: resumed)
     run_traces(c, progress=False)
