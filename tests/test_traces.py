@@ -517,3 +517,25 @@ def test_distill_and_run_stop_after_traces_when_the_teacher_cannot_do_the_task(t
         nestling_cli.main([*args[:-1], str(tmp_path / "run0"), "--min-coverage", "0.5", "--students", "tiny"])
         == 2
     )
+
+
+class WrongTeacher(GradedTeacher):
+    """Every answer one off: no rationale is ever verified."""
+
+    def generate(self, prompts, n, sampling):
+        return [[Generation("So it is 1 + 1 = 3.\nAnswer: 3", 10, 0.1) for _ in range(n)] for _ in prompts]
+
+
+def test_a_task_the_teacher_cannot_do_stops_after_traces_in_one_line(tmp_path, monkeypatch):
+    from nestling.distill.pipeline import DistillConfig, run_distill
+
+    monkeypatch.setattr(
+        "nestling.distill.traces.load_teacher", lambda spec, n_threads=None, **kw: WrongTeacher()
+    )
+    c = DistillConfig(out=str(tmp_path / "run"), task=EASY, n=20, samples=2, students=["tiny"])
+    with pytest.raises(NestlingError) as err:
+        run_distill(c, checked=True)
+    msg = str(err.value)
+    assert "\n" not in msg and "cannot do task" in msg and "--min-coverage" in msg
+    assert (tmp_path / "run" / "traces" / "manifest.json").exists()  # the traces are kept for a look
+    assert not (tmp_path / "run" / "students").exists()  # nothing was trained
