@@ -29,9 +29,13 @@ def traces_main(cfg: TracesConfig) -> int:
     q = card["questions"]
     table.add_row("teacher", f"{card['teacher']['spec']} ({card['teacher']['params'] or '?'} params)")
     table.add_row("questions", f"{q['train']} train + {q['heldout']} held-out (asked {q['requested']})")
-    table.add_row(
-        "rationales", f"{card['records']} ({card['sampling']['samples_per_question']} per question)"
+    sampling = card["sampling"]
+    per_q = (
+        f"adaptive, up to {sampling['max_samples_per_question']}"
+        if sampling.get("adaptive")
+        else sampling["samples_per_question"]
     )
+    table.add_row("rationales", f"{card['records']} ({per_q} per question)")
     table.add_row(
         "right answers",
         f"{pct(card['sample_accuracy'])} of samples; {pct(card['questions_any_correct'])} "
@@ -64,6 +68,22 @@ def traces_main(cfg: TracesConfig) -> int:
         f"{card['kept']} rationales; {card['questions_covered']} questions "
         f"({pct(card['coverage'])} of train)",
     )
+    ad, cost = card.get("adaptive"), card.get("sampling_cost") or {}
+    if ad:
+        table.add_row(
+            "adaptive",
+            f"{ad['questions_solved']} solved, {ad['questions_never_solved']} never solved in "
+            f"{ad['max_samples']} samples, {ad['questions_unfinished']} unfinished (stopped by "
+            f"{ad['stopped_by'].replace('_', ' ')})",
+        )
+    if cost.get("adaptive_token_share") is not None:
+        flat = cost["flat"]
+        table.add_row(
+            "teacher tokens",
+            f"{cost['adaptive']['tokens']:,} adaptive vs {flat['tokens']:,} for a flat {flat['k']} "
+            f"({pct(cost['adaptive_token_share'])}) at the same coverage"
+            + ("" if ad else " (adaptive simulated from these samples)"),
+        )
     t = card["time"]
     table.add_row(
         "time",

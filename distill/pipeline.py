@@ -58,6 +58,26 @@ class DistillConfig:
     )
     alpha: float = field(default=0.5, metadata={"help": "multitask weight of the answer loss"})
     samples: int | None = field(default=None, metadata={"help": "teacher samples per question (k)"})
+    adaptive: bool = field(
+        default=False,
+        metadata={"help": "adaptive teacher sampling: more samples for unsolved questions (see traces)"},
+    )
+    max_samples: int | None = field(
+        default=None, metadata={"help": "adaptive: most samples per question (traces' 2 x samples)"}
+    )
+    stop_after: int | None = field(
+        default=None, metadata={"help": "adaptive: verified rationales after which a question stops (1)"}
+    )
+    budget_tokens: int | None = field(default=None, metadata={"help": "adaptive: teacher tokens in all"})
+    budget_seconds: float | None = field(default=None, metadata={"help": "adaptive: teacher seconds in all"})
+    min_coverage: float = field(
+        default=0.03,
+        metadata={
+            "help": "stop after traces when fewer training questions than this share have a verified "
+            "rationale: the teacher cannot do the task, and a student would learn from almost nothing "
+            "(0 = never stop)"
+        },
+    )
     n: int | None = field(default=None, metadata={"help": "questions to draw (train + held-out)"})
     heldout: float | None = field(
         default=None,
@@ -107,6 +127,7 @@ class DistillConfig:
         )
         check(self.steps is None or self.steps > 0, f"--steps {self.steps}: must be > 0")
         check(self.lr is None or self.lr > 0, f"--lr {self.lr}: must be > 0")
+        check(0 <= self.min_coverage < 1, f"--min-coverage {self.min_coverage}: must be in [0, 1), e.g. 0.03")
 
 
 def _split_specs(text: str) -> list[str]:
@@ -124,6 +145,11 @@ def traces_config(cfg: DistillConfig) -> TracesConfig:
         "task": cfg.task,
         "teacher": cfg.teacher,
         "samples": cfg.samples,
+        "adaptive": cfg.adaptive or None,
+        "max_samples": cfg.max_samples,
+        "stop_after": cfg.stop_after,
+        "budget_tokens": cfg.budget_tokens,
+        "budget_seconds": cfg.budget_seconds,
         "n": cfg.n,
         "heldout": cfg.heldout,
         "concurrency": cfg.concurrency,
@@ -133,6 +159,24 @@ def traces_config(cfg: DistillConfig) -> TracesConfig:
         "threads": cfg.threads,
     }
     return TracesConfig(**{k: v for k, v in wanted.items() if v is not None and k in names})
+
+
+def check_coverage(traces_dir: Path, min_coverage: float) -> None:
+    """Refuse to train on a task the teacher cannot do: a student of a handful of rationales loses to the
+    trivial baseline, and the run would still recommend it."""
+    from nestling.core.manifest import read_json
+
+    card = read_json(traces_dir / "datacard.json", default=None) or {}
+    coverage = card.get("coverage")
+    if coverage is None or coverage >= min_coverage:
+        return
+    teacher, train = (card.get("teacher") or {}).get("spec"), (card.get("questions") or {}).get("train")
+    raise NestlingError(
+        f"traces: the teacher {teacher} has a verified rationale for {card.get('questions_covered', 0)} of "
+        f"{train} training questions ({100 * coverage:.1f}%, under --min-coverage {100 * min_coverage:g}%): "
+        f"it cannot do task {card.get('task')}; use an easier task or a stronger teacher, sample more "
+        "(--adaptive --max-samples 16), or pass --min-coverage 0"
+    )
 
 
 def _traces(cfg: DistillConfig) -> Path:
@@ -184,6 +228,7 @@ def run_distill(cfg: DistillConfig, checked: bool = False) -> dict[str, Any]:
             check_specs(cfg)
         _traces(cfg)
     barrier()
+    check_coverage(run / "traces", cfg.min_coverage)
     models: dict[str, Path] = {}
     for spec in cfg.students:
         # Unset steps/lr (and batch, warmup, ...) come from the student kind's measured recipe (TrainConfig).

@@ -35,7 +35,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -149,9 +149,21 @@ class Teacher:
         jobs = list(jobs)
         for start in range(0, len(jobs), max(1, self.batch)):
             chunk = jobs[start : start + max(1, self.batch)]
-            n = max(max(job.samples) for job in chunk) + 1
-            rows = self.generate([job.messages for job in chunk], n, sampling)
-            yield [(job.key, j, row[j]) for job, row in zip(chunk, rows, strict=True) for j in job.samples]
+            # Jobs that want the same samples share a call, which asks only for those: a resumed question
+            # missing samples 2 and 3, or an adaptive round's one more sample, is not drawn from 0 again.
+            # Sample j keeps its seed (seed + j) whatever call draws it.
+            by_samples: dict[tuple[int, ...], list[Job]] = {}
+            for job in chunk:
+                by_samples.setdefault(job.samples, []).append(job)
+            for samples, group in by_samples.items():
+                for first, n in _runs(samples):
+                    at = replace(sampling, seed=sampling.seed + first) if first else sampling
+                    rows = self.generate([job.messages for job in group], n, at)
+                    yield [
+                        (job.key, first + i, row[i])
+                        for job, row in zip(group, rows, strict=True)
+                        for i in range(n)
+                    ]
 
     def generate(self, prompts: list[Messages], n: int, sampling: Sampling) -> list[list[Generation]]:
         check(n >= 1, f"samples {n}: must be >= 1")
@@ -176,6 +188,17 @@ class Teacher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _runs(samples: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Sample indices as (first, count) runs of consecutive ones: (0, 1, 2, 5) -> [(0, 3), (5, 1)]."""
+    runs: list[tuple[int, int]] = []
+    for j in sorted(set(samples)):
+        if runs and runs[-1][0] + runs[-1][1] == j:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((j, 1))
+    return runs
 
 
 def default_teacher_threads() -> int:

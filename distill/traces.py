@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,37 @@ class TracesConfig:
         default=DEFAULT_TEACHER,
         metadata={"help": "teacher spec: gguf:smollm2, gguf:PATH, openai:MODEL@URL, hf:PATH"},
     )
-    samples: int = field(default=4, metadata={"help": "rationales per training question (k)"})
+    samples: int = field(
+        default=4,
+        metadata={"help": "rationales per training question (k); with --adaptive, see --max-samples"},
+    )
+    # Adaptive sampling harvests the teacher's pass@k: sample j of a question has the same seed either way, so
+    # an adaptive run's records are the first samples of the flat run's, and its coverage after j samples per
+    # question is the flat run's exactly; only the samples after a question is solved are saved.
+    adaptive: bool = field(
+        default=False,
+        metadata={
+            "help": "sample in rounds: each round gives one more rationale to every question still short of "
+            "--stop-after verified ones, until --max-samples each or a --budget-* total is reached"
+        },
+    )
+    max_samples: int | None = field(
+        default=None, metadata={"help": "adaptive: most rationales per question (default: 2 x --samples)"}
+    )
+    stop_after: int = field(
+        default=1,
+        metadata={"help": "adaptive: a question stops once it has this many distinct verified rationales"},
+    )
+    budget_tokens: int | None = field(
+        default=None, metadata={"help": "adaptive: stop once the teacher has written this many tokens in all"}
+    )
+    budget_seconds: float | None = field(
+        default=None,
+        metadata={
+            "help": "adaptive: stop once the teacher has spent this many seconds in all (the seconds the "
+            "records carry, summed: request time, so concurrent requests each count)"
+        },
+    )
     # 400 questions -> 200 train x 4 samples = 800 rationales of ~19 tokens (about 4.5 min on 2 free cores)
     # and 200 held-out: a 95% interval of about +-6 points instead of +-13 with 40, so two models 5 points
     # apart can be told apart. The default task has only 563 distinct questions.
@@ -144,6 +175,7 @@ class TracesConfig:
             f"--teacher {self.teacher!r}: use gguf:smollm2, gguf:PATH, openai:MODEL@URL or hf:PATH",
         )
         check(self.samples >= 1, f"--samples {self.samples}: must be >= 1, e.g. 4")
+        self._check_adaptive()
         check(self.n >= 1, f"--n {self.n}: must be >= 1, e.g. 300")
         if self.heldout is None:
             self.heldout = min(200, self.n // 2)
@@ -173,6 +205,32 @@ class TracesConfig:
         check(self.batch is None or self.batch >= 1, f"--batch {self.batch}: must be >= 1")
         check(bool(self.out), "--out: pass a run directory, e.g. runs/x")
         self.filters()  # validates the filter fields
+
+    def _check_adaptive(self) -> None:
+        if self.max_samples is None and self.adaptive:
+            self.max_samples = 2 * self.samples
+        check(
+            self.max_samples is None or self.max_samples >= 1,
+            f"--max-samples {self.max_samples}: must be >= 1, e.g. 8",
+        )
+        check(self.stop_after >= 1, f"--stop-after {self.stop_after}: must be >= 1, e.g. 1")
+        for name in ("budget_tokens", "budget_seconds"):
+            value = getattr(self, name)
+            flag = "--" + name.replace("_", "-")
+            check(value is None or value > 0, f"{flag} {value}: must be > 0")
+        extra = [
+            f"--{name.replace('_', '-')}"
+            for name in ("max_samples", "budget_tokens", "budget_seconds")
+            if getattr(self, name) is not None
+        ]
+        check(
+            self.adaptive or not extra,
+            f"{', '.join(extra)}: only with --adaptive (flat sampling draws --samples)",
+        )
+
+    def per_question(self) -> int:
+        """The most samples a question gets: --samples when flat, --max-samples when adaptive."""
+        return int(self.max_samples) if self.adaptive and self.max_samples else self.samples
 
     def filters(self) -> FilterConfig:
         return FilterConfig(
@@ -225,6 +283,9 @@ class TracesConfig:
             d.pop("request_extra")
         if d["rationale_style"] == "full":
             d.pop("rationale_style")
+        if not self.adaptive:
+            for adaptive_only in ("adaptive", "max_samples", "stop_after", "budget_tokens", "budget_seconds"):
+                d.pop(adaptive_only)
         return d
 
 
@@ -367,19 +428,30 @@ def run_traces(cfg: TracesConfig, progress: bool = True) -> Path:
         sampling_rec["request_extra"] = cfg.request_fields()
     store = TraceStore(out_dir / "traces.jsonl")
     _check_compatible(store, cfg, sampling_rec)
-    todo = [ex for ex in train if any(f"{ex.id}:{j}" not in store.ids for j in range(cfg.samples))]
+    writer = _Writer(cfg, task, store, sampling, sampling_rec, progress)
     t0 = time.perf_counter()
-    errors: Counter[str] = Counter()
-    if todo:
-        errors = _generate(cfg, task, todo, store, sampling, sampling_rec, len(train), progress)
+    try:
+        if cfg.adaptive:
+            missing, adaptive = _adaptive(cfg, train, writer)
+        else:
+            wanted = {ex.id: _wanted(ex, store, range(cfg.samples)) for ex in train}
+            writer.write(train, {k: v for k, v in wanted.items() if v}, len(train))
+            missing, adaptive = None, None
+    finally:
+        writer.close()
     wall = time.perf_counter() - t0
     train_ids = {ex.id for ex in train}
-    records = [r for r in store.records if r["qid"] in train_ids and int(r["sample"]) < cfg.samples]
+    records = [r for r in store.records if r["qid"] in train_ids and int(r["sample"]) < cfg.per_question()]
+    if missing is None:
+        missing = len(train) * cfg.samples - len(records)
     kept, fstats = filter_traces(records, train, cfg.filters())
     write_jsonl(out_dir / "kept.jsonl", kept)
     baseline = trivial_baseline(train, held, task.score)
     card = datacard(cfg, train, held, task_stats, records, fstats, wall, store.repaired_bytes, baseline)
-    missing = len(train) * cfg.samples - len(records)
+    card["sampling_cost"] = sampling_cost(records, train, cfg)
+    if adaptive is not None:
+        card["adaptive"] = adaptive
+    errors = writer.errors
     card["teacher_errors"] = {"failed_requests_last_run": dict(errors), "samples_missing": missing}
     card["grounding"] = grounding_effect(records, train, cfg.filters(), fstats)
     atomic_write_json(out_dir / "datacard.json", card)
@@ -400,6 +472,10 @@ def run_traces(cfg: TracesConfig, progress: bool = True) -> Path:
             ", ".join(f"{k} {v}" for k, v in sorted(errors.items())) or "none failed this run",
         )
     return out_dir
+
+
+def _wanted(ex: Example, store: TraceStore, indices: Iterable[int]) -> tuple[int, ...]:
+    return tuple(j for j in indices if f"{ex.id}:{j}" not in store.ids)
 
 
 def grounding_effect(
@@ -424,75 +500,195 @@ def _missing_samples(out_dir: Path) -> int:
     return int((m.get("metrics") or {}).get("samples_missing") or 0)
 
 
-def _generate(
-    cfg: TracesConfig,
-    task: Any,
-    todo: list[Example],
-    store: TraceStore,
-    sampling: Sampling,
-    sampling_rec: dict,
-    n_train: int,
-    progress: bool,
-) -> Counter[str]:
-    """Ask the teacher for every missing sample, storing each as it arrives; returns failures by kind."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _adaptive(cfg: TracesConfig, train: list[Example], writer: _Writer) -> tuple[int, dict[str, Any]]:
+    """Rounds over the open questions (fewer than --stop-after distinct verified rationales, fewer than
+    --max-samples drawn): each round, the open questions with the fewest samples get their lowest missing
+    index. Everything is derived from the store, so a killed run re-run with the same command continues the
+    same sequence; a failed request's index is simply asked for again. Returns (questions left waiting on
+    failed requests, the card's "adaptive" section)."""
+    store, cap = writer.store, cfg.per_question()
+    by_id = {ex.id: ex for ex in train}
+    drawn: dict[str, set[int]] = {ex.id: set() for ex in train}
+    spent = {"tokens": 0, "seconds": 0.0}
+    for r in store.records:
+        if r["qid"] in drawn and int(r["sample"]) < cap:
+            drawn[r["qid"]].add(int(r["sample"]))
+            spent["tokens"] += int(r.get("tokens") or 0)
+            spent["seconds"] += float(r.get("seconds") or 0)
+    solved = _verified_counts(cfg, train, store.records, cap)
+    rounds, stopped_by = 0, "done"
 
-    teacher = load_teacher(cfg.teacher, n_threads=cfg.threads, **cfg.teacher_options())
-    if cfg.batch:
-        teacher.batch = cfg.batch
-    by_id = {ex.id: ex for ex in todo}
-    jobs = []
-    for ex in todo:
-        wanted = tuple(j for j in range(cfg.samples) if f"{ex.id}:{j}" not in store.ids)
-        jobs.append(Job(ex.id, teacher_messages(ex.question, cfg.fewshot), wanted))
-    need = sum(len(job.samples) for job in jobs)
-    done = right = 0
-    errors: Counter[str] = Counter()
-    t0 = time.perf_counter()
-    columns = [
-        TextColumn("[bold]traces"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn(
-            "{task.fields[rate]:.1f} rationales/s  right {task.fields[yield_]:.0%}  "
-            "failed {task.fields[failed]}"
-        ),
-        TimeRemainingColumn(),
-    ]
-    log.info(
-        "teacher %s: %d rationales to write for %d of %d training questions",
-        cfg.teacher,
-        need,
-        len(todo),
-        n_train,
-    )
-    hashes = {job.key: prompt_hash(job.messages) for job in jobs}
-    try:
-        with Progress(*columns, disable=not progress, transient=False) as bar:
+    def over_budget() -> str | None:
+        if cfg.budget_tokens is not None and spent["tokens"] >= cfg.budget_tokens:
+            return "budget_tokens"
+        if cfg.budget_seconds is not None and spent["seconds"] >= cfg.budget_seconds:
+            return "budget_seconds"
+        return None
+
+    def count(rec: dict) -> None:
+        drawn[rec["qid"]].add(int(rec["sample"]))
+        spent["tokens"] += int(rec.get("tokens") or 0)
+        spent["seconds"] += float(rec.get("seconds") or 0)
+
+    while True:
+        open_q = [q for q in drawn if solved.get(q, 0) < cfg.stop_after and len(drawn[q]) < cap]
+        if not open_q or (stopped_by := over_budget() or "done") != "done":
+            break
+        low = min(len(drawn[q]) for q in open_q)
+        wanted = {q: (min(set(range(cap)) - drawn[q]),) for q in open_q if len(drawn[q]) == low}
+        rounds += 1
+        new = writer.write(
+            [by_id[q] for q in wanted],
+            wanted,
+            len(train),
+            f"round {rounds}",
+            on_record=count,
+            stop=over_budget,
+        )
+        if not new:  # every request of the round failed: leave them to the next run of the command
+            stopped_by = "failures"
+            break
+        touched = {r["qid"] for r in new}
+        recs = [r for r in store.records if r["qid"] in touched]
+        solved.update(_verified_counts(cfg, [by_id[q] for q in touched], recs, cap))
+    never = [q for q in drawn if not solved.get(q) and len(drawn[q]) >= cap]
+    waiting = [q for q in drawn if solved.get(q, 0) < cfg.stop_after and len(drawn[q]) < cap]
+    section = {
+        "max_samples": cap,
+        "stop_after": cfg.stop_after,
+        "budget_tokens": cfg.budget_tokens,
+        "budget_seconds": cfg.budget_seconds,
+        "rounds_last_run": rounds,
+        "stopped_by": stopped_by,
+        "questions_solved": sum(1 for q in drawn if solved.get(q, 0) >= cfg.stop_after),
+        "questions_never_solved": len(never),
+        "questions_unfinished": len(waiting),
+        "samples_drawn": dict(sorted(Counter(len(v) for v in drawn.values()).items())),
+        "teacher_tokens": spent["tokens"],
+        "teacher_seconds": round(spent["seconds"], 2),
+    }
+    if never:
+        log.info("traces: %d of %d questions never solved in %d samples", len(never), len(train), cap)
+    return (len(waiting) if stopped_by == "failures" else 0), section
+
+
+def _verified_counts(
+    cfg: TracesConfig, examples: list[Example], records: list[dict], cap: int
+) -> dict[str, int]:
+    """qid -> distinct verified rationales among its first `cap` samples (the filters' kept rows)."""
+    ids = {ex.id for ex in examples}
+    recs = [r for r in records if r["qid"] in ids and int(r["sample"]) < cap]
+    kept, _ = filter_traces(recs, examples, cfg.filters())
+    return dict(Counter(row["qid"] for row in kept))
+
+
+class _Writer:
+    """The teacher, loaded on first use and kept across rounds, and the store its samples go into."""
+
+    def __init__(
+        self,
+        cfg: TracesConfig,
+        task: Any,
+        store: TraceStore,
+        sampling: Sampling,
+        sampling_rec: dict,
+        progress: bool,
+    ):
+        self.cfg, self.task, self.store = cfg, task, store
+        self.sampling, self.sampling_rec, self.progress = sampling, sampling_rec, progress
+        self.teacher: Any = None
+        self.errors: Counter[str] = Counter()
+
+    def close(self) -> None:
+        if self.teacher is not None:
+            self.teacher.close()
+            self.teacher = None
+
+    def write(
+        self,
+        todo: list[Example],
+        wanted: dict[str, tuple[int, ...]],
+        n_train: int,
+        label: str = "",
+        on_record: Callable[[dict], None] | None = None,
+        stop: Callable[[], str | None] | None = None,
+    ) -> list[dict]:
+        """Ask the teacher for wanted[qid] of every question in todo, storing each sample as it arrives;
+        `stop` ends the requests early (a spent budget). Returns the new records."""
+        todo = [ex for ex in todo if wanted.get(ex.id)]
+        if not todo:
+            return []
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        cfg = self.cfg
+        if self.teacher is None:
+            self.teacher = load_teacher(cfg.teacher, n_threads=cfg.threads, **cfg.teacher_options())
+            if cfg.batch:
+                self.teacher.batch = cfg.batch
+        by_id = {ex.id: ex for ex in todo}
+        jobs = [Job(ex.id, teacher_messages(ex.question, cfg.fewshot), wanted[ex.id]) for ex in todo]
+        need = sum(len(job.samples) for job in jobs)
+        done, right, failed, added = 0, 0, 0, []
+        t0 = time.perf_counter()
+        columns = [
+            TextColumn(f"[bold]traces {label}".rstrip()),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(
+                "{task.fields[rate]:.1f} rationales/s  right {task.fields[yield_]:.0%}  "
+                "failed {task.fields[failed]}"
+            ),
+            TimeRemainingColumn(),
+        ]
+        log.info(
+            "teacher %s: %d rationales to write for %d of %d training questions%s",
+            cfg.teacher,
+            need,
+            len(todo),
+            n_train,
+            f" ({label})" if label else "",
+        )
+        hashes = {job.key: prompt_hash(job.messages) for job in jobs}
+        with Progress(*columns, disable=not self.progress, transient=False) as bar:
             tid = bar.add_task("traces", total=need, rate=0.0, yield_=0.0, failed=0)
-            for group in teacher.stream_batches(jobs, sampling):
+            for group in self.teacher.stream_batches(jobs, self.sampling):
                 recs = []
                 for qid, j, g in group:
                     if g.error:
-                        errors[g.error.partition(":")[0]] += 1
+                        self.errors[g.error.partition(":")[0]] += 1
+                        failed += 1
                         log.debug("teacher request for %s:%d failed: %s", qid, j, g.error)
                     else:
                         recs.append(
-                            trace_record(cfg, task, by_id[qid], j, g, sampling, sampling_rec, hashes[qid])
+                            trace_record(
+                                cfg,
+                                self.task,
+                                by_id[qid],
+                                j,
+                                g,
+                                self.sampling,
+                                self.sampling_rec,
+                                hashes[qid],
+                            )
                         )
-                done += store.append_many(recs)
-                right += sum(bool(r["correct"]) for r in recs)
+                fresh = [r for r in recs if r["id"] not in self.store.ids]
+                done += self.store.append_many(fresh)
+                added += fresh
+                for r in fresh:
+                    if on_record:
+                        on_record(r)
+                right += sum(bool(r["correct"]) for r in fresh)
                 elapsed = max(time.perf_counter() - t0, 1e-9)
                 bar.update(
                     tid,
-                    completed=done + errors.total(),
+                    completed=done + failed,
                     rate=done / elapsed,
                     yield_=right / max(done, 1),
-                    failed=errors.total(),
+                    failed=failed,
                 )
-    finally:
-        teacher.close()
-    return errors
+                if stop and stop():
+                    break
+        return added
 
 
 def trace_record(
@@ -562,7 +758,12 @@ def datacard(
         },
         "teacher": {"spec": cfg.teacher, "params": _teacher_params(cfg.teacher)},
         "prompt": prompt_card(cfg.fewshot),
-        "sampling": {**asdict(sampling), "samples_per_question": cfg.samples},
+        "sampling": {
+            **asdict(sampling),
+            "samples_per_question": cfg.samples,
+            "adaptive": cfg.adaptive,
+            "max_samples_per_question": cfg.per_question(),
+        },
         "records": len(records),
         "answered": sum(r.get("answer") is not None for r in records),
         "answer_line": round(
@@ -604,6 +805,63 @@ def datacard(
         "rationales_per_s": round(len(records) / teacher_s, 3) if teacher_s else None,
         "torn_bytes_repaired": repaired_bytes,
         "config_fingerprint": fingerprint(cfg.identity()),
+    }
+
+
+def sampling_cost(records: list[dict], train: list[Example], cfg: TracesConfig) -> dict[str, Any]:
+    """Coverage after j = 1..K samples per question and the teacher tokens it took, flat (every question
+    gets j samples) against adaptive (a question stops at its --stop-after-th distinct verified rationale),
+    both read off the same records: sample j has the same seed either way. Tokens of samples a run did not
+    draw (an adaptive run's solved questions) are estimated at the question's mean and counted in
+    ``flat.tokens_estimated_samples``. Exact for tasks with gold answers (a vote label can shift with more
+    samples)."""
+    k = cfg.per_question()
+    recs = sorted(records, key=lambda r: (r["qid"], int(r["sample"])))
+    kept, _ = filter_traces(recs, train, cfg.filters())
+    kept_at: dict[str, list[int]] = {}
+    for row in kept:
+        kept_at.setdefault(row["qid"], []).append(int(row["trace"].rpartition(":")[2]))
+    tokens: dict[str, dict[int, int]] = {ex.id: {} for ex in train}
+    for r in recs:
+        tokens[r["qid"]][int(r["sample"])] = int(r.get("tokens") or 0)
+    everything = [t for per_q in tokens.values() for t in per_q.values()]
+    overall = sum(everything) / len(everything) if everything else 0.0
+    curve, estimated = [], 0
+    for j in range(1, k + 1):
+        covered, flat, adaptive, estimated = 0, 0.0, 0, 0
+        for qid, per_q in tokens.items():
+            hits = sorted(kept_at.get(qid, []))
+            covered += bool(hits) and hits[0] < j
+            stop = hits[cfg.stop_after - 1] if len(hits) >= cfg.stop_after else None
+            mean = sum(per_q.values()) / len(per_q) if per_q else overall
+            drawn = [i for i in per_q if i < j]
+            estimated += j - len(drawn)
+            flat += sum(per_q[i] for i in drawn) + mean * (j - len(drawn))
+            adaptive += sum(per_q[i] for i in drawn if stop is None or i <= stop)
+        curve.append(
+            {
+                "samples_per_question": j,
+                "coverage": round(covered / len(train), 4) if train else 0.0,
+                "tokens_flat": round(flat),
+                "tokens_adaptive": adaptive,
+            }
+        )
+    last = curve[-1] if curve else {"coverage": 0.0, "tokens_flat": 0, "tokens_adaptive": 0}
+    return {
+        "samples_per_question_max": k,
+        "stop_after": cfg.stop_after,
+        "curve": curve,
+        "flat": {
+            "k": k,
+            "coverage": last["coverage"],
+            "tokens": last["tokens_flat"],
+            "tokens_estimated_samples": estimated,
+        },
+        "adaptive": {"coverage": last["coverage"], "tokens": last["tokens_adaptive"]},
+        "tokens_saved": last["tokens_flat"] - last["tokens_adaptive"],
+        "adaptive_token_share": round(last["tokens_adaptive"] / last["tokens_flat"], 4)
+        if last["tokens_flat"]
+        else None,
     }
 
 

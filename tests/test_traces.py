@@ -46,7 +46,8 @@ class ScriptedTeacher(Teacher):
                 f"Step 1: {a} {op} {b} = {v + 1}.\nAnswer: {v + 1}",
                 "I cannot do this.",
             ]
-            out.append([Generation(texts[min(j, 3)], 10 + j, 0.5) for j in range(n)])
+            first = sampling.seed % 1000  # a call for samples 2.. is seeded seed + 2
+            out.append([Generation(texts[min(first + j, 3)], 10 + first + j, 0.5) for j in range(n)])
         return out
 
 
@@ -324,3 +325,217 @@ def test_a_small_task_keeps_half_its_questions_for_training(tmp_path):
     (tmp_path / "run" / "traces").mkdir(parents=True)
     train, held, _ = _questions(load_task(c.task), c, tmp_path / "run" / "traces")
     assert (len(train), len(held)) == (15, 15)
+
+
+class GradedTeacher(Teacher):
+    """Question "a op b" is first answered right at sample a % 5 (a true step, worded per sample so every
+    right one is a distinct rationale) and wrong before; a >= 7 is never answered right. Sample j costs
+    10 + j tokens and 0.5 s. ``fail_after`` calls, it raises as a killed process would stop."""
+
+    spec, params, batch = "fake", 1, 2
+    WORDS = ("So", "Thus", "Hence", "Then", "Now", "Next", "Here", "Also")
+
+    def __init__(self, fail_after: int | None = None):
+        self.calls, self.fail_after, self.asked = 0, fail_after, []
+
+    def generate(self, prompts, n, sampling):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt
+        self.calls += 1
+        out = []
+        for msgs in prompts:
+            a, op, b = re.search(r"(\d+) ([-+]) (\d+)", msgs[-1]["content"]).groups()
+            v = int(a) + int(b) if op == "+" else int(a) - int(b)
+            row = []
+            for j in range(sampling.seed % 1000, sampling.seed % 1000 + n):
+                self.asked.append((msgs[-1]["content"], j))
+                right = int(a) < 7 and j >= int(a) % 5
+                w = v if right else v + 1
+                row.append(Generation(f"{self.WORDS[j % 8]} {a} {op} {b} = {w}.\nAnswer: {w}", 10 + j, 0.5))
+            out.append(row)
+        return out
+
+
+@pytest.fixture
+def graded(monkeypatch):
+    teachers = []
+
+    def load(spec, n_threads=None, **kw):
+        teachers.append(GradedTeacher(kw.pop("fail_after", None)))
+        return teachers[-1]
+
+    monkeypatch.setattr("nestling.distill.traces.load_teacher", load)
+    return teachers
+
+
+def _first_operand(questions, qid):
+    q = next(q for q in questions if q["id"] == qid)
+    return int(re.search(r"(\d+) [-+] \d+", q["question"]).group(1))
+
+
+def _drawn(out):
+    counts = {}
+    for r in read_jsonl(out / "traces.jsonl"):
+        counts[r["qid"]] = counts.get(r["qid"], 0) + 1
+    return counts
+
+
+def test_adaptive_stops_solved_questions_early_and_spends_the_rest_on_unsolved_ones(tmp_path, graded):
+    out = run_traces(cfg(tmp_path, n=30, heldout=6, adaptive=True, max_samples=5), progress=False)
+    questions = read_jsonl(out / "questions.jsonl")
+    train = [q["id"] for q in questions if q["split"] == "train"]
+    drawn = _drawn(out)
+    assert set(drawn) == set(train)
+    for qid in train:
+        a = _first_operand(questions, qid)
+        assert drawn[qid] == (a % 5 + 1 if a < 7 else 5), (qid, a)  # stop at the first right one, else cap
+    never = sum(_first_operand(questions, q) >= 7 for q in train)
+    card = json.loads((out / "datacard.json").read_text())
+    ad = card["adaptive"]
+    assert ad["questions_never_solved"] == never > 0 and ad["questions_solved"] == len(train) - never
+    assert ad["stopped_by"] == "done" and ad["questions_unfinished"] == 0
+    assert card["coverage"] == round((len(train) - never) / len(train), 4)
+    assert ad["teacher_tokens"] == sum(r["tokens"] for r in read_jsonl(out / "traces.jsonl"))
+
+
+def test_adaptive_matches_flat_coverage_for_fewer_tokens_and_the_card_says_how_many(tmp_path, graded):
+    flat = run_traces(cfg(tmp_path / "f", n=30, heldout=6, samples=5), progress=False)
+    ada = run_traces(cfg(tmp_path / "a", n=30, heldout=6, adaptive=True, max_samples=5), progress=False)
+    fc, ac = (json.loads((d / "datacard.json").read_text()) for d in (flat, ada))
+    assert fc["coverage"] == ac["coverage"]
+    flat_recs = {r["id"]: r["rationale"] for r in read_jsonl(flat / "traces.jsonl")}
+    ada_recs = {r["id"]: r["rationale"] for r in read_jsonl(ada / "traces.jsonl")}
+    assert ada_recs.items() <= flat_recs.items()  # same seeds: adaptive drew a subset of the flat samples
+    f_cost, a_cost = fc["sampling_cost"], ac["sampling_cost"]
+    # The flat run's card simulates adaptive from its own samples; the adaptive run's card is what it spent.
+    assert f_cost["adaptive"]["tokens"] == a_cost["adaptive"]["tokens"] == ac["adaptive"]["teacher_tokens"]
+    assert (
+        f_cost["flat"]["tokens"] == fc["time"]["tokens"] and f_cost["flat"]["tokens_estimated_samples"] == 0
+    )
+    assert a_cost["flat"]["tokens_estimated_samples"] == len(flat_recs) - len(ada_recs)
+    assert a_cost["adaptive_token_share"] < 1 and a_cost["tokens_saved"] > 0
+    assert [p["coverage"] for p in f_cost["curve"]] == [p["coverage"] for p in a_cost["curve"]]
+    curve = [p["coverage"] for p in f_cost["curve"]]
+    assert curve == sorted(curve) and curve[0] < curve[-1] == fc["coverage"]
+
+
+def test_adaptive_stop_after_m_keeps_sampling_until_m_distinct_verified_rationales(tmp_path, graded):
+    out = run_traces(
+        cfg(tmp_path, n=30, heldout=6, adaptive=True, max_samples=6, stop_after=2), progress=False
+    )
+    questions = read_jsonl(out / "questions.jsonl")
+    drawn = _drawn(out)
+    for qid, n in drawn.items():
+        a = _first_operand(questions, qid)
+        assert n == (min(a % 5 + 2, 6) if a < 7 else 6), (qid, a)
+    kept = read_jsonl(out / "kept.jsonl")
+    per_q = {}
+    for row in kept:
+        per_q[row["qid"]] = per_q.get(row["qid"], 0) + 1
+    assert all(v <= 2 for v in per_q.values()) and 2 in per_q.values()
+
+
+# Round 1 costs 24 x 10 tokens (12 s): each budget runs out part-way through round 2.
+@pytest.mark.parametrize("budget", [{"budget_tokens": 400}, {"budget_seconds": 20.0}])
+def test_adaptive_respects_a_total_budget_spending_it_on_the_least_sampled_questions_first(
+    tmp_path, graded, budget
+):
+    out = run_traces(cfg(tmp_path, n=30, heldout=6, adaptive=True, max_samples=8, **budget), progress=False)
+    recs = read_jsonl(out / "traces.jsonl")
+    card = json.loads((out / "datacard.json").read_text())
+    ad = card["adaptive"]
+    name, limit = next(iter(budget.items()))
+    spent = sum(r["tokens" if name == "budget_tokens" else "seconds"] for r in recs)
+    per_group = 2 * (10 + 8 if name == "budget_tokens" else 0.5)  # a group of batch 2 may finish past it
+    assert limit <= spent < limit + per_group and ad["stopped_by"] == name
+    assert ad["questions_unfinished"] > 0 and card["teacher_errors"]["samples_missing"] == 0
+    drawn = _drawn(out)
+    assert len(drawn) == 24 and max(drawn.values()) - min(drawn.values()) <= 1  # rounds, not depth-first
+    # The budget is spent: the same command resumes nothing and asks the teacher for nothing.
+    run_traces(cfg(tmp_path, n=30, heldout=6, adaptive=True, max_samples=8, **budget), progress=False)
+    assert len(graded) == 1 and len(read_jsonl(out / "traces.jsonl")) == len(recs)
+
+
+def test_adaptive_killed_mid_round_resumes_to_the_same_records_without_duplicates(
+    tmp_path, graded, monkeypatch
+):
+    c = cfg(tmp_path / "whole", n=30, heldout=6, adaptive=True, max_samples=5)
+    whole = {r["id"]: r["rationale"] for r in read_jsonl(run_traces(c, progress=False) / "traces.jsonl")}
+    c = cfg(tmp_path / "killed", n=30, heldout=6, adaptive=True, max_samples=5)
+    for fail_after in (7, 13):  # killed twice: in round 1, then mid-way through a later round
+        monkeypatch.setattr(
+            "nestling.distill.traces.load_teacher",
+            lambda spec, n_threads=None, fa=fail_after, **kw: GradedTeacher(fa),
+        )
+        with pytest.raises(KeyboardInterrupt):
+            run_traces(c, progress=False)
+    path = tmp_path / "killed" / "run" / "traces" / "traces.jsonl"
+    before = path.read_bytes()
+    assert not (tmp_path / "killed" / "run" / "traces" / "manifest.json").exists()
+    resumed = GradedTeacher()
+    monkeypatch.setattr("nestling.distill.traces.load_teacher", lambda spec, n_threads=None, **kw: resumed)
+    run_traces(c, progress=False)
+    after = read_jsonl(path)
+    assert path.read_bytes().startswith(before)  # append-only: what was stored stays, byte for byte
+    assert len(after) == len({r["id"] for r in after}) == len(whole)
+    assert {r["id"]: r["rationale"] for r in after} == whole
+    stored = {tuple(x.split(":")) for x in {r["id"] for r in read_jsonl(path)[: before.count(b"\n")]}}
+    asked = {(q, j) for q, j in resumed.asked}
+    assert len(asked) == len(resumed.asked) == len(whole) - len(stored)  # nothing asked for twice
+
+
+def test_adaptive_flags_are_checked(tmp_path):
+    with pytest.raises(NestlingError, match="only with --adaptive"):
+        cfg(tmp_path, max_samples=8)
+    with pytest.raises(NestlingError, match="--budget-tokens"):
+        cfg(tmp_path, adaptive=True, budget_tokens=0)
+    with pytest.raises(NestlingError, match="--stop-after"):
+        cfg(tmp_path, adaptive=True, stop_after=0)
+    assert cfg(tmp_path, adaptive=True, samples=3).max_samples == 6
+    assert "adaptive" not in cfg(tmp_path).identity()  # flat runs written before these fields stay fresh
+
+
+def test_distill_and_run_stop_after_traces_when_the_teacher_cannot_do_the_task(tmp_path, capsys, monkeypatch):
+    class Hopeless(GradedTeacher):
+        def generate(self, prompts, n, sampling):
+            return [[Generation("I think it is 99.\nAnswer: 99", 12, 0.1)] * n for _ in prompts]
+
+    monkeypatch.setattr("nestling.distill.traces.load_teacher", lambda spec, n_threads=None, **kw: Hopeless())
+
+    def no_training(cfg):
+        raise AssertionError("trained a student on a task the teacher cannot do")
+
+    monkeypatch.setattr("nestling.distill.train.train", no_training)
+    for command in ("distill", "run"):
+        out = tmp_path / command
+        args = [command, "--task", EASY, "--n", "12", "--heldout", "2", "--samples", "2", "--out", str(out)]
+        assert nestling_cli.main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: traces: the teacher") and "0 of 10 training questions" in err[-1]
+        assert "--min-coverage" in err[-1] and (out / "traces" / "kept.jsonl").exists()
+    assert (
+        nestling_cli.main([*args[:-1], str(tmp_path / "run0"), "--min-coverage", "0.5", "--students", "tiny"])
+        == 2
+    )
+
+
+class WrongTeacher(GradedTeacher):
+    """Every answer one off: no rationale is ever verified."""
+
+    def generate(self, prompts, n, sampling):
+        return [[Generation("So it is 1 + 1 = 3.\nAnswer: 3", 10, 0.1) for _ in range(n)] for _ in prompts]
+
+
+def test_a_task_the_teacher_cannot_do_stops_after_traces_in_one_line(tmp_path, monkeypatch):
+    from nestling.distill.pipeline import DistillConfig, run_distill
+
+    monkeypatch.setattr(
+        "nestling.distill.traces.load_teacher", lambda spec, n_threads=None, **kw: WrongTeacher()
+    )
+    c = DistillConfig(out=str(tmp_path / "run"), task=EASY, n=20, samples=2, students=["tiny"])
+    with pytest.raises(NestlingError) as err:
+        run_distill(c, checked=True)
+    msg = str(err.value)
+    assert "\n" not in msg and "cannot do task" in msg and "--min-coverage" in msg
+    assert (tmp_path / "run" / "traces" / "manifest.json").exists()  # the traces are kept for a look
+    assert not (tmp_path / "run" / "students").exists()  # nothing was trained
