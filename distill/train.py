@@ -55,9 +55,9 @@ OBJECTIVES = ("cot", "multitask", "answer-only")
 # Presets: 600 steps of 16 at 3e-3 (~1 min at ~7,000 tokens/s on 2 free threads).
 PRESET_RECIPE = {"steps": 600, "lr": 3e-3, "batch_size": 16, "warmup": 30, "train_layers": 0}
 # Pretrained (gguf:smollm2): 120 steps of 8, every layer, lr 5e-5; the model knows the facts and mostly learns
-# the nestling format. 40 steps (a third of an epoch) fell well short of 120 (about 3 epochs); training only the
-# top layers lost to training every layer. Figures: benchmarks/results/students_default.json and the committed
-# default run (benchmarks/results/default_run/report.md).
+# the nestling format. 40 steps (a third of an epoch) fell well short of 120 (about 3 epochs); training only
+# the top layers lost to training every layer. Figures: benchmarks/results/students_default.json and the
+# committed default run (benchmarks/results/default_run/report.md).
 PRETRAINED_RECIPE = {"steps": 120, "lr": 5e-5, "batch_size": 8, "warmup": 12, "train_layers": 0}
 # Fields that change how a run executes but not what it computes: excluded from resume/freshness checks.
 # `run` too: the traces it holds are compared by content (fingerprint_inputs), so a moved or respelled run
