@@ -119,6 +119,7 @@ def _export_entries(run_dir: Path, export_dir: Path) -> dict[str, dict[str, Any]
             {
                 "student": name,
                 "variant": variant,
+                "default": variant == m.get("default_variant"),
                 "engine": v.get("engine"),
                 "path": str(export_dir / v["path"]),
                 "accuracy": t["explain"]["accuracy"] if scored else v.get("accuracy"),
@@ -140,8 +141,10 @@ def _export_entries(run_dir: Path, export_dir: Path) -> dict[str, dict[str, Any]
 def recommend(exports: dict[str, dict[str, Any]], tolerance: float) -> str | None:
     """The export with the quickest explained answer (median seconds per answer, what a user waits for) among
     those within `tolerance` of the most accurate export; decode tokens/s decides where answers were not
-    timed."""
-    scored = {k: v for k, v in exports.items() if v.get("accuracy") is not None and _speed(v) is not None}
+    timed. Only each export directory's default variant competes (export.pipeline.choose_default, recorded
+    as "default"): the report then recommends exactly what `nestling serve` of that directory loads."""
+    pool = {k: v for k, v in exports.items() if v.get("default", True)}
+    scored = {k: v for k, v in pool.items() if v.get("accuracy") is not None and _speed(v) is not None}
     if not scored:
         return None
     best = max(v["accuracy"] for v in scored.values())

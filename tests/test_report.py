@@ -50,6 +50,17 @@ def test_recommend_is_fastest_within_tolerance():
     assert nestling_report.recommend({}, tolerance=0.02) is None
 
 
+def test_recommend_names_only_what_serve_would_load():
+    # The report and `nestling serve EXPORT_DIR` must not disagree: a variant that is not its directory's
+    # default (export.pipeline.choose_default) is never recommended, however fast.
+    exports = _report()["exports"]
+    for name, e in exports.items():
+        e["default"] = name == "tiny-gguf-f16"
+    assert nestling_report.recommend(exports, tolerance=0.10) == "tiny-gguf-f16"
+    exports["tiny-gguf-f16"]["default"], exports["tiny-gguf-q8_0"]["default"] = False, True
+    assert nestling_report.recommend(exports, tolerance=0.10) == "tiny-gguf-q8_0"
+
+
 def test_write_report_writes_json_md_png(tmp_path):
     out = nestling_report.write_report(tmp_path, _report(), tolerance=0.02)
     data = json.loads((tmp_path / "report.json").read_text())

@@ -45,6 +45,9 @@ def test_run_writes_the_report_and_a_rerun_skips_every_stage(tmp_path):
         assert entry["params"] > 0 and entry["bytes"] > 0 and entry["tokens_per_s"] > 0
     assert all(e["student"] == "tiny" for e in report["exports"].values())
     assert report["recommended"] in report["exports"]
+    rec = report["exports"][report["recommended"]]  # what `nestling serve` of its directory loads
+    manifest = json.loads((out / "exports" / rec["student"] / "manifest.json").read_text())
+    assert rec["default"] and manifest["default_variant"] == rec["variant"]
     assert report["students"]["tiny"]["params"] * 20 <= report["teacher"]["params"]
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert "Recommended artifact" in (out / "report.md").read_text()
