@@ -130,7 +130,9 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from nestling.distill.compress import CompressConfig, compress, trim_name
-    from nestling.distill.evaluate import EvalConfig, Scorer, evaluate, load_questions
+    from nestling.distill.evaluate import EvalConfig, Scorer, evaluate
+
+    from nestling.core.rundir import RunDir
 
     run = Path(args.run)
     names, seconds = [args.source, trim_name(args.source)], {}
@@ -157,7 +159,7 @@ def main() -> None:
     ev = evaluate(
         EvalConfig(run=str(run), students=names, latency_samples=0, threads=args.threads, progress=False)
     )
-    _, held = load_questions(run)
+    _, held = RunDir(run).splits()
     timed = held[: args.latency_questions]
     scorer = Scorer()
     teacher = ev["teacher"]

@@ -40,16 +40,17 @@ def main() -> None:
         prune_mlp,
         select_layers,
     )
-    from nestling.distill.evaluate import Scorer, generate, load_questions, wilson
+    from nestling.distill.evaluate import Scorer, generate, wilson
     from nestling.distill.students import count_params, load_student
     from nestling.distill.train import training_rows
 
     from nestling.core.prompting import student_prompt
+    from nestling.core.rundir import RunDir
 
     set_threads(args.threads)
     run = Path(args.run)
     source, tok = load_student(run / "students" / args.source / "model")
-    _, held = load_questions(run)
+    _, held = RunDir(run).splits()
     calib = calibration_texts(training_rows(run), args.calib)
     depth = layer_importance(source, tok, calib)
     prompts = [student_prompt(r["question"], explain=False) for r in held]

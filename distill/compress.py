@@ -40,6 +40,7 @@ from nestling.core.config import check
 from nestling.core.errors import NestlingError
 from nestling.core.manifest import is_fresh, read_jsonl, read_manifest, write_jsonl, write_manifest
 from nestling.core.prompting import answer_target, explain_target, student_prompt
+from nestling.core.rundir import RunDir
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -615,7 +616,7 @@ class _Data:
         from nestling.distill.tasks import Example
         from nestling.distill.train import training_rows
 
-        questions = read_jsonl(run / "traces" / "questions.jsonl")
+        questions = RunDir(run).questions()
         task = str(traces_config(run).get("task") or questions[0]["task"])
         return cls(
             questions=questions,

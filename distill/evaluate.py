@@ -45,6 +45,7 @@ from nestling.core.manifest import (
     try_read_manifest,
 )
 from nestling.core.prompting import student_prompt
+from nestling.core.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -95,22 +96,6 @@ class EvalConfig:
 
 
 # ---- questions, tasks, baseline ------------------------------------------------------------------------
-
-
-def load_questions(run: Path) -> tuple[list[dict], list[dict]]:
-    """(train rows, held-out rows) from RUN/traces/questions.jsonl: the held-out rows with a gold answer, or
-    every held-out row (gold None) when the task has no gold answers at all."""
-    from nestling.distill.train import read_jsonl
-
-    rows = read_jsonl(run / "traces" / "questions.jsonl")
-    train = [r for r in rows if r.get("split") == "train"]
-    held = [r for r in rows if r.get("split") == "heldout"]
-    if not held:
-        raise NestlingError(
-            f"{run / 'traces' / 'questions.jsonl'}: no held-out questions; re-run traces with a held-out "
-            "share (--heldout)"
-        )
-    return train, [r for r in held if r.get("gold") is not None] or held
 
 
 def wilson(k: float, n: int, z: float = 1.96) -> list[float]:
@@ -523,7 +508,7 @@ def _student_md(
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate and write the files; returns {teacher, baseline, students: {name: result}, table}."""
     run = Path(cfg.run)
-    train_rows, held = load_questions(run)
+    train_rows, held = RunDir(run).splits()
     if cfg.limit:
         held = held[: cfg.limit]
     from nestling.distill.accel import set_threads

@@ -47,6 +47,7 @@ from nestling.core.manifest import (
     write_manifest,
 )
 from nestling.core.prompting import PROMPT_FORMAT
+from nestling.core.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -158,13 +159,6 @@ def student_fingerprint(d: Path) -> str:
     return fingerprint({k: v["sha256"] for k, v in describe_files(d, files).items()})
 
 
-def _find_run_dir(student_dir: Path) -> Path | None:
-    for parent in student_dir.resolve().parents:
-        if (parent / "traces" / "questions.jsonl").is_file():
-            return parent
-    return None
-
-
 def _student_name(student_dir: Path) -> str:
     d = student_dir.resolve()
     if d.name == "model" and d.parent.parent.name == "students":
@@ -193,10 +187,9 @@ def load_prompts(
         if not lines:
             raise NestlingError(f"--prompts {p}: empty; put one question per line")
         return [Prompt(q, None) for q in lines[:n]], str(p), cfg.task
-    run = _find_run_dir(Path(cfg.student))
+    run = RunDir.of_student(cfg.student)
     if run is not None:
-        qpath = run / "traces" / "questions.jsonl"
-        rows = [r for r in read_jsonl(qpath) if r.get("split") == "heldout"]
+        qpath, rows = run.questions_file, run.heldout()
         if rows:
             random.Random(0).shuffle(rows)
             task = cfg.task or (rows[0].get("task") if len({r.get("task") for r in rows}) == 1 else None)
@@ -469,11 +462,11 @@ def _variant_entry(root: Path, name: str, result: VariantResult) -> dict[str, An
 
 
 def _read_datacard(student: Path) -> dict[str, Any] | None:
-    run = _find_run_dir(student)
+    run = RunDir.of_student(student)
     if run is None:
         return None
     try:
-        return read_json(run / "traces" / "datacard.json", default=None)
+        return read_json(run.datacard, default=None)
     except NestlingError as e:
         log.warning("%s; the model card omits the data card", e)
         return None

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nestling.core.config import check
-from nestling.core.manifest import read_jsonl
+from nestling.core.rundir import RunDir
 from nestling.distill.pipeline import DistillConfig
 from nestling.latency import measure_export
 from nestling.report import collect_report, write_report
@@ -196,8 +196,7 @@ def _compress(cfg: RunConfig, trained: dict[str, Path]) -> tuple[dict[str, Path]
 
 
 def _heldout_rows(run_dir: Path, n: int | None) -> list[dict[str, Any]]:
-    rows = read_jsonl(run_dir / "traces" / "questions.jsonl", fix="re-run `nestling traces`")
-    return [r for r in rows if r.get("split") == "heldout"][:n]
+    return RunDir(run_dir).heldout()[:n]
 
 
 def _scorer(rows: list[dict[str, Any]]) -> Callable[[int, str], bool] | None:

@@ -6,12 +6,14 @@ import json
 from pathlib import Path
 
 import nestling.distill.teachers as distill_teachers
+import nestling.distill.traces  # noqa: F401  bound to the real load_teacher before any test patches it
 import pytest
 from fake_run import make_run
-from nestling.distill.evaluate import EvalConfig, Scorer, baseline, evaluate, load_questions, score_outputs
+from nestling.distill.evaluate import EvalConfig, Scorer, baseline, evaluate, score_outputs
 from nestling.distill.teachers import Generation, Teacher
 
 from nestling.core.errors import NestlingError
+from nestling.core.rundir import RunDir
 
 
 class ScriptedTeacher(Teacher):
@@ -48,7 +50,7 @@ def scripted_teacher(monkeypatch):
 
 def test_baseline_is_the_most_common_training_answer(tmp_path):
     run = make_run(tmp_path / "run", n=60, heldout=20)
-    train, held = load_questions(run)
+    train, held = RunDir(run).splits()
     base = baseline(train, held, Scorer())
     from collections import Counter
 
@@ -100,7 +102,7 @@ def test_eval_writes_files_caches_the_teacher_and_skips_unchanged_students(
     cfg = EvalConfig(run=str(run), teacher="gguf:fake", threads=1, progress=False, max_new_tokens=24)
     result = evaluate(cfg)
 
-    _, held = load_questions(run)
+    _, held = RunDir(run).splits()
     sums = sum("+" in r["question"] for r in held) / len(held)
     assert result["teacher"]["accuracy"] == pytest.approx(sums)  # the scripted teacher is right on sums only
     assert result["teacher"]["params"] == ScriptedTeacher.params
