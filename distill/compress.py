@@ -540,7 +540,7 @@ def _source_inputs(run: Path, source: str) -> dict[str, Any]:
 
     from nestling.core.manifest import try_read_manifest
 
-    m = try_read_manifest(run / "students" / source) or {}
+    m = try_read_manifest(RunDir(run).student(source)) or {}
     return {"source": m.get("files", {}), "traces": fingerprint_inputs(run)}
 
 
@@ -564,13 +564,13 @@ def compress(cfg: CompressConfig) -> Path:
     from nestling.distill.students import count_params, load_student
 
     run = Path(cfg.run)
-    out = run / "students" / str(cfg.name)
+    out = RunDir(run).student(str(cfg.name))
     inputs = _source_inputs(run, cfg.source)
     if is_fresh(out, "compress", cfg.recipe(), inputs):
         log.info("%s is up to date; skipping", out)
         return out
     set_threads(cfg.threads)
-    model, tok = load_student(run / "students" / cfg.source / "model")
+    model, tok = load_student(RunDir(run).student(cfg.source) / "model")
     teacher_params = count_params(model)
     data = _Data.load(run, cfg)
     model, tok, trim_dir, kept = _trim(model, tok, run, cfg, data, inputs)
@@ -637,7 +637,7 @@ def _trim(
     trim_dir = _publish(
         model,
         tok,
-        run / "students" / trim_name(cfg.source),
+        RunDir(run).student(trim_name(cfg.source)),
         config={"source": cfg.source, "vocab_questions": cfg.vocab_questions},
         inputs=inputs,
         metrics={"params": count_params(model), "vocab": len(kept)},
@@ -651,8 +651,8 @@ def _recovery_run(model: Any, tok: Any, run: Path, cfg: CompressConfig, data: _D
     fresh, stats = fresh_rows(model, tok, data.drawn[: cfg.fresh], cfg.progress)
     data.fresh_rows, data.fresh_filters = len(fresh), stats.get("filters")
     rec_run = run / "compress" / str(cfg.name)
-    shutil.copyfile(run / "traces" / "questions.jsonl", _mkparent(rec_run / "traces" / "questions.jsonl"))
-    write_jsonl(rec_run / "traces" / "kept.jsonl", read_jsonl(run / "traces" / "kept.jsonl") + fresh)
+    shutil.copyfile(RunDir(run).questions_file, _mkparent(RunDir(rec_run).questions_file))
+    write_jsonl(RunDir(rec_run).kept_file, read_jsonl(RunDir(run).kept_file) + fresh)
     return rec_run
 
 

@@ -191,7 +191,7 @@ def score_outputs(
 
 def traces_config(run: Path) -> dict[str, Any]:
     """The traces stage's resolved config (teacher, prompt, budget), {} when its manifest is absent."""
-    return dict((try_read_manifest(run / "traces") or {}).get("config") or {})
+    return dict((try_read_manifest(RunDir(run).traces) or {}).get("config") or {})
 
 
 def default_teacher(run: Path) -> str:
@@ -534,14 +534,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
     names = cfg.students
     if names is None:
-        names = sorted(p.parent.parent.name for p in (run / "students").glob("*/model/config.json"))
+        names = sorted(p.parent.parent.name for p in RunDir(run).students.glob("*/model/config.json"))
     if not names:
         raise NestlingError(
             f"{run / 'students'}: no trained students; run `nestling train --run {run}` first"
         )
     students: dict[str, Any] = {}
     for name in names:
-        sdir = run / "students" / name
+        sdir = RunDir(run).student(name)
         if not (sdir / "model").is_dir():
             raise NestlingError(f"{sdir / 'model'}: not found; train it first (`nestling train --run {run}`)")
         inputs = {"questions": fingerprint(held), "model": (try_read_manifest(sdir) or {}).get("files", {})}
@@ -589,7 +589,7 @@ def _vote_labelled_train(run: Path, train_rows: list[dict]) -> list[dict]:
     """Training rows with the traces' vote labels as gold, so the trivial baseline has answers to count."""
     from nestling.distill.train import read_jsonl
 
-    kept = run / "traces" / "kept.jsonl"
+    kept = RunDir(run).kept_file
     labels = {r["qid"]: r["answer"] for r in (read_jsonl(kept) if kept.is_file() else [])}
     return [{**r, "gold": labels.get(r["id"], r.get("gold"))} for r in train_rows]
 

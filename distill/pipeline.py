@@ -27,6 +27,7 @@ from nestling.distill.train import OBJECTIVES
 
 from nestling.core.config import check
 from nestling.core.errors import NestlingError
+from nestling.core.rundir import RunDir
 
 if TYPE_CHECKING:
     from nestling.distill.students import StudentShape
@@ -228,7 +229,7 @@ def run_distill(cfg: DistillConfig, checked: bool = False) -> dict[str, Any]:
             check_specs(cfg)
         _traces(cfg)
     barrier()
-    check_coverage(run / "traces", cfg.min_coverage)
+    check_coverage(RunDir(run).traces, cfg.min_coverage)
     models: dict[str, Path] = {}
     for spec in cfg.students:
         # Unset steps/lr (and batch, warmup, ...) come from the student kind's measured recipe (TrainConfig).

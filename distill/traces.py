@@ -51,6 +51,7 @@ from nestling.core.manifest import (
     write_jsonl,
     write_manifest,
 )
+from nestling.core.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +411,7 @@ def _check_compatible(store: TraceStore, cfg: TracesConfig, sampling: dict) -> N
 
 def run_traces(cfg: TracesConfig, progress: bool = True) -> Path:
     """Generate (or resume) the traces stage in cfg.out/traces and return that directory."""
-    out_dir = Path(cfg.out) / "traces"
+    out_dir = RunDir(cfg.out).traces
     inputs = {"task": cfg.task, "teacher": cfg.teacher}
     if is_fresh(out_dir, STAGE, cfg.identity(), inputs) and not _missing_samples(out_dir):
         log.info("%s is complete for this config; skipping", out_dir)

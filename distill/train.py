@@ -46,6 +46,7 @@ from nestling.core.errors import NestlingError
 from nestling.core.manifest import is_fresh, sha256_file, write_manifest
 from nestling.core.manifest import read_jsonl as _read_jsonl
 from nestling.core.prompting import answer_target, explain_target, student_prompt
+from nestling.core.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def training_rows(run: Path) -> list[dict]:
     """Kept rows whose question is in the train split; NestlingError when nothing verified is left."""
-    kept_path, questions_path = run / "traces" / "kept.jsonl", run / "traces" / "questions.jsonl"
+    kept_path, questions_path = RunDir(run).kept_file, RunDir(run).questions_file
     kept = read_jsonl(kept_path)
     heldout: set[str] = set()
     if questions_path.is_file():
@@ -317,7 +318,7 @@ def onpolicy_questions(run: Path, rows: list[dict], n_fresh: int, seed: int) -> 
     from nestling.distill.evaluate import traces_config
     from nestling.distill.tasks import normalize_question
 
-    qpath = run / "traces" / "questions.jsonl"
+    qpath = RunDir(run).questions_file
     questions = read_jsonl(qpath) if qpath.is_file() else []
     held = _held_keys(questions)
     texts = [str(r["question"]) for r in rows]
@@ -457,7 +458,7 @@ def freeze_below(model: Any, train_layers: int) -> list:
 
 
 def fingerprint_inputs(run: Path) -> dict[str, str]:
-    traces = run / "traces"
+    traces = RunDir(run).traces
     return {
         name: sha256_file(traces / name)
         for name in ("kept.jsonl", "questions.jsonl")
@@ -595,7 +596,7 @@ def setup(cfg: TrainConfig, rt: Runtime, rows: list[dict], inputs: dict[str, str
 
     spec = parse_student_spec(cfg.student)
     name = cfg.name or spec.name
-    out = Path(cfg.run) / "students" / name
+    out = RunDir(cfg.run).student(name)
     check(
         cfg.batch_size % rt.world == 0, f"--batch-size {cfg.batch_size}: must divide by {rt.world} processes"
     )
@@ -925,7 +926,7 @@ def train(cfg: TrainConfig) -> Path:
     from nestling.distill.students import parse_student_spec
 
     run = Path(cfg.run)
-    out = run / "students" / (cfg.name or parse_student_spec(cfg.student).name)
+    out = RunDir(run).student(cfg.name or parse_student_spec(cfg.student).name)
     rows = training_rows(run)
     inputs = fingerprint_inputs(run)
     if is_fresh(out, "train", cfg.recipe(), inputs):

@@ -13,6 +13,7 @@ from typing import Any
 from nestling.core.errors import NestlingError
 from nestling.core.fmt import pct
 from nestling.core.manifest import try_read_json
+from nestling.core.rundir import RunDir
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -109,7 +110,7 @@ def _export_entries(run_dir: Path, export_dir: Path) -> dict[str, dict[str, Any]
 
     name = export_dir.name
     m = try_read_manifest(export_dir, "export") or {}
-    timed = _read_json(run_dir / "latency" / f"{name}.json").get("variants") or {}
+    timed = _read_json(RunDir(run_dir).latency(name)).get("variants") or {}
     metrics = m.get("metrics") or {}
     entries = {}
     for variant, v in (m.get("variants") or {}).items():

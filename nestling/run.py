@@ -153,9 +153,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     rows = _heldout_rows(run_dir, cfg.latency_questions)
     questions, score = [r["question"] for r in rows], _scorer(rows)
     for name, student_dir in students.items():
-        out = run_dir / "exports" / name
+        out = RunDir(run_dir).export(name)
         export_student(ExportConfig(student=str(student_dir), out=str(out), **_overrides(cfg, ExportConfig)))
-        measure_export(out, questions, n_threads=1, cache=run_dir / "latency" / f"{name}.json", score=score)
+        measure_export(out, questions, n_threads=1, cache=RunDir(run_dir).latency(name), score=score)
     return write_report(run_dir, collect_report(run_dir), cfg.recommend_within)
 
 
@@ -182,7 +182,7 @@ def _compress(cfg: RunConfig, trained: dict[str, Path]) -> tuple[dict[str, Path]
         )
         made[str(ccfg.name)] = compress(ccfg) / "model"
         sources[source] = trained[source]
-        sources[trim_name(source)] = Path(cfg.out) / "students" / trim_name(source) / "model"
+        sources[trim_name(source)] = RunDir(cfg.out).student(trim_name(source)) / "model"
     evaluate(
         EvalConfig(
             run=cfg.out,
