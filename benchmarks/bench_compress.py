@@ -130,7 +130,8 @@ def main() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from nestling.distill.compress import CompressConfig, compress, trim_name
-    from nestling.distill.evaluate import EvalConfig, Scorer, evaluate
+    from nestling.distill.evaluate import EvalConfig, evaluate
+    from nestling.distill.tasks import TaskScorer
 
     from nestling.core.rundir import RunDir
 
@@ -161,7 +162,7 @@ def main() -> None:
     )
     _, held = RunDir(run).splits()
     timed = held[: args.latency_questions]
-    scorer = Scorer()
+    scorer = TaskScorer()
     teacher = ev["teacher"]
     res: dict = {
         "run": str(run),

@@ -40,8 +40,9 @@ def main() -> None:
         prune_mlp,
         select_layers,
     )
-    from nestling.distill.evaluate import Scorer, generate, wilson
+    from nestling.distill.evaluate import generate, wilson
     from nestling.distill.students import count_params, load_student
+    from nestling.distill.tasks import TaskScorer
     from nestling.distill.train import training_rows
 
     from nestling.core.prompting import student_prompt
@@ -54,7 +55,7 @@ def main() -> None:
     calib = calibration_texts(training_rows(run), args.calib)
     depth = layer_importance(source, tok, calib)
     prompts = [student_prompt(r["question"], explain=False) for r in held]
-    scorer = Scorer()
+    scorer = TaskScorer()
 
     def accuracy(model) -> dict:
         texts, _, _ = generate(model, tok, prompts, 8, 50, "", False)

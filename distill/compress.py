@@ -524,15 +524,15 @@ def fresh_rows(
     return kept, stats
 
 
-_TASKS: dict[str, Any] = {}
+_SCORER = None  # a TaskScorer, built on first use (its tasks load lazily)
 
 
 def _score(ex: Any, answer: str) -> bool:
-    from nestling.distill.tasks import load_task
+    from nestling.distill.tasks import TaskScorer
 
-    if ex.task not in _TASKS:
-        _TASKS[ex.task] = load_task(ex.task)
-    return bool(_TASKS[ex.task].score(answer, ex))
+    global _SCORER
+    _SCORER = _SCORER or TaskScorer()
+    return _SCORER.score_example(ex, answer)
 
 
 def _source_inputs(run: Path, source: str) -> dict[str, Any]:

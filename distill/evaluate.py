@@ -33,6 +33,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nestling.distill.tasks import TaskScorer
+
 from nestling.core.config import check
 from nestling.core.errors import NestlingError
 from nestling.core.explain import explanation_consistent, ground, parse_steps
@@ -108,43 +110,19 @@ def wilson(k: float, n: int, z: float = 1.96) -> list[float]:
     return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
-class Scorer:
-    """task.extract + task.score per row, with one Task object per task name (mixes have several)."""
-
-    def __init__(self) -> None:
-        self._tasks: dict[str, Any] = {}
-
-    def task(self, name: str) -> Any:
-        from nestling.distill.tasks import load_task
-
-        if name not in self._tasks:
-            self._tasks[name] = load_task(name)
-        return self._tasks[name]
-
-    def extract(self, row: dict, text: str) -> str | None:
-        return self.task(row["task"]).extract(text)
-
-    def score(self, row: dict, answer: str | None) -> bool:
-        from nestling.distill.tasks import Example
-
-        return bool(self.task(row["task"]).score(answer, Example.from_row(row)))
-
-
-def baseline(train: list[dict], held: list[dict], scorer: Scorer) -> dict[str, Any]:
+def baseline(train: list[dict], held: list[dict], scorer: TaskScorer) -> dict[str, Any]:
     """distill.tasks.trivial_baseline over question rows, scored by each row's task."""
     from nestling.distill.tasks import Example, trivial_baseline
 
-    def score(answer: str | None, ex: Example) -> bool:
-        return bool(scorer.task(ex.task).score(answer, ex))
-
-    return trivial_baseline([Example.from_row(r) for r in train], [Example.from_row(r) for r in held], score)
+    examples = [Example.from_row(r) for r in train], [Example.from_row(r) for r in held]
+    return trivial_baseline(*examples, lambda answer, ex: scorer.score_example(ex, answer))
 
 
 # ---- metrics -------------------------------------------------------------------------------------------
 
 
 def score_outputs(
-    rows: list[dict], texts: list[str], scorer: Scorer, explain: bool, answers: list[str] | None = None
+    rows: list[dict], texts: list[str], scorer: TaskScorer, explain: bool, answers: list[str] | None = None
 ) -> dict[str, Any]:
     """Accuracy (overall and by task, each with its 95% Wilson interval); for explanations also step checks,
     consistency and the share of complete explanations (core.explain.ground: every step grounded in the
@@ -245,7 +223,9 @@ def run_teacher(
     return out, params
 
 
-def teacher_eval(run: Path, spec: str, held: list[dict], scorer: Scorer, cfg: EvalConfig) -> dict[str, Any]:
+def teacher_eval(
+    run: Path, spec: str, held: list[dict], scorer: TaskScorer, cfg: EvalConfig
+) -> dict[str, Any]:
     """Greedy teacher accuracy with the prompt and budget that wrote the traces; cached in
     RUN/teacher_eval.json by spec + questions + prompt + budget (not when a request failed)."""
     from nestling.distill.prompts import prompt_card
@@ -296,7 +276,7 @@ def teacher_eval(run: Path, spec: str, held: list[dict], scorer: Scorer, cfg: Ev
 
 
 def vote_reference(
-    run: Path, spec: str, held: list[dict], scorer: Scorer, cfg: EvalConfig
+    run: Path, spec: str, held: list[dict], scorer: TaskScorer, cfg: EvalConfig
 ) -> tuple[list[dict], dict[str, Any]]:
     """Held-out rows labelled by the teacher's self-consistency vote (no gold answers); rows without a
     majority are left out. Cached in RUN/teacher_vote.json."""
@@ -398,7 +378,7 @@ def generate(
 
 
 def student_eval(
-    model_dir: Path, held: list[dict], scorer: Scorer, cfg: EvalConfig, name: str
+    model_dir: Path, held: list[dict], scorer: TaskScorer, cfg: EvalConfig, name: str
 ) -> dict[str, Any]:
     """Both modes, batched for accuracy; a few questions one at a time for latency."""
     import torch
@@ -514,7 +494,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from nestling.distill.accel import set_threads
 
     set_threads(cfg.threads)
-    scorer = Scorer()
+    scorer = TaskScorer()
     write = _writable(run)
     if not write:
         log.warning("%s: another process is writing this run; evaluating read-only (nothing written)", run)

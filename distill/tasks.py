@@ -443,6 +443,28 @@ def load_task(spec: str) -> Task:
     )
 
 
+class TaskScorer:
+    """The one scorer of answers against gold: each row's own task (extractor and scorer), one Task object
+    per task spec (a mix has several), loaded on first use. Rows are questions.jsonl rows or Examples."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, Task] = {}
+
+    def task(self, spec: str) -> Task:
+        if spec not in self._tasks:
+            self._tasks[spec] = load_task(spec)
+        return self._tasks[spec]
+
+    def extract(self, row: dict, text: str) -> str | None:
+        return self.task(row["task"]).extract(text)
+
+    def score(self, row: dict, answer: str | None) -> bool:
+        return self.score_example(Example.from_row(row), answer)
+
+    def score_example(self, ex: Example, answer: str | None) -> bool:
+        return bool(self.task(ex.task).score(answer, ex))
+
+
 def trivial_baseline(
     train: list[Example], held: list[Example], score: Callable[[str | None, Example], bool]
 ) -> dict[str, Any]:

@@ -220,12 +220,12 @@ def make_scorer(prompts: list[Prompt], task_spec: str | None) -> Scorer:
     specs = {p.example.task for p in prompts if p.example is not None}
     if task_spec:
         specs.add(task_spec)
-    tasks: dict[str, Any] = {}
+    from nestling.distill.tasks import TaskScorer
+
+    scorer, tasks = TaskScorer(), {}
     for spec in specs:
         try:
-            from nestling.distill.tasks import load_task
-
-            tasks[spec] = load_task(spec)
+            tasks[spec] = scorer.task(spec)
         except Exception as e:  # scoring falls back to lenient extraction; say so
             log.warning("task %s: cannot load its scorer (%s); using core.explain answer matching", spec, e)
     fallback = default_scorer()

@@ -202,9 +202,9 @@ def _heldout_rows(run_dir: Path, n: int | None) -> list[dict[str, Any]]:
 def _scorer(rows: list[dict[str, Any]]) -> Callable[[int, str], bool] | None:
     """Answers scored as the eval stage scores the PyTorch students (the task's extraction and scorer);
     None when the held-out rows have no gold answers."""
-    from nestling.distill.evaluate import Scorer
+    from nestling.distill.tasks import TaskScorer
 
     if not rows or any(r.get("gold") is None for r in rows):
         return None
-    scorer = Scorer()
+    scorer = TaskScorer()
     return lambda i, text: scorer.score(rows[i], scorer.extract(rows[i], text))

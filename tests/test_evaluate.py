@@ -9,7 +9,8 @@ import nestling.distill.teachers as distill_teachers
 import nestling.distill.traces  # noqa: F401  bound to the real load_teacher before any test patches it
 import pytest
 from fake_run import make_run
-from nestling.distill.evaluate import EvalConfig, Scorer, baseline, evaluate, score_outputs
+from nestling.distill.evaluate import EvalConfig, baseline, evaluate, score_outputs
+from nestling.distill.tasks import TaskScorer
 from nestling.distill.teachers import Generation, Teacher
 
 from nestling.core.errors import NestlingError
@@ -51,7 +52,7 @@ def scripted_teacher(monkeypatch):
 def test_baseline_is_the_most_common_training_answer(tmp_path):
     run = make_run(tmp_path / "run", n=60, heldout=20)
     train, held = RunDir(run).splits()
-    base = baseline(train, held, Scorer())
+    base = baseline(train, held, TaskScorer())
     from collections import Counter
 
     common = Counter(r["gold"] for r in train).most_common(1)[0][0]
@@ -70,7 +71,7 @@ def test_explanation_metrics_tell_right_steps_from_lucky_answers():
         "\nStep 1: 3 + 4 = 8\nAnswer: 8",  # wrong, consistent with its false step
         "\nStep 1: add them\nAnswer: 7",  # right, nothing checkable
     ]
-    m = score_outputs(rows, texts, Scorer(), explain=True)
+    m = score_outputs(rows, texts, TaskScorer(), explain=True)
     assert m["accuracy"] == pytest.approx(3 / 4)
     assert m["steps_all_right"] == pytest.approx(1 / 4)
     assert m["steps_checkable"] == pytest.approx(3 / 4)
@@ -87,7 +88,7 @@ def test_complete_explanations_are_grounded_in_the_question():
         "\nStep 1: 3 + 4 = 7\nStep 2: 7 + 0 = 7\nAnswer: 7",  # 0 is not in the question
     ]
     rows = [{**row, "id": str(i)} for i in range(len(texts))]
-    m = score_outputs(rows, texts, Scorer(), explain=True)
+    m = score_outputs(rows, texts, TaskScorer(), explain=True)
     assert m["steps_all_right"] == 1.0 and m["consistent"] == 1.0
     assert m["complete"] == pytest.approx(1 / 4) and m["ungrounded"] == pytest.approx(3 / 4)
 
