@@ -231,7 +231,7 @@ def run_distill(cfg: DistillConfig, checked: bool = False) -> dict[str, Any]:
     barrier()
     check_coverage(RunDir(run).traces, cfg.min_coverage)
     models: dict[str, Path] = {}
-    for spec in cfg.students:
+    for spec, parsed in zip(cfg.students, map(parse_student_spec, cfg.students), strict=True):
         # Unset steps/lr (and batch, warmup, ...) come from the student kind's measured recipe (TrainConfig).
         tcfg = TrainConfig(
             run=str(run),
@@ -242,11 +242,11 @@ def run_distill(cfg: DistillConfig, checked: bool = False) -> dict[str, Any]:
             threads=cfg.threads,
             steps=cfg.steps,
             lr=cfg.lr,
-            lora=cfg.lora and parse_student_spec(spec).pretrained,
+            lora=cfg.lora and parsed.pretrained,
             precision=cfg.precision,
         )
         out = train(tcfg)
-        models[parse_student_spec(spec).name] = out / "model"
+        models[parsed.name] = out / "model"
     if not models:
         raise NestlingError("no student trained")
     if not is_main_process():

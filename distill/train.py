@@ -26,6 +26,7 @@ The loss covers target tokens only (the prompt is context, not something to imit
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -172,12 +173,17 @@ class TrainConfig:
     )
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
-    def __post_init__(self) -> None:
+    @functools.cached_property
+    def spec(self) -> Any:
+        """The parsed --student (a students.StudentSpec), parsed once per config."""
         from nestling.distill.students import parse_student_spec
 
+        return parse_student_spec(self.student)
+
+    def __post_init__(self) -> None:
         # Unset fields come from the student's recipe: a from-scratch preset wants lr 3e-3 and hundreds of
         # steps, a pretrained model a gentle 5e-5 for a few dozen (3e-3 would wipe out what it knows).
-        recipe = PRETRAINED_RECIPE if parse_student_spec(self.student).pretrained else PRESET_RECIPE
+        recipe = PRETRAINED_RECIPE if self.spec.pretrained else PRESET_RECIPE
         if self.lora and self.lr is None and recipe is PRETRAINED_RECIPE:
             self.lr = LORA_LR
         for key, value in recipe.items():
@@ -592,9 +598,9 @@ def prepare_model(cfg: TrainConfig, model: Any, rt: Runtime) -> tuple[Any, list,
 def setup(cfg: TrainConfig, rt: Runtime, rows: list[dict], inputs: dict[str, str]) -> Job:
     """Student, data, optimizer and state, from the newest checkpoint when resuming. Writes nothing."""
     import torch
-    from nestling.distill.students import count_params, parse_student_spec
+    from nestling.distill.students import count_params
 
-    spec = parse_student_spec(cfg.student)
+    spec = cfg.spec
     name = cfg.name or spec.name
     out = RunDir(cfg.run).student(name)
     check(
@@ -923,10 +929,8 @@ def train_metrics(job: Job, params: int) -> dict[str, Any]:
 
 def train(cfg: TrainConfig) -> Path:
     """setup -> fit -> save; returns RUN/students/<name>. Resumable; N processes under torchrun."""
-    from nestling.distill.students import parse_student_spec
-
     run = Path(cfg.run)
-    out = RunDir(run).student(cfg.name or parse_student_spec(cfg.student).name)
+    out = RunDir(run).student(cfg.name or cfg.spec.name)
     rows = training_rows(run)
     inputs = fingerprint_inputs(run)
     if is_fresh(out, "train", cfg.recipe(), inputs):
