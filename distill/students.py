@@ -22,6 +22,7 @@ Hidden and intermediate sizes are multiples of 256 so that llama.cpp's K-quants 
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterable
@@ -108,6 +109,7 @@ class StudentSpec:
 _SPEC_OPTIONS = {"keep_layers", "vocab", "seed"}
 
 
+@functools.lru_cache(maxsize=256)  # pure string parsing into a frozen StudentSpec: one parse per spec text
 def parse_student_spec(text: str) -> StudentSpec:
     """``[NAME=]SOURCE[?key=value&...]`` -> StudentSpec; see the module docstring for the syntax."""
     raw = text.strip()
