@@ -76,13 +76,19 @@ def traces_main(cfg: TracesConfig) -> int:
             f"{ad['max_samples']} samples, {ad['questions_unfinished']} unfinished (stopped by "
             f"{ad['stopped_by'].replace('_', ' ')})",
         )
-    if cost.get("adaptive_token_share") is not None:
-        flat = cost["flat"]
+    same = cost.get("flat_same_coverage") or {}
+    if same.get("adaptive_token_share") is not None:
         table.add_row(
             "teacher tokens",
-            f"{cost['adaptive']['tokens']:,} adaptive vs {flat['tokens']:,} for a flat {flat['k']} "
-            f"({pct(cost['adaptive_token_share'])}) at the same coverage"
-            + ("" if ad else " (adaptive simulated from these samples)"),
+            f"{cost['adaptive']['tokens']:,} adaptive vs {same['tokens']:,} for the flat k={same['k']} "
+            f"that reaches the same coverage ({pct(same['adaptive_token_share'])})"
+            + ("" if ad else "; adaptive simulated from these samples"),
+        )
+    if cost.get("curve"):
+        table.add_row(
+            "coverage curve",
+            "  ".join(f"k={p['samples_per_question']} {pct(p['coverage'])}" for p in cost["curve"])
+            + "  (coverage.png)",
         )
     t = card["time"]
     table.add_row(

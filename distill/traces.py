@@ -4,10 +4,10 @@
 
     run_traces(TracesConfig(out="runs/x"))  # -> runs/x/traces/
 
-Writes RUN/traces/{questions.jsonl, traces.jsonl, kept.jsonl, datacard.json, manifest.json}. traces.jsonl
-is append-only: one os.write() of a whole line per record, then fsync. Kill the process at any moment and
-re-run the same command: a torn last line is cut off, finished records are kept and skipped, and the run
-continues where it stopped. Sample j of every question uses seed ``seed * 1000 + j``.
+Writes RUN/traces/{questions.jsonl, traces.jsonl, kept.jsonl, datacard.json, coverage.png, manifest.json}.
+traces.jsonl is append-only: one os.write() of a whole line per record, then fsync. Kill the process at any
+moment and re-run the same command: a torn last line is cut off, finished records are kept and skipped, and
+the run continues where it stopped. Sample j of every question uses seed ``seed * 1000 + j``.
 
 Requests are pipelined: each sample is stored the moment the teacher returns it, whatever the others are
 doing. A request that still fails after the teacher's retries (a hung server, an HTML page, a garbled body)
@@ -56,7 +56,7 @@ from nestling.core.rundir import RunDir
 log = logging.getLogger(__name__)
 
 STAGE = "traces"
-FILES = ["questions.jsonl", "traces.jsonl", "kept.jsonl", "datacard.json"]
+FILES = ["questions.jsonl", "traces.jsonl", "kept.jsonl", "datacard.json", "coverage.png"]
 
 
 @dataclass
@@ -456,6 +456,7 @@ def run_traces(cfg: TracesConfig, progress: bool = True) -> Path:
     card["teacher_errors"] = {"failed_requests_last_run": dict(errors), "samples_missing": missing}
     card["grounding"] = grounding_effect(records, train, cfg.filters(), fstats)
     atomic_write_json(out_dir / "datacard.json", card)
+    plot_coverage(card["sampling_cost"], out_dir / "coverage.png")
     metrics = {k: card[k] for k in ("records", "kept", "coverage", "sample_accuracy", "rationales_per_s")}
     write_manifest(
         out_dir,
@@ -810,12 +811,14 @@ def datacard(
 
 
 def sampling_cost(records: list[dict], train: list[Example], cfg: TracesConfig) -> dict[str, Any]:
-    """Coverage after j = 1..K samples per question and the teacher tokens it took, flat (every question
-    gets j samples) against adaptive (a question stops at its --stop-after-th distinct verified rationale),
-    both read off the same records: sample j has the same seed either way. Tokens of samples a run did not
-    draw (an adaptive run's solved questions) are estimated at the question's mean and counted in
-    ``flat.tokens_estimated_samples``. Exact for tasks with gold answers (a vote label can shift with more
-    samples)."""
+    """Coverage after j = 1..K samples per question and the samples and teacher tokens it took, flat (every
+    question gets j samples) against adaptive (a question stops at its --stop-after-th distinct verified
+    rationale), both read off the same records: sample j has the same seed either way. Tokens of samples a
+    run did not draw (an adaptive run's solved questions) are estimated at the question's mean and counted in
+    ``flat.tokens_estimated_samples``; a point is ``exact`` when every question still unsolved at j has j
+    samples drawn (an adaptive run stopped by its budget has not). ``flat_same_coverage`` is the smallest flat
+    k that reaches the adaptive run's coverage and its tokens. Exact for tasks with gold answers (a vote
+    label can shift with more samples)."""
     k = cfg.per_question()
     recs = sorted(records, key=lambda r: (r["qid"], int(r["sample"])))
     kept, _ = filter_traces(recs, train, cfg.filters())
@@ -825,29 +828,9 @@ def sampling_cost(records: list[dict], train: list[Example], cfg: TracesConfig) 
     tokens: dict[str, dict[int, int]] = {ex.id: {} for ex in train}
     for r in recs:
         tokens[r["qid"]][int(r["sample"])] = int(r.get("tokens") or 0)
-    everything = [t for per_q in tokens.values() for t in per_q.values()]
-    overall = sum(everything) / len(everything) if everything else 0.0
-    curve, estimated = [], 0
-    for j in range(1, k + 1):
-        covered, flat, adaptive, estimated = 0, 0.0, 0, 0
-        for qid, per_q in tokens.items():
-            hits = sorted(kept_at.get(qid, []))
-            covered += bool(hits) and hits[0] < j
-            stop = hits[cfg.stop_after - 1] if len(hits) >= cfg.stop_after else None
-            mean = sum(per_q.values()) / len(per_q) if per_q else overall
-            drawn = [i for i in per_q if i < j]
-            estimated += j - len(drawn)
-            flat += sum(per_q[i] for i in drawn) + mean * (j - len(drawn))
-            adaptive += sum(per_q[i] for i in drawn if stop is None or i <= stop)
-        curve.append(
-            {
-                "samples_per_question": j,
-                "coverage": round(covered / len(train), 4) if train else 0.0,
-                "tokens_flat": round(flat),
-                "tokens_adaptive": adaptive,
-            }
-        )
-    last = curve[-1] if curve else {"coverage": 0.0, "tokens_flat": 0, "tokens_adaptive": 0}
+    curve = [_cost_point(j, tokens, kept_at, cfg.stop_after, len(train)) for j in range(1, k + 1)]
+    last = curve[-1]
+    same = next(p for p in curve if p["coverage"] >= last["coverage"])
     return {
         "samples_per_question_max": k,
         "stop_after": cfg.stop_after,
@@ -856,14 +839,80 @@ def sampling_cost(records: list[dict], train: list[Example], cfg: TracesConfig) 
             "k": k,
             "coverage": last["coverage"],
             "tokens": last["tokens_flat"],
-            "tokens_estimated_samples": estimated,
+            "tokens_estimated_samples": last["estimated_samples"],
         },
-        "adaptive": {"coverage": last["coverage"], "tokens": last["tokens_adaptive"]},
+        "adaptive": {
+            "coverage": last["coverage"],
+            "tokens": last["tokens_adaptive"],
+            "samples": last["samples_adaptive"],
+        },
+        "flat_same_coverage": {
+            "k": same["samples_per_question"],
+            "tokens": same["tokens_flat"],
+            "adaptive_token_share": _share(last["tokens_adaptive"], same["tokens_flat"]),
+        },
         "tokens_saved": last["tokens_flat"] - last["tokens_adaptive"],
-        "adaptive_token_share": round(last["tokens_adaptive"] / last["tokens_flat"], 4)
-        if last["tokens_flat"]
-        else None,
+        "adaptive_token_share": _share(last["tokens_adaptive"], last["tokens_flat"]),
     }
+
+
+def _share(part: float, whole: float) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def _cost_point(
+    j: int, tokens: dict[str, dict[int, int]], kept_at: dict[str, list[int]], stop_after: int, n_train: int
+) -> dict[str, Any]:
+    """One point of the sampling-cost curve: after j samples per question (samples 0..j-1)."""
+    everything = [t for per_q in tokens.values() for t in per_q.values()]
+    overall = sum(everything) / len(everything) if everything else 0.0
+    covered, flat, adaptive, samples, estimated, exact = 0, 0.0, 0, 0, 0, True
+    for qid, per_q in tokens.items():
+        hits = sorted(kept_at.get(qid, []))
+        solved_by_j = bool(hits) and hits[0] < j
+        covered += solved_by_j
+        stop = hits[stop_after - 1] if len(hits) >= stop_after else None
+        mean = sum(per_q.values()) / len(per_q) if per_q else overall
+        drawn = [i for i in per_q if i < j]
+        exact &= solved_by_j or len(drawn) == j
+        estimated += j - len(drawn)
+        flat += sum(per_q[i] for i in drawn) + mean * (j - len(drawn))
+        adaptive += sum(per_q[i] for i in drawn if stop is None or i <= stop)
+        samples += j if stop is None else min(j, stop + 1)
+    return {
+        "samples_per_question": j,
+        "coverage": round(covered / n_train, 4) if n_train else 0.0,
+        "samples_flat": j * n_train,
+        "samples_adaptive": samples,
+        "tokens_flat": round(flat),
+        "tokens_adaptive": adaptive,
+        "exact": exact,
+        "estimated_samples": estimated,
+    }
+
+
+def plot_coverage(cost: dict[str, Any], path: Path) -> None:
+    """coverage.png: training questions with a verified rationale against teacher samples drawn, flat k
+    against adaptive (the data card's sampling_cost curve)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = cost["curve"]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=110)
+    cov = [100 * p["coverage"] for p in curve]
+    ax.plot([p["samples_flat"] for p in curve], cov, "o-", label="flat k = 1..K")
+    adaptive = f"adaptive (stop after {cost['stop_after']})"
+    ax.plot([p["samples_adaptive"] for p in curve], cov, "s--", label=adaptive)
+    ax.set_xlabel("teacher samples drawn")
+    ax.set_ylabel("training questions covered (%)")
+    ax.set_title("Coverage against teacher samples")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def chain_counts(records: list[dict]) -> dict[str, int]:

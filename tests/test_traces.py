@@ -77,6 +77,7 @@ def read_jsonl(p):
 def test_run_traces_writes_the_stage_files_and_an_honest_datacard(tmp_path, fake_teacher):
     out = run_traces(cfg(tmp_path), progress=False)
     assert sorted(p.name for p in out.iterdir()) == [
+        "coverage.png",
         "datacard.json",
         "kept.jsonl",
         "manifest.json",
@@ -399,8 +400,9 @@ def test_adaptive_stops_solved_questions_early_and_spends_the_rest_on_unsolved_o
 
 
 def test_adaptive_matches_flat_coverage_for_fewer_tokens_and_the_card_says_how_many(tmp_path, graded):
-    flat = run_traces(cfg(tmp_path / "f", n=30, heldout=6, samples=5), progress=False)
-    ada = run_traces(cfg(tmp_path / "a", n=30, heldout=6, adaptive=True, max_samples=5), progress=False)
+    # The teacher's last first-right sample is 4: coverage is flat from k=5 to k=6.
+    flat = run_traces(cfg(tmp_path / "f", n=30, heldout=6, samples=6), progress=False)
+    ada = run_traces(cfg(tmp_path / "a", n=30, heldout=6, adaptive=True, max_samples=6), progress=False)
     fc, ac = (json.loads((d / "datacard.json").read_text()) for d in (flat, ada))
     assert fc["coverage"] == ac["coverage"]
     flat_recs = {r["id"]: r["rationale"] for r in read_jsonl(flat / "traces.jsonl")}
@@ -417,6 +419,18 @@ def test_adaptive_matches_flat_coverage_for_fewer_tokens_and_the_card_says_how_m
     assert [p["coverage"] for p in f_cost["curve"]] == [p["coverage"] for p in a_cost["curve"]]
     curve = [p["coverage"] for p in f_cost["curve"]]
     assert curve == sorted(curve) and curve[0] < curve[-1] == fc["coverage"]
+    # Coverage against samples drawn: the adaptive run drew exactly what its curve's last point says.
+    last = a_cost["curve"][-1]
+    assert last["samples_adaptive"] == len(ada_recs) == f_cost["curve"][-1]["samples_adaptive"]
+    assert last["samples_flat"] == len(flat_recs) and all(p["exact"] for p in a_cost["curve"])
+    # Against the smallest flat k that reaches the same coverage, not just the largest one.
+    same = f_cost["flat_same_coverage"]
+    assert same["k"] == a_cost["flat_same_coverage"]["k"] == curve.index(curve[-1]) + 1 == 5
+    assert same["tokens"] == sum(
+        r["tokens"] for r in read_jsonl(flat / "traces.jsonl") if r["sample"] < same["k"]
+    )
+    assert same["adaptive_token_share"] == round(a_cost["adaptive"]["tokens"] / same["tokens"], 4)
+    assert (ada / "coverage.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_adaptive_stop_after_m_keeps_sampling_until_m_distinct_verified_rationales(tmp_path, graded):
@@ -451,6 +465,7 @@ def test_adaptive_respects_a_total_budget_spending_it_on_the_least_sampled_quest
     assert ad["questions_unfinished"] > 0 and card["teacher_errors"]["samples_missing"] == 0
     drawn = _drawn(out)
     assert len(drawn) == 24 and max(drawn.values()) - min(drawn.values()) <= 1  # rounds, not depth-first
+    assert not card["sampling_cost"]["curve"][-1]["exact"]  # unsolved questions short of 8 samples
     # The budget is spent: the same command resumes nothing and asks the teacher for nothing.
     run_traces(cfg(tmp_path, n=30, heldout=6, adaptive=True, max_samples=8, **budget), progress=False)
     assert len(graded) == 1 and len(read_jsonl(out / "traces.jsonl")) == len(recs)
