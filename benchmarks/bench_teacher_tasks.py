@@ -2,13 +2,15 @@
 
     python3 benchmarks/bench_teacher_tasks.py --n 96 --heldout 16 --k 8            # the candidate tasks below
     python3 benchmarks/bench_teacher_tasks.py --task 'rg:chain_sum?min_terms=4&max_terms=4' --k 8
+    python3 benchmarks/bench_teacher_tasks.py --set multistep --n 28 --heldout 4 --k 8   # one task each
 
 For each task: one traces run with a flat k samples per training question (nestling traces, the teacher's
 few-shot prompt, temperature 0.7), then, read off the same records (sample j has seed + j whichever way it
 is drawn): coverage (questions with a verified rationale) after 1..k samples, the share of samples right,
 and the teacher tokens adaptive sampling (a question stops at its first verified rationale) spends to reach
-the flat k's coverage. The traces stage is resumable, so a killed benchmark re-run continues. Writes
-benchmarks/results/teacher_tasks.json and a coverage-vs-tokens PNG.
+the flat k's coverage. The traces stage is resumable, so a killed benchmark re-run continues. Results are
+merged into benchmarks/results/teacher_tasks.json by task name (each with its own n, k and threads), and a
+coverage-vs-tokens PNG of every task in it is drawn beside it.
 """
 
 from __future__ import annotations
@@ -26,10 +28,20 @@ sys.path[:0] = [str(ROOT)]
 ONE_DIGIT = "min_digits=1&max_digits=1"
 BASIC = "operators=+,-,*&allow_parentheses=false&allow_negation=false"
 CANDIDATES = {
-    "two terms (today's default)": None,  # DEFAULT_TASK
+    "two terms (today's default)": None,  # the default mix's easy half (distill.tasks.EASY_PARTS)
     "three terms": f"mix:rg:basic_arithmetic?min_terms=3&max_terms=3&{ONE_DIGIT}&{BASIC},"
     f"rg:chain_sum?min_terms=3&max_terms=3&{ONE_DIGIT}",
 }
+# Candidates for the multi-step share of the default mix, measured one at a time.
+MULTISTEP = {
+    "basic_arithmetic 3 terms +-* (precedence)": "rg:basic_arithmetic?min_terms=3&max_terms=3"
+    f"&{ONE_DIGIT}&{BASIC}",
+    "basic_arithmetic 3 terms +-": f"rg:basic_arithmetic?min_terms=3&max_terms=3&{ONE_DIGIT}"
+    "&operators=+,-&allow_parentheses=false&allow_negation=false",
+    "chain_sum 3 terms": f"rg:chain_sum?min_terms=3&max_terms=3&{ONE_DIGIT}",
+    "chain_sum 2 two-digit terms": "rg:chain_sum?min_terms=2&max_terms=2&min_digits=2&max_digits=2",
+}
+SETS = {"candidates": CANDIDATES, "multistep": MULTISTEP}
 
 
 def cpu() -> dict:
@@ -66,6 +78,10 @@ def measure(task: str, out: Path, args: argparse.Namespace) -> dict:
         "rationales_per_s": card.get("rationales_per_s"),
         "mean_tokens": card.get("mean_tokens"),
         "seconds_this_run": round(time.perf_counter() - t0, 1),
+        "teacher_seconds": card["time"]["teacher_seconds"],
+        "n": args.n,
+        "heldout": args.heldout,
+        "threads": args.threads,
     }
 
 
@@ -89,10 +105,13 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    from nestling.distill.tasks import DEFAULT_TASK
+    from nestling.distill.tasks import EASY_PARTS
+
+    from nestling.core.manifest import fingerprint
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--task", action="append", help="task spec (repeatable; default: the candidates)")
+    ap.add_argument("--task", action="append", help="task spec (repeatable; default: --set's tasks)")
+    ap.add_argument("--set", default="candidates", choices=SETS, help="named tasks to measure")
     ap.add_argument("--n", type=int, default=96)
     ap.add_argument("--heldout", type=int, default=16)
     ap.add_argument("--k", type=int, default=8)
@@ -100,15 +119,20 @@ def main() -> None:
     ap.add_argument("--work", default="runs/bench_teacher_tasks")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "teacher_tasks.json"))
     args = ap.parse_args()
-    tasks = {t: t for t in args.task} if args.task else {k: v or DEFAULT_TASK for k, v in CANDIDATES.items()}
-    results = {}
-    for i, (name, task) in enumerate(tasks.items()):
-        results[name] = measure(task, Path(args.work) / f"task{i}", args)
-        print(json.dumps({name: {k: v for k, v in results[name].items() if k != "coverage_curve"}}, indent=1))
+    named = SETS[args.set]
+    easy = "mix:" + ",".join(EASY_PARTS)
+    tasks = {t: t for t in args.task} if args.task else {k: v or easy for k, v in named.items()}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"cpu": cpu(), "teacher": "gguf:smollm2", "n": args.n, "heldout": args.heldout, "k": args.k}
-    out.write_text(json.dumps({**meta, "tasks": results}, indent=1) + "\n")
+    old = json.loads(out.read_text()) if out.exists() else {}
+    results = dict(old.get("tasks", {}))
+    for name, task in tasks.items():
+        # The work directory is named by the task spec and sizes, so a re-run resumes the same traces.
+        work = Path(args.work) / f"{fingerprint([task, args.n, args.heldout, args.k])[:12]}"
+        results[name] = measure(task, work, args)
+        print(json.dumps({name: {k: v for k, v in results[name].items() if k != "coverage_curve"}}, indent=1))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"cpu": cpu(), "teacher": "gguf:smollm2"}
+        out.write_text(json.dumps({**old, **meta, "tasks": results}, indent=1) + "\n")
     plot(results, out.with_suffix(".png"))
 
 
