@@ -45,11 +45,24 @@ log = logging.getLogger(__name__)
 # questions each: basic_arithmetic (2 terms, operands 0-10, + - *) 82% of samples right, 92% of questions
 # with a kept rationale; chain_sum (2 one-digit terms) 63% / 82%. Division is left out: reasoning-gym's
 # division golds are mostly wrong (they are detected and dropped anyway).
-DEFAULT_TASK = (
-    "mix:rg:basic_arithmetic?min_terms=2&max_terms=2&min_digits=1&max_digits=1&operators=+,-,*"
-    "&allow_parentheses=false&allow_negation=false,"
-    "rg:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1"
+EASY_PARTS = (
+    "rg:basic_arithmetic?min_terms=2&max_terms=2&min_digits=1&max_digits=1&operators=+,-,*"
+    "&allow_parentheses=false&allow_negation=false",
+    "rg:chain_sum?min_terms=2&max_terms=2&min_digits=1&max_digits=1",
 )
+# The multi-step half: three one-digit terms, with operator precedence in basic_arithmetic (2 + 3 * 4 needs
+# the product first). Two-term items are one fact each, so a rationale cannot teach a procedure there. The
+# bundled teacher, 24 training questions each, k = 8 at T = 0.7 (benchmarks/results/teacher_tasks.json):
+# precedence 12.5% of questions verified after 1 sample, 41.7% after 8; chain_sum 12.5% / 37.5% (both
+# together, 80 questions: 11% / 32.5%). Greedy is far below pass@8, so verified samples hold more than the
+# teacher usually does; two-digit sums (8% / 25%) and four terms (the issue's 2% of samples) are harder.
+MULTISTEP_PARTS = (
+    "rg:basic_arithmetic?min_terms=3&max_terms=3&min_digits=1&max_digits=1&operators=+,-,*"
+    "&allow_parentheses=false&allow_negation=false",
+    "rg:chain_sum?min_terms=3&max_terms=3&min_digits=1&max_digits=1",
+)
+# Half easy (a curriculum the students can already learn), half multi-step; a mix splits n evenly.
+DEFAULT_TASK = "mix:" + ",".join(EASY_PARTS + MULTISTEP_PARTS)
 
 
 def normalize_question(q: str) -> str:
@@ -496,23 +509,62 @@ def trivial_baseline(
 def split_examples(
     examples: list[Example], heldout: int | float, seed: int = 0
 ) -> tuple[list[Example], list[Example]]:
-    """(train, heldout), disjoint by normalised question text; deterministic in seed.
+    """(train, heldout), disjoint by normalised question text and by arithmetic expression (a mix asks
+    "3 + 4" in several wordings, and a student must not see the held-out sum under another one);
+    deterministic in seed.
 
-    `heldout` < 1 is a fraction of the distinct questions, >= 1 a count.
+    `heldout` < 1 is a fraction of the groups of questions sharing a text or an expression (the distinct
+    questions), >= 1 a count of questions: whole groups go to one side, the held-out side filled up to the
+    count (exactly, unless only groups larger than the remainder are left).
     """
     if heldout < 0:
         raise NestlingError(f"heldout {heldout}: must be >= 0 (a fraction < 1 or a count)")
-    groups: dict[str, list[Example]] = {}
-    for ex in examples:
-        groups.setdefault(normalize_question(ex.question), []).append(ex)
+    groups = _overlap_groups(examples)
     keys = sorted(groups)
     random.Random(seed).shuffle(keys)
-    count = round(heldout * len(keys)) if heldout < 1 else int(heldout)
-    if count > len(keys):
-        raise NestlingError(
-            f"heldout {heldout}: more than the {len(keys)} distinct questions; lower it or raise n"
-        )
-    held_keys = set(keys[:count])
-    train = [ex for ex in examples if normalize_question(ex.question) not in held_keys]
-    held = [ex for ex in examples if normalize_question(ex.question) in held_keys]
+    if heldout < 1:
+        held_ids = {id(ex) for key in keys[: round(heldout * len(keys))] for ex in groups[key]}
+    else:
+        count = int(heldout)
+        if count > len(examples):
+            raise NestlingError(
+                f"heldout {heldout}: more than the {len(examples)} distinct questions; lower it or raise n"
+            )
+        held_ids = set()
+        for key in keys:
+            if len(held_ids) + len(groups[key]) <= count:
+                held_ids.update(id(ex) for ex in groups[key])
+            if len(held_ids) == count:
+                break
+    train = [ex for ex in examples if id(ex) not in held_ids]
+    held = [ex for ex in examples if id(ex) in held_ids]
     return train, held
+
+
+def _overlap_groups(examples: list[Example]) -> dict[str, list[Example]]:
+    """Examples joined when they share a normalised question or expression (union-find over both keys),
+    keyed by the group's smallest normalised question."""
+    parent: dict[str, str] = {}
+
+    def root(k: str) -> str:
+        while parent.setdefault(k, k) != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    def keys(ex: Example) -> list[str]:
+        out = ["q:" + normalize_question(ex.question)]
+        expr = (ex.meta or {}).get("expression")
+        if isinstance(expr, str) and expr.strip():
+            out.append("e:" + "".join(expr.split()))
+        return out
+
+    for ex in examples:
+        first, *rest = keys(ex)
+        for k in rest:
+            parent[root(k)] = root(first)
+        root(first)
+    groups: dict[str, list[Example]] = {}
+    for ex in examples:
+        groups.setdefault(root(keys(ex)[0]), []).append(ex)
+    return {min(normalize_question(e.question) for e in g): g for g in groups.values()}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from nestling.distill.tasks import (
@@ -209,3 +210,34 @@ def test_trivial_baseline_is_per_task_and_scored_by_the_task():
     assert base["train_accuracy"] == pytest.approx(3 / 4)  # the gold-less row is not graded
     assert base["heldout_accuracy"] == base["accuracy"] == pytest.approx(2 / 4)
     assert base["n"] == 4
+
+
+def test_split_keeps_one_expression_on_one_side_whatever_its_wording():
+    wordings = ("What is {}?", "Calculate {}.", "Solve: {} =")
+    ex = [
+        Example(f"q{i:06d}", "t", w.format(f"{i} + 1"), str(i + 1), {"expression": f"{i} + 1"})
+        for i in range(40)
+        for w in wordings[: 1 + i % 3]
+    ]
+    train, held = split_examples(ex, 20, seed=3)
+    assert len(held) == 20 and len(train) == len(ex) - 20
+    assert {e.meta["expression"] for e in train}.isdisjoint({e.meta["expression"] for e in held})
+    # Only the expression ties these: "3+1" and "3 + 1" are one expression.
+    twins = [Example("a", "t", "Add 3 and 1.", "4", {"expression": "3+1"}), *ex]
+    tr, he = split_examples(twins, 0.5, seed=0)
+    assert ("3 + 1" in {e.meta["expression"] for e in he}) == (twins[0] in he)
+
+
+def test_the_default_mix_is_half_multi_step_with_200_disjoint_held_out_questions():
+    from nestling.distill.traces import TracesConfig
+
+    cfg = TracesConfig()
+    task = load_task(cfg.task)
+    ex = task.examples(cfg.n, cfg.seed)
+    train, held = split_examples(ex, cfg.heldout, cfg.seed)
+    assert len(held) >= 200 and len(ex) == cfg.n
+    for key in (lambda e: normalize_question(e.question), lambda e: "".join(e.meta["expression"].split())):
+        assert {key(e) for e in train}.isdisjoint({key(e) for e in held})
+    terms = [len(re.findall(r"\d+", e.meta["expression"])) for e in held]
+    assert terms.count(3) >= 90 and terms.count(2) >= 90  # a multi-step half and the easy curriculum
+    assert all(task.score(e.gold, e) for e in held)
