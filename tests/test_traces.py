@@ -528,6 +528,12 @@ def test_distill_and_run_stop_after_traces_when_the_teacher_cannot_do_the_task(t
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: traces: the teacher") and "0 of 10 training questions" in err[-1]
         assert "--min-coverage" in err[-1] and (out / "traces" / "kept.jsonl").exists()
+    # `run` samples adaptively by default (up to 6 per question), `distill` a flat --samples.
+    run_traces_cfg = read_manifest(tmp_path / "run" / "traces")["config"]
+    assert run_traces_cfg["adaptive"] and run_traces_cfg["max_samples"] == 6
+    assert "adaptive" not in read_manifest(tmp_path / "distill" / "traces")["config"]
+    card = json.loads((tmp_path / "run" / "traces" / "datacard.json").read_text())
+    assert card["adaptive"]["questions_never_solved"] == 10 and card["records"] == 60
     assert (
         nestling_cli.main([*args[:-1], str(tmp_path / "run0"), "--min-coverage", "0.5", "--students", "tiny"])
         == 2
