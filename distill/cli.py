@@ -3,6 +3,7 @@ config dataclass) is nestling/cli.py; heavy imports stay inside these functions.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -68,6 +69,12 @@ def traces_main(cfg: TracesConfig) -> int:
         f"{card['kept']} rationales; {card['questions_covered']} questions "
         f"({pct(card['coverage'])} of train)",
     )
+    by_task = card.get("coverage_by_task") or {}
+    if len(by_task) > 1:
+        table.add_row(
+            "kept by task",
+            "; ".join(f"{pct(v['coverage'])} of {v['train']} {_short_task(k)}" for k, v in by_task.items()),
+        )
     ad, cost = card.get("adaptive"), card.get("sampling_cost") or {}
     if ad:
         table.add_row(
@@ -98,6 +105,13 @@ def traces_main(cfg: TracesConfig) -> int:
     )
     Console().print(table)
     return 0
+
+
+def _short_task(spec: str) -> str:
+    """rg:chain_sum?min_terms=3&max_terms=3&... -> rg:chain_sum (3 terms): tells a mix's parts apart."""
+    name, _, query = spec.partition("?")
+    terms = re.search(r"(?:^|&)max_terms=(\d+)", query)
+    return f"{name} ({terms.group(1)} terms)" if terms else name
 
 
 def train_main(cfg: TrainConfig) -> int:

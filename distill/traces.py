@@ -450,6 +450,7 @@ def run_traces(cfg: TracesConfig, progress: bool = True) -> Path:
     baseline = trivial_baseline(train, held, task.score)
     card = datacard(cfg, train, held, task_stats, records, fstats, wall, store.repaired_bytes, baseline)
     card["sampling_cost"] = sampling_cost(records, train, cfg)
+    card["coverage_by_task"] = coverage_by_task(kept, train)
     if adaptive is not None:
         card["adaptive"] = adaptive
     errors = writer.errors
@@ -889,6 +890,19 @@ def _cost_point(
         "exact": exact,
         "estimated_samples": estimated,
     }
+
+
+def coverage_by_task(kept: list[dict], train: list[Example]) -> dict[str, dict[str, Any]]:
+    """Per task of a mix (the easy and the multi-step parts): training questions and the share covered."""
+    covered = {row["qid"] for row in kept}
+    out: dict[str, dict[str, Any]] = {}
+    for ex in train:
+        entry = out.setdefault(ex.task, {"train": 0, "covered": 0})
+        entry["train"] += 1
+        entry["covered"] += ex.id in covered
+    for entry in out.values():
+        entry["coverage"] = round(entry["covered"] / entry["train"], 4)
+    return out
 
 
 def plot_coverage(cost: dict[str, Any], path: Path) -> None:

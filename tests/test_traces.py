@@ -250,6 +250,16 @@ def test_cli_prints_a_summary_table(tmp_path, capsys, fake_teacher):
     assert code == 0
     out = capsys.readouterr().out
     assert "right answer, wrong steps" in out and "4 removed" in out and "filter steps" in out
+    assert "coverage curve" in out and "k=4 100.0%" in out.replace("\n", " ")
+
+
+def test_cli_shows_a_mix_by_part_and_the_adaptive_cost(tmp_path, capsys, graded):
+    three = EASY.replace("min_terms=2&max_terms=2", "min_terms=3&max_terms=3")
+    args = ["traces", "--task", f"mix:{EASY},{three}", "--n", "12", "--heldout", "2", "--adaptive"]
+    assert nestling_cli.main([*args, "--max-samples", "3", "--out", str(tmp_path / "r")]) == 0
+    out = re.sub(r"[\s│]+", " ", capsys.readouterr().out)  # the table wraps long cells
+    assert "(2 terms)" in out and "(3 terms)" in out and "kept by task" in out
+    assert re.search(r"vs [\d,]+ for the flat k=\d that reaches the same coverage", out)
 
 
 @pytest.mark.slow
@@ -534,6 +544,7 @@ def test_distill_and_run_stop_after_traces_when_the_teacher_cannot_do_the_task(t
     assert "adaptive" not in read_manifest(tmp_path / "distill" / "traces")["config"]
     card = json.loads((tmp_path / "run" / "traces" / "datacard.json").read_text())
     assert card["adaptive"]["questions_never_solved"] == 10 and card["records"] == 60
+    assert card["coverage_by_task"] == {EASY: {"train": 10, "covered": 0, "coverage": 0.0}}
     assert (
         nestling_cli.main([*args[:-1], str(tmp_path / "run0"), "--min-coverage", "0.5", "--students", "tiny"])
         == 2
