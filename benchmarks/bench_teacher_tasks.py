@@ -3,6 +3,7 @@
     python3 benchmarks/bench_teacher_tasks.py --n 96 --heldout 16 --k 8            # the candidate tasks below
     python3 benchmarks/bench_teacher_tasks.py --task 'rg:chain_sum?min_terms=4&max_terms=4' --k 8
     python3 benchmarks/bench_teacher_tasks.py --set multistep --n 28 --heldout 4 --k 8   # one task each
+    python3 benchmarks/bench_teacher_tasks.py --set default --adaptive --k 6 --n 72 --heldout 8  # as run does
 
 For each task: one traces run with a flat k samples per training question (nestling traces, the teacher's
 few-shot prompt, temperature 0.7), then, read off the same records (sample j has seed + j whichever way it
@@ -41,7 +42,7 @@ MULTISTEP = {
     "chain_sum 3 terms": f"rg:chain_sum?min_terms=3&max_terms=3&{ONE_DIGIT}",
     "chain_sum 2 two-digit terms": "rg:chain_sum?min_terms=2&max_terms=2&min_digits=2&max_digits=2",
 }
-SETS = {"candidates": CANDIDATES, "multistep": MULTISTEP}
+SETS = {"candidates": CANDIDATES, "multistep": MULTISTEP, "default": {"default mix": "DEFAULT"}}
 
 
 def cpu() -> dict:
@@ -54,9 +55,11 @@ def cpu() -> dict:
 def measure(task: str, out: Path, args: argparse.Namespace) -> dict:
     from nestling.distill.traces import TracesConfig, run_traces
 
-    cfg = TracesConfig(
-        task=task, samples=args.k, n=args.n, heldout=args.heldout, out=str(out), threads=args.threads
-    )
+    sizes = {"n": args.n, "heldout": args.heldout, "out": str(out), "threads": args.threads}
+    if args.adaptive:  # what a run spends: rounds over the unsolved questions, up to k each
+        cfg = TracesConfig(task=task, samples=max(1, args.k // 2), adaptive=True, max_samples=args.k, **sizes)
+    else:
+        cfg = TracesConfig(task=task, samples=args.k, **sizes)
     t0 = time.perf_counter()
     traces = run_traces(cfg, progress=True)
     card = json.loads((traces / "datacard.json").read_text())
@@ -82,6 +85,12 @@ def measure(task: str, out: Path, args: argparse.Namespace) -> dict:
         "n": args.n,
         "heldout": args.heldout,
         "threads": args.threads,
+        "mode": "adaptive" if args.adaptive else "flat",
+        "coverage": card["coverage"],
+        "coverage_by_task": card.get("coverage_by_task"),
+        "samples_drawn": card["records"],
+        "teacher_tokens": card["time"]["tokens"],
+        **({"adaptive": card["adaptive"]} if args.adaptive else {}),
     }
 
 
@@ -105,7 +114,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
-    from nestling.distill.tasks import EASY_PARTS
+    from nestling.distill.tasks import DEFAULT_TASK, EASY_PARTS
 
     from nestling.core.manifest import fingerprint
 
@@ -116,18 +125,21 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=16)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--adaptive", action="store_true", help="sample adaptively up to --k (as `run` does)")
     ap.add_argument("--work", default="runs/bench_teacher_tasks")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "teacher_tasks.json"))
     args = ap.parse_args()
     named = SETS[args.set]
     easy = "mix:" + ",".join(EASY_PARTS)
-    tasks = {t: t for t in args.task} if args.task else {k: v or easy for k, v in named.items()}
+    named = {k: DEFAULT_TASK if v == "DEFAULT" else v or easy for k, v in named.items()}
+    tasks = {t: t for t in args.task} if args.task else named
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.exists() else {}
     results = dict(old.get("tasks", {}))
     for name, task in tasks.items():
         # The work directory is named by the task spec and sizes, so a re-run resumes the same traces.
-        work = Path(args.work) / f"{fingerprint([task, args.n, args.heldout, args.k])[:12]}"
+        work = Path(args.work) / f"{fingerprint([task, args.n, args.heldout, args.k, args.adaptive])[:12]}"
+        name = f"{name} (adaptive up to {args.k})" if args.adaptive else name
         results[name] = measure(task, work, args)
         print(json.dumps({name: {k: v for k, v in results[name].items() if k != "coverage_curve"}}, indent=1))
         out.parent.mkdir(parents=True, exist_ok=True)
