@@ -5,7 +5,8 @@
 
 The labelled set (tests/grounding_set.py) is built from the shapes models write explanations in and from
 controlled corruptions of correct chains (an operand swapped, an operator changed, a result from nowhere, an
-answer that differs from the last result, a false step). Precision: of the chains called complete, the share
+answer that differs from the last result, a false step), and of place-value decomposed chains (a wrong part,
+parts that do not sum to the stated number, a part left out, a recombination that skips a part's product). Precision: of the chains called complete, the share
 that are correct; recall: of the correct chains, the share called complete; both leave out the blind spot
 the set names (an operator changed in a word problem: grounding checks where numbers come from, not which
 operation the words ask for), which is reported on its own. With --traces, the records of a real traces

@@ -3,10 +3,14 @@ latency per answer, greedy vs plain sampling vs resample-until-complete, side by
 
     OMP_NUM_THREADS=1 python3 benchmarks/bench_serve_verify.py --export runs/default/exports/smollm2
     OMP_NUM_THREADS=1 python3 benchmarks/bench_serve_verify.py        # a tiny student trained here (~2 min)
+    OMP_NUM_THREADS=1 python3 benchmarks/bench_serve_verify.py --export RUN/exports/smollm2-c30-w768 \
+        --questions RUN/traces/questions.jsonl -n 200 --out benchmarks/results/serve_verify_compact.json
 
 A complete explanation (``complete_share``) has every step grounded in the question or unchecked and an
 answer the steps derive (core.explain.ground); ``verified_share`` counts only the arithmetic of the checked
-steps. Writes benchmarks/results/serve_verify.json. Questions: one-digit sums and differences (the tiny
+steps. With --export, the teacher's shares come from the run's teacher_eval.json beside it (greedy). Each
+run also gives its latency against greedy's and why its incomplete explanations are incomplete. Writes
+benchmarks/results/serve_verify.json. Questions: one-digit sums and differences (the tiny
 student's task) unless --export's manifest names a task this script cannot draw; then pass --questions
 FILE.jsonl with {"question", "answer"} lines.
 """
@@ -15,14 +19,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def cpu() -> dict:
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
+    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
+    return {"model": model, "avx512": "avx512f" in flags}
 
 
 def trained_export(cache: Path) -> Path:
@@ -43,32 +56,54 @@ def trained_export(cache: Path) -> Path:
 
 
 def questions(path: Path | None, n: int) -> list[tuple[str, str]]:
+    """{question, answer} lines, or a run's traces/questions.jsonl ({question, gold, split}: held-out)."""
     if path is not None:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return [(r["question"], str(r["answer"])) for r in rows][:n]
+        rows = [r for r in rows if r.get("split", "heldout") == "heldout"]
+        return [(r["question"], str(r["answer"] if "answer" in r else r["gold"])) for r in rows][:n]
     from conftest import arithmetic_rows
 
     return arithmetic_rows(n, seed=999)
 
 
-def run(r, rows: list[tuple[str, str]], **kw) -> dict:
-    """Accuracy, share verified, tries and latency over the rows (one call at a time: latency per answer)."""
-    right, verified, complete, tries, secs = 0, 0, 0, [], []
+def run(r, rows: list[tuple[str, str]], max_tokens: int, **kw) -> dict:
+    """Accuracy, share verified and complete, tries and latency over the rows (one call at a time: latency
+    per answer), and why the incomplete explanations are incomplete."""
+    from nestling.core.explain import answers_match, ground, parse_steps
+
+    right, verified, complete, cut, tries, secs = 0, 0, 0, 0, [], []
+    reasons: Counter[str] = Counter()
     for q, gold in rows:
         t0 = time.perf_counter()
-        a = r.ask(q, max_tokens=48, **kw)
+        a = r.ask(q, max_tokens=max_tokens, **kw)
         secs.append(time.perf_counter() - t0)
-        right += a.answer == gold
+        right += answers_match(a.answer, gold)
         verified += a.verified is True
         complete += a.complete is True
+        cut += a.finish_reason == "length"
         tries.append(a.tries)
+        if a.complete is not True:
+            why = ground(q, parse_steps(a.text), a.answer, r.task).reason or "grounding not asked"
+            reasons[re.sub(r"\bstep \d+", "step n", why)] += 1
     n = len(rows)
     return {
         "accuracy": right / n, "verified_share": verified / n, "complete_share": complete / n,
-        "mean_tries": statistics.mean(tries),
+        "cut_at_max_tokens": cut / n, "mean_tries": statistics.mean(tries),
         "latency_ms_mean": 1000 * statistics.mean(secs), "latency_ms_p50": 1000 * statistics.median(secs),
         "latency_ms_max": 1000 * max(secs), "questions": n,
+        "incomplete_reasons": dict(reasons.most_common()),
     }  # fmt: skip
+
+
+def teacher_share(export: Path) -> dict | str:
+    """The teacher's figures from the run the export came from (its eval: greedy, the teacher's own engine
+    and prompt, the same held-out questions); serving the teacher here would take its own engine."""
+    path = export.resolve().parents[1] / "teacher_eval.json"
+    if not path.is_file():
+        return f"no {path}"
+    e = json.loads(path.read_text())["result"]["explain"]
+    keys = ("accuracy", "steps_all_right", "complete", "ungrounded", "n")
+    return {"source": str(path), **{k: e.get(k) for k in keys}}
 
 
 def main() -> None:
@@ -79,6 +114,7 @@ def main() -> None:
     )
     ap.add_argument("-n", type=int, default=100, help="questions")
     ap.add_argument("--tries", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--max-tokens", type=int, default=48, help="per generation (48: the previous figures')")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "nestling-bench")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_verify.json")
     args = ap.parse_args()
@@ -90,7 +126,9 @@ def main() -> None:
 
     export = args.export or trained_export(args.cache)
     rows = questions(args.questions, args.n)
-    results: dict = {"export": str(export), "temperature": VERIFY_TEMPERATURE, "runs": {}}
+    results: dict = {
+        "export": str(export), "temperature": VERIFY_TEMPERATURE, "max_tokens": args.max_tokens, "runs": {},
+    }  # fmt: skip
     with Reasoner.load(export, engine="gguf") as r:
         results["variant"] = r.variant
         r.ask(rows[0][0])  # warm-up
@@ -100,8 +138,14 @@ def main() -> None:
         }
         configs.update({f"verify {k}": {"verify": k, "sampling": SamplingParams(seed=0)} for k in args.tries})
         for name, kw in configs.items():
-            results["runs"][name] = run(r, rows, **kw)
+            results["runs"][name] = run(r, rows, args.max_tokens, **kw)
             print(f"{name:16s} {json.dumps(results['runs'][name])}", flush=True)
+    greedy = results["runs"]["greedy"]["latency_ms_mean"]
+    for res in results["runs"].values():
+        res["latency_vs_greedy"] = round(res["latency_ms_mean"] / greedy, 3)
+    if args.export:
+        results["teacher"] = teacher_share(args.export)
+    results["cpu"] = cpu()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, results)
     print(f"[bench_serve_verify] wrote {args.out}")

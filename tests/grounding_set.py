@@ -6,8 +6,11 @@
 Correct chains come in the shapes models write them (the teacher's "Step n:" format, free-form sentences,
 words for operations and numbers, LaTeX, markdown, running totals, units in word problems); corruptions
 are controlled edits of a correct chain: an operand swapped for another number, an operator changed, a
-result copied from nowhere, an answer that differs from the last result, a false step. Each item is
-labelled complete (True) only when it is a correct chain.
+result copied from nowhere, an answer that differs from the last result, a false step. Decomposed chains
+(23 * 4 worked as 20 * 4 = 80, 3 * 4 = 12, 80 + 12 = 92; 47 + 38 as 47 + 30 = 77, 77 + 8 = 85) come with
+their own corruptions: a wrong part, parts that do not sum to the stated number, a part left out, a
+recombination that adds the part instead of its product. Each item is labelled complete (True) only when
+it is a correct chain.
 
 ``BLIND_SPOTS`` are the corruptions grounding cannot see by construction (it checks where numbers come
 from, not which operation a word problem's words ask for): they are measured and reported apart.
@@ -30,8 +33,9 @@ class Item:
     text: str
     answer: str
     label: bool  # True: a correct chain (should be complete)
-    family: str  # arithmetic | chain | word
-    # correct | operand_swapped | operator_changed | result_from_nowhere | answer_differs | false_step
+    family: str  # arithmetic | chain | word | place (place-value decomposition)
+    # correct | operand_swapped | operator_changed | result_from_nowhere | answer_differs | false_step;
+    # place: wrong_part | parts_do_not_sum | part_left_out | recombination_skips_a_part
     kind: str
 
 
@@ -189,12 +193,83 @@ def _word(rng: random.Random) -> list[Item]:
     return items
 
 
+def _place_mul_text(rng: random.Random, a: int, b: int, parts: list[int], recombine: bool = True) -> str:
+    """23 * 4 worked in place-value parts: 20 * 4 = 80, 3 * 4 = 12, 80 + 12 = 92 (``parts`` as written)."""
+    partial = [p * b for p in parts]
+    total = " + ".join(map(str, partial))
+    r = sum(partial)
+    shape = rng.randrange(4)
+    if shape == 0:
+        lines = [f"Step {i}: {p} * {b} = {p * b}" for i, p in enumerate(parts, 1)]
+        if recombine:
+            lines.append(f"Step {len(parts) + 1}: {total} = {r}")
+        return "\n".join(lines) + f"\nAnswer: {r if recombine else partial[0]}"
+    if shape == 1:
+        split = " and ".join(map(str, parts))
+        body = " ".join(f"{p} * {b} = {p * b}." for p in parts)
+        end = f" Then {total} = {r}." if recombine else ""
+        return f"Break {a} into {split}. {body}{end}\nAnswer: {r if recombine else partial[0]}"
+    if shape == 2 and recombine:
+        expanded = " + ".join(f"{p} * {b}" for p in parts)
+        written = " + ".join(map(str, parts))
+        return f"{a} * {b} = ({written}) * {b} = {expanded} = {total} = {r}\nAnswer: {r}"
+    body = " ".join(f"{b} times {p} is {p * b}." for p in parts)
+    end = f" Adding them, {total.replace('+', 'plus')} equals {r}." if recombine else ""
+    return f"Sure! {body}{end}\nAnswer: {r if recombine else partial[0]}"
+
+
+def _place(rng: random.Random) -> list[Item]:
+    """Decomposed chains: 23 * 4 in place-value parts, 47 + 38 as 47 + 30 then + 8, and their corruptions."""
+    a, b = rng.randint(11, 99), rng.randint(2, 9)
+    while a % 10 == 0:
+        a = rng.randint(11, 99)
+    tens, units = a - a % 10, a % 10
+    if rng.random() < 0.5:
+        q = f"Calculate {a} * {b}."
+    else:
+        q = f"A box holds {a} pencils. How many pencils are in {b} boxes?"
+
+    def item(text: str, label: bool, kind: str) -> Item:
+        from nestling.core.explain import extract_answer
+
+        return Item(q, text, extract_answer(text) or "", label, "place", kind)
+
+    items = [item(_place_mul_text(rng, a, b, [tens, units]), True, "correct")]
+    wrong_tens = tens + 10 if tens < 90 else tens - 10
+    items.append(item(_place_mul_text(rng, a, b, [wrong_tens, units]), False, "wrong_part"))
+    off = _other(rng, {units, 0, b} if units != b else {units, 0}, 1, 9)
+    items.append(item(_place_mul_text(rng, a, b, [tens, off]), False, "parts_do_not_sum"))
+    items.append(item(_place_mul_text(rng, a, b, [tens, units], recombine=False), False, "part_left_out"))
+    # the recombination adds the part itself, not its product: 20 * 4 = 80, 80 + 3 = 83
+    skip = f"Step 1: {tens} * {b} = {tens * b}\nStep 2: {tens * b} + {units} = {tens * b + units}"
+    items.append(item(f"{skip}\nAnswer: {tens * b + units}", False, "recombination_skips_a_part"))
+    r = a * b
+    d = r + rng.choice([-10, -1, 1, 10])
+    right = _place_mul_text(rng, a, b, [tens, units])
+    items.append(item(right.rsplit("Answer:", 1)[0] + f"Answer: {d}", False, "answer_differs"))
+    bad = f"Step 1: {tens} * {b} = {tens * b}\nStep 2: {units} * {b} = {units * b + 1}"
+    bad += f"\nStep 3: {tens * b} + {units * b + 1} = {r + 1}\nAnswer: {r + 1}"
+    items.append(item(bad, False, "false_step"))
+    # addition taking the second addend's parts in turn: 47 + 30 = 77, 77 + 8 = 85
+    x = rng.randint(11, 99)
+    qa = f"Calculate {x} + {a}."
+    turn = f"Step 1: {x} + {tens} = {x + tens}\nStep 2: {x + tens} + {units} = {x + a}\nAnswer: {x + a}"
+    items.append(Item(qa, turn, str(x + a), True, "place", "correct"))
+    u2 = _other(rng, {units, 0}, 1, 9)
+    wrong = f"Step 1: {x} + {tens} = {x + tens}\nStep 2: {x + tens} + {u2} = {x + tens + u2}"
+    items.append(Item(qa, f"{wrong}\nAnswer: {x + tens + u2}", str(x + tens + u2), False, "place",
+                      "parts_do_not_sum"))  # fmt: skip
+    half = f"Step 1: {x} + {tens} = {x + tens}\nAnswer: {x + tens}"
+    items.append(Item(qa, half, str(x + tens), False, "place", "part_left_out"))
+    return items
+
+
 def labelled_set(seed: int = 0, per_family: int = 40) -> list[Item]:
-    """Deterministic: the same seed gives the same items. 40 per family: about 700 items, 120 correct."""
+    """Deterministic: the same seed gives the same items. 40 per family: about 1,100 items, 240 correct."""
     rng = random.Random(seed)
     items: list[Item] = []
     for _ in range(per_family):
-        items += _arithmetic(rng) + _chain(rng) + _word(rng)
+        items += _arithmetic(rng) + _chain(rng) + _word(rng) + _place(rng)
     return items
 
 

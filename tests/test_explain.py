@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import pytest
 
 from nestling.core.explain import (
@@ -19,6 +21,8 @@ from nestling.core.explain import (
     grounding_applies,
     letter_count_claims,
     parse_steps,
+    place_value_part,
+    place_value_split,
     register_step_checker,
     safe_eval,
 )
@@ -215,6 +219,57 @@ def test_every_step_is_marked_against_the_question(question, text, statuses, com
     assert (e.reason is None) is complete
 
 
+Q23 = "Calculate 23 * 4."
+BOX = "A box holds 23 pens. How many pens in {} boxes?"
+
+
+@pytest.mark.parametrize(
+    "question, text, complete",
+    [
+        (Q23, "Break it down. 20 * 4 = 80. 3 * 4 = 12. Then 80 + 12 = 92.\nAnswer: 92", True),
+        (Q23, "Break 23 into 20 and 3. 4 * 20 = 80. 4 * 3 = 12. 80 + 12 = 92.\nAnswer: 92", True),
+        (Q23, "20 + 3 = 23. 20 * 4 = 80. 3 * 4 = 12. 80 + 12 = 92.\nAnswer: 92", True),
+        (Q23, "23 * 4 = (20 + 3) * 4 = 20 * 4 + 3 * 4 = 80 + 12 = 92\nAnswer: 92", True),
+        (BOX.format(3), "20 * 3 = 60. 3 * 3 = 9. 60 + 9 = 69.\nAnswer: 69", True),
+        ("Calculate 47 + 38.", "47 + 30 = 77. 77 + 8 = 85.\nAnswer: 85", True),
+        ("Calculate 85 - 38.", "85 - 30 = 55. 55 - 8 = 47.\nAnswer: 47", True),
+        ("Calculate 84 / 4.", "80 / 4 = 20. 4 / 4 = 1. 20 + 1 = 21.\nAnswer: 21", True),
+        ("Calculate 125 * 4.", "100 * 4 = 400. 25 * 4 = 100. 400 + 100 = 500.\nAnswer: 500", True),
+        ("Calculate 23 * 14.", "23 * 10 = 230. 23 * 4 = 92. 230 + 92 = 322.\nAnswer: 322", True),
+        # a wrong part, parts that do not sum to 23, overlapping digits, a part left out, a recombination
+        # that adds the part instead of its product, a split of a number the question does not state
+        (Q23, "30 * 4 = 120. 3 * 4 = 12. 120 + 12 = 132.\nAnswer: 132", False),
+        (Q23, "Break 23 into 20 and 4. 20 * 4 = 80. 4 * 4 = 16. 80 + 16 = 96.\nAnswer: 96", False),
+        (BOX.format(4), "20 * 4 = 80. 4 * 4 = 16. 80 + 16 = 96.\nAnswer: 96", False),
+        (Q23, "13 * 4 = 52. 10 * 4 = 40. 52 + 40 = 92.\nAnswer: 92", False),
+        (Q23, "20 * 4 = 80. 3 * 4 = 12.\nAnswer: 80", False),
+        (Q23, "20 * 4 = 80. 80 + 3 = 83.\nAnswer: 83", False),
+        ("Calculate 47 + 38.", "47 + 30 = 77.\nAnswer: 77", False),
+        ("Calculate 47 + 38.", "47 + 30 = 77. 77 + 9 = 86.\nAnswer: 86", False),
+        ("Calculate 24 * 4.", "20 * 4 = 80. 3 * 4 = 12. 80 + 12 = 92.\nAnswer: 92", False),
+    ],
+)  # fmt: skip
+def test_place_value_parts_are_grounded_only_as_an_exact_split_recombined(question, text, complete):
+    _, e = marks(question, text)
+    assert e.complete is complete, (e.reason, [(s.text, s.status, s.reason) for s in e.steps])
+
+
+def test_a_split_that_never_closes_names_the_part_and_its_number():
+    got, e = marks(BOX.format(4), "20 * 4 = 80. 3 * 4 = 12.\nAnswer: 12")
+    assert got == ["ungrounded", "ungrounded"] and not e.complete
+    why = "20 is a place-value part of 23, but the parts are not all used and recombined"
+    assert e.steps[0].reason == why
+    assert place_value_split([Fraction(100), Fraction(25)], Fraction(125))
+    assert not place_value_split([Fraction(13), Fraction(10)], Fraction(23))
+    assert not place_value_split([Fraction(20), Fraction(4)], Fraction(23))
+    assert place_value_part(Fraction(20), Fraction(123)) and not place_value_part(Fraction(2), Fraction(23))
+
+
+def test_a_stated_number_is_never_cut_short():
+    # "20 * 4 + 3 * 4 = 80 + 12": the claim is not "= 8" (a false claim on a correct chain)
+    assert [c.stated for c in check_step("20 * 4 + 3 * 4 = 80 + 12 = 92").claims if c.stated == "8"] == []
+
+
 def test_reasons_name_the_number_from_nowhere_and_the_question_asked():
     _, e = marks("Calculate 7 - 3.", "Step 1: 7 - 2 = 5\nAnswer: 5")
     assert e.steps[0].reason == "7 - 2: 2 is not in the question or an earlier step"
@@ -282,5 +337,9 @@ def test_the_checker_as_a_classifier_on_a_labelled_set():
         "false_step",
     ):
         assert s["by_kind"][f"arithmetic/{kind}"]["called_complete"] <= 0.01
+    # decomposed chains: grounded when the parts split a stated number and are recombined, else not
+    assert s["by_kind"]["place/correct"]["called_complete"] >= 0.95
+    for kind in ("wrong_part", "parts_do_not_sum", "part_left_out", "recombination_skips_a_part"):
+        assert s["by_kind"][f"place/{kind}"]["called_complete"] == 0.0
     # the blind spot is measured, not hidden: a word problem's operation is not checked against its words
     assert s["blind_spots"] == ["word/operator_changed"] and "word/operator_changed" in s["by_kind"]

@@ -220,9 +220,8 @@ def test_long_chains_are_kept_checked_and_both_styles_stored():
             "correct": True,
         },
     ]
-    # Arithmetic checks only: the chain breaks 23 into 20 + 3, numbers the question does not state, which the
-    # grounded filter (the default) drops; that is tested with the grounding set, this is about length.
-    kept, stats = filter_traces(records, examples, FilterConfig(grounding="checked"))
+    # The default filter keeps only grounded chains: 20 * 4 and 3 * 4 are grounded as 23's place-value parts.
+    kept, stats = filter_traces(records, examples, FilterConfig())
     assert [r["trace"] for r in kept] == ["q1:0"] and stats["right_answer_wrong_steps"] == 1
     row = kept[0]
     assert len(row["steps_full"]) > 20  # more than max_steps: a chain is not dropped for its length
@@ -232,11 +231,7 @@ def test_long_chains_are_kept_checked_and_both_styles_stored():
     )
     old = {"answer": "7", "steps": ["3 + 4 = 7"]}  # a row written before both styles were stored
     assert training_steps(old, "short") == ["3 + 4 = 7"]
-    kept, _ = filter_traces(
-        records[:1],
-        examples,
-        FilterConfig(style="short", grounding="checked"),
-    )
+    kept, _ = filter_traces(records[:1], examples, FilterConfig(style="short"))
     assert kept[0]["steps"] == kept[0]["steps_short"]
 
 

@@ -11,6 +11,7 @@ call the same functions here, so a user sees exactly the checks the training dat
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -321,7 +322,7 @@ _UNIT_WORD = re.compile(r"(\d)\s+[A-Za-z]+\b(?=\s*[-+*/=])")
 _EXPR = r"[-+(]*\s*\d[\d.\s+\-*/^()]*"
 # The stated value must end its equation: in "2 - 7 = 2 - 7 = -5" the claim is -5, not 2.
 _CLAIM = re.compile(
-    rf"(?=({_EXPR})=\s*([-+]?\s*\d+(?:\.\d+)?(?:\s*/\s*\d+)?)(?![\d.]*\s*[*/^]|\.\d|\s*[-+]\s*\(?\s*\d))"
+    rf"(?=({_EXPR})=\s*([-+]?\s*\d+(?:\.\d+)?(?:\s*/\s*\d+)?)(?![\d.]*\s*[*/^]|\.\d|\d|\s*[-+]\s*\(?\s*\d))"
 )
 
 
@@ -578,6 +579,8 @@ STEP_STATUSES = ("grounded", "false", "ungrounded", "unchecked")
 MAX_CHECKED_STEPS = 256
 MAX_STEP_CHARS = 400
 MAX_QUESTION_CHARS = 4000
+# Place-value splits followed at once (each closes with at most 8 parts): a real chain works one or two.
+MAX_SPLITS = 32
 
 _PLAIN_NUM = re.compile(r"(?<![\w.])\d+(?:\.\d+)?(?:/\d+)?(?![\w])")
 _STEP_REF = re.compile(r"(?i)\bsteps?\s+\d+")
@@ -682,6 +685,52 @@ class Explanation:
         return {**d, "steps": [s.to_dict() for s in self.steps]}
 
 
+def place_value_split(parts: Iterable[Fraction], n: Fraction) -> bool:
+    """``parts`` are an exact place-value split of ``n``: 23 -> 20 + 3, 125 -> 100 + 25 or 100 + 20 + 5; not
+    23 -> 13 + 10 or 18 + 5 (the parts' digits overlap) nor 20 + 4 (they do not sum to 23)."""
+    ps = sorted(parts, reverse=True)
+    if len(ps) < 2 or n.denominator != 1 or any(p.denominator != 1 or p <= 0 for p in ps) or sum(ps) != n:
+        return False
+    for hi, lo in itertools.pairwise(ps):
+        digits = str(hi.numerator)
+        if lo >= 10 ** (len(digits) - len(digits.rstrip("0"))):
+            return False  # lo reaches into hi's digits: no carry-free split
+    return True
+
+
+def place_value_part(p: Fraction, n: Fraction) -> bool:
+    """``p`` is one part of some place-value split of ``n``: 20 and 3 of 23, 25 of 125; not 23 of 23."""
+    if p.denominator != 1 or n.denominator != 1 or not 0 < p < n:
+        return False
+    pi, ni = p.numerator, n.numerator
+    digits = str(pi)
+    low = 10 ** (len(digits) - len(digits.rstrip("0")))
+    return any(ni % 10**k - ni % low == pi for k in range(len(str(low)), len(str(ni)) + 1))
+
+
+_BINARY = re.compile(r"^\s*(\d+)\s*([-+*/])\s*(\d+)\s*$")
+_PLUS_ONLY = re.compile(r"^\s*\d+(?:\s*\+\s*\d+)+\s*$")
+_PAREN_SUM = re.compile(r"\((\s*\d+(?:\s*\+\s*\d+)+\s*)\)")
+_TERMS = re.compile(r"^\s*\d+\s*([*/])\s*\d+(?:\s*\+\s*\d+\s*\1\s*\d+)+\s*$")
+
+
+@dataclass
+class _Split:
+    """A stated number worked in place-value parts, grounded only once the parts are used consistently.
+
+    ``op`` "*" or "/": each part meets the same ``other`` operand (23 * 4 as 20 * 4 and 3 * 4) and the
+    partial results are recombined by a sum (80 + 12). ``op`` "+" or "-": the parts are taken in turn
+    (47 + 38 as 47 + 30 = 77, then 77 + 8), ``other`` being the running result.
+    """
+
+    op: str
+    other: Fraction
+    parts: list[Fraction] = field(default_factory=list)
+    partials: list[Fraction] = field(default_factory=list)
+    steps: list[StepCheck] = field(default_factory=list)  # steps grounded only if the split closes
+    done: bool = False
+
+
 class _Ground:
     """The numbers a step may use: the question's, then every result the steps derive, in order."""
 
@@ -692,6 +741,10 @@ class _Ground:
         self.results: set[Fraction] = set()  # derived by the steps (not stated by the question)
         self.last: Fraction | None = None
         self.last_text: str | None = None
+        # Integers the question writes (not implies) that a step may work in place-value parts.
+        written = _numbers(_symbolize(question[:MAX_QUESTION_CHARS]))
+        self.stated = sorted({x for x in written if x.denominator == 1 and x >= 10})
+        self.splits: list[_Split] = []
 
     def derive(self, c: Claim, partials: Iterable[Fraction] = ()) -> None:
         new = {abs(x) for x in partials}
@@ -709,7 +762,7 @@ class _Ground:
         if not sc.claims:
             self._mark_prose(sc)
             return
-        missing = self._ground_claims(sc.claims)
+        missing = self._ground_claims(sc)
         last = sc.claims[-1]
         self.last, self.last_text = _value_of(last.stated), last.stated
         if any(not c.ok for c in sc.claims):
@@ -719,19 +772,25 @@ class _Ground:
         else:
             sc.status = "grounded"
 
-    def _ground_claims(self, claims: list[Claim]) -> str | None:
+    def _ground_claims(self, sc: StepCheck) -> str | None:
         """Ground the step's claims (in any order: a step may use a result it states later in the same
         sentence); why the first ungrounded one is, or None."""
+        claims = sc.claims
         pending, why = list(claims), None
         progress = True
         while pending and progress:
             progress = False
             for c in list(pending):
                 leaves, partials, ok_words = self._leaves(c)
-                if ok_words and all(x in self.known for x in leaves):
+                if ok_words and self._recombines(c, leaves):
                     self.derive(c, partials)
-                    pending.remove(c)
-                    progress = True
+                elif ok_words and all(x in self.known for x in leaves):
+                    self.derive(c, partials)
+                    self._split_step(c, sc, needed=False)
+                elif not (ok_words and self._split_step(c, sc, needed=True)):
+                    continue
+                pending.remove(c)
+                progress = True
         for c in pending:
             leaves, _, ok_words = self._leaves(c)
             nowhere = [x for x in leaves if x not in self.known]
@@ -750,7 +809,7 @@ class _Ground:
         m = _LETTER_EXPR.match(c.expr)
         if m:
             return [], [], m.group(2).lower() in self.question
-        leaves = _numbers(c.expr)
+        leaves = _numbers(self._whole(c.expr))
         partials: list[Fraction] = []
         for side in (c.expr, c.stated):
             try:
@@ -759,8 +818,144 @@ class _Ground:
                 pass
         if _HAS_OP.search(c.stated):
             # A chain link "(2 + 3) * 4 = 5 * 4": the right side may use what the left side computes.
-            leaves += [x for x in _numbers(c.stated) if x not in {abs(p) for p in partials}]
+            leaves += [x for x in _numbers(self._whole(c.stated)) if x not in {abs(p) for p in partials}]
         return leaves, partials, True
+
+    # -- place-value splits: 23 * 4 worked as 20 * 4 = 80, 3 * 4 = 12, 80 + 12 = 92 -----------------------
+
+    def _split_of(self, parts: list[Fraction]) -> Fraction | None:
+        """The stated number ``parts`` are an exact place-value split of, or None."""
+        return next((n for n in self.stated if place_value_split(parts, n)), None)
+
+    def _part_of(self, p: Fraction) -> Fraction | None:
+        return next((n for n in self.stated if place_value_part(p, n)), None)
+
+    def _whole(self, expr: str) -> str:
+        """The expression with a split written out put back whole: "(20 + 3) * 4" and "20 * 4 + 3 * 4" read
+        as 23 * 4 when 23 is stated; anything else is left as it is."""
+
+        def whole(m: re.Match) -> str:
+            n = self._split_of(_numbers(m.group(1)))
+            return str(n) if n is not None else m.group(0)
+
+        expr = _PAREN_SUM.sub(whole, expr)
+        m = _TERMS.match(expr)
+        if m:
+            terms = [_numbers(t) for t in expr.split("+")]
+            sides = [0, 1] if m.group(1) == "*" else [0]  # a quotient splits its dividend only
+            for side in sides:
+                others = {t[1 - side] for t in terms}
+                n = self._split_of([t[side] for t in terms]) if len(others) == 1 else None
+                if n is not None:
+                    return f"{n} {m.group(1)} {_fmt(others.pop())}"
+        return expr
+
+    def _split_step(self, c: Claim, sc: StepCheck, needed: bool) -> bool:
+        """A claim that works one place-value part of a stated number ("20 * 4 = 80" for 23 * 4): held
+        as grounded until the parts close (finish() marks it ungrounded if they never do). ``needed``: the
+        claim is not grounded otherwise, so its step waits on the split; else it is only noted (a part the
+        question also states, "3 * 3" for 23 * 3)."""
+        if needed and self._states_split(c):
+            return True
+        m = _BINARY.match(c.expr)
+        if not m:
+            return False
+        a, op, b = Fraction(m.group(1)), m.group(2), Fraction(m.group(3))
+        result = _value_of(c.stated)
+        if result is None:
+            return False
+        # (the part, what it meets): a product splits either factor, a quotient its dividend, a sum or a
+        # difference takes the part in turn (base + part, base - part).
+        pairs = {"*": [(a, b), (b, a)], "/": [(a, b)], "+": [(b, a), (a, b)], "-": [(b, a)]}[op]
+        for part, other in pairs:
+            if self._part_of(part) is None:
+                continue
+            if op in "*/" and other in self.known:
+                return self._distributed(op, other, part, result, sc if needed else None)
+            if op in "+-" and self._in_turn(op, other, part, result, sc if needed else None):
+                return True
+        return False
+
+    def _names_split(self, nums: list[Fraction], nowhere: list[Fraction]) -> bool:
+        """The step's numbers name a place-value split of a stated number that takes in every number from
+        nowhere ("Break 38 into 30 and 8", where 8 is stated as well)."""
+        for n in self.stated:
+            parts = list(dict.fromkeys(x for x in nums if place_value_part(x, n)))
+            if set(nowhere) <= set(parts) and place_value_split(parts, n):
+                return True
+        return False
+
+    def _states_split(self, c: Claim) -> bool:
+        """ "20 + 3 = 23": the split of a stated number, itself. It derives nothing new."""
+        value = _value_of(c.stated)
+        return (
+            bool(_PLUS_ONLY.match(c.expr)) and value is not None and self._split_of(_numbers(c.expr)) == value
+        )
+
+    def _distributed(
+        self, op: str, other: Fraction, part: Fraction, r: Fraction, sc: StepCheck | None
+    ) -> bool:
+        g = next((g for g in self.splits if (g.op, g.other) == (op, other) and not g.done), None)
+        if g is None or part in g.parts or len(g.parts) >= 8:
+            if len(self.splits) >= MAX_SPLITS:
+                return False
+            g = _Split(op, other)
+            self.splits.append(g)
+        g.parts.append(part)
+        g.partials.append(abs(r))
+        if sc is not None:
+            g.steps.append(sc)
+        return True
+
+    def _in_turn(self, op: str, base: Fraction, part: Fraction, r: Fraction, sc: StepCheck | None) -> bool:
+        """47 + 30 = 77 then 77 + 8 = 85: the running result meets the next part of the same number."""
+        g = next((g for g in self.splits if g.op == op and g.other == base and not g.done), None)
+        if g is None:
+            if base not in self.known or len(self.splits) >= MAX_SPLITS:
+                return False
+            g = _Split(op, base)
+            self.splits.append(g)
+        g.parts.append(part)
+        g.other = abs(r)
+        if sc is not None:
+            g.steps.append(sc)
+        if self._split_of(g.parts) is not None:
+            g.done = True
+            self.results.add(abs(r))
+            self.known.add(abs(r))
+        return True
+
+    def _recombines(self, c: Claim, leaves: list[Fraction]) -> bool:
+        """A sum of exactly the partial results of one split's parts ("80 + 12" after 20 * 4 and 3 * 4):
+        the split closes and its steps stay grounded."""
+        if not _PLUS_ONLY.match(c.expr) or all(x in self.known for x in leaves):
+            return False
+        want = sorted(leaves)
+        for g in self.splits:
+            if g.done or g.op not in "*/" or len(g.parts) > 8:
+                continue
+            for k in range(2, len(g.parts) + 1):
+                for idx in itertools.combinations(range(len(g.parts)), k):
+                    if sorted(g.partials[i] for i in idx) == want and self._split_of(
+                        [g.parts[i] for i in idx]
+                    ):
+                        g.done = True
+                        return True
+        return False
+
+    def finish(self) -> None:
+        """A part whose split never closed (a part left out, never recombined) was a number from nowhere."""
+        for g in self.splits:
+            if g.done:
+                continue
+            for sc in g.steps:
+                if sc.status == "grounded":
+                    part = next(p for p in g.parts if self._part_of(p) is not None)
+                    sc.status = "ungrounded"
+                    sc.reason = (
+                        f"{_fmt(part)} is a place-value part of {_fmt(self._part_of(part))}, "
+                        "but the parts are not all used and recombined"
+                    )
 
     def _off_question(self, claims: list[Claim]) -> str | None:
         """A claim over exactly the question's numbers that computes another value ("7 + 3" for 7 - 3)."""
@@ -778,6 +973,8 @@ class _Ground:
         text = _STEP_REF.sub(" ", re.sub(r"(?<=\d),(?=\d{3}\b)", "", sc.text))
         nums = [abs(Fraction(n)) for n in _PLAIN_NUM.findall(text)]
         nowhere = [n for n in nums if n not in self.known]
+        if nowhere and self._names_split(nums, nowhere):
+            nowhere = []  # "Break 23 into 20 and 3.": a split named, nothing derived from it yet
         if nowhere:
             sc.status, sc.reason = (
                 "ungrounded",
@@ -829,6 +1026,7 @@ def ground(question: str, steps: list[str], answer: str | None, task: str | None
         sc = check_step(text, task)
         g.mark(sc)
         checks.append(sc)
+    g.finish()
     statuses = [c.status for c in checks]
     derived = g.answer_derived(answer)
     on_question = None if g.target is None else (g.last is not None and g.last == g.target.value)
