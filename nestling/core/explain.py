@@ -661,6 +661,36 @@ def question_expression(question: str) -> Target | None:
     return found[0] if len(found) == 1 else None
 
 
+# The operation a one-step word problem's words ask for. Only a question whose cues name exactly one
+# operation is judged by them ("buys 4 more" and "in total" together: + or *, so neither is asserted).
+_COMPARE = re.compile(r"(?i)\bhow\s+(?:many|much)\s+(?:more|fewer|less)\b")
+_WORD_CUES = [
+    ("/", re.compile(r"(?i)\b(?:shared?|split|divided|equally|shares)\b")),
+    ("-", re.compile(r"(?i)\b(?:left|remain(?:s|ing)?|gave|gives?\s+away|give|lost|loses|lose|ate|eats|spent|"
+                     r"spends|sold|sells|fewer|less|took\s+away|takes\s+away|used)\b")),
+    ("+", re.compile(r"(?i)\b(?:more|buys|bought|gets|got|finds|found|receives|received|gains|gained|"
+                     r"altogether|total|combined|together|picks\s+up|adds?)\b")),
+    ("*", re.compile(r"(?i)\b(?:each|per|every|holds|a\s+(?:day|week|month|hour)|rows?\s+of|times)\b")),
+]  # fmt: skip
+
+
+def question_operation(question: str) -> str | None:
+    """The one operation a word problem over two written numbers asks for, from its words; None when it
+    states another count of numbers, names none or several, or is an arithmetic expression.
+
+    question_operation("Sam has 5 apples and buys 3 more. How many apples now?") -> "+"
+    """
+    q = question[:MAX_QUESTION_CHARS]
+    if question_expression(q) is not None or len(_numbers(_symbolize(q))) != 2:
+        return None
+    if _COMPARE.search(q):
+        return "-"
+    ops = {op for op, cue in _WORD_CUES if cue.search(q)}
+    if "/" in ops:
+        ops.discard("*")  # "shared equally ... how many does each get?"
+    return ops.pop() if len(ops) == 1 else None
+
+
 @dataclass
 class Explanation:
     """A whole explanation checked against its question: every step marked, and the answer's footing.
@@ -738,6 +768,10 @@ class _Ground:
         self.question = question[:MAX_QUESTION_CHARS].lower()
         self.known = question_numbers(question)
         self.target = question_expression(question)
+        self.word_op = None if self.target else question_operation(question)
+        self.word_numbers = (
+            sorted(_numbers(_symbolize(question[:MAX_QUESTION_CHARS]))) if self.word_op else []
+        )
         self.results: set[Fraction] = set()  # derived by the steps (not stated by the question)
         self.last: Fraction | None = None
         self.last_text: str | None = None
@@ -965,6 +999,10 @@ class _Ground:
                 value = _value_of(c.value)
                 if value is not None and value != t.value:
                     return f"{c.expr}: the question asks {t.expr}"
+            m = _BINARY.match(c.expr) if self.word_op else None
+            # The two numbers the question states, combined by another operation than its words ask for.
+            if m and m.group(2) != self.word_op and sorted(_numbers(c.expr)) == self.word_numbers:
+                return f"{c.expr}: the question's words ask for {self.word_op}"
         return None
 
     def _mark_prose(self, sc: StepCheck) -> None:
