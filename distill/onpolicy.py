@@ -26,6 +26,7 @@ import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from nestling.core.errors import NestlingError
@@ -276,24 +277,8 @@ class OpenAIScorer:
         self.map = VocabMap.build(names, teacher_tokens or names, spec)
 
     def _one(self, seq: Sequence[int], k: int) -> tuple[Any, Any]:
-        import openai
-
         ids = [self.map.to_teacher[i] for i in seq]
-        try:
-            reply = self.client.completions.create(
-                model=self.model, prompt=ids, max_tokens=1, temperature=0.0,
-                extra_body={"prompt_logprobs": k},
-            )  # fmt: skip
-        except openai.OpenAIError as e:
-            raise NestlingError(f"teacher {self.spec!r}: scoring failed ({type(e).__name__}: {e})") from None
-        choice = reply.choices[0]
-        extra = choice.model_extra or {}
-        per_pos = getattr(choice, "prompt_logprobs", None) or extra.get("prompt_logprobs")
-        if not isinstance(per_pos, list) or len(per_pos) != len(ids):
-            raise NestlingError(
-                f"teacher {self.spec!r}: the server returned no prompt_logprobs for {len(ids)} tokens; "
-                "it must score given tokens (vLLM's prompt_logprobs)"
-            )
+        per_pos = prompt_logprobs(self.client, self.model, self.spec, ids, k)
         # Entry t is the distribution of token t given the tokens before it; entry 0 is None.
         rows = [[(int(t), float(v["logprob"])) for t, v in (entry or {}).items()] for entry in per_pos[1:]]
         return self.map.topk_rows(rows, k)
@@ -301,6 +286,27 @@ class OpenAIScorer:
     def score(self, sequences: Sequence[Sequence[int]], k: int) -> list[tuple[Any, Any]]:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(lambda s: self._one(s, k), sequences))
+
+
+def prompt_logprobs(client: Any, model: str, spec: str, ids: list[int], k: int) -> list[Any]:
+    """One /completions call scoring the given ids (vLLM's ``prompt_logprobs``): its per-token entries."""
+    import openai
+
+    try:
+        reply = client.completions.create(
+            model=model, prompt=ids, max_tokens=1, temperature=0.0, extra_body={"prompt_logprobs": k},
+        )  # fmt: skip
+    except openai.OpenAIError as e:
+        raise NestlingError(f"teacher {spec!r}: scoring failed ({type(e).__name__}: {e})") from None
+    choice = reply.choices[0]
+    extra = choice.model_extra or {}
+    per_pos = getattr(choice, "prompt_logprobs", None) or extra.get("prompt_logprobs")
+    if not isinstance(per_pos, list) or len(per_pos) != len(ids):
+        raise NestlingError(
+            f"teacher {spec!r}: the server returned no prompt_logprobs for {len(ids)} tokens; "
+            "it must score given tokens (vLLM's prompt_logprobs)"
+        )
+    return per_pos
 
 
 def is_scorer_spec(spec: str) -> bool:
@@ -339,3 +345,47 @@ def scores_to_batch(scores: list[tuple[Any, Any]], keep: Any, k: int) -> tuple[A
             if c < len(sid):
                 ids[b, j], lps[b, j] = torch.as_tensor(sid[c]), torch.as_tensor(slp[c])
     return ids.to(keep.device), lps.to(keep.device)
+
+
+def check_scorer_spec(spec: str) -> None:
+    """Refuse, before any trace is written, a scoring teacher that training would refuse: a missing GGUF or
+    no llama-cpp-python for ``llamacpp:``; for ``openai:``, a server that does not score given tokens (one
+    request scoring two tokens, so a chat-only endpoint fails now and not after the traces)."""
+    import importlib.util
+    import os
+
+    from nestling.distill.teachers import resolve_gguf
+
+    kind, _, rest = spec.partition(":")
+    if kind == "llamacpp" and rest:
+        resolve_gguf(rest)
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise NestlingError(f"teacher {spec!r} needs llama-cpp-python; pip install 'nestling[gguf]'")
+        return
+    if kind != "openai" or not rest:
+        load_scorer(spec, None)  # the unknown-spec message, in one place
+    import openai
+
+    model, _, base = rest.partition("@")
+    if not model or not base.startswith(("http://", "https://")):
+        raise NestlingError(f"teacher {spec!r}: write openai:MODEL@http://HOST:PORT/v1")
+    key = os.environ.get("NESTLING_TEACHER_API_KEY") or os.environ.get("OPENAI_API_KEY") or "none"
+    client = openai.OpenAI(base_url=base.rstrip("/"), api_key=key, max_retries=0, timeout=10.0)
+    prompt_logprobs(client, model, spec, [0, 1], 1)
+
+
+def spec_vocab(source: str) -> dict[str, int] | None:
+    """token -> id of a gguf:/llamacpp: file or an hf:DIR's tokenizer.json, read without loading weights;
+    None where it cannot be read offline (a hub name: checked when training loads it)."""
+    from nestling.distill.teachers import resolve_gguf
+
+    kind, _, rest = source.partition(":")
+    if kind in ("gguf", "llamacpp"):
+        path = resolve_gguf(rest)
+        return {t: i for i, t in reversed(list(enumerate(gguf_tokens(path))))}
+    path = Path(rest).expanduser() / "tokenizer.json"
+    if kind != "hf" or not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path)).get_vocab(with_added_tokens=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nestling.distill.accel import PRECISIONS
-from nestling.distill.train import OBJECTIVES
+from nestling.distill.train import OBJECTIVES, TrainConfig
 
 from nestling.core.config import check
 from nestling.core.errors import NestlingError
@@ -109,6 +109,45 @@ class DistillConfig:
         default="auto",
         metadata={"help": "auto | fp32 | bf16 autocast (see nestling train)", "choices": PRECISIONS},
     )
+    # On-policy distillation and logit KD (GKD, see distill.onpolicy), passed to every student's training;
+    # unset: nestling train's defaults. Every student must then share the KD teacher's tokenizer.
+    lmbda: float | None = field(
+        default=None,
+        metadata={
+            "help": "share of steps trained on-policy: each student samples, --kd-teacher scores every token "
+            "(0 = off-policy only, train's default; 1 = on-policy only)"
+        },
+    )
+    beta: float | None = field(
+        default=None, metadata={"help": "on-policy generalized JSD: 0 forward KL, 1 reverse KL (train's 0.5)"}
+    )
+    kd_alpha: float | None = field(
+        default=None, metadata={"help": "off-policy steps: weight of KL to the teacher's logits (train's 0)"}
+    )
+    kd_teacher: str | None = field(
+        default=None,
+        metadata={
+            "help": "teacher that scores: gguf:|hf: (transformers, full logits), llamacpp:PATH or "
+            "openai:MODEL@URL (top-k; the server must return prompt_logprobs) (default: --teacher when "
+            "set, else gguf:smollm2)"
+        },
+    )
+    kd_temperature: float | None = field(
+        default=None, metadata={"help": "softmax temperature of KD and the JSD (train's 1.0)"}
+    )
+    kd_top_k: int | None = field(
+        default=None, metadata={"help": "on-policy: the teacher's top-k tokens only (train's 0: all)"}
+    )
+    sample_temperature: float | None = field(
+        default=None, metadata={"help": "temperature of the students' on-policy samples (train's 1.0)"}
+    )
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "longest on-policy sample in tokens (train's 96)"}
+    )
+    onpolicy_fresh: int | None = field(
+        default=None,
+        metadata={"help": "fresh task questions (never held-out) added to the on-policy prompts"},
+    )
 
     def student_names(self) -> list[str]:
         from nestling.distill.students import parse_student_spec
@@ -129,6 +168,112 @@ class DistillConfig:
         check(self.steps is None or self.steps > 0, f"--steps {self.steps}: must be > 0")
         check(self.lr is None or self.lr > 0, f"--lr {self.lr}: must be > 0")
         check(0 <= self.min_coverage < 1, f"--min-coverage {self.min_coverage}: must be in [0, 1), e.g. 0.03")
+        for spec in self.students:  # the training options' own range checks, now rather than after traces
+            train_config(self, spec)
+        check_kd_students(self)
+
+
+# DistillConfig fields passed to each student's TrainConfig under the same name when set.
+TRAIN_FIELDS = (
+    "lmbda", "beta", "kd_alpha", "kd_temperature", "kd_top_k", "sample_temperature", "max_new_tokens",
+    "onpolicy_fresh",
+)  # fmt: skip
+
+
+def uses_kd(cfg: DistillConfig) -> bool:
+    return bool(cfg.lmbda) or bool(cfg.kd_alpha)
+
+
+def kd_teacher_spec(cfg: DistillConfig) -> str | None:
+    """The teacher that scores: --kd-teacher, else --teacher (the one that wrote the traces), else train's
+    default (None)."""
+    return cfg.kd_teacher or cfg.teacher
+
+
+def train_config(cfg: DistillConfig, spec: str) -> TrainConfig:
+    """One student's TrainConfig; unset steps/lr (and batch, warmup, ...) come from its kind's recipe."""
+    from nestling.distill.students import parse_student_spec
+
+    extra = {k: getattr(cfg, k) for k in TRAIN_FIELDS if getattr(cfg, k) is not None}
+    if uses_kd(cfg) and kd_teacher_spec(cfg):
+        extra["kd_teacher"] = kd_teacher_spec(cfg)
+    return TrainConfig(
+        run=str(cfg.out),
+        student=spec,
+        objective=cfg.objective,
+        alpha=cfg.alpha,
+        seed=cfg.seed,
+        threads=cfg.threads,
+        steps=cfg.steps,
+        lr=cfg.lr,
+        lora=cfg.lora and parse_student_spec(spec).pretrained,
+        precision=cfg.precision,
+        **extra,
+    )
+
+
+def check_kd_students(cfg: DistillConfig) -> None:
+    """KD and on-policy steps compare the student's and the teacher's distributions token by token: a
+    from-scratch preset has its own tokenizer, so it cannot take them (train refuses it too, but only after
+    the traces)."""
+    if not uses_kd(cfg):
+        return
+    from nestling.distill.students import parse_student_spec
+
+    flag = f"--lmbda {cfg.lmbda}" if cfg.lmbda else f"--kd-alpha {cfg.kd_alpha}"
+    for text in cfg.students:
+        spec = parse_student_spec(text)
+        check(
+            spec.pretrained,
+            f"{flag}: student {spec.name!r} is a from-scratch preset with its own tokenizer; KD needs "
+            "students sharing the teacher's tokenizer (gguf:smollm2, hf:DIR), e.g. --students gguf:smollm2",
+        )
+
+
+def check_kd_teacher(cfg: DistillConfig) -> None:
+    """With --lmbda/--kd-alpha: the scoring teacher can score (a GGUF that exists, a server that returns
+    prompt_logprobs) and each student's vocabulary fits it (the same one for a transformers teacher, a
+    subset for a top-k one), read from the files without loading weights."""
+    if not uses_kd(cfg):
+        return
+    from nestling.distill.onpolicy import check_scorer_spec, is_scorer_spec, spec_vocab
+    from nestling.distill.students import parse_student_spec
+    from nestling.distill.teachers import check_teacher_spec
+
+    teacher = kd_teacher_spec(cfg) or TrainConfig.kd_teacher
+    scorer = is_scorer_spec(teacher)
+    if scorer:
+        check(
+            not cfg.kd_alpha,
+            f"--kd-teacher {teacher}: it scores on-policy samples only (--lmbda); --kd-alpha needs a "
+            "transformers teacher (hf:DIR or gguf:smollm2)",
+        )
+        check_scorer_spec(teacher)
+    else:
+        check_teacher_spec(teacher)
+    if teacher.startswith("openai:"):
+        return  # the served tokenizer is unknown offline; the scorer sends the student's ids as they are
+    sources = {parse_student_spec(s).source for s in cfg.students} - {teacher.replace("llamacpp:", "gguf:")}
+    if not sources:
+        return
+    want = spec_vocab(teacher)
+    for source in sorted(sources):
+        have = spec_vocab(source)
+        if want is None or have is None:
+            continue
+        if scorer:
+            missing = [t for t in have if t not in want]
+            check(
+                not missing,
+                f"--kd-teacher {teacher}: {len(missing)} of the {len(have)} tokens of student {source!r} are "
+                f"not in its vocabulary (e.g. {missing[:1]}); KD needs the teacher's tokenizer or a trim",
+            )
+        else:
+            check(
+                have == want,
+                f"--kd-teacher {teacher}: its tokenizer differs from the one of student {source!r} "
+                f"({len(want)} vs {len(have)} tokens); full-logit KD needs a shared tokenizer",
+            )
 
 
 def _split_specs(text: str) -> list[str]:
@@ -204,14 +349,15 @@ def check_students(cfg: DistillConfig) -> dict[str, StudentShape]:
 
 
 def check_sources(cfg: DistillConfig) -> None:
-    """The task (loaded as the traces stage loads it) and the teacher (its file, or its endpoint
-    answering)."""
+    """The task (loaded as the traces stage loads it), the teacher (its file, or its endpoint answering)
+    and, with --lmbda/--kd-alpha, the teacher that scores (check_kd_teacher)."""
     from nestling.distill.tasks import load_task
     from nestling.distill.teachers import check_teacher_spec
 
     tcfg = traces_config(cfg)
     load_task(tcfg.task)
     check_teacher_spec(tcfg.teacher)
+    check_kd_teacher(cfg)
 
 
 def run_distill(cfg: DistillConfig, checked: bool = False) -> dict[str, Any]:
@@ -220,7 +366,7 @@ def run_distill(cfg: DistillConfig, checked: bool = False) -> dict[str, Any]:
     from nestling.distill.accel import barrier, init_process_group, is_main_process
     from nestling.distill.evaluate import EvalConfig, evaluate
     from nestling.distill.students import parse_student_spec
-    from nestling.distill.train import TrainConfig, train
+    from nestling.distill.train import train
 
     run = Path(cfg.out)
     init_process_group()
@@ -232,19 +378,7 @@ def run_distill(cfg: DistillConfig, checked: bool = False) -> dict[str, Any]:
     check_coverage(RunDir(run).traces, cfg.min_coverage)
     models: dict[str, Path] = {}
     for spec, parsed in zip(cfg.students, map(parse_student_spec, cfg.students), strict=True):
-        # Unset steps/lr (and batch, warmup, ...) come from the student kind's measured recipe (TrainConfig).
-        tcfg = TrainConfig(
-            run=str(run),
-            student=spec,
-            objective=cfg.objective,
-            alpha=cfg.alpha,
-            seed=cfg.seed,
-            threads=cfg.threads,
-            steps=cfg.steps,
-            lr=cfg.lr,
-            lora=cfg.lora and parsed.pretrained,
-            precision=cfg.precision,
-        )
+        tcfg = train_config(cfg, spec)
         out = train(tcfg)
         models[parsed.name] = out / "model"
     if not models:
