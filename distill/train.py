@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import math
 import signal
@@ -243,28 +244,31 @@ def read_jsonl(path: Path) -> list[dict]:
     return _read_jsonl(path, fix=f"run `nestling traces --out {path.parent.parent}` first")
 
 
-def training_rows(run: Path) -> list[dict]:
-    """Kept rows whose question is in the train split; NestlingError when nothing verified is left."""
+def training_rows(run: Path, rows: list[dict] | None = None) -> list[dict]:
+    """Verified rows whose question is in the train split: the run's kept traces, or `rows` a stage hands over
+    instead; NestlingError when nothing is left."""
     kept_path, questions_path = RunDir(run).kept_file, RunDir(run).questions_file
-    kept = read_jsonl(kept_path)
+    where = str(kept_path) if rows is None else f"{run}: a training row"
+    if rows is None:
+        rows = read_jsonl(kept_path)
     heldout: set[str] = set()
     if questions_path.is_file():
         heldout = {str(r["id"]) for r in read_jsonl(questions_path) if r.get("split") == "heldout"}
-    rows = []
-    for r in kept:
+    keep = []
+    for r in rows:
         if not isinstance(r, dict) or not all(k in r for k in ("qid", "question", "answer", "steps")):
-            raise NestlingError(f"{kept_path}: row {r!r:.80} lacks qid/question/answer/steps; re-run traces")
+            raise NestlingError(f"{where}: row {r!r:.80} lacks qid/question/answer/steps; re-run traces")
         if str(r["qid"]) in heldout:
             continue  # never train on an evaluation question, whatever the filter kept
         if not str(r["answer"]).strip():
             continue
-        rows.append(r)
-    if not rows:
+        keep.append(r)
+    if not keep:
         raise NestlingError(
-            f"{kept_path}: no verified training rows (the teacher got nothing right, or every row is held "
+            f"{where}: no verified training rows (the teacher got nothing right, or every row is held "
             "out); use an easier task, more samples (--samples) or more questions (--n)"
         )
-    return rows
+    return keep
 
 
 @dataclass
@@ -472,6 +476,11 @@ def fingerprint_inputs(run: Path) -> dict[str, str]:
     }
 
 
+def fingerprint_rows(rows: list[dict]) -> str:
+    blob = "\n".join(json.dumps(r, sort_keys=True, ensure_ascii=False) for r in rows)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 # ---- setup ---------------------------------------------------------------------------------------------
 
 
@@ -595,14 +604,13 @@ def prepare_model(cfg: TrainConfig, model: Any, rt: Runtime) -> tuple[Any, list,
     return model, trainable, optimizer
 
 
-def setup(cfg: TrainConfig, rt: Runtime, rows: list[dict], inputs: dict[str, str]) -> Job:
+def setup(cfg: TrainConfig, rt: Runtime, rows: list[dict], inputs: dict[str, str], out: Path) -> Job:
     """Student, data, optimizer and state, from the newest checkpoint when resuming. Writes nothing."""
     import torch
     from nestling.distill.students import count_params
 
     spec = cfg.spec
     name = cfg.name or spec.name
-    out = RunDir(cfg.run).student(name)
     check(
         cfg.batch_size % rt.world == 0, f"--batch-size {cfg.batch_size}: must divide by {rt.world} processes"
     )
@@ -927,17 +935,25 @@ def train_metrics(job: Job, params: int) -> dict[str, Any]:
 # ---- the recipe ----------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig) -> Path:
-    """setup -> fit -> save; returns RUN/students/<name>. Resumable; N processes under torchrun."""
+def train(cfg: TrainConfig, rows: list[dict] | None = None, out: Path | None = None) -> Path:
+    """setup -> fit -> save; returns the student's directory, RUN/students/<name> unless `out` names another.
+    Resumable; N processes under torchrun.
+
+    `rows` replaces the run's kept traces (a compress stage's recovery set, a round's relabelled union), so no
+    stage writes a traces directory only to be read back; their content keys freshness and resume as the
+    traces files do. The run's held-out questions are still never trained on."""
     run = Path(cfg.run)
-    out = RunDir(run).student(cfg.name or cfg.spec.name)
-    rows = training_rows(run)
-    inputs = fingerprint_inputs(run)
+    out = Path(out) if out is not None else RunDir(run).student(cfg.name or cfg.spec.name)
+    if rows is None:
+        rows, inputs = training_rows(run), fingerprint_inputs(run)
+    else:
+        rows = training_rows(run, rows)
+        inputs = {"rows": fingerprint_rows(rows)}
     if is_fresh(out, "train", cfg.recipe(), inputs):
         log.info("%s is up to date (same recipe and traces); skipping", out)
         return out
     rt = setup_runtime(cfg.threads)
-    job = setup(cfg, rt, rows, inputs)
+    job = setup(cfg, rt, rows, inputs, out)
     fit(job)
     save(job)
     barrier()  # the other ranks return once the student is on disk

@@ -342,3 +342,23 @@ def test_precision_is_chosen_and_recorded(tmp_path):
         out = train(_cfg(run, steps=2, precision=precision, name=precision))
         m = json.loads((out / "manifest.json").read_text())
         assert m["metrics"]["precision"] == precision and m["config"]["precision"] == precision
+
+
+def test_rows_handed_over_train_into_the_named_directory_keyed_by_their_content(tmp_path):
+    run = make_run(tmp_path / "run", n=20, heldout=5)
+    rows = training_rows(run)[:6]
+    held = next(q for q in map(json.loads, (run / "traces/questions.jsonl").read_text().splitlines())
+                if q["split"] == "heldout")  # fmt: skip
+    leak = {"qid": held["id"], "task": held["task"], "question": held["question"], "answer": held["gold"]}
+    out = train(_cfg(run, steps=4), rows=rows + [{**leak, "steps": ["x"]}], out=tmp_path / "elsewhere")
+    m = json.loads((out / "manifest.json").read_text())
+    assert out == tmp_path / "elsewhere" and set(m["inputs"]) == {"rows"}
+    assert not (run / "students").exists()  # nothing written where the run's own students live
+    assert training_rows(run, rows + [{**leak, "steps": ["x"]}]) == rows  # the held-out row is dropped
+    before = (out / "manifest.json").stat().st_mtime_ns
+    train(_cfg(run, steps=4), rows=rows, out=out)  # same rows: up to date
+    assert (out / "manifest.json").stat().st_mtime_ns == before
+    train(_cfg(run, steps=4), rows=rows[:5], out=out)  # other rows: trained again
+    assert (out / "manifest.json").stat().st_mtime_ns != before
+    with pytest.raises(NestlingError, match="lacks qid"):
+        train(_cfg(run, steps=4), rows=[{"question": "1 + 1"}], out=out)
