@@ -54,3 +54,14 @@ def test_setup_installs_through_the_lock():
     setup = (ROOT / "scripts" / "setup.sh").read_text()
     assert re.search(r"pip install .*-c scripts/lock\.txt .*\[dev\]", setup)
     assert "bash scripts/setup.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_deliberate_pins_are_what_the_lock_holds():
+    lock = _lock()
+    for line in (ROOT / "scripts" / "lock-pins.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, version = line.strip().split("==")
+            assert lock.get(canonicalize_name(name)) == Version(version), (
+                f"lock-pins.txt pins {line.strip()} but lock.txt has {lock.get(canonicalize_name(name))}"
+            )
+    assert "-c scripts/lock-pins.txt" in (ROOT / "scripts" / "lock.sh").read_text()

@@ -35,9 +35,23 @@ def _installed(venv: Path) -> set[str]:
     return {p["name"].lower().replace("_", "-") for p in json.loads(out)}
 
 
+# Bytes every installed distribution's RECORD lists, pip and setuptools (the venv's own) apart:
+# what the extra adds.
+_ADDED_BYTES = """
+import importlib.metadata as md, os
+print(sum(os.path.getsize(d.locate_file(f)) for d in md.distributions()
+          if d.metadata["Name"].lower() not in {"pip", "setuptools", "nestling"}
+          for f in d.files or [] if os.path.isfile(d.locate_file(f))))
+"""
+
+
 def test_serve_alone_answers_from_an_onnx_export(tmp_path, tiny_export_dir):
     venv = _venv(tmp_path, "serve")
     assert not _installed(venv) & {"torch", "transformers", "optimum", "llama-cpp-python", "rich"}
+    added = int(
+        subprocess.run([venv / "bin" / "python", "-c", _ADDED_BYTES], capture_output=True, text=True).stdout
+    )
+    assert added <= 200e6, f"[serve] adds {added / 1e6:.1f} MB of site-packages, over the 200 MB target"
     nestling = str(venv / "bin" / "nestling")
     assert subprocess.run([nestling, "--help"], capture_output=True, timeout=60).returncode == 0
     proc = subprocess.run(
