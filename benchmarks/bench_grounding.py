@@ -6,13 +6,14 @@
 The labelled set (tests/grounding_set.py) is built from the shapes models write explanations in and from
 controlled corruptions of correct chains (an operand swapped, an operator changed, a result from nowhere, an
 answer that differs from the last result, a false step), and of place-value decomposed chains (a wrong part,
-parts that do not sum to the stated number, a part left out, a recombination that skips a part's product). Precision: of the chains called complete, the share
-that are correct; recall: of the correct chains, the share called complete; both leave out the blind spot
-the set names (an operator changed in a word problem: grounding checks where numbers come from, not which
-operation the words ask for), which is reported on its own. With --traces, the records of a real traces
-run are scored too (no labels: the share of right-answer records whose explanation is complete, and of those
-with an ungrounded step). Also the checker's speed, and the time of a 10,000-step input (bounded by
-construction). Writes benchmarks/results/grounding.json with the CPU model and whether it has AVX-512.
+parts that do not sum to the stated number, a part left out, a recombination that skips a part's product).
+Word problems come in two families: "word", the templates the operation cues were developed on, and
+"word_new", templates written afterwards and measured as they came. Precision: of the chains called
+complete, the share that are correct; recall: of the correct chains, the share called complete. With
+--traces, the records of a real traces run are scored too (no labels: the share of right-answer records whose
+explanation is complete, and of those with an ungrounded step). Also the checker's speed, and the time of a
+10,000-step input (bounded by construction). Writes benchmarks/results/grounding.json with the CPU model
+and whether it has AVX-512.
 """
 
 from __future__ import annotations

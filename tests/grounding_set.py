@@ -22,9 +22,9 @@ import random
 from dataclasses import dataclass
 
 WORDS = "zero one two three four five six seven eight nine ten eleven twelve".split()
-OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a // b}
 OP_WORDS = {"+": ["plus", "added to"], "-": ["minus"], "*": ["times", "multiplied by"]}
-BLIND_SPOTS = {("word", "operator_changed")}
+BLIND_SPOTS: set[tuple[str, str]] = set()  # none left: a word problem's operation is read from its words
 
 
 @dataclass
@@ -146,8 +146,11 @@ def _chain(rng: random.Random) -> list[Item]:
     return items
 
 
+# (question, op, the first step's prose, unit). {a} is the first operand, {b} the second, wherever the
+# question states them; "/" questions state {a} = {b} * k. The first ten are the templates the word cues were
+# developed on; WORD_TEMPLATES_NEW were written afterwards and never checked against the cues before being
+# measured, so their family ("word_new") shows how the cues carry to phrasing they were not fitted to.
 WORD_TEMPLATES = [
-    # (question, op, the first step's prose, unit)
     ("{name} has {a} apples and buys {b} more. How many apples does {name} have now?", "+",
      "buys {b} more", "apples"),
     ("{name} had {a} stickers and gave {b} to a friend. How many stickers are left?", "-",
@@ -155,17 +158,50 @@ WORD_TEMPLATES = [
     ("A box holds {a} pencils. How many pencils are in {b} boxes?", "*", "has {b} boxes", "pencils"),
     ("{name} reads {a} pages a day for {b} days. How many pages is that?", "*",
      "reads for {b} days", "pages"),
+    ("There are {a} birds on a fence. {b} fly away. How many birds are on the fence now?", "-",
+     "{b} fly away", "birds"),
+    ("{name} baked {a} muffins in the morning and {b} in the afternoon. How many muffins did {name} bake?",
+     "+", "bakes {b} more later", "muffins"),
+    ("{b} children share {a} crayons equally. How many crayons does each child get?", "/",
+     "shares them among {b}", "crayons"),
+    ("A car park has {a} cars. {b} cars drive out. How many cars are in the car park now?", "-",
+     "{b} leave", "cars"),
+    ("{name} is {a} years old. {name}'s sister is {b} years older. How old is the sister?", "+",
+     "the sister is {b} years older", "years"),
+    ("A bus has {a} passengers. At the stop, {b} get off. How many passengers are on the bus?", "-",
+     "{b} get off", "passengers"),
+]  # fmt: skip
+WORD_TEMPLATES_NEW = [
+    ("{name} picked {a} flowers. {b} of them wilted. How many flowers are still fresh?", "-",
+     "{b} wilted", "flowers"),
+    ("Each bag has {a} candies. {name} has {b} bags. How many candies does {name} have?", "*",
+     "has {b} bags", "candies"),
+    ("{name} had {a} balloons. {b} balloons popped. How many balloons does {name} have now?", "-",
+     "{b} popped", "balloons"),
+    ("A farmer has {a} cows and {b} sheep. How many animals does the farmer have?", "+",
+     "also has {b} sheep", "animals"),
+    ("{name} walks {a} blocks to school and {b} blocks to the park. How far does {name} walk?", "+",
+     "then walks {b} more", "blocks"),
+    ("{a} pencils are packed into boxes of {b}. How many boxes are filled?", "/",
+     "packs {b} per box", "pencils"),
+    ("{name} earns {a} dollars an hour. How much does {name} earn in {b} hours?", "*",
+     "works {b} hours", "dollars"),
+    ("There were {a} people on the train. {b} more people got on. How many people are on the train?", "+",
+     "{b} got on", "people"),
 ]  # fmt: skip
 NAMES = ["Sam", "Ana", "Lee", "Mia", "Tom"]
 
 
 def _word(rng: random.Random) -> list[Item]:
-    template, op, prose, unit = rng.choice(WORD_TEMPLATES)
+    family = "word_new" if rng.random() < 0.4 else "word"
+    template, op, prose, unit = rng.choice(WORD_TEMPLATES_NEW if family == "word_new" else WORD_TEMPLATES)
     a, b = rng.randint(2, 12), rng.randint(2, 9)
     if op == "-":
         a, b = max(a, b), min(a, b)
+    if op == "/":
+        a = b * rng.randint(2, 9)
     name = rng.choice(NAMES)
-    spelled = rng.random() < 0.4  # "three apples": the question states its numbers in words
+    spelled = a < len(WORDS) and rng.random() < 0.4  # "three apples": the question states numbers in words
     q = template.format(name=name, a=WORDS[a] if spelled else a, b=b)
     r = _calc(a, op, b)
 
@@ -175,21 +211,26 @@ def _word(rng: random.Random) -> list[Item]:
             return f"{first}\nStep 2: {x} {o} {y} = {res} {unit}.\nAnswer: {answer}"
         return f"{x} {unit} {o} {y} {unit} = {res} {unit}. So the answer is {answer}.\nAnswer: {answer}"
 
-    items = [Item(q, chain(a, op, b, r, r), str(r), True, "word", "correct")]
+    def item(text: str, answer: int, label: bool, kind: str) -> Item:
+        return Item(q, text, str(answer), label, family, kind)
+
+    items = [item(chain(a, op, b, r, r), r, True, "correct")]
     b2 = _other(rng, {a, b}, 2, 12)
-    items.append(Item(q, chain(a, op, b2, _calc(a, op, b2), _calc(a, op, b2)), str(_calc(a, op, b2)), False,
-                      "word", "operand_swapped"))  # fmt: skip
+    if op == "/":
+        b2 = rng.choice([d for d in range(2, 10) if a % d == 0 and d != b] or [1])
+    items.append(item(chain(a, op, b2, _calc(a, op, b2), _calc(a, op, b2)), _calc(a, op, b2), False,
+                      "operand_swapped"))  # fmt: skip
     op2 = "+" if op != "+" else "*"
-    items.append(Item(q, chain(a, op2, b, _calc(a, op2, b), _calc(a, op2, b)), str(_calc(a, op2, b)), False,
-                      "word", "operator_changed"))  # fmt: skip
+    items.append(item(chain(a, op2, b, _calc(a, op2, b), _calc(a, op2, b)), _calc(a, op2, b), False,
+                      "operator_changed"))  # fmt: skip
     x = _other(rng, {a, b, r}, 13, 150)
     nowhere = chain(a, op, b, r, x).replace(
         f"\nAnswer: {x}", f"\nStep 3: Altogether {x} {unit}.\nAnswer: {x}"
     )
-    items.append(Item(q, nowhere, str(x), False, "word", "result_from_nowhere"))
+    items.append(item(nowhere, x, False, "result_from_nowhere"))
     d = r + rng.choice([-1, 1, 2])
-    items.append(Item(q, chain(a, op, b, r, d), str(d), False, "word", "answer_differs"))
-    items.append(Item(q, chain(a, op, b, r + 1, r + 1), str(r + 1), False, "word", "false_step"))
+    items.append(item(chain(a, op, b, r, d), d, False, "answer_differs"))
+    items.append(item(chain(a, op, b, r + 1, r + 1), r + 1, False, "false_step"))
     return items
 
 

@@ -663,15 +663,21 @@ def question_expression(question: str) -> Target | None:
 
 # The operation a one-step word problem's words ask for. Only a question whose cues name exactly one
 # operation is judged by them ("buys 4 more" and "in total" together: + or *, so neither is asserted).
-_COMPARE = re.compile(r"(?i)\bhow\s+(?:many|much)\s+(?:more|fewer|less)\b")
+_COMPARE = re.compile(
+    r"(?i)\bhow\s+(?:many|much)\s+(?:\w+\s+)?(?:more|fewer|less|older|younger|taller|shorter|longer|heavier)\b"
+)
 _WORD_CUES = [
-    ("/", re.compile(r"(?i)\b(?:shared?|split|divided|equally|shares)\b")),
+    ("/", re.compile(r"(?i)\b(?:shared?|split|divided|equal(?:ly)?|shares)\b")),
     ("-", re.compile(r"(?i)\b(?:left|remain(?:s|ing)?|gave|gives?\s+away|give|lost|loses|lose|ate|eats|spent|"
-                     r"spends|sold|sells|fewer|less|took\s+away|takes\s+away|used)\b")),
+                     r"spends|sold|sells|fewer|less|took\s+away|takes\s+away|used|away|off|younger|shorter|"
+                     r"(?:drive|drives|drove|walk|walks|walked|go|goes|went|get|gets|got|move|moves|moved)\s+out)\b")),
     ("+", re.compile(r"(?i)\b(?:more|buys|bought|gets|got|finds|found|receives|received|gains|gained|"
-                     r"altogether|total|combined|together|picks\s+up|adds?)\b")),
+                     r"altogether|total|combined|together|picks\s+up|adds?|in\s+all|older|taller|longer)\b")),
     ("*", re.compile(r"(?i)\b(?:each|per|every|holds|a\s+(?:day|week|month|hour)|rows?\s+of|times)\b")),
 ]  # fmt: skip
+_CHECK_WORDS = re.compile(r"(?i)\b(?:check(?:s|ed|ing)?|verif(?:y|ies|ied|ication)|confirm(?:s|ed)?)\b")
+# Two amounts joined by "and" with no other cue ("8 red cars and 6 blue cars. How many cars?"): a sum.
+_JOINED = re.compile(r"(?i)\d[^.?!]{0,40}?\band\b[^.?!]{0,20}?\d")
 
 
 def question_operation(question: str) -> str | None:
@@ -688,6 +694,8 @@ def question_operation(question: str) -> str | None:
     ops = {op for op, cue in _WORD_CUES if cue.search(q)}
     if "/" in ops:
         ops.discard("*")  # "shared equally ... how many does each get?"
+    if not ops and _JOINED.search(_symbolize(q)):
+        ops = {"+"}
     return ops.pop() if len(ops) == 1 else None
 
 
@@ -767,11 +775,14 @@ class _Ground:
     def __init__(self, question: str):
         self.question = question[:MAX_QUESTION_CHARS].lower()
         self.known = question_numbers(question)
+        self.given = frozenset(self.known)  # what the question states, before any step derives more
         self.target = question_expression(question)
         self.word_op = None if self.target else question_operation(question)
-        self.word_numbers = (
-            sorted(_numbers(_symbolize(question[:MAX_QUESTION_CHARS]))) if self.word_op else []
-        )
+        numbers = sorted(_numbers(_symbolize(question[:MAX_QUESTION_CHARS])))
+        # A word problem over two numbers: a step combining exactly them is judged by the operation its
+        # words ask for; where they name none (or several), the step cannot be checked against them.
+        self.word_numbers = numbers if not self.target and len(numbers) == 2 else []
+        self.word_op_unconfirmed = False
         self.results: set[Fraction] = set()  # derived by the steps (not stated by the question)
         self.last: Fraction | None = None
         self.last_text: str | None = None
@@ -798,13 +809,26 @@ class _Ground:
             return
         missing = self._ground_claims(sc)
         last = sc.claims[-1]
-        self.last, self.last_text = _value_of(last.stated), last.stated
+        if not self._is_check(sc, last):
+            self.last, self.last_text = _value_of(last.stated), last.stated
         if any(not c.ok for c in sc.claims):
             sc.status, sc.reason = "false", "a claim does not hold"
         elif missing:
             sc.status, sc.reason = "ungrounded", missing
         else:
             sc.status = "grounded"
+
+    def _is_check(self, sc: StepCheck, claim: Claim) -> bool:
+        """A step that says it checks the result by recomputing a stated number from it ("Check: 8 + 2 =
+        10" after 10 - 2 = 8): the answer stays the result it checks."""
+        value = _value_of(claim.stated)
+        return (
+            self.last is not None
+            and value is not None
+            and _CHECK_WORDS.search(sc.text) is not None
+            and abs(value) in self.given
+            and abs(self.last) in {abs(x) for x in _numbers(claim.expr)}
+        )
 
     def _ground_claims(self, sc: StepCheck) -> str | None:
         """Ground the step's claims (in any order: a step may use a result it states later in the same
@@ -834,7 +858,7 @@ class _Ground:
                 else f"{c.expr}: {_fmt(nowhere[0])} is not in the question or an earlier step"
             )
             self.derive(c)  # later steps are judged on their own numbers, not blamed for this one's
-        off = self._off_question(claims)
+        off = None if self._is_check(sc, claims[-1]) else self._off_question(claims)
         return why or off
 
     def _leaves(self, c: Claim) -> tuple[list[Fraction], list[Fraction], bool]:
@@ -999,9 +1023,12 @@ class _Ground:
                 value = _value_of(c.value)
                 if value is not None and value != t.value:
                     return f"{c.expr}: the question asks {t.expr}"
-            m = _BINARY.match(c.expr) if self.word_op else None
-            # The two numbers the question states, combined by another operation than its words ask for.
-            if m and m.group(2) != self.word_op and sorted(_numbers(c.expr)) == self.word_numbers:
+            m = _BINARY.match(c.expr) if self.word_numbers else None
+            if not m or sorted(_numbers(c.expr)) != self.word_numbers:
+                continue
+            if self.word_op is None:
+                self.word_op_unconfirmed = True
+            elif m.group(2) != self.word_op:  # the question's two numbers, combined by another operation
                 return f"{c.expr}: the question's words ask for {self.word_op}"
         return None
 
@@ -1070,6 +1097,8 @@ def ground(question: str, steps: list[str], answer: str | None, task: str | None
     on_question = None if g.target is None else (g.last is not None and g.last == g.target.value)
     applies = grounding_applies(question, task)
     reason = _why_incomplete(statuses, derived, on_question, applies, len(steps) > MAX_CHECKED_STEPS)
+    if reason is None and g.word_op_unconfirmed:
+        reason = "the question's words do not say which operation to check the steps against"
     return Explanation(checks, answer, derived, on_question, reason is None, applies, reason)
 
 
