@@ -324,13 +324,13 @@ def build_examples(
 def onpolicy_questions(run: Path, rows: list[dict], n_fresh: int, seed: int) -> list[str]:
     """What the student samples on: the training rows' questions, the train split's, and `n_fresh` fresh
     questions from the task's generator; never a held-out question (by id, text or expression)."""
-    from nestling.distill.compress import _held_keys, draw_fresh
     from nestling.distill.evaluate import traces_config
+    from nestling.distill.fresh import draw_fresh, held_keys
     from nestling.distill.tasks import normalize_question
 
     qpath = RunDir(run).questions_file
     questions = read_jsonl(qpath) if qpath.is_file() else []
-    held = _held_keys(questions)
+    held = held_keys(questions)
     texts = [str(r["question"]) for r in rows]
     texts += [str(r["question"]) for r in questions if r.get("split") == "train"]
     if n_fresh:
