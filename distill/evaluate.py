@@ -17,6 +17,9 @@ Every accuracy carries its 95% Wilson interval (``accuracy_ci``), so two rows ca
 that overlap are not a measured difference. The teacher runs through teachers.stream, the same concurrent,
 pipelined path as the traces stage.
 
+This module runs the models; scoring is distill.scoring (answers by distill.tasks.TaskScorer), the interval
+distill.stats.wilson, the Markdown distill.tables.
+
 No gold answers (e.g. a file: task without an answer column): the held-out questions are labelled by the
 teacher's self-consistency vote (k samples at the traces' temperature, majority share >= the traces'
 vote threshold; cached in RUN/teacher_vote.json), questions without a majority are left out, and every table
@@ -27,18 +30,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nestling.distill.tasks import TaskScorer
+from nestling.distill.scoring import score_outputs
+from nestling.distill.stats import wilson
+from nestling.distill.tables import student_md, summary_table
+from nestling.distill.tasks import Example, TaskScorer, trivial_baseline
 
 from nestling.core.config import check
 from nestling.core.errors import NestlingError
-from nestling.core.explain import explanation_consistent, ground, parse_steps
-from nestling.core.fmt import pct
 from nestling.core.manifest import (
     atomic_write_json,
     atomic_write_text,
@@ -95,73 +98,6 @@ class EvalConfig:
             self.teacher_concurrency is None or self.teacher_concurrency > 0,
             f"--teacher-concurrency {self.teacher_concurrency}: must be > 0",
         )
-
-
-# ---- questions, tasks, baseline ------------------------------------------------------------------------
-
-
-def wilson(k: float, n: int, z: float = 1.96) -> list[float]:
-    """95% Wilson score interval of k successes in n trials, [low, high]; sound at 0%, 100% and small n."""
-    if n <= 0:
-        return [0.0, 1.0]
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
-
-
-def baseline(train: list[dict], held: list[dict], scorer: TaskScorer) -> dict[str, Any]:
-    """distill.tasks.trivial_baseline over question rows, scored by each row's task."""
-    from nestling.distill.tasks import Example, trivial_baseline
-
-    examples = [Example.from_row(r) for r in train], [Example.from_row(r) for r in held]
-    return trivial_baseline(*examples, lambda answer, ex: scorer.score_example(ex, answer))
-
-
-# ---- metrics -------------------------------------------------------------------------------------------
-
-
-def score_outputs(
-    rows: list[dict], texts: list[str], scorer: TaskScorer, explain: bool, answers: list[str] | None = None
-) -> dict[str, Any]:
-    """Accuracy (overall and by task, each with its 95% Wilson interval); for explanations also step checks,
-    consistency and the share of complete explanations (core.explain.ground: every step grounded in the
-    question or unchecked, the answer derived from the steps). ``answers``: the texts to extract answers
-    from when they differ from ``texts`` (a reasoning teacher's answer part, while its steps come from
-    chain + answer)."""
-    correct, by_task = [], {}
-    all_right, checkable, consistent, complete, ungrounded = 0, 0, 0, 0, 0
-    for row, text, answer_text in zip(rows, texts, answers or texts, strict=True):
-        answer = scorer.extract(row, answer_text) if answer_text.strip() else None
-        ok = scorer.score(row, answer)
-        correct.append(ok)
-        by_task.setdefault(row["task"], []).append(ok)
-        if explain:
-            steps = parse_steps(text)
-            e = ground(row.get("question") or "", steps, answer, row["task"])
-            checked = [c.ok for c in e.steps if c.ok is not None]
-            checkable += bool(checked)
-            all_right += bool(checked) and all(checked)
-            consistent += explanation_consistent(steps, answer)
-            complete += e.complete
-            ungrounded += any(c.status == "ungrounded" for c in e.steps)
-    n = len(rows)
-    out: dict[str, Any] = {
-        "accuracy": sum(correct) / n,
-        "accuracy_ci": wilson(sum(correct), n),
-        "n": n,
-        "by_task": {t: round(sum(v) / len(v), 4) for t, v in sorted(by_task.items())},
-        "by_task_ci": {t: wilson(sum(v), len(v)) for t, v in sorted(by_task.items())},
-    }
-    if explain:
-        out["steps_all_right"] = all_right / n  # every checked step right (and at least one checkable)
-        out["steps_all_right_ci"] = wilson(all_right, n)
-        out["steps_checkable"] = checkable / n
-        out["consistent"] = consistent / n
-        out["complete"] = complete / n  # every step grounded or unchecked (one grounded), answer derived
-        out["complete_ci"] = wilson(complete, n)
-        out["ungrounded"] = ungrounded / n  # a step with a number from nowhere
-    return out
 
 
 # ---- teacher -------------------------------------------------------------------------------------------
@@ -329,21 +265,6 @@ def vote_reference(
     return labelled, info
 
 
-def reference_line(ref: dict[str, Any]) -> str:
-    """The sentence every table carries: what the accuracies were scored against."""
-    if ref.get("kind") != "teacher-vote":
-        return (
-            f"Scored against gold answers ({ref.get('heldout', '?')} held-out questions); "
-            "brackets: 95% Wilson interval."
-        )
-    return (
-        f"**No gold answers: scored against the teacher's self-consistency vote** ({ref['teacher']}, "
-        f"{ref['samples']} samples per question, majority share >= {ref['threshold']}): "
-        f"{ref['labelled']} of {ref['heldout']} held-out questions had a majority and are scored; "
-        "brackets: 95% Wilson interval."
-    )
-
-
 # ---- students ------------------------------------------------------------------------------------------
 
 
@@ -428,63 +349,6 @@ def student_eval(
 # ---- the stage -----------------------------------------------------------------------------------------
 
 
-def _acc(m: dict[str, Any], key: str = "accuracy") -> str:
-    """A rate with its 95% interval; results cached before intervals existed get one from n."""
-    x, n = m.get(key), m.get("n")
-    if x is None:
-        return "-"
-    return pct(x, m.get(f"{key}_ci") or (wilson(round(x * n), n) if n else None))
-
-
-def summary_table(result: dict[str, Any]) -> str:
-    """Markdown: what the accuracies are scored against, then teacher, baseline, each student side by side."""
-    lines = [
-        reference_line(result.get("reference") or {}),
-        "",
-        "| model | params | accuracy (explain) | accuracy (answer) | all steps right | complete | "
-        "consistent | mean tokens | latency s | tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    t = result.get("teacher")
-    if t:
-        e = t["explain"]
-        p = f"{t['params'] / 1e6:.1f}M" if t.get("params") else "-"
-        lines.append(
-            f"| teacher {t['spec']} (greedy) | {p} | {_acc(e)} | - | "
-            f"{_acc(e, 'steps_all_right')} | {_acc(e, 'complete')} | {pct(e['consistent'])} | "
-            f"{t['mean_new_tokens']:.0f} | "
-            f"{t['latency_s']:.2f} | {t['tokens_per_s']:.0f} |"
-        )
-    b = result["baseline"]
-    lines.append(f"| trivial baseline | - | - | {_acc(b)} | - | - | - | - | - | - |")
-    for name, s in result.get("students", {}).items():
-        e, a = s["explain"], s["answer"]
-        lines.append(
-            f"| student {name} | {s['params'] / 1e6:.2f}M | {_acc(e)} | {_acc(a)} | "
-            f"{_acc(e, 'steps_all_right')} | {_acc(e, 'complete')} | {pct(e['consistent'])} | "
-            f"{e['mean_new_tokens']:.0f} | "
-            f"{s.get('latency_s', 0):.2f} | {s.get('tokens_per_s', 0):.0f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def _student_md(
-    name: str, s: dict[str, Any], base: dict[str, Any], teacher: dict | None, ref: dict[str, Any]
-) -> str:
-    lines = [f"# eval: student {name}", "", f"Held-out questions: {s['explain']['n']}.", ""]
-    lines.append(
-        summary_table({"teacher": teacher, "baseline": base, "students": {name: s}, "reference": ref})
-    )
-    lines += ["", "## Samples", ""]
-    for x in s["samples"]:
-        lines += [
-            f"- **{x['question']}** (gold {x['gold']})",
-            f"  - answer mode: `{x['answer_mode'].strip()}`",
-            "  - explain mode: `" + " / ".join(x["explain_mode"].strip().splitlines()) + "`",
-        ]
-    return "\n".join(lines) + "\n"
-
-
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate and write the files; returns {teacher, baseline, students: {name: result}, table}."""
     run = Path(cfg.run)
@@ -508,7 +372,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             )
         held, ref = vote_reference(run, teacher_spec, held, scorer, cfg)
         train_rows = _vote_labelled_train(run, train_rows)
-    base = baseline(train_rows, held, scorer)
+    examples = [Example.from_row(r) for r in train_rows], [Example.from_row(r) for r in held]
+    base = trivial_baseline(*examples, scorer)
     base["accuracy_ci"] = wilson(round((base.get("accuracy") or 0) * len(held)), len(held))
     teacher = None if teacher_spec == "none" else teacher_eval(run, teacher_spec, held, scorer, cfg)
 
@@ -548,7 +413,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 "result": res,
             },
         )
-        atomic_write_text(sdir / "eval.md", _student_md(name, res, base, teacher, ref))
+        atomic_write_text(sdir / "eval.md", student_md(name, res, base, teacher, ref))
     result = {"stage": "eval", "reference": ref, "teacher": teacher, "baseline": base, "students": students}
     result["table"] = summary_table(result)
     if write:

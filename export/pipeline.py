@@ -28,7 +28,6 @@ from typing import Any
 from nestling.distill.students import check_student_dir
 from nestling.export.parity import (
     Prompt,
-    Scorer,
     VariantResult,
     check_variant,
     raise_on_failures,
@@ -213,32 +212,6 @@ def _rows_to_prompts(rows: list[dict[str, Any]], task: str | None) -> list[Promp
     return out
 
 
-def make_scorer(prompts: list[Prompt], task_spec: str | None) -> Scorer:
-    """Score with distill.tasks (the task's own extractor and full-credit scorer) when it loads."""
-    from nestling.export.parity import default_scorer
-
-    specs = {p.example.task for p in prompts if p.example is not None}
-    if task_spec:
-        specs.add(task_spec)
-    from nestling.distill.tasks import TaskScorer
-
-    scorer, tasks = TaskScorer(), {}
-    for spec in specs:
-        try:
-            tasks[spec] = scorer.task(spec)
-        except Exception as e:  # scoring falls back to lenient extraction; say so
-            log.warning("task %s: cannot load its scorer (%s); using core.explain answer matching", spec, e)
-    fallback = default_scorer()
-
-    def score(text: str, p: Prompt) -> bool:
-        task = tasks.get(p.example.task) if p.example is not None else None
-        if task is not None:
-            return default_scorer(task)(text, p)
-        return fallback(text, p)
-
-    return score
-
-
 # ---- the export --------------------------------------------------------------------------------------
 
 
@@ -414,7 +387,9 @@ def _reference(job: _Job) -> _Reference:
 
     torch.set_num_threads(job.cfg.threads)
     model, tok = load_student(job.student)
-    scorer = make_scorer(job.prompts, job.task)
+    from nestling.distill.tasks import TaskScorer
+
+    scorer = TaskScorer()
     ref = torch_reference(model, tok, job.prompts, job.cfg.max_new_tokens, scorer)
     # f16 rounding moves logits in proportion to their size: a trained student's logits reach tens, where an
     # absolute bound that suits a fresh one fails. Scale by the largest PyTorch logit (at least 1).

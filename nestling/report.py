@@ -57,7 +57,7 @@ def _delta_vs_pytorch(export: dict[str, Any], student: dict[str, Any]) -> None:
 
 
 def _with_ci(entry: dict[str, Any]) -> dict[str, Any]:
-    from nestling.distill.evaluate import wilson
+    from nestling.distill.stats import wilson
 
     acc, n = entry.get("accuracy"), entry.get("n")
     if acc is not None and n and not entry.get("accuracy_ci"):
