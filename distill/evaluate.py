@@ -46,8 +46,9 @@ from nestling.core.manifest import (
     atomic_write_json,
     atomic_write_text,
     fingerprint,
-    try_read_json,
+    read_cache,
     try_read_manifest,
+    write_cache,
 )
 from nestling.core.prompting import student_prompt
 from nestling.core.rundir import RunDir
@@ -173,12 +174,11 @@ def teacher_eval(
     identity = {"teacher": spec, "questions": held, "max_tokens": max_tokens, "prompt": prompt}
     if opts.get("extra"):  # only when set, so caches written before request fields existed stay valid
         identity["extra"] = opts["extra"]
-    key = fingerprint(identity)
     cache_path = run / "teacher_eval.json"
-    cached = try_read_json(cache_path)
-    if cached and cached.get("key") == key:
+    cached = read_cache(cache_path, identity)
+    if cached is not None:
         log.info("teacher eval: cached in %s", cache_path)
-        return cached["result"]
+        return cached
     sampling = Sampling(temperature=0.0, max_tokens=max_tokens, seed=0)
     rows, params = run_teacher(spec, held, sampling, 1, fewshot, opts, cfg, "eval teacher")
     gens = [row[0] for row in rows]
@@ -207,7 +207,7 @@ def teacher_eval(
     if failed:
         log.warning("teacher eval: %d of %d requests failed (scored wrong, not cached)", failed, len(gens))
     elif _writable(run):
-        atomic_write_json(cache_path, {"stage": "eval-teacher", "key": key, "result": result})
+        write_cache(cache_path, identity, result, stage="eval-teacher")
     return result
 
 
@@ -237,14 +237,10 @@ def vote_reference(
         "threshold": threshold,
         "heldout": len(held),
     }
-    key = fingerprint(
-        {**info, "questions": held, "prompt": prompt_card(fewshot)["sha256"], "max_tokens": max_tokens}
-    )
+    identity = {**info, "questions": held, "prompt": prompt_card(fewshot)["sha256"], "max_tokens": max_tokens}
     cache_path = run / "teacher_vote.json"
-    cached = try_read_json(cache_path)
-    if cached and cached.get("key") == key:
-        labels = cached["labels"]
-    else:
+    labels = read_cache(cache_path, identity, "labels")
+    if labels is None:
         gens, _ = run_teacher(spec, held, sampling, samples, fewshot, opts, cfg, "teacher vote")
         records = [
             {"qid": r["id"], "answer": scorer.extract(r, g.text) if g.text.strip() else None}
@@ -254,7 +250,7 @@ def vote_reference(
         ]
         labels = vote_labels(records, FilterConfig(vote_threshold=threshold))
         if not any(g.error for row in gens for g in row) and _writable(run):
-            atomic_write_json(cache_path, {"stage": "eval-vote", "key": key, "labels": labels})
+            write_cache(cache_path, identity, labels, "labels", stage="eval-vote")
     labelled = [{**r, "gold": labels[r["id"]]} for r in held if r["id"] in labels]
     info["labelled"] = len(labelled)
     if not labelled:
@@ -389,31 +385,24 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         sdir = RunDir(run).student(name)
         if not (sdir / "model").is_dir():
             raise NestlingError(f"{sdir / 'model'}: not found; train it first (`nestling train --run {run}`)")
-        inputs = {"questions": fingerprint(held), "model": (try_read_manifest(sdir) or {}).get("files", {})}
-        key = fingerprint({"inputs": inputs, "config": _eval_recipe(cfg)})
-        cached = try_read_json(sdir / "eval.json")
-        if cached and cached.get("key") == key:
+        identity = {
+            "inputs": {
+                "questions": fingerprint(held),
+                "model": (try_read_manifest(sdir) or {}).get("files", {}),
+            },
+            "config": _eval_recipe(cfg),
+        }
+        cached = read_cache(sdir / "eval.json", identity)
+        if cached is not None:
             log.info("eval %s: up to date", name)
-            students[name] = cached["result"]
+            students[name] = cached
             continue
         res = student_eval(sdir / "model", held, scorer, cfg, name)
         students[name] = res
-        if not write:
-            continue
-        atomic_write_json(
-            sdir / "eval.json",
-            {
-                "format": "nestling/1",
-                "stage": "eval",
-                "key": key,
-                "config": _eval_recipe(cfg),
-                "reference": ref,
-                "baseline": base,
-                "teacher": teacher,
-                "result": res,
-            },
-        )
-        atomic_write_text(sdir / "eval.md", student_md(name, res, base, teacher, ref))
+        if write:
+            extra = {"config": _eval_recipe(cfg), "reference": ref, "baseline": base, "teacher": teacher}
+            write_cache(sdir / "eval.json", identity, res, format="nestling/1", stage="eval", **extra)
+            atomic_write_text(sdir / "eval.md", student_md(name, res, base, teacher, ref))
     result = {"stage": "eval", "reference": ref, "teacher": teacher, "baseline": base, "students": students}
     result["table"] = summary_table(result)
     if write:
