@@ -235,14 +235,14 @@ class _Data:
         from nestling.distill.tasks import Example
         from nestling.distill.train import training_rows
 
-        questions = run.questions()
-        task = str(traces_config(run.root).get("task") or questions[0]["task"])
+        train, held = run.splits(gold_only=False)
+        task = str(traces_config(run.root).get("task") or (train + held)[0]["task"])
         return cls(
-            questions=questions,
+            questions=train + held,
             rows=training_rows(run.root),
             task=task,
-            drawn=draw_fresh(task, questions, cfg.fresh + cfg.vocab_questions, cfg.seed),
-            train_qs=[Example.from_row(r) for r in questions if r.get("split") == "train"],
+            drawn=draw_fresh(task, train + held, cfg.fresh + cfg.vocab_questions, cfg.seed),
+            train_qs=[Example.from_row(r) for r in train],
         )
 
 

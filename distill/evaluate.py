@@ -174,7 +174,7 @@ def teacher_eval(
     identity = {"teacher": spec, "questions": held, "max_tokens": max_tokens, "prompt": prompt}
     if opts.get("extra"):  # only when set, so caches written before request fields existed stay valid
         identity["extra"] = opts["extra"]
-    cache_path = run / "teacher_eval.json"
+    cache_path = RunDir(run).teacher_eval
     cached = read_cache(cache_path, identity)
     if cached is not None:
         log.info("teacher eval: cached in %s", cache_path)
@@ -238,7 +238,7 @@ def vote_reference(
         "heldout": len(held),
     }
     identity = {**info, "questions": held, "prompt": prompt_card(fewshot)["sha256"], "max_tokens": max_tokens}
-    cache_path = run / "teacher_vote.json"
+    cache_path = RunDir(run).teacher_vote
     labels = read_cache(cache_path, identity, "labels")
     if labels is None:
         gens, _ = run_teacher(spec, held, sampling, samples, fewshot, opts, cfg, "teacher vote")
@@ -347,12 +347,12 @@ def student_eval(
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate and write the files; returns {teacher, baseline, students: {name: result}, table}."""
-    run = Path(cfg.run)
-    train_rows, held = RunDir(run).splits()
-    if cfg.limit:
-        held = held[: cfg.limit]
     from nestling.distill.accel import set_threads
 
+    run, rd = Path(cfg.run), RunDir(cfg.run)
+    train_rows, held = rd.splits()
+    if cfg.limit:
+        held = held[: cfg.limit]
     set_threads(cfg.threads)
     scorer = TaskScorer()
     write = _writable(run)
@@ -372,43 +372,52 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     base = trivial_baseline(*examples, scorer)
     base["accuracy_ci"] = wilson(round((base.get("accuracy") or 0) * len(held)), len(held))
     teacher = None if teacher_spec == "none" else teacher_eval(run, teacher_spec, held, scorer, cfg)
-
-    names = cfg.students
-    if names is None:
-        names = sorted(p.parent.parent.name for p in RunDir(run).students.glob("*/model/config.json"))
-    if not names:
-        raise NestlingError(
-            f"{run / 'students'}: no trained students; run `nestling train --run {run}` first"
-        )
-    students: dict[str, Any] = {}
-    for name in names:
-        sdir = RunDir(run).student(name)
-        if not (sdir / "model").is_dir():
-            raise NestlingError(f"{sdir / 'model'}: not found; train it first (`nestling train --run {run}`)")
-        identity = {
-            "inputs": {
-                "questions": fingerprint(held),
-                "model": (try_read_manifest(sdir) or {}).get("files", {}),
-            },
-            "config": _eval_recipe(cfg),
-        }
-        cached = read_cache(sdir / "eval.json", identity)
-        if cached is not None:
-            log.info("eval %s: up to date", name)
-            students[name] = cached
-            continue
-        res = student_eval(sdir / "model", held, scorer, cfg, name)
-        students[name] = res
-        if write:
-            extra = {"config": _eval_recipe(cfg), "reference": ref, "baseline": base, "teacher": teacher}
-            write_cache(sdir / "eval.json", identity, res, format="nestling/1", stage="eval", **extra)
-            atomic_write_text(sdir / "eval.md", student_md(name, res, base, teacher, ref))
-    result = {"stage": "eval", "reference": ref, "teacher": teacher, "baseline": base, "students": students}
+    context = {"reference": ref, "baseline": base, "teacher": teacher}
+    students = {
+        name: _eval_student(rd, name, held, scorer, cfg, context if write else None)
+        for name in _student_names(rd, cfg.students)
+    }
+    result = {"stage": "eval", **context, "students": students}
     result["table"] = summary_table(result)
     if write:
-        atomic_write_json(run / "eval.json", result)
-        atomic_write_text(run / "eval.md", f"# nestling eval: {run}\n\n{result['table']}")
+        atomic_write_json(rd.eval_file("json"), result)
+        atomic_write_text(rd.eval_file("md"), f"# nestling eval: {run}\n\n{result['table']}")
     return result
+
+
+def _student_names(rd: RunDir, names: list[str] | None) -> list[str]:
+    """The students asked for, else every trained one under RUN/students; each must have its model."""
+    if names is None:
+        names = sorted(p.parent.parent.name for p in rd.students.glob("*/model/config.json"))
+    if not names:
+        raise NestlingError(f"{rd.students}: no trained students; run `nestling train --run {rd.root}` first")
+    for name in names:
+        if not (rd.student(name) / "model").is_dir():
+            raise NestlingError(
+                f"{rd.student(name) / 'model'}: not found; train it first (`nestling train --run {rd.root}`)"
+            )
+    return names
+
+
+def _eval_student(
+    rd: RunDir, name: str, held: list[dict], scorer: TaskScorer, cfg: EvalConfig, context: dict | None
+) -> dict[str, Any]:
+    """One student's result, from its cached eval.json when the questions, model files and recipe match;
+    written with `context` (reference, baseline, teacher) into eval.{json,md} unless context is None."""
+    sdir = rd.student(name)
+    model_files = (try_read_manifest(sdir) or {}).get("files", {})
+    identity = {"inputs": {"questions": fingerprint(held), "model": model_files}, "config": _eval_recipe(cfg)}
+    cached = read_cache(rd.eval_file("json", name), identity)
+    if cached is not None:
+        log.info("eval %s: up to date", name)
+        return cached
+    res = student_eval(sdir / "model", held, scorer, cfg, name)
+    if context is not None:
+        extra = {"format": "nestling/1", "stage": "eval", "config": _eval_recipe(cfg), **context}
+        write_cache(rd.eval_file("json", name), identity, res, **extra)
+        md = student_md(name, res, context["baseline"], context["teacher"], context["reference"])
+        atomic_write_text(rd.eval_file("md", name), md)
+    return res
 
 
 def _writable(run: Path) -> bool:

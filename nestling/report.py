@@ -66,7 +66,7 @@ def _with_ci(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _teacher_entry(run_dir: Path) -> dict[str, Any]:
-    teacher = _read_json(run_dir / "teacher_eval.json").get("result") or {}
+    teacher = _read_json(RunDir(run_dir).teacher_eval).get("result") or {}
     if not teacher:
         return {}
     explain = teacher.get("explain") or {}

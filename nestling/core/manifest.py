@@ -106,10 +106,10 @@ def read_cache(path: str | Path, identity: Any, field: str = "result") -> Any:
     """The value a stage cached at `path` for `identity` (what it was computed from: specs, questions,
     recipe, files), or None when the file is missing, unreadable or was computed from something else.
 
-        labels = read_cache(run / "teacher_vote.json", identity, "labels")
+        labels = read_cache(run.teacher_vote, identity, "labels")
         if labels is None:
             labels = vote(...)
-            write_cache(run / "teacher_vote.json", identity, labels, "labels", stage="eval-vote")
+            write_cache(run.teacher_vote, identity, labels, "labels", stage="eval-vote")
 
     The identity is fingerprinted as a manifest's config and inputs are, so a cache is fresh exactly when a
     manifest with the same content would be."""
