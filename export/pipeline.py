@@ -119,8 +119,8 @@ class ExportConfig:
     gguf_pre: str | None = field(
         default=None, metadata={"help": "override llama.cpp's tokenizer.ggml.pre (default: detected)"}
     )
-    # weight-only-int8 by measurement (benchmarks/bench_int8.py, SmolLM2-135M, 16 prompts): greedy match
-    # 68.8% and teacher-forced top-1 98.3% at 63.5 tokens/s, where dynamic gave 0% and 78.2% at 64.4.
+    # weight-only-int8 by measurement: on SmolLM2-135M it stays closest to PyTorch (greedy and teacher-forced)
+    # of the int8 recipes at dynamic's speed; figures: benchmarks/results/families_int8.json (bench_int8.py).
     onnx_int8: str = field(
         default="weight-only-int8",
         metadata={"help": "int8 ONNX recipe: dynamic, dynamic-fp32-down, weight-only, weight-only-int8"},
