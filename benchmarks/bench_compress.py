@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nestling.distill.evaluate import wilson  # noqa: E402
+from nestling.distill.stats import wilson  # noqa: E402
 
 from nestling.core.manifest import atomic_write_json  # noqa: E402
 

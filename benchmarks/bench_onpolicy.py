@@ -57,7 +57,7 @@ def main() -> None:
     import torch
     from conftest import arithmetic_rows, build_tiny_student, training_texts
     from fake_run import make_run
-    from nestling.distill.compress import prune_mlp
+    from nestling.distill.prune import prune_mlp
     from nestling.distill.students import count_params, load_student, save_student
     from nestling.distill.train import TrainConfig, train
 

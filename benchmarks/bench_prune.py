@@ -33,14 +33,10 @@ def main() -> None:
     args = p.parse_args()
 
     from nestling.distill.accel import set_threads
-    from nestling.distill.compress import (
-        calibration_texts,
-        keep_layers,
-        layer_importance,
-        prune_mlp,
-        select_layers,
-    )
-    from nestling.distill.evaluate import generate, wilson
+    from nestling.distill.compress import calibration_texts
+    from nestling.distill.evaluate import generate
+    from nestling.distill.prune import keep_layers, layer_importance, prune_mlp, select_layers
+    from nestling.distill.stats import wilson
     from nestling.distill.students import count_params, load_student
     from nestling.distill.tasks import TaskScorer
     from nestling.distill.train import training_rows

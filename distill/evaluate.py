@@ -17,6 +17,9 @@ Every accuracy carries its 95% Wilson interval (``accuracy_ci``), so two rows ca
 that overlap are not a measured difference. The teacher runs through teachers.stream, the same concurrent,
 pipelined path as the traces stage.
 
+This module runs the models; scoring is distill.scoring (answers by distill.tasks.TaskScorer), the interval
+distill.stats.wilson, the Markdown distill.tables.
+
 No gold answers (e.g. a file: task without an answer column): the held-out questions are labelled by the
 teacher's self-consistency vote (k samples at the traces' temperature, majority share >= the traces'
 vote threshold; cached in RUN/teacher_vote.json), questions without a majority are left out, and every table
@@ -27,24 +30,25 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nestling.distill.tasks import TaskScorer
+from nestling.distill.scoring import score_outputs
+from nestling.distill.stats import wilson
+from nestling.distill.tables import student_md, summary_table
+from nestling.distill.tasks import Example, TaskScorer, trivial_baseline
 
 from nestling.core.config import check
 from nestling.core.errors import NestlingError
-from nestling.core.explain import explanation_consistent, ground, parse_steps
-from nestling.core.fmt import pct
 from nestling.core.manifest import (
     atomic_write_json,
     atomic_write_text,
     fingerprint,
-    try_read_json,
+    read_cache,
     try_read_manifest,
+    write_cache,
 )
 from nestling.core.prompting import student_prompt
 from nestling.core.rundir import RunDir
@@ -95,73 +99,6 @@ class EvalConfig:
             self.teacher_concurrency is None or self.teacher_concurrency > 0,
             f"--teacher-concurrency {self.teacher_concurrency}: must be > 0",
         )
-
-
-# ---- questions, tasks, baseline ------------------------------------------------------------------------
-
-
-def wilson(k: float, n: int, z: float = 1.96) -> list[float]:
-    """95% Wilson score interval of k successes in n trials, [low, high]; sound at 0%, 100% and small n."""
-    if n <= 0:
-        return [0.0, 1.0]
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
-
-
-def baseline(train: list[dict], held: list[dict], scorer: TaskScorer) -> dict[str, Any]:
-    """distill.tasks.trivial_baseline over question rows, scored by each row's task."""
-    from nestling.distill.tasks import Example, trivial_baseline
-
-    examples = [Example.from_row(r) for r in train], [Example.from_row(r) for r in held]
-    return trivial_baseline(*examples, lambda answer, ex: scorer.score_example(ex, answer))
-
-
-# ---- metrics -------------------------------------------------------------------------------------------
-
-
-def score_outputs(
-    rows: list[dict], texts: list[str], scorer: TaskScorer, explain: bool, answers: list[str] | None = None
-) -> dict[str, Any]:
-    """Accuracy (overall and by task, each with its 95% Wilson interval); for explanations also step checks,
-    consistency and the share of complete explanations (core.explain.ground: every step grounded in the
-    question or unchecked, the answer derived from the steps). ``answers``: the texts to extract answers
-    from when they differ from ``texts`` (a reasoning teacher's answer part, while its steps come from
-    chain + answer)."""
-    correct, by_task = [], {}
-    all_right, checkable, consistent, complete, ungrounded = 0, 0, 0, 0, 0
-    for row, text, answer_text in zip(rows, texts, answers or texts, strict=True):
-        answer = scorer.extract(row, answer_text) if answer_text.strip() else None
-        ok = scorer.score(row, answer)
-        correct.append(ok)
-        by_task.setdefault(row["task"], []).append(ok)
-        if explain:
-            steps = parse_steps(text)
-            e = ground(row.get("question") or "", steps, answer, row["task"])
-            checked = [c.ok for c in e.steps if c.ok is not None]
-            checkable += bool(checked)
-            all_right += bool(checked) and all(checked)
-            consistent += explanation_consistent(steps, answer)
-            complete += e.complete
-            ungrounded += any(c.status == "ungrounded" for c in e.steps)
-    n = len(rows)
-    out: dict[str, Any] = {
-        "accuracy": sum(correct) / n,
-        "accuracy_ci": wilson(sum(correct), n),
-        "n": n,
-        "by_task": {t: round(sum(v) / len(v), 4) for t, v in sorted(by_task.items())},
-        "by_task_ci": {t: wilson(sum(v), len(v)) for t, v in sorted(by_task.items())},
-    }
-    if explain:
-        out["steps_all_right"] = all_right / n  # every checked step right (and at least one checkable)
-        out["steps_all_right_ci"] = wilson(all_right, n)
-        out["steps_checkable"] = checkable / n
-        out["consistent"] = consistent / n
-        out["complete"] = complete / n  # every step grounded or unchecked (one grounded), answer derived
-        out["complete_ci"] = wilson(complete, n)
-        out["ungrounded"] = ungrounded / n  # a step with a number from nowhere
-    return out
 
 
 # ---- teacher -------------------------------------------------------------------------------------------
@@ -237,12 +174,11 @@ def teacher_eval(
     identity = {"teacher": spec, "questions": held, "max_tokens": max_tokens, "prompt": prompt}
     if opts.get("extra"):  # only when set, so caches written before request fields existed stay valid
         identity["extra"] = opts["extra"]
-    key = fingerprint(identity)
-    cache_path = run / "teacher_eval.json"
-    cached = try_read_json(cache_path)
-    if cached and cached.get("key") == key:
+    cache_path = RunDir(run).teacher_eval
+    cached = read_cache(cache_path, identity)
+    if cached is not None:
         log.info("teacher eval: cached in %s", cache_path)
-        return cached["result"]
+        return cached
     sampling = Sampling(temperature=0.0, max_tokens=max_tokens, seed=0)
     rows, params = run_teacher(spec, held, sampling, 1, fewshot, opts, cfg, "eval teacher")
     gens = [row[0] for row in rows]
@@ -271,7 +207,7 @@ def teacher_eval(
     if failed:
         log.warning("teacher eval: %d of %d requests failed (scored wrong, not cached)", failed, len(gens))
     elif _writable(run):
-        atomic_write_json(cache_path, {"stage": "eval-teacher", "key": key, "result": result})
+        write_cache(cache_path, identity, result, stage="eval-teacher")
     return result
 
 
@@ -301,14 +237,10 @@ def vote_reference(
         "threshold": threshold,
         "heldout": len(held),
     }
-    key = fingerprint(
-        {**info, "questions": held, "prompt": prompt_card(fewshot)["sha256"], "max_tokens": max_tokens}
-    )
-    cache_path = run / "teacher_vote.json"
-    cached = try_read_json(cache_path)
-    if cached and cached.get("key") == key:
-        labels = cached["labels"]
-    else:
+    identity = {**info, "questions": held, "prompt": prompt_card(fewshot)["sha256"], "max_tokens": max_tokens}
+    cache_path = RunDir(run).teacher_vote
+    labels = read_cache(cache_path, identity, "labels")
+    if labels is None:
         gens, _ = run_teacher(spec, held, sampling, samples, fewshot, opts, cfg, "teacher vote")
         records = [
             {"qid": r["id"], "answer": scorer.extract(r, g.text) if g.text.strip() else None}
@@ -318,7 +250,7 @@ def vote_reference(
         ]
         labels = vote_labels(records, FilterConfig(vote_threshold=threshold))
         if not any(g.error for row in gens for g in row) and _writable(run):
-            atomic_write_json(cache_path, {"stage": "eval-vote", "key": key, "labels": labels})
+            write_cache(cache_path, identity, labels, "labels", stage="eval-vote")
     labelled = [{**r, "gold": labels[r["id"]]} for r in held if r["id"] in labels]
     info["labelled"] = len(labelled)
     if not labelled:
@@ -327,21 +259,6 @@ def vote_reference(
             "held-out question; evaluate on a task with gold answers or use a stronger teacher"
         )
     return labelled, info
-
-
-def reference_line(ref: dict[str, Any]) -> str:
-    """The sentence every table carries: what the accuracies were scored against."""
-    if ref.get("kind") != "teacher-vote":
-        return (
-            f"Scored against gold answers ({ref.get('heldout', '?')} held-out questions); "
-            "brackets: 95% Wilson interval."
-        )
-    return (
-        f"**No gold answers: scored against the teacher's self-consistency vote** ({ref['teacher']}, "
-        f"{ref['samples']} samples per question, majority share >= {ref['threshold']}): "
-        f"{ref['labelled']} of {ref['heldout']} held-out questions had a majority and are scored; "
-        "brackets: 95% Wilson interval."
-    )
 
 
 # ---- students ------------------------------------------------------------------------------------------
@@ -428,71 +345,14 @@ def student_eval(
 # ---- the stage -----------------------------------------------------------------------------------------
 
 
-def _acc(m: dict[str, Any], key: str = "accuracy") -> str:
-    """A rate with its 95% interval; results cached before intervals existed get one from n."""
-    x, n = m.get(key), m.get("n")
-    if x is None:
-        return "-"
-    return pct(x, m.get(f"{key}_ci") or (wilson(round(x * n), n) if n else None))
-
-
-def summary_table(result: dict[str, Any]) -> str:
-    """Markdown: what the accuracies are scored against, then teacher, baseline, each student side by side."""
-    lines = [
-        reference_line(result.get("reference") or {}),
-        "",
-        "| model | params | accuracy (explain) | accuracy (answer) | all steps right | complete | "
-        "consistent | mean tokens | latency s | tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    t = result.get("teacher")
-    if t:
-        e = t["explain"]
-        p = f"{t['params'] / 1e6:.1f}M" if t.get("params") else "-"
-        lines.append(
-            f"| teacher {t['spec']} (greedy) | {p} | {_acc(e)} | - | "
-            f"{_acc(e, 'steps_all_right')} | {_acc(e, 'complete')} | {pct(e['consistent'])} | "
-            f"{t['mean_new_tokens']:.0f} | "
-            f"{t['latency_s']:.2f} | {t['tokens_per_s']:.0f} |"
-        )
-    b = result["baseline"]
-    lines.append(f"| trivial baseline | - | - | {_acc(b)} | - | - | - | - | - | - |")
-    for name, s in result.get("students", {}).items():
-        e, a = s["explain"], s["answer"]
-        lines.append(
-            f"| student {name} | {s['params'] / 1e6:.2f}M | {_acc(e)} | {_acc(a)} | "
-            f"{_acc(e, 'steps_all_right')} | {_acc(e, 'complete')} | {pct(e['consistent'])} | "
-            f"{e['mean_new_tokens']:.0f} | "
-            f"{s.get('latency_s', 0):.2f} | {s.get('tokens_per_s', 0):.0f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def _student_md(
-    name: str, s: dict[str, Any], base: dict[str, Any], teacher: dict | None, ref: dict[str, Any]
-) -> str:
-    lines = [f"# eval: student {name}", "", f"Held-out questions: {s['explain']['n']}.", ""]
-    lines.append(
-        summary_table({"teacher": teacher, "baseline": base, "students": {name: s}, "reference": ref})
-    )
-    lines += ["", "## Samples", ""]
-    for x in s["samples"]:
-        lines += [
-            f"- **{x['question']}** (gold {x['gold']})",
-            f"  - answer mode: `{x['answer_mode'].strip()}`",
-            "  - explain mode: `" + " / ".join(x["explain_mode"].strip().splitlines()) + "`",
-        ]
-    return "\n".join(lines) + "\n"
-
-
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate and write the files; returns {teacher, baseline, students: {name: result}, table}."""
-    run = Path(cfg.run)
-    train_rows, held = RunDir(run).splits()
-    if cfg.limit:
-        held = held[: cfg.limit]
     from nestling.distill.accel import set_threads
 
+    run, rd = Path(cfg.run), RunDir(cfg.run)
+    train_rows, held = rd.splits()
+    if cfg.limit:
+        held = held[: cfg.limit]
     set_threads(cfg.threads)
     scorer = TaskScorer()
     write = _writable(run)
@@ -508,53 +368,56 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             )
         held, ref = vote_reference(run, teacher_spec, held, scorer, cfg)
         train_rows = _vote_labelled_train(run, train_rows)
-    base = baseline(train_rows, held, scorer)
+    examples = [Example.from_row(r) for r in train_rows], [Example.from_row(r) for r in held]
+    base = trivial_baseline(*examples, scorer)
     base["accuracy_ci"] = wilson(round((base.get("accuracy") or 0) * len(held)), len(held))
     teacher = None if teacher_spec == "none" else teacher_eval(run, teacher_spec, held, scorer, cfg)
-
-    names = cfg.students
-    if names is None:
-        names = sorted(p.parent.parent.name for p in RunDir(run).students.glob("*/model/config.json"))
-    if not names:
-        raise NestlingError(
-            f"{run / 'students'}: no trained students; run `nestling train --run {run}` first"
-        )
-    students: dict[str, Any] = {}
-    for name in names:
-        sdir = RunDir(run).student(name)
-        if not (sdir / "model").is_dir():
-            raise NestlingError(f"{sdir / 'model'}: not found; train it first (`nestling train --run {run}`)")
-        inputs = {"questions": fingerprint(held), "model": (try_read_manifest(sdir) or {}).get("files", {})}
-        key = fingerprint({"inputs": inputs, "config": _eval_recipe(cfg)})
-        cached = try_read_json(sdir / "eval.json")
-        if cached and cached.get("key") == key:
-            log.info("eval %s: up to date", name)
-            students[name] = cached["result"]
-            continue
-        res = student_eval(sdir / "model", held, scorer, cfg, name)
-        students[name] = res
-        if not write:
-            continue
-        atomic_write_json(
-            sdir / "eval.json",
-            {
-                "format": "nestling/1",
-                "stage": "eval",
-                "key": key,
-                "config": _eval_recipe(cfg),
-                "reference": ref,
-                "baseline": base,
-                "teacher": teacher,
-                "result": res,
-            },
-        )
-        atomic_write_text(sdir / "eval.md", _student_md(name, res, base, teacher, ref))
-    result = {"stage": "eval", "reference": ref, "teacher": teacher, "baseline": base, "students": students}
+    context = {"reference": ref, "baseline": base, "teacher": teacher}
+    students = {
+        name: _eval_student(rd, name, held, scorer, cfg, context if write else None)
+        for name in _student_names(rd, cfg.students)
+    }
+    result = {"stage": "eval", **context, "students": students}
     result["table"] = summary_table(result)
     if write:
-        atomic_write_json(run / "eval.json", result)
-        atomic_write_text(run / "eval.md", f"# nestling eval: {run}\n\n{result['table']}")
+        atomic_write_json(rd.eval_file("json"), result)
+        atomic_write_text(rd.eval_file("md"), f"# nestling eval: {run}\n\n{result['table']}")
     return result
+
+
+def _student_names(rd: RunDir, names: list[str] | None) -> list[str]:
+    """The students asked for, else every trained one under RUN/students; each must have its model."""
+    if names is None:
+        names = sorted(p.parent.parent.name for p in rd.students.glob("*/model/config.json"))
+    if not names:
+        raise NestlingError(f"{rd.students}: no trained students; run `nestling train --run {rd.root}` first")
+    for name in names:
+        if not (rd.student(name) / "model").is_dir():
+            raise NestlingError(
+                f"{rd.student(name) / 'model'}: not found; train it first (`nestling train --run {rd.root}`)"
+            )
+    return names
+
+
+def _eval_student(
+    rd: RunDir, name: str, held: list[dict], scorer: TaskScorer, cfg: EvalConfig, context: dict | None
+) -> dict[str, Any]:
+    """One student's result, from its cached eval.json when the questions, model files and recipe match;
+    written with `context` (reference, baseline, teacher) into eval.{json,md} unless context is None."""
+    sdir = rd.student(name)
+    model_files = (try_read_manifest(sdir) or {}).get("files", {})
+    identity = {"inputs": {"questions": fingerprint(held), "model": model_files}, "config": _eval_recipe(cfg)}
+    cached = read_cache(rd.eval_file("json", name), identity)
+    if cached is not None:
+        log.info("eval %s: up to date", name)
+        return cached
+    res = student_eval(sdir / "model", held, scorer, cfg, name)
+    if context is not None:
+        extra = {"format": "nestling/1", "stage": "eval", "config": _eval_recipe(cfg), **context}
+        write_cache(rd.eval_file("json", name), identity, res, **extra)
+        md = student_md(name, res, context["baseline"], context["teacher"], context["reference"])
+        atomic_write_text(rd.eval_file("md", name), md)
+    return res
 
 
 def _writable(run: Path) -> bool:

@@ -458,10 +458,20 @@ def load_task(spec: str) -> Task:
 
 class TaskScorer:
     """The one scorer of answers against gold: each row's own task (extractor and scorer), one Task object
-    per task spec (a mix has several), loaded on first use. Rows are questions.jsonl rows or Examples."""
+    per task spec (a mix has several), loaded on first use. Every stage scores through it:
+
+        scorer = TaskScorer()
+        scorer.score(row, scorer.extract(row, text))   # eval: a questions.jsonl row (or an Example)
+        scorer(text, prompt)                           # export's parity Prompt, a row or an Example
+        score = scorer.by_index(rows)                  # score(i, text) for latency; None when rows lack gold
+
+    Called on a text (``scorer(text, item)``), an item whose task is unknown or does not load is matched
+    leniently (core.explain's extracted answer against its gold), with one warning per task; extract and
+    score raise instead, because eval must not report a lenient accuracy as the task's."""
 
     def __init__(self) -> None:
         self._tasks: dict[str, Task] = {}
+        self._broken: set[str] = set()
 
     def task(self, spec: str) -> Task:
         if spec not in self._tasks:
@@ -477,15 +487,55 @@ class TaskScorer:
     def score_example(self, ex: Example, answer: str | None) -> bool:
         return bool(self.task(ex.task).score(answer, ex))
 
+    def __call__(self, text: str, item: Any) -> bool:
+        """`text` (a model's whole output) right for `item`: an Example, a question row, or anything with
+        .example and .gold (export.parity.Prompt)."""
+        ex, gold = _example_and_gold(item)
+        task = self._loaded(ex.task) if ex is not None else None
+        if task is not None:
+            return bool(task.score(task.extract(text), ex))
+        pred = extract_answer(text)
+        return gold is not None and pred is not None and answers_match(pred, str(gold))
+
+    def by_index(self, rows: list[dict]) -> Callable[[int, str], bool] | None:
+        """score(i, text) for rows[i]; None when a row has no gold answer (nothing to score against)."""
+        if not rows or any(r.get("gold") is None for r in rows):
+            return None
+        return lambda i, text: self(text, rows[i])
+
+    def _loaded(self, spec: str) -> Task | None:
+        if spec in self._broken:
+            return None
+        try:
+            return self.task(spec)
+        except Exception as e:  # a task that needs a missing extra or file: score leniently, and say so
+            log.warning("task %s: cannot load its scorer (%s); using core.explain answer matching", spec, e)
+            self._broken.add(spec)
+            return None
+
+
+def _example_and_gold(item: Any) -> tuple[Example | None, Any]:
+    if isinstance(item, Example):
+        return item, item.gold
+    if isinstance(item, dict):
+        return (Example.from_row(item) if item.get("task") else None), item.get("gold")
+    return getattr(item, "example", None), getattr(item, "gold", None)
+
 
 def trivial_baseline(
-    train: list[Example], held: list[Example], score: Callable[[str | None, Example], bool]
+    train: list[Example],
+    held: list[Example],
+    score: Callable[[str | None, Example], bool] | TaskScorer | None = None,
 ) -> dict[str, Any]:
     """What a model that learned nothing scores: always the most common training gold of the question's task.
 
     The one baseline every report shows beside an accuracy (data card, eval, run report). `score(answer,
-    example)` is the task's own scorer, e.g. ``load_task(spec).score``.
+    example)` is the task's own scorer, e.g. ``load_task(spec).score``, or a TaskScorer (each example's own
+    task; a new one by default).
     """
+    if score is None or isinstance(score, TaskScorer):
+        scorer = score or TaskScorer()
+        score = lambda answer, ex: scorer.score_example(ex, answer)  # noqa: E731 (Task.score's order)
     answers: dict[str, str] = {}
     for task in sorted({ex.task for ex in train}):
         golds = Counter(ex.gold for ex in train if ex.task == task and ex.gold is not None)

@@ -111,7 +111,7 @@ class TracesConfig:
         },
     )
     seed: int = field(default=0, metadata={"help": "seed for drawing, splitting and sampling"})
-    out: str = field(default="runs/default", metadata={"help": "run directory; traces go to OUT/traces"})
+    out: str = field(default="runs/default", metadata={"help": "run directory; traces go to RUN/traces"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature (0 = greedy)"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling mass"})
     max_tokens: int | None = field(

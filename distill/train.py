@@ -244,16 +244,21 @@ def read_jsonl(path: Path) -> list[dict]:
     return _read_jsonl(path, fix=f"run `nestling traces --out {path.parent.parent}` first")
 
 
+def _questions(run: Path) -> list[dict]:
+    """The run's question rows, none when it has no questions file (a run made of handed rows only)."""
+    rd = RunDir(run)
+    return rd.questions() if rd.questions_file.is_file() else []
+
+
 def training_rows(run: Path, rows: list[dict] | None = None) -> list[dict]:
     """Verified rows whose question is in the train split: the run's kept traces, or `rows` a stage hands over
     instead; NestlingError when nothing is left."""
-    kept_path, questions_path = RunDir(run).kept_file, RunDir(run).questions_file
+    rd = RunDir(run)
+    kept_path = rd.kept_file
     where = str(kept_path) if rows is None else f"{run}: a training row"
     if rows is None:
         rows = read_jsonl(kept_path)
-    heldout: set[str] = set()
-    if questions_path.is_file():
-        heldout = {str(r["id"]) for r in read_jsonl(questions_path) if r.get("split") == "heldout"}
+    heldout = {str(r["id"]) for r in rd.heldout()} if rd.questions_file.is_file() else set()
     keep = []
     for r in rows:
         if not isinstance(r, dict) or not all(k in r for k in ("qid", "question", "answer", "steps")):
@@ -324,13 +329,12 @@ def build_examples(
 def onpolicy_questions(run: Path, rows: list[dict], n_fresh: int, seed: int) -> list[str]:
     """What the student samples on: the training rows' questions, the train split's, and `n_fresh` fresh
     questions from the task's generator; never a held-out question (by id, text or expression)."""
-    from nestling.distill.compress import _held_keys, draw_fresh
     from nestling.distill.evaluate import traces_config
+    from nestling.distill.fresh import draw_fresh, held_keys
     from nestling.distill.tasks import normalize_question
 
-    qpath = RunDir(run).questions_file
-    questions = read_jsonl(qpath) if qpath.is_file() else []
-    held = _held_keys(questions)
+    questions = _questions(run)
+    held = held_keys(questions)
     texts = [str(r["question"]) for r in rows]
     texts += [str(r["question"]) for r in questions if r.get("split") == "train"]
     if n_fresh:

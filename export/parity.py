@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nestling.core.errors import NestlingError
-from nestling.core.explain import answers_match, extract_answer
 from nestling.core.prompting import student_prompt
 
 if TYPE_CHECKING:
@@ -161,18 +160,6 @@ class VariantResult:
 Scorer = Callable[[str, Prompt], bool]
 
 
-def default_scorer(task: Any = None) -> Scorer:
-    """The task's own extractor and scorer when known, else core.explain's lenient extraction + match."""
-
-    def score(text: str, p: Prompt) -> bool:
-        if task is not None and p.example is not None:
-            return bool(task.score(task.extract(text), p.example))
-        pred = extract_answer(text)
-        return p.gold is not None and pred is not None and answers_match(pred, p.gold)
-
-    return score
-
-
 def _accuracy(texts: list[str], prompts: list[Prompt], scorer: Scorer) -> float | None:
     graded = [(t, p) for t, p in zip(texts, prompts, strict=True) if p.gold is not None or p.example]
     if not graded:
@@ -185,9 +172,10 @@ def torch_reference(
 ) -> Reference:
     """Greedy decoding with a KV cache in PyTorch (the ground truth), plus teacher-forced logits."""
     import torch
+    from nestling.distill.tasks import TaskScorer
     from rich.progress import track
 
-    scorer = scorer or default_scorer()
+    scorer = scorer or TaskScorer()
     eos = tokenizer.eos_token_id
     pids, outs, logits, texts = [], [], [], []
     for p in track(prompts, description="PyTorch reference", transient=True):
@@ -278,6 +266,7 @@ def check_variant(
 ) -> VariantResult:
     """Compare one engine with the PyTorch reference; failures (tokenization, and with exact=True any
     greedy or logit mismatch beyond tolerance) are listed in the result for raise_on_failures."""
+    from nestling.distill.tasks import TaskScorer
     from rich.progress import track
 
     probe_texts = [p.text for p in prompts] + [t for t in ref.texts if t] + TOKENIZATION_PROBES
@@ -287,7 +276,7 @@ def check_variant(
         out = list(engine.stream(ids, max_new_tokens))
         checks.append(_compare(engine, ids, ref.outputs[i], out, ref.logits[i], logit_tol))
     divergences = [f"prompt {i} {c.divergence}" for i, c in enumerate(checks) if c.divergence]
-    acc = _accuracy([c.text for c in checks], prompts, scorer or default_scorer())
+    acc = _accuracy([c.text for c in checks], prompts, scorer or TaskScorer())
     n = max(1, len(prompts))
     res = VariantResult(
         tokenization_match=tok_match,

@@ -28,7 +28,6 @@ from typing import Any
 from nestling.distill.students import check_student_dir
 from nestling.export.parity import (
     Prompt,
-    Scorer,
     VariantResult,
     check_variant,
     raise_on_failures,
@@ -120,8 +119,8 @@ class ExportConfig:
     gguf_pre: str | None = field(
         default=None, metadata={"help": "override llama.cpp's tokenizer.ggml.pre (default: detected)"}
     )
-    # weight-only-int8 by measurement (benchmarks/bench_int8.py, SmolLM2-135M, 16 prompts): greedy match
-    # 68.8% and teacher-forced top-1 98.3% at 63.5 tokens/s, where dynamic gave 0% and 78.2% at 64.4.
+    # weight-only-int8 by measurement: on SmolLM2-135M it stays closest to PyTorch (greedy and teacher-forced)
+    # of the int8 recipes at dynamic's speed; figures: benchmarks/results/families_int8.json (bench_int8.py).
     onnx_int8: str = field(
         default="weight-only-int8",
         metadata={"help": "int8 ONNX recipe: dynamic, dynamic-fp32-down, weight-only, weight-only-int8"},
@@ -213,32 +212,6 @@ def _rows_to_prompts(rows: list[dict[str, Any]], task: str | None) -> list[Promp
     return out
 
 
-def make_scorer(prompts: list[Prompt], task_spec: str | None) -> Scorer:
-    """Score with distill.tasks (the task's own extractor and full-credit scorer) when it loads."""
-    from nestling.export.parity import default_scorer
-
-    specs = {p.example.task for p in prompts if p.example is not None}
-    if task_spec:
-        specs.add(task_spec)
-    from nestling.distill.tasks import TaskScorer
-
-    scorer, tasks = TaskScorer(), {}
-    for spec in specs:
-        try:
-            tasks[spec] = scorer.task(spec)
-        except Exception as e:  # scoring falls back to lenient extraction; say so
-            log.warning("task %s: cannot load its scorer (%s); using core.explain answer matching", spec, e)
-    fallback = default_scorer()
-
-    def score(text: str, p: Prompt) -> bool:
-        task = tasks.get(p.example.task) if p.example is not None else None
-        if task is not None:
-            return default_scorer(task)(text, p)
-        return fallback(text, p)
-
-    return score
-
-
 # ---- the export --------------------------------------------------------------------------------------
 
 
@@ -260,20 +233,36 @@ def _bytes(p: Path) -> int:
     return sum(q.stat().st_size for q in p.rglob("*") if q.is_file()) if p.is_dir() else p.stat().st_size
 
 
-def choose_default(variants: dict[str, dict[str, Any]], tolerance: float, engine: str | None = None) -> str:
-    """The fastest variant (of `engine`, if given) whose accuracy is within `tolerance` of PyTorch's (when
-    known) and whose teacher-forced top-1 agreement is at least MIN_TOP1 (accuracy alone says little when
-    the student scores near zero). Falls back to gguf-q8_0, then to the first variant."""
-    pool = {k: v for k, v in variants.items() if engine in (None, v["engine"])}
+def fastest_within(entries: dict[str, dict[str, Any]], tolerance: float) -> str | None:
+    """The one rule that picks a variant: export's default (what `nestling serve` loads) and the run report's
+    recommendation both call it. Among entries that agree with PyTorch's next token at least MIN_TOP1 of the
+    time, teacher-forced (where parity was measured: accuracy alone says little when a student scores near
+    zero) and whose ``accuracy_delta`` (accuracy minus the reference's; None where unscored) is within
+    `tolerance`, the quickest: median seconds per explained answer where timed (what a user waits for),
+    else decode tokens/s. None when no entry qualifies."""
     ok = {
         k: v
-        for k, v in pool.items()
-        if (v.get("accuracy_delta") is None or v["accuracy_delta"] >= -tolerance - 1e-9)
-        and v["parity"]["teacher_forced_top1"] >= MIN_TOP1
+        for k, v in entries.items()
+        if speed_key(v) is not None
+        and (v.get("accuracy_delta") is None or v["accuracy_delta"] >= -tolerance - 1e-9)
+        and (v.get("parity") or {}).get("teacher_forced_top1", 1.0) >= MIN_TOP1
     }
-    if ok:
-        return max(ok, key=lambda k: ok[k].get("tokens_per_s") or 0.0)
-    return "gguf-q8_0" if "gguf-q8_0" in pool else next(iter(pool))
+    return min(ok, key=lambda k: speed_key(ok[k])) if ok else None  # type: ignore[arg-type, return-value]
+
+
+def speed_key(e: dict[str, Any]) -> tuple[int, float] | None:
+    """A sort key, lower is quicker: timed answers first (seconds), then untimed ones by 1 / tokens/s."""
+    seconds = (e.get("answer_s") or {}).get("explain")
+    if seconds:
+        return (0, seconds)
+    return (1, 1.0 / e["tokens_per_s"]) if e.get("tokens_per_s") else None
+
+
+def choose_default(variants: dict[str, dict[str, Any]], tolerance: float, engine: str | None = None) -> str:
+    """The variant (of `engine`, if given) `nestling serve` loads: fastest_within against PyTorch's accuracy
+    on the parity prompts; gguf-q8_0 when none qualifies, then the first variant."""
+    pool = {k: v for k, v in variants.items() if engine in (None, v["engine"])}
+    return fastest_within(pool, tolerance) or ("gguf-q8_0" if "gguf-q8_0" in pool else next(iter(pool)))
 
 
 def export_config_dict(cfg: ExportConfig) -> dict[str, Any]:
@@ -414,7 +403,9 @@ def _reference(job: _Job) -> _Reference:
 
     torch.set_num_threads(job.cfg.threads)
     model, tok = load_student(job.student)
-    scorer = make_scorer(job.prompts, job.task)
+    from nestling.distill.tasks import TaskScorer
+
+    scorer = TaskScorer()
     ref = torch_reference(model, tok, job.prompts, job.cfg.max_new_tokens, scorer)
     # f16 rounding moves logits in proportion to their size: a trained student's logits reach tens, where an
     # absolute bound that suits a fresh one fails. Scale by the largest PyTorch logit (at least 1).

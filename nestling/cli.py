@@ -1,7 +1,7 @@
 """nestling's command line: one map from each command to its config dataclass and its main function.
 
-    nestling run --out runs/default           # traces -> train -> eval -> export -> report
-    nestling traces --task rg:basic_arithmetic --teacher gguf:smollm2 --samples 4 --n 200 --out runs/x
+    nestling run --run runs/default           # traces -> train -> eval -> export -> report
+    nestling traces --task rg:basic_arithmetic --teacher gguf:smollm2 --samples 4 --n 200 --run runs/x
     nestling serve runs/default/exports/tiny  # http://127.0.0.1:8000
 
 Every subcommand's flags are generated from its config's fields (help, type, default), so a config and its
@@ -46,6 +46,9 @@ class Command:
     # for the command's life, and --wait waits for another writer instead of refusing.
     writes: str | None = None
     lock: str = "creates"  # "creates" the directory | "needs" it to exist | "reads" when locked | "export"
+    # The config field naming the run directory: spelled --run in every command, whatever the field's
+    # name (the field's own spelling, e.g. --out, stays an alias so older command lines still work).
+    run_dir: str | None = None
 
 
 COMMANDS: dict[str, Command] = {
@@ -57,6 +60,7 @@ COMMANDS: dict[str, Command] = {
         "same command to continue.",
         needs=("reasoning_gym", "openai", "jinja2"),
         writes="out",
+        run_dir="out",
     ),
     "train": Command(
         "train one student on a run directory's verified traces (torchrun / accelerate launch: one job)",
@@ -65,6 +69,7 @@ COMMANDS: dict[str, Command] = {
         torch=True,
         writes="run",
         lock="needs",
+        run_dir="run",
     ),
     "eval": Command(
         "teacher, trivial baseline and students on the held-out split",
@@ -73,6 +78,7 @@ COMMANDS: dict[str, Command] = {
         torch=True,
         writes="run",
         lock="reads",
+        run_dir="run",
     ),
     "distill": Command(
         "traces -> train each student -> eval, resumable; prints the table",
@@ -80,6 +86,7 @@ COMMANDS: dict[str, Command] = {
         "nestling.distill.cli:distill_main",
         torch=True,
         writes="out",
+        run_dir="out",
     ),
     "compress": Command(
         "a compact student from a trained one: vocabulary trimmed to the task, layers pruned by measured "
@@ -89,6 +96,7 @@ COMMANDS: dict[str, Command] = {
         torch=True,
         writes="run",
         lock="needs",
+        run_dir="run",
     ),
     "export": Command(
         "ONNX (fp32, int8) + GGUF (f16, Q8_0, Q4_K_M) of a student, parity-checked against PyTorch",
@@ -127,6 +135,7 @@ COMMANDS: dict[str, Command] = {
         extra="train,onnx,gguf",
         needs=_EXPORT,
         writes="out",
+        run_dir="out",
     ),
 }
 
@@ -196,7 +205,8 @@ def _add_command_args(p: argparse.ArgumentParser, cmd: Command) -> None:
         p.add_argument("model_dir", nargs="?", metavar="DIR", help="export dir (or NESTLING_MODEL_DIR)")
         add_settings_args(p, skip=("model_dir",))
     else:
-        add_config_args(p, _load(cmd.config, cmd.extra))
+        flags = {cmd.run_dir: tuple(dict.fromkeys(("--run", f"--{cmd.run_dir}")))} if cmd.run_dir else None
+        add_config_args(p, _load(cmd.config, cmd.extra), flags=flags)
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

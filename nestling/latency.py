@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from nestling.core.manifest import atomic_write_json, read_manifest, try_read_json
+from nestling.core.manifest import read_cache, read_manifest, write_cache
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +68,9 @@ def measure_export(
         "threads": n_threads,
         "scored": bool(score),
     }
-    cached = try_read_json(cache) if cache else None
-    if cached and cached.get("key") == key:
-        return cached["variants"]
+    cached = read_cache(cache, key, "variants") if cache else None
+    if cached is not None:
+        return cached
     out = {}
     for variant in manifest.get("variants", {}):
         log.info(
@@ -78,5 +78,5 @@ def measure_export(
         )
         out[variant] = measure_variant(export_dir, variant, questions, n_threads, score)
     if cache:
-        atomic_write_json(cache, {"key": key, "variants": out})
+        write_cache(cache, key, out, "variants")
     return out

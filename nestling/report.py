@@ -57,7 +57,7 @@ def _delta_vs_pytorch(export: dict[str, Any], student: dict[str, Any]) -> None:
 
 
 def _with_ci(entry: dict[str, Any]) -> dict[str, Any]:
-    from nestling.distill.evaluate import wilson
+    from nestling.distill.stats import wilson
 
     acc, n = entry.get("accuracy"), entry.get("n")
     if acc is not None and n and not entry.get("accuracy_ci"):
@@ -66,7 +66,7 @@ def _with_ci(entry: dict[str, Any]) -> dict[str, Any]:
 
 
 def _teacher_entry(run_dir: Path) -> dict[str, Any]:
-    teacher = _read_json(run_dir / "teacher_eval.json").get("result") or {}
+    teacher = _read_json(RunDir(run_dir).teacher_eval).get("result") or {}
     if not teacher:
         return {}
     explain = teacher.get("explain") or {}
@@ -140,25 +140,18 @@ def _export_entries(run_dir: Path, export_dir: Path) -> dict[str, dict[str, Any]
 
 
 def recommend(exports: dict[str, dict[str, Any]], tolerance: float) -> str | None:
-    """The export with the quickest explained answer (median seconds per answer, what a user waits for) among
-    those within `tolerance` of the most accurate export; decode tokens/s decides where answers were not
-    timed. Only each export directory's default variant competes (export.pipeline.choose_default, recorded
-    as "default"): the report then recommends exactly what `nestling serve` of that directory loads."""
-    pool = {k: v for k, v in exports.items() if v.get("default", True)}
-    scored = {k: v for k, v in pool.items() if v.get("accuracy") is not None and _speed(v) is not None}
-    if not scored:
+    """The export the report recommends: export.pipeline.fastest_within, the rule that chose each export's
+    default variant, over the exports' default variants (recorded as "default": what `nestling serve` of
+    that directory loads), with accuracy measured against the most accurate of them."""
+    from nestling.export.pipeline import fastest_within
+
+    pool = {k: v for k, v in exports.items() if v.get("default", True) and v.get("accuracy") is not None}
+    if not pool:
         return None
-    best = max(v["accuracy"] for v in scored.values())
-    near = {k: v for k, v in scored.items() if v["accuracy"] >= best - tolerance - 1e-9}
-    return min(near, key=lambda k: _speed(near[k]))  # type: ignore[arg-type, return-value]
-
-
-def _speed(e: dict[str, Any]) -> tuple[int, float] | None:
-    """A sort key, lower is faster: timed answers first (seconds), then untimed ones by 1 / tokens/s."""
-    seconds = (e.get("answer_s") or {}).get("explain")
-    if seconds:
-        return (0, seconds)
-    return (1, 1.0 / e["tokens_per_s"]) if e.get("tokens_per_s") else None
+    best = max(v["accuracy"] for v in pool.values())
+    return fastest_within(
+        {k: {**v, "accuracy_delta": v["accuracy"] - best} for k, v in pool.items()}, tolerance
+    )
 
 
 def write_report(run_dir: Path, report: dict[str, Any], tolerance: float) -> dict[str, Any]:

@@ -5,7 +5,6 @@ nestling run --out runs/default
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -152,6 +151,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     ones, then write report.{json,md,png} in cfg.out."""
     from nestling.distill.accel import is_main_process
     from nestling.distill.pipeline import check_sources, check_students, run_distill
+    from nestling.distill.tasks import TaskScorer
     from nestling.export.pipeline import ExportConfig, export_student
 
     run_dir = Path(cfg.out)
@@ -167,7 +167,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if not cfg.export_sources:  # the compact students' teachers are evaluated, not deployed
         students = {k: v for k, v in students.items() if k not in sources}
     rows = _heldout_rows(run_dir, cfg.latency_questions)
-    questions, score = [r["question"] for r in rows], _scorer(rows)
+    questions, score = [r["question"] for r in rows], TaskScorer().by_index(rows)
     for name, student_dir in students.items():
         out = RunDir(run_dir).export(name)
         export_student(ExportConfig(student=str(student_dir), out=str(out), **_overrides(cfg, ExportConfig)))
@@ -213,14 +213,3 @@ def _compress(cfg: RunConfig, trained: dict[str, Path]) -> tuple[dict[str, Path]
 
 def _heldout_rows(run_dir: Path, n: int | None) -> list[dict[str, Any]]:
     return RunDir(run_dir).heldout()[:n]
-
-
-def _scorer(rows: list[dict[str, Any]]) -> Callable[[int, str], bool] | None:
-    """Answers scored as the eval stage scores the PyTorch students (the task's extraction and scorer);
-    None when the held-out rows have no gold answers."""
-    from nestling.distill.tasks import TaskScorer
-
-    if not rows or any(r.get("gold") is None for r in rows):
-        return None
-    scorer = TaskScorer()
-    return lambda i, text: scorer.score(rows[i], scorer.extract(rows[i], text))

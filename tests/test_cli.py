@@ -40,6 +40,15 @@ def test_every_config_field_is_on_the_command_line(command, capsys):
     assert not re.search(r"\(default[^)]*\) \(default", flat)  # never "(default: x) (default: y)"
 
 
+@pytest.mark.parametrize("command", [c for c, cmd in COMMANDS.items() if cmd.run_dir])
+def test_the_run_directory_is_named_by_one_flag_in_every_command(command):
+    # --run in every command that reads or writes a run directory; a config's own spelling (--out) still
+    # parses to the same field, so older command lines keep working.
+    field = COMMANDS[command].run_dir
+    assert getattr(parse_args([command, "--run", "runs/x"]), field) == "runs/x"
+    assert getattr(parse_args([command, f"--{field}", "runs/y"]), field) == "runs/y"
+
+
 def test_required_export_flags_are_marked_required(capsys):
     with pytest.raises(SystemExit) as exit_:
         parse_args(["export", "some/student"])

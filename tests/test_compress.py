@@ -8,15 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from nestling.distill.compress import (
-    draw_fresh,
-    keep_layers,
-    kept_token_ids,
-    layer_importance,
-    prune_mlp,
-    select_layers,
-    trim_vocab,
-)
+from nestling.distill.fresh import draw_fresh
+from nestling.distill.prune import keep_layers, layer_importance, prune_mlp, select_layers
 from nestling.distill.students import (
     StudentPreset,
     count_params,
@@ -25,6 +18,7 @@ from nestling.distill.students import (
     save_student,
     train_tokenizer,
 )
+from nestling.distill.vocab import kept_token_ids, trim_vocab
 
 from nestling.core.errors import NestlingError
 from nestling.core.prompting import explain_target, student_prompt
@@ -218,8 +212,15 @@ def test_compress_stage_end_to_end_and_skip_on_rerun(
         threads=1,
         progress=False,
     )
+    import nestling.distill.students as students_mod
+
+    saved: list[str] = []
+    save = students_mod.save_student
+    monkeypatch.setattr(students_mod, "save_student", lambda m, t, d: saved.append(str(d)) or save(m, t, d))
     out = compress(cfg)
     assert out == run / "students" / "tiny-c2-w256"
+    # each model written once: the trim, the pruned init recovery trains from, the recovered student
+    assert len(saved) == 3 and not (run / "compress").exists() and not list(out.glob("init-*"))
     m = read_manifest(out, "compress")["metrics"]
     model, tok = load_student(out / "model")
     _, source_tok = load_student(tiny_student_dir)
@@ -229,8 +230,9 @@ def test_compress_stage_end_to_end_and_skip_on_rerun(
     trim_model, trim_tok = load_student(run / "students" / "tiny-trim" / "model")
     assert trim_tok.get_vocab() == tok.get_vocab() and trim_model.config.num_hidden_layers == 2
     held = {r["id"] for r in read_jsonl(run / "traces" / "questions.jsonl") if r["split"] == "heldout"}
-    rec = read_jsonl(run / "compress" / "tiny-c2-w256" / "traces" / "kept.jsonl")
-    assert rec and not {r["qid"] for r in rec} & held
+    fresh = read_jsonl(out / "fresh.jsonl")
+    assert len(fresh) == m["fresh_rows"] and not {r["qid"] for r in fresh} & held
+    assert m["recovery"]["rows"] == m["train_rows"] + m["fresh_rows"]
 
     monkeypatch.setattr(compress_mod, "trim_vocab", lambda *a: pytest.fail("a fresh compress was rebuilt"))
     assert compress(cfg) == out

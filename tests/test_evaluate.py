@@ -9,8 +9,9 @@ import nestling.distill.teachers as distill_teachers
 import nestling.distill.traces  # noqa: F401  bound to the real load_teacher before any test patches it
 import pytest
 from fake_run import make_run
-from nestling.distill.evaluate import EvalConfig, baseline, evaluate, score_outputs
-from nestling.distill.tasks import TaskScorer
+from nestling.distill.evaluate import EvalConfig, evaluate
+from nestling.distill.scoring import score_outputs
+from nestling.distill.tasks import Example, TaskScorer, trivial_baseline
 from nestling.distill.teachers import Generation, Teacher
 
 from nestling.core.errors import NestlingError
@@ -52,7 +53,7 @@ def scripted_teacher(monkeypatch):
 def test_baseline_is_the_most_common_training_answer(tmp_path):
     run = make_run(tmp_path / "run", n=60, heldout=20)
     train, held = RunDir(run).splits()
-    base = baseline(train, held, TaskScorer())
+    base = trivial_baseline([Example.from_row(r) for r in train], [Example.from_row(r) for r in held])
     from collections import Counter
 
     common = Counter(r["gold"] for r in train).most_common(1)[0][0]
@@ -180,7 +181,7 @@ def test_distill_rejects_duplicate_student_names():
 
 
 def test_wilson_interval_matches_the_textbook_values():
-    from nestling.distill.evaluate import wilson
+    from nestling.distill.stats import wilson
 
     assert wilson(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)
     assert wilson(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)

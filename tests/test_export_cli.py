@@ -7,8 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from nestling.distill.tasks import TaskScorer
 from nestling.export.parity import Prompt
-from nestling.export.pipeline import VARIANTS, ExportConfig, export_student, make_scorer, student_fingerprint
+from nestling.export.pipeline import VARIANTS, ExportConfig, export_student, student_fingerprint
 
 from nestling import cli as nestling_cli
 from nestling.core.errors import NestlingError
@@ -165,7 +166,7 @@ def test_cli_in_a_run_dir_uses_heldout_questions(tiny_student_dir, tmp_path, cap
 
 
 def test_scorer_falls_back_to_answer_matching():
-    score = make_scorer([Prompt("What is 3 + 4?", "7")], None)
+    score = TaskScorer()
     assert score("Step 1: 3 + 4 = 7\nAnswer: 7", Prompt("What is 3 + 4?", "7"))
     assert not score("Step 1: 3 + 4 = 8\nAnswer: 8", Prompt("What is 3 + 4?", "7"))
     assert not score("no idea", Prompt("What is 3 + 4?", None))
@@ -236,7 +237,7 @@ def test_scorer_uses_the_task_when_it_loads(monkeypatch):
     monkeypatch.setattr(distill_tasks, "load_task", lambda spec: Words())
     ex = Example("q1", "words:x", "What is 6 * 7?", "42")
     p = Prompt(ex.question, ex.gold, example=ex)
-    score = make_scorer([p], None)
+    score = TaskScorer()
     assert score("Answer: forty-two", p)
     assert not score("Answer: 42", p)  # the lenient default would have said yes
 

@@ -145,3 +145,19 @@ def test_read_json_names_the_file_and_the_fix(tmp_path):
     with pytest.raises(NestlingError, match="missing.json: not found"):
         read_json(tmp_path / "missing.json")
     assert try_read_json(bad) is None
+
+
+def test_a_cache_is_read_back_only_for_the_identity_it_was_computed_from(tmp_path):
+    from nestling.core.manifest import read_cache, write_cache
+
+    path = tmp_path / "teacher_vote.json"
+    identity = {"teacher": "gguf:smollm2", "questions": [{"id": "q1"}]}
+    assert read_cache(path, identity) is None  # nothing cached yet
+    write_cache(path, identity, {"q1": "7"}, "labels", stage="eval-vote")
+    assert read_cache(path, identity, "labels") == {"q1": "7"}
+    assert read_cache(path, {**identity, "teacher": "hf:other"}, "labels") is None
+    assert read_cache(path, identity) is None  # another field of the file is not the value
+    write_cache(path, identity, {}, "labels")
+    assert read_cache(path, identity, "labels") == {}  # an empty result is a hit, not a miss
+    path.write_text('{"key": ')  # torn
+    assert read_cache(path, identity, "labels") is None

@@ -204,7 +204,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_in_one_line(tmp_path, stude
 
 
 def test_a_trimmed_students_ids_map_to_its_teacher_by_token_string(teacher_dir: Path):
-    from nestling.distill.compress import trim_vocab
+    from nestling.distill.vocab import trim_vocab
 
     teacher, tok = load_student(teacher_dir)
     _, small_tok, kept = trim_vocab(load_student(teacher_dir)[0], tok, [student_prompt("What is 1 + 2?")])
@@ -233,8 +233,8 @@ def _hf_pairs(model):
 
 
 def test_a_server_returning_prompt_logprobs_scores_like_the_local_model(teacher_dir: Path):
-    from nestling.distill.compress import trim_vocab
     from nestling.distill.onpolicy import load_scorer
+    from nestling.distill.vocab import trim_vocab
     from teacher_fakes import PromptLogprobsStandIn
 
     teacher, tok = load_student(teacher_dir)

@@ -123,3 +123,33 @@ def test_exports_are_scored_on_the_questions_they_answer_and_reported_so(tmp_pat
     for e in entries.values():  # the timed pass decides the reported accuracy, not the parity prompts
         assert e["n"] == 3 and abs(e["accuracy"] - 2 / 3) < 1e-9 and e["accuracy_answer_only"] is not None
         assert e["accuracy_ci"][0] < 2 / 3 < e["accuracy_ci"][1]
+
+
+def test_the_report_and_serve_pick_a_variant_by_one_rule(tmp_path):
+    """export.choose_default (what `nestling serve` loads) and report.recommend call one rule: on an export
+    whose manifest the run reads back, the report recommends the served variant, and with every variant
+    competing it picks that same one (the f16 scores what PyTorch scores, so both references agree)."""
+    from nestling.export.pipeline import choose_default
+
+    from nestling.core.manifest import write_manifest
+
+    def v(acc, top1, speed):
+        return {"engine": "gguf", "path": "gguf/m.gguf", "accuracy": acc, "accuracy_delta": acc - 0.50,
+                "parity": {"teacher_forced_top1": top1}, "tokens_per_s": speed}  # fmt: skip
+
+    variants = {
+        "gguf-f16": v(0.50, 1.00, 5000.0),
+        "gguf-q8_0": v(0.49, 0.99, 6000.0),
+        "gguf-q4_k_m": v(0.45, 0.97, 7000.0),  # fastest, but 5 points off
+        "gguf-q3": v(0.50, 0.80, 9000.0),  # fastest and accurate, but agrees too rarely teacher-forced
+    }
+    for tol, want in ((0.02, "gguf-q8_0"), (0.10, "gguf-q4_k_m"), (0.0, "gguf-f16")):
+        default = choose_default(variants, tol)
+        assert default == want
+        export = tmp_path / str(tol) / "exports" / "tiny"
+        export.mkdir(parents=True)
+        write_manifest(export, stage="export", variants=variants, default_variant=default)
+        entries = nestling_report._export_entries(tmp_path / str(tol), export)
+        assert nestling_report.recommend(entries, tol) == f"tiny-{default}"
+        competing = {k: {**e, "default": True} for k, e in entries.items()}
+        assert nestling_report.recommend(competing, tol) == f"tiny-{default}"

@@ -241,3 +241,16 @@ def test_the_default_mix_is_half_multi_step_with_200_disjoint_held_out_questions
     terms = [len(re.findall(r"\d+", e.meta["expression"])) for e in held]
     assert terms.count(3) >= 90 and terms.count(2) >= 90  # a multi-step half and the easy curriculum
     assert all(task.score(e.gold, e) for e in held)
+
+
+def test_one_scorer_scores_a_row_an_example_and_an_index_alike():
+    """eval (extract + score), export (scorer(text, item)) and run's latency scoring (by_index) agree."""
+    from nestling.distill.tasks import Example, TaskScorer
+
+    rows = [{"id": "q1", "task": "rg:basic_arithmetic", "question": "What is 3 + 4?", "gold": "7"}]
+    scorer = TaskScorer()
+    for text in ("Step 1: 3 + 4 = 7\nAnswer: 7", "Step 1: 3 + 4 = 8\nAnswer: 8"):
+        want = scorer.score(rows[0], scorer.extract(rows[0], text))
+        assert scorer(text, rows[0]) == scorer(text, Example.from_row(rows[0])) == want
+        assert scorer.by_index(rows)(0, text) == want
+    assert TaskScorer().by_index([{**rows[0], "gold": None}]) is None  # nothing to score against

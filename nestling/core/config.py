@@ -52,9 +52,15 @@ def _help(f: dataclasses.Field, default: Any) -> str:
     return f"{text} (default: {default})"
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+def add_config_args(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    skip: tuple[str, ...] = (),
+    flags: dict[str, tuple[str, ...]] | None = None,
+) -> None:
     """One ``--flag`` per dataclass field (a ``positional`` field is an argument instead), typed,
-    defaulting to the field's default, help from its metadata."""
+    defaulting to the field's default, help from its metadata. `flags` spells a field's flag otherwise
+    ({"out": ("--run", "--out")}: --run first, --out kept as an alias)."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(cls.__name__)
     for f in dataclasses.fields(cls):
@@ -63,7 +69,11 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str,
         if f.metadata.get("positional"):
             _add_positional(parser, f)
         else:
-            group.add_argument(_flag(f.name), **_flag_kwargs(f, hints[f.name]))
+            names = (flags or {}).get(f.name) or (_flag(f.name),)
+            kwargs = _flag_kwargs(f, hints[f.name])
+            if names[0] != _flag(f.name):
+                kwargs["metavar"] = names[0].lstrip("-").upper()
+            group.add_argument(*names, **kwargs)
 
 
 def _default(f: dataclasses.Field) -> Any:

@@ -102,6 +102,29 @@ def try_read_json(path: str | Path) -> Any:
         return None
 
 
+def read_cache(path: str | Path, identity: Any, field: str = "result") -> Any:
+    """The value a stage cached at `path` for `identity` (what it was computed from: specs, questions,
+    recipe, files), or None when the file is missing, unreadable or was computed from something else.
+
+        labels = read_cache(run.teacher_vote, identity, "labels")
+        if labels is None:
+            labels = vote(...)
+            write_cache(run.teacher_vote, identity, labels, "labels", stage="eval-vote")
+
+    The identity is fingerprinted as a manifest's config and inputs are, so a cache is fresh exactly when a
+    manifest with the same content would be."""
+    data = try_read_json(path)
+    if not isinstance(data, dict) or data.get("key") != fingerprint(identity):
+        return None
+    return data.get(field)
+
+
+def write_cache(path: str | Path, identity: Any, value: Any, field: str = "result", **extra: Any) -> None:
+    """Store `value` for `identity` at `path` atomically, with `extra` fields (stage, config...) for readers
+    of the file; read_cache finds it."""
+    atomic_write_json(path, {**extra, "key": fingerprint(identity), field: value})
+
+
 def write_jsonl(path: str | Path, rows: Iterable[Any]) -> None:
     """All rows at once, atomically (a reader sees the old file or the new one, never a torn one)."""
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -67,6 +67,20 @@ class RunDir:
     def export(self, name: str) -> Path:
         return self.exports / name
 
+    @property
+    def teacher_eval(self) -> Path:
+        """The greedy teacher's held-out result, cached by eval."""
+        return self.root / "teacher_eval.json"
+
+    @property
+    def teacher_vote(self) -> Path:
+        """A task without gold: the teacher's vote labels of the held-out split, cached by eval."""
+        return self.root / "teacher_vote.json"
+
+    def eval_file(self, suffix: str = "json", student: str | None = None) -> Path:
+        """eval.json / eval.md: the run's side-by-side table, or one student's result (cached by eval)."""
+        return (self.student(student) if student else self.root) / f"eval.{suffix}"
+
     def latency(self, name: str) -> Path:
         return self.root / "latency" / f"{name}.json"
 
