@@ -5,13 +5,13 @@ training set, and the next round retrains from the base model on teacher rows + 
     nestling run --out runs/x --rounds 2 --round-samples 4 --round-fresh 100 --round-dev 50
 
 With --rounds N > 1, for each student:
-  RUN/rounds/<name>/r1/student/       round 1: trained on the teacher's verified rows (a fresh train of the same
-                                      recipe in RUN/students/<name> is taken over, not retrained)
-  RUN/rounds/<name>/rK/rows.jsonl     rows round K-1's student wrote, verified like the teacher's
-                                      (distill.filters.filter_traces) and tagged "source": "student:NAME:roundK"
+  RUN/rounds/<name>/r1/student/       round 1: trained on the teacher's verified rows (a fresh train of the
+                                      same recipe in RUN/students/<name> is taken over, not retrained)
+  RUN/rounds/<name>/rK/rows.jsonl     rows round K-1's student wrote, verified like the teacher's (filters.
+                                      filter_traces) and tagged "source": "student:NAME:roundK"
   RUN/rounds/<name>/rK/manifest.json  stage "round": questions tried, solved, fresh kept, samples, filters
   RUN/rounds/<name>/rK/student/       round K: from the base model on teacher rows + student rows r2..rK
-  RUN/rounds/<name>/rK/dev.json       its accuracy on the dev split (fresh generator questions, never held-out)
+  RUN/rounds/<name>/rK/dev.json       its accuracy on the dev split (fresh generator questions, not held-out)
   RUN/rounds/<name>/rK/eval.json      its held-out eval, explain and answer-only (reported, never chosen on)
   RUN/rounds/<name>/manifest.json     stage "rounds": every round's figures, the best round, why it stopped
   RUN/students/<name>/                the best round's student on dev (files hard-linked), its train manifest
@@ -116,7 +116,7 @@ class _Ctx:
 
 
 def run_rounds(cfg: DistillConfig, tcfg: TrainConfig) -> Path:
-    """Every round of one student (see the module docstring); returns RUN/students/<name>, the best round's."""
+    """Every round of one student (see the module docstring); returns RUN/students/<name>: the best round."""
     from nestling.distill.evaluate import traces_config as traces_manifest_config
     from nestling.distill.pipeline import traces_config
 
@@ -309,7 +309,7 @@ def verify(ctx: _Ctx, r: int, records: list[dict], examples: list[Example]) -> t
 
 
 def dedupe_rows(rows: list[dict]) -> list[dict]:
-    """One row per (question, step list): a question drawn fresh in two rounds keeps each distinct path once."""
+    """One row per (question, step list): a question drawn in two rounds keeps each distinct path once."""
     from nestling.distill.tasks import normalize_question
 
     seen: set[tuple[str, tuple[str, ...]]] = set()

@@ -112,6 +112,17 @@ def test_round_two_adds_verified_student_rows_and_never_a_heldout_question(tmp_p
     r2 = json.loads((run / "rounds/nano/r2/student/manifest.json").read_text())
     assert published["files"] == r2["files"]  # RUN/students/nano is the best round's student
 
+    from nestling.report import collect_report, write_report
+
+    report = write_report(run, collect_report(run), 0.02)
+    entries = report["rounds"]["nano"]["rounds"]
+    assert [e["round"] for e in entries] == [1, 2] and report["rounds"]["nano"]["best_round"] == 2
+    assert all(e["accuracy_ci"] and e["accuracy_answer_only_ci"] and e["n"] == 4 for e in entries)
+    assert entries[1]["rows_added"] == len(rows) and entries[1]["train_solved"] == UNCOVERED
+    md = (run / "report.md").read_text()
+    assert "## Rounds" in md and "| 2 (best) |" in md and "training questions" in md
+    assert (run / "report.png").read_bytes()[:4] == b"\x89PNG"
+
 
 def test_every_round_starts_from_the_base_weights(tmp_path, fake, monkeypatch):
     """A retrain that continued from round 1 would start at round 1's low loss; from the base it starts
