@@ -2,6 +2,7 @@
 
     nestling distill --out runs/x
     nestling distill --out runs/x --students tiny,pruned=gguf:smollm2?keep_layers=8 --objective cot
+    nestling distill --out runs/x --students tiny --rounds 3      # + student rounds (distill.rounds)
 
 Each stage is skipped when its manifest records the same config and inputs (core.manifest.is_fresh), so
 re-running the command after an interruption continues where it stopped; training itself resumes from its
