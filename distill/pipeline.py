@@ -174,6 +174,14 @@ class DistillConfig:
     round_temperature: float = field(
         default=0.7, metadata={"help": "rounds: the students' sampling temperature"}
     )
+    round_rationalize: bool = field(
+        default=False,
+        metadata={
+            "help": "rounds: STaR rationalization, questions a round leaves unsolved are sampled again with "
+            "the gold answer as a hint in the prompt; kept rows (same filters, the question without the "
+            "hint) are tagged :rationalized"
+        },
+    )
 
     def student_names(self) -> list[str]:
         from nestling.distill.students import parse_student_spec

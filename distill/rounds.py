@@ -69,6 +69,9 @@ class RoundsConfig:
     fresh: int = field(default=100, metadata={"help": "fresh generator questions sampled on per round"})
     dev: int = field(default=50, metadata={"help": "fresh dev questions (0 = no early stop)"})
     temperature: float = field(default=0.7, metadata={"help": "sampling temperature"})
+    rationalize: bool = field(
+        default=False, metadata={"help": "STaR rationalization: unsolved questions again, gold as a hint"}
+    )
     seed: int = field(default=0, metadata={"help": "seed for questions and samples"})
 
     def __post_init__(self) -> None:
@@ -79,7 +82,7 @@ class RoundsConfig:
         check(self.temperature > 0, f"--round-temperature {self.temperature}: must be > 0")
 
     def sampling(self) -> dict[str, Any]:
-        keep = ("samples", "fresh", "temperature", "seed")
+        keep = ("samples", "fresh", "temperature", "seed") + (("rationalize",) if self.rationalize else ())
         return {k: getattr(self, k) for k in keep} | {"max_new_tokens": MAX_NEW_TOKENS}
 
 
@@ -90,6 +93,7 @@ def rounds_config(cfg: DistillConfig) -> RoundsConfig:
         fresh=cfg.round_fresh,
         dev=cfg.round_dev,
         temperature=cfg.round_temperature,
+        rationalize=cfg.round_rationalize,
         seed=cfg.seed,
     )
 
@@ -238,13 +242,32 @@ def sample_round(ctx: _Ctx, r: int, student_rows: list[dict], dev: list[Example]
         return read_jsonl(out / "rows.jsonl"), m.get("metrics", {})
     records = sample_records(prev / "model", examples, ctx.rcfg, r)
     rows, counts = verify(ctx, r, records, examples)
+    if ctx.rcfg.rationalize:
+        solved = {row["qid"] for row in rows}
+        unsolved = [ex for ex in examples if ex.id not in solved and ex.gold is not None]
+        hinted, stats = verify(
+            ctx, r, sample_records(prev / "model", unsolved, ctx.rcfg, r, hint=True), unsolved
+        )
+        for row in hinted:
+            row["source"] += ":rationalized"
+        rows += hinted
+        counts["rationalized"] = {
+            "tried": len(unsolved),
+            "solved": len({row["qid"] for row in hinted}),
+            "rows_kept": len(hinted),
+            "sample_accuracy": stats["sample_accuracy"],
+        }
     write_jsonl(out / "rows.jsonl", rows)
     write_manifest(out, stage="round", config=config, inputs=inputs, files=["rows.jsonl"], metrics=counts)
     return rows, counts
 
 
-def sample_records(model_dir: Path, examples: list[Example], rcfg: RoundsConfig, r: int) -> list[dict]:
-    """k explain-mode samples per question from the student, as trace records the filters read."""
+def sample_records(
+    model_dir: Path, examples: list[Example], rcfg: RoundsConfig, r: int, hint: bool = False
+) -> list[dict]:
+    """k explain-mode samples per question from the student, as trace records the filters read. hint: the
+    question carries its gold answer (STaR's rationalization); the record, and the row the filters make of
+    it, keep the question as asked, so the student learns to reach the answer without the hint."""
     from nestling.distill.onpolicy import sample
     from nestling.distill.students import load_student
     from nestling.distill.tasks import TaskScorer
@@ -258,8 +281,8 @@ def sample_records(model_dir: Path, examples: list[Example], rcfg: RoundsConfig,
         batch = jobs[i : i + SAMPLE_BATCH]
         outs = sample(
             model,
-            [tok(student_prompt(ex.question))["input_ids"] for ex, _ in batch],
-            seeds=[question_seed(rcfg.seed, r, ex.question, j) for ex, j in batch],
+            [tok(student_prompt(_hinted(ex) if hint else ex.question))["input_ids"] for ex, _ in batch],
+            seeds=[question_seed(rcfg.seed, r, ex.question, j + 1000 * hint) for ex, j in batch],
             max_new=MAX_NEW_TOKENS,
             temperature=rcfg.temperature,
             eos_id=tok.eos_token_id,
@@ -281,6 +304,10 @@ def sample_records(model_dir: Path, examples: list[Example], rcfg: RoundsConfig,
                 }
             )
     return records
+
+
+def _hinted(ex: Example) -> str:
+    return f"{ex.question} (The answer is {ex.gold}.)"
 
 
 def verify(ctx: _Ctx, r: int, records: list[dict], examples: list[Example]) -> tuple[list[dict], dict]:

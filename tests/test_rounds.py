@@ -36,7 +36,7 @@ def fake(tmp_path, monkeypatch):
         kept.write_text("".join(line + "\n" for line in kept.read_text().splitlines()[UNCOVERED:]))
         return run / "traces"
 
-    def scripted(model_dir, examples, rcfg, r):
+    def scripted(model_dir, examples, rcfg, r, hint=False):
         calls["sampled"].append((r, [ex.question for ex in examples]))
         records = []
         for ex in examples:
@@ -159,7 +159,7 @@ def test_a_killed_run_continues_without_redoing_finished_rounds(tmp_path, fake, 
     )
     scripted = rounds.sample_records
 
-    def killed_in_round_3(model_dir, examples, rcfg, r):
+    def killed_in_round_3(model_dir, examples, rcfg, r, hint=False):
         if r == 3:
             raise KeyboardInterrupt  # the process dies while round 3 samples
         return scripted(model_dir, examples, rcfg, r)
@@ -207,6 +207,32 @@ def test_the_dev_questions_are_fresh_and_real_scoring_runs(tmp_path, fake):
                     read_jsonl(run / "traces" / "questions.jsonl"), "rg:basic_arithmetic", None, None)
     )  # fmt: skip
     assert not {ex.question for ex in ctx_dev} & (questions | sampled)
+
+
+def test_rationalization_retries_unsolved_questions_with_the_gold_as_a_hint(tmp_path, fake, monkeypatch):
+    """Off by default; on, the questions a round left unsolved are sampled again with the hint in the prompt,
+    and the kept rows hold the question without it."""
+    scripted, prompts = rounds.sample_records, []
+
+    def hint_only(model_dir, examples, rcfg, r, hint=False):
+        prompts.append(hint)
+        records = scripted(model_dir, examples, rcfg, r)
+        fresh = {ex.id for ex in examples if ex.id.startswith(f"r{r}f")}
+        return [x for x in records if hint or x["qid"] not in fresh]  # fresh ones only solved with the hint
+
+    monkeypatch.setattr(rounds, "sample_records", hint_only)
+    monkeypatch.setattr(
+        rounds, "dev_score", lambda ctx, student, dev: {"accuracy": 0.1 * int(student.parent.name[1:])}
+    )
+    pipeline.run_distill(config(tmp_path, rounds=2, round_rationalize=True))
+    assert prompts == [False, True]
+    run = tmp_path / "run" / "rounds" / "nano" / "r2"
+    rows = read_jsonl(run / "rows.jsonl")
+    hinted = [row for row in rows if row["source"] == "student:nano:round2:rationalized"]
+    m = json.loads((run / "manifest.json").read_text())["metrics"]
+    assert m["rationalized"]["tried"] == 6 and m["rationalized"]["rows_kept"] == len(hinted) >= 1
+    assert all("answer is" not in row["question"] for row in rows)
+    assert m["fresh_kept"] == 0 and m["train_solved"] == UNCOVERED
 
 
 @pytest.mark.parametrize(
