@@ -1,6 +1,7 @@
 """Rounds (expert iteration): teacher greedy, teacher pass@k and each round's student on one held-out split.
 
     python benchmarks/bench_rounds.py --from-run runs/default --students tiny --rounds 3 --seeds 0
+    python benchmarks/bench_rounds.py --from-run runs/x --students gguf:smollm2 --adopt smollm2 --rounds 2
     python benchmarks/bench_rounds.py --task rg:chain_sum?min_terms=3&max_terms=3 --n 400 --seeds 0 1 2
 
 --from-run copies an existing run's traces and cached teacher eval (no teacher time; the run is only read);
@@ -44,6 +45,11 @@ def prepare(run: Path, args: argparse.Namespace) -> None:
         shutil.copytree(src / "traces", run / "traces")
         if (src / "teacher_eval.json").is_file():
             shutil.copyfile(src / "teacher_eval.json", run / "teacher_eval.json")
+        for name in args.adopt:  # round 1 taken over when its recipe matches (distill.rounds._adopt)
+            shutil.copytree(src / "students" / name / "model", run / "students" / name / "model")
+            shutil.copyfile(
+                src / "students" / name / "manifest.json", run / "students" / name / "manifest.json"
+            )
     if not args.from_run:
         from nestling.distill.traces import TracesConfig, run_traces
 
@@ -146,6 +152,9 @@ def main() -> None:
     p.add_argument("--task", default=None, help="task spec when the teacher writes the traces")
     p.add_argument("--n", type=int, default=400)
     p.add_argument("--students", nargs="+", default=["tiny"])
+    p.add_argument(
+        "--adopt", nargs="*", default=[], help="--from-run students to copy as round 1 (same recipe)"
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--round-samples", type=int, default=4)
     p.add_argument("--round-fresh", type=int, default=100)
