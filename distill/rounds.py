@@ -35,13 +35,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nestling.core.config import check
+from nestling.core.errors import NestlingError
 from nestling.core.manifest import (
     atomic_write_json,
     fingerprint,
     is_fresh,
     read_jsonl,
+    read_manifest,
     try_read_json,
     try_read_manifest,
+    verify_files,
     write_jsonl,
     write_manifest,
 )
@@ -393,11 +396,20 @@ def publish(ctx: _Ctx, entry: dict[str, Any]) -> Path:
     src, dst = Path(entry["student"]), RunDir(ctx.run).student(ctx.name)
     m = try_read_manifest(src) or {}
     current = try_read_manifest(dst) or {}
-    if current.get("files") != m.get("files") or current.get("round") != entry["round"]:
+    if current.get("files") != m.get("files") or current.get("round") != entry["round"] or not _intact(dst):
         dst.mkdir(parents=True, exist_ok=True)
         _link_copy(src / "model", dst / "model")
         atomic_write_json(dst / "manifest.json", {**m, "round": entry["round"], "rounds": str(ctx.root)})
     return dst
+
+
+def _intact(student: Path) -> bool:
+    """Its files as its manifest lists them (a kill mid-publish leaves the old manifest beside no model)."""
+    try:
+        verify_files(student, read_manifest(student))
+    except NestlingError:
+        return False
+    return True
 
 
 def _model_key(student: Path, questions: list[dict], what: str) -> str:

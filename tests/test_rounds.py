@@ -180,6 +180,12 @@ def test_a_killed_run_continues_without_redoing_finished_rounds(tmp_path, fake, 
     summary = json.loads((run / "manifest.json").read_text())["metrics"]
     assert summary["best_round"] == 3 and summary["stopped_by"] == "rounds"
 
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "students" / "nano" / "model")  # killed while publishing
+    pipeline.run_distill(config(tmp_path, rounds=3))
+    assert (tmp_path / "run" / "students" / "nano" / "model" / "config.json").is_file() and fake["fit"] == 3
+
 
 def test_rounds_stop_when_dev_does_not_improve_and_keep_the_best(tmp_path, fake, monkeypatch):
     dev = {1: 0.2, 2: 0.4, 3: 0.4, 4: 0.9}
