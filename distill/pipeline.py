@@ -2,6 +2,7 @@
 
     nestling distill --out runs/x
     nestling distill --out runs/x --students tiny,pruned=gguf:smollm2?keep_layers=8 --objective cot
+    nestling distill --out runs/x --students tiny --rounds 3      # + student rounds (distill.rounds)
 
 Each stage is skipped when its manifest records the same config and inputs (core.manifest.is_fresh), so
 re-running the command after an interruption continues where it stopped; training itself resumes from its
@@ -148,6 +149,39 @@ class DistillConfig:
         default=None,
         metadata={"help": "fresh task questions (never held-out) added to the on-policy prompts"},
     )
+    # Rounds (expert iteration, distill.rounds): each trained student samples, its verified rationales join
+    # the training set and the next round retrains from the base model; the best round on dev is kept.
+    rounds: int = field(
+        default=1,
+        metadata={
+            "help": "training rounds: 1 = the teacher's rows only; N > 1 adds up to N - 1 student rounds"
+        },
+    )
+    round_samples: int = field(
+        default=4, metadata={"help": "rounds: rationales each student samples per question"}
+    )
+    round_fresh: int = field(
+        default=100,
+        metadata={"help": "rounds: fresh generator questions (never held-out) each round also samples on"},
+    )
+    round_dev: int = field(
+        default=50,
+        metadata={
+            "help": "rounds: fresh dev questions scored after each round; stop when the dev accuracy does "
+            "not improve, keep the best round (0 = run every round, keep the last)"
+        },
+    )
+    round_temperature: float = field(
+        default=0.7, metadata={"help": "rounds: the students' sampling temperature"}
+    )
+    round_rationalize: bool = field(
+        default=False,
+        metadata={
+            "help": "rounds: STaR rationalization, questions a round leaves unsolved are sampled again with "
+            "the gold answer as a hint in the prompt; kept rows (same filters, the question without the "
+            "hint) are tagged :rationalized"
+        },
+    )
 
     def student_names(self) -> list[str]:
         from nestling.distill.students import parse_student_spec
@@ -168,6 +202,14 @@ class DistillConfig:
         check(self.steps is None or self.steps > 0, f"--steps {self.steps}: must be > 0")
         check(self.lr is None or self.lr > 0, f"--lr {self.lr}: must be > 0")
         check(0 <= self.min_coverage < 1, f"--min-coverage {self.min_coverage}: must be in [0, 1), e.g. 0.03")
+        from nestling.distill.accel import launched_world
+        from nestling.distill.rounds import rounds_config
+
+        rounds_config(self)  # range checks
+        check(
+            self.rounds == 1 or launched_world() == 1,
+            f"--rounds {self.rounds}: rounds run in one process; start it without torchrun/accelerate",
+        )
         for spec in self.students:  # the training options' own range checks, now rather than after traces
             train_config(self, spec)
         check_kd_students(self)
@@ -365,6 +407,7 @@ def run_distill(cfg: DistillConfig, checked: bool = False) -> dict[str, Any]:
     checked: the caller has run check_specs(cfg) already."""
     from nestling.distill.accel import barrier, init_process_group, is_main_process
     from nestling.distill.evaluate import EvalConfig, evaluate
+    from nestling.distill.rounds import run_rounds
     from nestling.distill.students import parse_student_spec
     from nestling.distill.train import train
 
@@ -379,7 +422,7 @@ def run_distill(cfg: DistillConfig, checked: bool = False) -> dict[str, Any]:
     models: dict[str, Path] = {}
     for spec, parsed in zip(cfg.students, map(parse_student_spec, cfg.students), strict=True):
         tcfg = train_config(cfg, spec)
-        out = train(tcfg)
+        out = train(tcfg) if cfg.rounds == 1 else run_rounds(cfg, tcfg)
         models[parsed.name] = out / "model"
     if not models:
         raise NestlingError("no student trained")

@@ -45,7 +45,128 @@ def collect_report(run_dir: Path) -> dict[str, Any]:
         report["exports"].update(_export_entries(run_dir, manifest_path.parent))
     for e in report["exports"].values():
         _delta_vs_pytorch(e, report["students"].get(e["student"]) or {})
+    report["rounds"] = collect_rounds(run_dir)
+    report["teacher_passk"] = teacher_passk(run_dir)
     return report
+
+
+def collect_rounds(run_dir: Path) -> dict[str, Any]:
+    """Students trained in rounds (RUN/rounds/NAME/manifest.json, distill.rounds): per round its held-out
+    accuracy explain and answer-only with 95% intervals, its dev accuracy, the student rows it trained on and
+    what its sampling added; with the best round (the one in RUN/students/NAME) and why the rounds stopped."""
+    from nestling.core.manifest import try_read_manifest
+
+    out: dict[str, Any] = {}
+    for path in sorted(run_dir.glob("rounds/*/manifest.json")):
+        m = (try_read_manifest(path.parent, "rounds") or {}).get("metrics") or {}
+        if not m.get("rounds"):
+            continue
+        out[path.parent.name] = {
+            "best_round": m.get("best_round"),
+            "stopped_by": m.get("stopped_by"),
+            "dev_questions": m.get("dev_questions"),
+            "rounds": [_round_entry(h) for h in m["rounds"]],
+        }
+    return out
+
+
+def _round_entry(h: dict[str, Any]) -> dict[str, Any]:
+    held, sampling = h.get("heldout") or {}, h.get("sampling") or {}
+    return {
+        "round": h["round"],
+        "accuracy": (held.get("explain") or {}).get("accuracy"),
+        "accuracy_ci": (held.get("explain") or {}).get("accuracy_ci"),
+        "accuracy_answer_only": (held.get("answer") or {}).get("accuracy"),
+        "accuracy_answer_only_ci": (held.get("answer") or {}).get("accuracy_ci"),
+        "n": (held.get("explain") or {}).get("n"),
+        "dev_accuracy": (h.get("dev") or {}).get("accuracy"),
+        "student_rows": h.get("student_rows"),
+        "rows_added": sampling.get("rows_kept"),
+        "train_solved": sampling.get("train_solved"),
+        "train_tried": sampling.get("train_tried"),
+        "fresh_kept": sampling.get("fresh_kept"),
+        "fresh_tried": sampling.get("fresh_tried"),
+    }
+
+
+def teacher_passk(run_dir: Path) -> dict[str, Any]:
+    """The teacher's pass@k read off the traces' data card. The traces sample training questions only, so
+    this is a training-split figure (share with a right sample; share with a verified rationale), beside a
+    greedy accuracy measured on the held-out split."""
+    card = _read_json(RunDir(run_dir).datacard)
+    if not card:
+        return {}
+    return {
+        "split": "train",
+        "k": (card.get("sampling") or {}).get("max_samples_per_question"),
+        "questions": (card.get("questions") or {}).get("train"),
+        "any_correct": card.get("questions_any_correct"),
+        "verified": card.get("coverage"),
+    }
+
+
+def rounds_markdown(report: dict[str, Any]) -> list[str]:
+    """The report's rounds section: one table per student trained in rounds, teacher figures above it."""
+    rounds = report.get("rounds") or {}
+    if not rounds:
+        return []
+    t, pk = report.get("teacher") or {}, report.get("teacher_passk") or {}
+    lines = [
+        "",
+        "## Rounds",
+        "",
+        f"Teacher greedy on the held-out split: {_fmt(t.get('accuracy'), 'acc')} "
+        f"{_fmt(t.get('accuracy_ci'), 'ci')}. Teacher pass@{pk.get('k') or '?'} on the "
+        f"{pk.get('questions') or '?'} "
+        f"training questions (the traces sample no held-out question): {_fmt(pk.get('any_correct'), 'acc')} "
+        f"with a right answer, {_fmt(pk.get('verified'), 'acc')} with a verified rationale.",
+    ]
+    for name, st in rounds.items():
+        lines += [
+            "",
+            f"Student {name}: best round {st['best_round']} on {st.get('dev_questions') or 0} dev questions "
+            f"(stopped by: {st['stopped_by']}); RUN/students/{name} holds it.",
+            "",
+            "| round | held-out (explain) | 95% interval | answer-only | 95% interval | dev | student rows "
+            "| added: train solved / tried | fresh kept / tried |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for e in st["rounds"]:
+            added = f"{e['train_solved']} / {e['train_tried']}" if e.get("train_tried") is not None else "-"
+            fresh = f"{e['fresh_kept']} / {e['fresh_tried']}" if e.get("fresh_tried") is not None else "-"
+            lines.append(
+                f"| {e['round']}{' (best)' if e['round'] == st['best_round'] else ''} | "
+                f"{_fmt(e['accuracy'], 'acc')} | {_fmt(e['accuracy_ci'], 'ci')} | "
+                f"{_fmt(e['accuracy_answer_only'], 'acc')} | {_fmt(e['accuracy_answer_only_ci'], 'ci')} | "
+                f"{_fmt(e['dev_accuracy'], 'acc')} | {e['student_rows'] or 0} | {added} | {fresh} |"
+            )
+    return lines
+
+
+def _plot_rounds(ax: Any, report: dict[str, Any]) -> None:
+    """Each round's student on the held-out split (explain solid, answer-only dashed, 95% bars) against the
+    teacher's greedy accuracy and its pass@k (on training questions, dotted)."""
+    for i, (name, st) in enumerate((report.get("rounds") or {}).items()):
+        color = f"C{i % 10}"
+        for key, style in (("accuracy", "-o"), ("accuracy_answer_only", "--s")):
+            pts = [e for e in st["rounds"] if e.get(key) is not None]
+            xs, ys = [e["round"] for e in pts], [100 * e[key] for e in pts]
+            err = [[y - 100 * e[f"{key}_ci"][0] for y, e in zip(ys, pts, strict=True)],
+                   [100 * e[f"{key}_ci"][1] - y for y, e in zip(ys, pts, strict=True)]]  # fmt: skip
+            mode = "explain" if key == "accuracy" else "answer-only"
+            ax.errorbar(xs, ys, yerr=err, fmt=style, color=color, capsize=3, label=f"{name} {mode}")
+    t, pk = report.get("teacher") or {}, report.get("teacher_passk") or {}
+    if t.get("accuracy") is not None:
+        ax.axhline(100 * t["accuracy"], color="tab:red", ls="--", label="teacher greedy")
+    if pk.get("any_correct") is not None:
+        ax.axhline(
+            100 * pk["any_correct"], color="tab:red", ls=":", label=f"teacher pass@{pk.get('k')} (train)"
+        )
+    ax.set_xlabel("round (each retrained from the base on teacher + verified student rows)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
 
 
 def _delta_vs_pytorch(export: dict[str, Any], student: dict[str, Any]) -> None:
@@ -220,6 +341,7 @@ def _report_markdown(report: dict[str, Any]) -> str:
         "export-time parity check). Decode speed is single-stream on this machine; per-answer times are "
         "medians over those answers (prompt included; the teacher's through its own engine and prompt).",
     ]
+    lines += rounds_markdown(report)
     return "\n".join(lines) + "\n"
 
 
@@ -234,7 +356,11 @@ def _report_plot(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
+    if report.get("rounds"):
+        fig, (ax, rounds_ax) = plt.subplots(2, 1, figsize=(9, 10), dpi=120)
+        _plot_rounds(rounds_ax, report)
+    else:
+        fig, ax = plt.subplots(figsize=(9, 5.5), dpi=120)
     colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(report.get("students", {}))}
     timed = any((e.get("answer_s") or {}).get("explain") for e in report.get("exports", {}).values())
     x_of = (
