@@ -5,11 +5,13 @@ nestling run --out runs/default
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nestling.core.config import check
+from nestling.core.manifest import read_manifest
 from nestling.core.rundir import RunDir
 from nestling.distill.pipeline import DistillConfig
 from nestling.latency import measure_export
@@ -17,6 +19,30 @@ from nestling.report import collect_report, write_report
 
 if TYPE_CHECKING:
     from nestling.distill.students import StudentShape
+
+log = logging.getLogger(__name__)
+
+
+# The compact student's recovery is the stage whose cost follows the CPU's training speed most: a recovery
+# step costs about what a step of its source's training did (2026-12-04 default run, 2 cores with AVX512-BF16:
+# 2.13 s/step for the source's 120 steps, 2.12 s/step for the 300 recovery steps), so compress's 300 steps
+# take ~10.7 min there, this share of 30 minutes. Where training runs ~3x slower (fp32 on CPUs without bf16)
+# the recovery gets ~100 steps in the same time; what that costs in accuracy is in the README.
+RECOVERY_SHARE = 0.36
+MIN_RECOVER_STEPS = 100
+
+
+def recovery_steps(budget_minutes: float, source_dir: Path, default: int) -> int:
+    """Recovery steps that fit the budget's share at the source's measured seconds per training step;
+    `default` when there is no budget or the source's manifest has no timing."""
+    if not budget_minutes or not (source_dir / "manifest.json").is_file():
+        return default
+    metrics = read_manifest(source_dir).get("metrics") or {}
+    seconds, steps = metrics.get("train_seconds"), metrics.get("steps")
+    if not seconds or not steps:
+        return default
+    fit = int(budget_minutes * 60 * RECOVERY_SHARE / (seconds / steps))
+    return max(min(MIN_RECOVER_STEPS, default), min(default, fit))
 
 
 @dataclass
@@ -42,6 +68,14 @@ class RunConfig(DistillConfig):
     recommend_within: float = field(
         default=0.02,
         metadata={"help": "recommend the export with the quickest answers within this accuracy of the best"},
+    )
+    budget_minutes: float = field(
+        default=30.0,
+        metadata={
+            "help": "size the compact student's recovery to this wall-clock budget by its source's measured "
+            f"training speed: a share of {RECOVERY_SHARE}, at most compress's steps, at least "
+            f"{MIN_RECOVER_STEPS}; 0 keeps compress's steps whatever they cost"
+        },
     )
     latency_questions: int | None = field(
         default=None,
@@ -80,6 +114,9 @@ class RunConfig(DistillConfig):
             f"--recommend-within {self.recommend_within}: must be in [0, 1], e.g. 0.02",
         )
         check(
+            self.budget_minutes >= 0, f"--budget-minutes {self.budget_minutes}: must be >= 0 (0: no budget)"
+        )
+        check(
             self.latency_questions is None or self.latency_questions >= 1,
             f"--latency-questions {self.latency_questions}: must be >= 1",
         )
@@ -100,6 +137,7 @@ class RunConfig(DistillConfig):
 
 
 RUN_MAX_SAMPLES = 6
+
 
 # The embedded default's compact student: the self-distilled SmolLM2 with its vocabulary trimmed and half of
 # every layer's MLP channels pruned (0.495x the teacher's parameters). Width pruning keeps what depth pruning
@@ -188,11 +226,17 @@ def _compress(cfg: RunConfig, trained: dict[str, Path]) -> tuple[dict[str, Path]
     sources: dict[str, Path] = {}
     for item in cfg.compress:
         source, layers, width = parse_compress(item)
+        default = next(f.default for f in fields(CompressConfig) if f.name == "recover_steps")
+        steps = recovery_steps(cfg.budget_minutes, trained[source].parent, default)
+        if steps < default:
+            log.info("compress %s: %d recovery steps instead of %d, to fit --budget-minutes %g at this "
+                     "machine's training speed", item, steps, default, cfg.budget_minutes)  # fmt: skip
         ccfg = CompressConfig(
             run=cfg.out,
             source=source,
             keep_layers=layers,
             intermediate_size=width,
+            recover_steps=steps,
             seed=cfg.seed,
             threads=cfg.threads,
         )

@@ -26,6 +26,7 @@ def _stub_stages(tmp_path, monkeypatch) -> dict[str, list]:
 
     def fake_compress(cfg):
         calls["compress"].append((cfg.source, cfg.keep_layers, cfg.intermediate_size))
+        calls.setdefault("recover_steps", []).append(cfg.recover_steps)
         return students / str(cfg.name)
 
     def fake_measure(out, questions, **kw):
@@ -86,3 +87,24 @@ def test_a_bad_compress_item_is_one_line(item):
 def test_a_compress_source_that_is_not_a_student_is_refused_before_any_work():
     with pytest.raises(NestlingError, match=r"--compress 'big:18': 'big' is not one of the students"):
         run_mod.RunConfig(compress=["big:18"])
+
+
+@pytest.mark.parametrize(
+    ("seconds_per_step", "budget", "steps"),
+    [(2.13, 30.0, 300), (6.4, 30.0, 101), (30.0, 30.0, 100), (6.4, 0.0, 300), (6.4, 60.0, 202)],
+)
+def test_the_compact_recovery_is_sized_to_the_budget_by_the_sources_training_speed(
+    tmp_path, monkeypatch, seconds_per_step, budget, steps
+):
+    from nestling.core.manifest import write_manifest
+
+    calls = _stub_stages(tmp_path, monkeypatch)
+    metrics = {"steps": 120, "train_seconds": 120 * seconds_per_step}
+    write_manifest(tmp_path / "students" / "smollm2", stage="train", config={}, metrics=metrics)
+    run_mod.run(run_mod.RunConfig(out=str(tmp_path), budget_minutes=budget))
+    assert calls["recover_steps"] == [steps]  # 300 at this machine's 2.13 s/step; fewer where training is slow
+
+
+def test_a_negative_budget_is_one_line():
+    with pytest.raises(NestlingError, match="--budget-minutes"):
+        run_mod.RunConfig(budget_minutes=-1)
