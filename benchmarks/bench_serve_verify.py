@@ -1,10 +1,12 @@
 """Does verification when serving pay? Accuracy, shares of fully-checked and of complete explanations and
-latency per answer, greedy vs plain sampling vs resample-until-complete, side by side on the same questions.
+latency per answer, greedy vs plain sampling vs resample-until-complete vs the calculator in the loop (a false
+result corrected as it is written, core.calculator), side by side on the same questions.
 
     OMP_NUM_THREADS=1 python3 benchmarks/bench_serve_verify.py --export runs/default/exports/smollm2
     OMP_NUM_THREADS=1 python3 benchmarks/bench_serve_verify.py        # a tiny student trained here (~2 min)
     OMP_NUM_THREADS=1 python3 benchmarks/bench_serve_verify.py --export RUN/exports/smollm2-c30-w768 \
         --questions RUN/traces/questions.jsonl -n 200 --out benchmarks/results/serve_verify_compact.json
+    ... --teacher gguf:smollm2       # the teacher too: the same runtime and checks, its own prompt
 
 A complete explanation (``complete_share``) has every step grounded in the question or unchecked and an
 answer the steps derive (core.explain.ground); ``verified_share`` counts only the arithmetic of the checked
@@ -106,6 +108,58 @@ def teacher_share(export: Path) -> dict | str:
     return {"source": str(path), **{k: e.get(k) for k in keys}}
 
 
+def teacher_reasoner(spec: str, task: str | None):
+    """The teacher GGUF behind the student's runtime, reading the teacher's own prompt (its chat template over
+    distill.prompts' messages, as traces and eval send it), so both get the same engine, cut and checks."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    from nestling.distill.prompts import teacher_messages
+    from nestling.distill.teachers import resolve_gguf
+    from nestling.serve.engines import GGUFEngine
+    from nestling.serve.runtime import Reasoner
+
+    eng = GGUFEngine(resolve_gguf(spec.removeprefix("gguf:")), n_threads=1)
+    llm = eng._llm
+    text = lambda i: llm._model.token_get_text(i) if i >= 0 else ""  # noqa: E731
+    fmt = Jinja2ChatFormatter(
+        template=llm.metadata["tokenizer.chat_template"], eos_token=text(llm.token_eos()),
+        bos_token=text(llm.token_bos()),
+    )  # fmt: skip
+    return Reasoner(
+        eng,
+        variant="teacher",
+        name=spec,
+        task=task,
+        prompt=lambda q, _explain: fmt(messages=teacher_messages(q)).prompt,
+    )
+
+
+def configs(tries: list[int], calculator: bool) -> dict[str, dict]:
+    from nestling.serve.runtime import VERIFY_TEMPERATURE
+    from nestling.serve.sampling import SamplingParams
+
+    out: dict[str, dict] = {
+        "greedy": {},
+        f"sampled T={VERIFY_TEMPERATURE}": {"sampling": SamplingParams(VERIFY_TEMPERATURE, seed=0)},
+    }
+    out.update({f"verify {k}": {"verify": k, "sampling": SamplingParams(seed=0)} for k in tries})
+    if calculator:
+        out["calculator"] = {"calculator": True}
+        out.update({f"calculator + verify {k}": {"calculator": True, "verify": k} for k in tries[:1]})
+    return out
+
+
+def measure(r, rows: list[tuple[str, str]], max_tokens: int, plan: dict[str, dict]) -> dict:
+    r.ask(rows[0][0])  # warm-up
+    runs = {}
+    for name, kw in plan.items():
+        runs[name] = run(r, rows, max_tokens, **kw)
+        print(f"{r.name[:12]:12s} {name:24s} {json.dumps(runs[name])}", flush=True)
+    greedy = runs["greedy"]["latency_ms_mean"]
+    for res in runs.values():
+        res["latency_vs_greedy"] = round(res["latency_ms_mean"] / greedy, 3)
+    return runs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--export", type=Path, help="an export directory (default: a tiny student trained here)")
@@ -115,12 +169,20 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=100, help="questions")
     ap.add_argument("--tries", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--max-tokens", type=int, default=48, help="per generation (48: the previous figures')")
+    ap.add_argument(
+        "--no-calculator", dest="calculator", action="store_false", help="skip the calculator runs"
+    )
+    ap.add_argument(
+        "--teacher", help="also serve this teacher (gguf:smollm2) with its own prompt: greedy, calculator"
+    )
+    ap.add_argument(
+        "--teacher-max-tokens", type=int, default=256, help="its generation budget (traces' default)"
+    )
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "nestling-bench")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_verify.json")
     args = ap.parse_args()
 
     from nestling.serve.runtime import VERIFY_TEMPERATURE, Reasoner
-    from nestling.serve.sampling import SamplingParams
 
     from nestling.core.manifest import atomic_write_json
 
@@ -131,18 +193,17 @@ def main() -> None:
     }  # fmt: skip
     with Reasoner.load(export, engine="gguf") as r:
         results["variant"] = r.variant
-        r.ask(rows[0][0])  # warm-up
-        configs = {
-            "greedy": {},
-            f"sampled T={VERIFY_TEMPERATURE}": {"sampling": SamplingParams(VERIFY_TEMPERATURE, seed=0)},
+        results["runs"] = measure(r, rows, args.max_tokens, configs(args.tries, args.calculator))
+        task = r.task
+    if args.teacher:
+        with teacher_reasoner(args.teacher, task) as t:
+            plan = {k: v for k, v in configs([], True).items() if not k.startswith("sampled")}
+            served = measure(t, rows, args.teacher_max_tokens, plan)
+        results["teacher_served"] = {
+            "spec": args.teacher,
+            "max_tokens": args.teacher_max_tokens,
+            "runs": served,
         }
-        configs.update({f"verify {k}": {"verify": k, "sampling": SamplingParams(seed=0)} for k in args.tries})
-        for name, kw in configs.items():
-            results["runs"][name] = run(r, rows, args.max_tokens, **kw)
-            print(f"{name:16s} {json.dumps(results['runs'][name])}", flush=True)
-    greedy = results["runs"]["greedy"]["latency_ms_mean"]
-    for res in results["runs"].values():
-        res["latency_vs_greedy"] = round(res["latency_ms_mean"] / greedy, 3)
     if args.export:
         results["teacher"] = teacher_share(args.export)
     results["cpu"] = cpu()

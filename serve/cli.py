@@ -4,6 +4,7 @@ from AskConfig and Settings, is nestling/cli.py).
     nestling ask runs/default/exports/tiny "What is 7 + 5?"            # steps, answer, one latency line
     nestling ask runs/default/exports/tiny "What is 7 + 5?" --no-explain
     nestling ask runs/default/exports/tiny "What is 7 + 5?" --verify 4      # resample while a step is false
+    nestling ask runs/default/exports/tiny "What is 7 + 5?" --calculator    # correct false results as written
     nestling ask runs/default/exports/tiny --file questions.jsonl > answers.jsonl  # {"question": ...} a line
     nestling serve runs/default/exports/tiny --port 8000             # http://127.0.0.1:8000
     NESTLING_API_KEY=s3cret nestling serve runs/default/exports/tiny  # /v1/* then needs the key
@@ -64,6 +65,12 @@ class AskConfig:
         default=1,
         metadata={"help": "tries: > 1 resamples (seeded) while the explanation is not complete"},
     )
+    calculator: bool = field(
+        default=False,
+        metadata={
+            "help": "replace a false result by the true one as it is written; the model goes on from it"
+        },
+    )
     file: str | None = field(
         default=None, metadata={"help": 'a JSONL file of {"question": ...}: answers as JSONL on stdout'}
     )
@@ -80,7 +87,11 @@ class AskConfig:
 def format_answer(a: Answer) -> str:
     """Steps with marks (✓ checked and grounded, ✗ a calculation is wrong, ? a number from nowhere,
     · nothing to check), answer, latency."""
-    lines = [f"  {MARKS.get(s.status, '?')} Step {i}: {s.text}" for i, s in enumerate(a.steps, 1)]
+    lines = [
+        f"  {MARKS.get(s.status, '?')} Step {i}: {s.text}"
+        + (f"  (calculator: the model wrote {s.corrected_from})" if s.corrected_from is not None else "")
+        for i, s in enumerate(a.steps, 1)
+    ]
     lines.append(f"Answer: {a.answer if a.answer is not None else '(none)'}")
     lat = a.latency
     cut = ", cut at --max-tokens" if a.finish_reason == "length" else ""
@@ -120,6 +131,7 @@ def ask_main(cfg: AskConfig) -> int:
 
     questions = read_questions(cfg.file) if cfg.file else [cfg.question]
     kw = {"explain": cfg.explain, "max_tokens": cfg.max_tokens, "sampling": cfg.sampling, "stop": cfg.stop}
+    kw["calculator"] = cfg.calculator
     pool = cfg.pool if cfg.file else 1
     with Reasoner.load(cfg.dir, cfg.engine, cfg.variant, n_threads=cfg.threads, pool=pool) as r:
         if not cfg.file:

@@ -60,6 +60,10 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+# Optional: ``resume(prompt_ids, max_tokens, sampler=None)`` streams like ``stream`` but may keep the work of
+# the longest prefix it has already read (the calculator's restarts use it where an engine has it).
+
+
 def guess_kind(path: str | Path) -> str:
     """'gguf' for a .gguf file, 'onnx' for a .onnx file or a directory holding model.onnx."""
     p = Path(path)
@@ -152,7 +156,28 @@ class GGUFEngine:
         max_tokens = min(max_tokens, self.n_ctx - len(prompt_ids))
         self._check_len(len(prompt_ids))
         self._llm.reset()
-        self._llm.eval(list(prompt_ids))
+        yield from self._decode(list(prompt_ids), max_tokens, stop_at_eos, sampler)
+
+    def resume(self, prompt_ids: list[int], max_tokens: int, sampler: Sampler | None = None) -> Iterator[int]:
+        """``stream``, keeping the KV cache of the longest prefix already evaluated: a calculator restart
+        re-reads only the corrected tail, not the prompt and every step before it."""
+        if not prompt_ids:
+            raise NestlingError("empty prompt: tokenize a non-empty text first")
+        max_tokens = min(max_tokens, self.n_ctx - len(prompt_ids))
+        self._check_len(len(prompt_ids))
+        llm, keep = self._llm, 0
+        for have, want in zip(llm.input_ids[: llm.n_tokens], prompt_ids, strict=False):
+            if int(have) != want:
+                break
+            keep += 1
+        # at least the last prompt token is evaluated again: its logits pick the first new token
+        llm.n_tokens = min(keep, len(prompt_ids) - 1)
+        yield from self._decode(list(prompt_ids[llm.n_tokens :]), max_tokens, True, sampler)
+
+    def _decode(
+        self, new_ids: list[int], max_tokens: int, stop_at_eos: bool, sampler: Sampler | None
+    ) -> Iterator[int]:
+        self._llm.eval(new_ids)  # from n_tokens on; llama.cpp drops the KV cache past it first
         for i in range(max_tokens):
             tok = _pick(self._last_logits(), sampler)
             if tok == self.eos_id and stop_at_eos:

@@ -9,6 +9,7 @@
     s.answer.latency.tokens_per_s
     r.ask("What is 7 + 5?", sampling=SamplingParams(temperature=0.7, seed=1), stop=["Step 2"])
     r.ask("What is 7 + 5?", verify=4)      # resample until the explanation is complete: a.complete, a.tries
+    r.ask("What is 7 + 5?", calculator=True)   # a false result is corrected as it is written: a.corrections
     r.ask_many(["What is 1 + 1?", "What is 2 + 2?"])            # spread over the engine pool
 
 ``Reasoner.load(..., pool=N)`` loads N engines over the same file: N questions decode at once, one per
@@ -35,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from nestling.serve.sampling import SamplingParams
 
+from nestling.core.calculator import Slip, first_slip
 from nestling.core.config import check
 from nestling.core.errors import NestlingError
 from nestling.core.explain import clean_answer, extract_answer, ground, parse_steps
@@ -52,6 +54,8 @@ MAX_STOP_CHARS = 200
 GREEDY = SamplingParams()
 # Resampling a false explanation needs some randomness; greedy would repeat the same mistake.
 VERIFY_TEMPERATURE = 0.7
+# Corrections per answer: each one re-reads the prompt and the text so far, so the work stays bounded.
+MAX_CORRECTIONS = 16
 
 
 @dataclass
@@ -106,6 +110,8 @@ class Step:
     claims: list[dict[str, Any]] = field(default_factory=list)
     status: str = "unchecked"
     reason: str | None = None
+    # the result the model wrote where the calculator put the true one (calculator=True); None: as written
+    corrected_from: str | None = None
 
 
 @dataclass
@@ -139,6 +145,7 @@ class Answer:
     # mode, or a question grounding is not asked of (fewer than two numbers stated).
     complete: bool | None = None
     answer_derived: bool | None = None  # the answer is the steps' last result (None: answer-only mode)
+    corrections: int = 0  # false results the calculator replaced while generating (calculator=True)
 
     def needs_retry(self) -> bool:
         """What verification resamples: an incomplete explanation, else (no grounding) a false step."""
@@ -235,6 +242,7 @@ class Reasoner:
         name: str = "nestling",
         task: str | None = None,
         manifest: dict[str, Any] | None = None,
+        prompt: Callable[[str, bool], str] = student_prompt,
     ):
         self.engines: list[Engine] = list(engine) if isinstance(engine, Sequence) else [engine]
         check(bool(self.engines), "Reasoner needs at least one engine")
@@ -243,6 +251,9 @@ class Reasoner:
         self.name = name
         self.task = task
         self.manifest = manifest or {}
+        # (question, explain) -> the text the engine reads; another model's own prompt (e.g. a teacher's chat
+        # template) lets benchmarks put that model through the same checks
+        self.prompt = prompt
         self._free: queue.SimpleQueue[Engine] = queue.SimpleQueue()
         for e in self.engines:
             self._free.put(e)
@@ -369,6 +380,7 @@ class Reasoner:
         stop: Sequence[str] = (),
         verify: int = 1,
         verify_budget_s: float = 10.0,
+        calculator: bool = False,
     ) -> Answer:
         """Generate (greedy unless ``sampling`` says otherwise) and return the answer, the checked steps
         (explain mode) and the latency.
@@ -379,18 +391,23 @@ class Reasoner:
         ``verify_budget_s`` is not spent, sampled with seeds ``seed+1, seed+2, ...`` (at
         ``VERIFY_TEMPERATURE`` when the request is greedy); the first complete explanation is returned, else
         the first one. ``answer.tries`` counts the generations, ``total_s`` all of them.
+
+        ``calculator`` (explain mode): each finished line's first false result is replaced by the true value
+        and the model goes on from there (core.calculator); ``answer.corrections`` counts the replacements
+        and each corrected step keeps what the model wrote in ``corrected_from``.
         """
         _validate(question, max_tokens, stop)
         check(isinstance(verify, int) and 1 <= verify <= 64, f"verify {verify!r}: tries must be 1 to 64")
         t0 = time.perf_counter()
-        first = self._ask_once(question, explain, max_tokens, sampling, stop)
+        once = self._ask_calculated if calculator and explain else self._ask_once
+        first = once(question, explain, max_tokens, sampling, stop)
         if verify == 1 or not first.needs_retry():
             return first
         resample = sampling if not sampling.greedy else replace(sampling, temperature=VERIFY_TEMPERATURE)
         base = sampling.seed or 0
         tries = 1
         while tries < verify and time.perf_counter() - t0 < verify_budget_s:
-            a = self._ask_once(question, explain, max_tokens, resample.with_seed(base + tries), stop)
+            a = once(question, explain, max_tokens, resample.with_seed(base + tries), stop)
             tries += 1
             if not a.needs_retry():
                 return _after_tries(a, tries, t0)
@@ -433,6 +450,33 @@ class Reasoner:
             pass
         return holder[0]
 
+    def _ask_calculated(
+        self, question: str, explain: bool, max_tokens: int, sampling: SamplingParams, stop: Sequence[str]
+    ) -> Answer:
+        """Explain with the calculator in the loop: generation stops at the first finished line that states a
+        false result and restarts from the corrected text (the prompt and text so far read again), at most
+        MAX_CORRECTIONS times and within ``max_tokens`` generated in all (discarded tokens count: the
+        engine spent them)."""
+        with self._checkout() as eng:
+            t0 = time.perf_counter()
+            prompt = self.prompt(question, explain)
+            sampler = sampling.sampler()  # one random state across the pieces: the seed still decides
+            run = _Calculated(eng, prompt, tuple(stop), t0)
+            while True:
+                budget = max_tokens - len(run.ids)
+                if budget <= 0:
+                    run.finish, run.stopped_by = "length", "max_tokens"
+                    break
+                # past the cap the model finishes unchecked (the step marks still show what is false)
+                if run.piece(budget, sampler, check=len(run.slips) < MAX_CORRECTIONS) is None:
+                    break
+            times = (t0, run.first or t0, run.last)
+            answer = self._finish(run.text, explain, run.prompt_ids, run.ids, times, run.finish, eng.kind)
+            self._ground(answer, question)
+        answer.stopped_by = run.stopped_by
+        _mark_corrections(answer, run.slips)
+        return answer
+
     def _generate(
         self,
         question: str,
@@ -445,7 +489,7 @@ class Reasoner:
     ) -> Iterator[str]:
         with self._checkout() as eng:
             t0 = time.perf_counter()
-            prompt_ids = eng.tokenize(student_prompt(question, explain))
+            prompt_ids = eng.tokenize(self.prompt(question, explain))
             dec = _Decoder(eng, explain, stop)
             first = last = t0
             finish, stopped_by = "length", "max_tokens"
@@ -535,6 +579,81 @@ class Reasoner:
         a.verified = all(checked) if checked else None
         a.answer_derived = e.answer_derived
         a.complete = e.complete if e.grounding else None
+
+
+class _Calculated:
+    """The state of one calculator-checked generation: the text so far, every token generated, the slips."""
+
+    def __init__(self, eng: Engine, prompt: str, stop: tuple[str, ...], t0: float):
+        self.eng, self.prompt, self.stop = eng, prompt, stop
+        self.prompt_ids = eng.tokenize(prompt)
+        self.text = ""
+        self.ids: list[int] = []
+        self.slips: list[Slip] = []
+        self.checked = 0  # where the first line not yet read by the calculator starts in self.text
+        self.first: float | None = None
+        self.last = t0
+        self.finish, self.stopped_by = "length", "max_tokens"
+
+    def piece(self, budget: int, sampler: Any, check: bool = True) -> Slip | None:
+        """Generate from the text so far until a line states a false result (corrected into self.text and
+        returned) or the generation ends (None). ``check=False``: no line is read."""
+        kw = {} if sampler is None else {"sampler": sampler}
+        dec, head = _Decoder(self.eng, True, self.stop), self.text
+        if not self.text:
+            gen = self.eng.stream(self.prompt_ids, budget, **kw)
+        else:  # a restart: an engine that keeps the prefix it has read re-reads only the corrected tail
+            again = getattr(self.eng, "resume", self.eng.stream)
+            gen = again(self.eng.tokenize(self.prompt + self.text), budget, **kw)
+        try:
+            for tok in gen:
+                self.last = time.perf_counter()
+                self.first = self.first or self.last
+                self.ids.append(tok)
+                dec.push(tok)
+                slip = self._read(head + dec.text, final=False) if check else None
+                if slip is not None:
+                    return slip
+                if dec.cut:
+                    self.finish, self.stopped_by = "stop", dec.cut
+                    break
+            else:
+                done = len(dec.ids) >= budget
+                self.finish, self.stopped_by = ("length", "max_tokens") if done else ("stop", "eos")
+        finally:
+            getattr(gen, "close", lambda: None)()
+        dec.flush()
+        self.text = head + dec.text
+        return self._read(self.text, final=self.finish != "length") if check else None
+
+    def _read(self, text: str, final: bool) -> Slip | None:
+        """Check each finished line (and the last one when ``final``); on a slip, cut the text there."""
+        self.text = text
+        while True:
+            end = text.find("\n", self.checked)
+            if end < 0 and not final:
+                return None
+            line = text[self.checked : end if end >= 0 else len(text)]
+            slip = first_slip(line)
+            if slip is not None:
+                self.text = text[: self.checked] + slip.text
+                self.slips.append(slip)
+                return slip
+            if end < 0:
+                return None
+            self.checked = end + 1
+
+
+def _mark_corrections(a: Answer, slips: list[Slip]) -> None:
+    """Each corrected step keeps what the model wrote (the first step, in order, stating the correction)."""
+    a.corrections = len(slips)
+    i = 0
+    for slip in slips:
+        for j in range(i, len(a.steps)):
+            if slip.claim in a.steps[j].text:
+                a.steps[j].corrected_from = slip.stated
+                i = j + 1
+                break
 
 
 def auto_pool(n_threads: int = 1) -> int:

@@ -77,6 +77,11 @@ class Settings(BaseSettings):
         description="tries per explanation: > 1 resamples (seeded) while a checked step is false; 1: off",
     )
     verify_budget_s: float = Field(10.0, gt=0, description="stop resampling after this many seconds")
+    calculator: bool = Field(
+        False,
+        description="explanations: a false result is replaced by the true one as it is written and the model "
+        "goes on from it (the step keeps corrected_from); a request's calculator wins",
+    )
     max_choices: int = Field(8, ge=1, le=64, description="largest n a chat completion may ask for")
     keep_alive_s: float = Field(
         75.0,

@@ -41,6 +41,7 @@ class Job:
     stop: list[str] = field(default_factory=list)
     verify: int = 1
     verify_budget_s: float = 10.0
+    calculator: bool = False
 
 
 class ModelState:
@@ -115,7 +116,7 @@ class ModelState:
         loop = asyncio.get_running_loop()
         call = partial(
             r.ask, job.question, job.explain, job.max_tokens, sampling=job.sampling, stop=job.stop,
-            verify=job.verify, verify_budget_s=job.verify_budget_s,
+            verify=job.verify, verify_budget_s=job.verify_budget_s, calculator=job.calculator,
         )  # fmt: skip
         fut = loop.run_in_executor(None, call)
         fut.add_done_callback(partial(self.release, time.perf_counter()))

@@ -14,7 +14,11 @@ What it "generates" for ``Question: Q\\nExplain:`` (answer mode ``Answer:`` give
                         "\\nStep 1: 9 * 8 = 72\\nAnswer: 72" (logit 0), so the seed decides
   "lucky: 3 + 4?"    -> greedy: "\\nStep 1: 2 + 5 = 7\\nAnswer: 7" (true arithmetic on numbers from nowhere);
                         sampled: that or "\\nStep 1: 3 + 4 = 7\\nAnswer: 7", as the sampler picks
-Every byte of the script is one token; eos ends it.
+  "slip: 9 * 8 + 3?" -> "\\nStep 1: 9 * 8 = 64\\nStep 2: 64 + 3 = 67\\nAnswer: 67": step 1 slips, and every
+                        later step builds on whatever step 1 states (a prompt that goes on past ``Explain:``
+                        with "...9 * 8 = 72" gets "\\nStep 2: 72 + 3 = 75\\nAnswer: 75")
+A prompt that goes on past its mode marker with the start of the script gets the rest of it (what a model
+continuing its own text does); with anything else, eos at once. Every byte of the script is one token.
 """
 
 from __future__ import annotations
@@ -39,7 +43,22 @@ _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * 
 
 
 def script(prompt: str, sampler=None) -> str:
-    """The continuation of a student prompt (eos follows it)."""
+    """The continuation of a student prompt, or of a prompt plus the start of its script (eos follows it)."""
+    head, mark, done = prompt.partition("\n" + EXPLAIN_MARK)
+    if not mark:
+        return _script(prompt, sampler)
+    q = head.split("\n")[0]
+    full = _slip(done) if "slip" in q else _script(head + mark, sampler)
+    return full[len(done) :] if full.startswith(done) else ""
+
+
+def _slip(done: str) -> str:
+    m = re.match(r"\nStep 1: 9 \* 8 = (\d+)", done)
+    r1 = int(m.group(1)) if m else 64
+    return f"\nStep 1: 9 * 8 = {r1}\nStep 2: {r1} + 3 = {r1 + 3}\nAnswer: {r1 + 3}"
+
+
+def _script(prompt: str, sampler=None) -> str:
     explain = prompt.endswith(EXPLAIN_MARK)
     q = prompt.split("\n")[0]
     if "flaky" in q and sampler is not None:

@@ -69,6 +69,18 @@ def test_the_page_streams_steps_marks_and_latency(browser, tmp_path):
         assert page.text_content("#steps li") == "? 2 + 5 = 7"
         assert page.text_content("#verdict").startswith("explanation incomplete")
 
+        page.fill("#question", "slip: 9 * 8 + 3?")
+        page.check("#calculator")
+        page.click("#go")
+        page.wait_for_function(
+            "document.getElementById('answer').textContent === 'Answer: 75'", timeout=15_000
+        )
+        steps = page.query_selector_all("#steps li")
+        assert [s.get_attribute("class") for s in steps] == ["step ok", "step ok"]
+        assert steps[0].text_content() == "\u2713 9 * 8 = 72 (calculator: the model wrote 64)"
+        assert page.text_content("#live") == "Step 1: 9 * 8 = 72\nStep 2: 72 + 3 = 75\nAnswer: 75"
+        page.uncheck("#calculator")
+
         page.fill("#question", "What is 7 + 5?")
         page.click("#go")
         page.wait_for_function(ANSWERED_12, timeout=15_000)

@@ -23,7 +23,7 @@ from nestling.serve.routers.common import (
 from nestling.serve.runtime import Answer
 from nestling.serve.settings import Settings
 from nestling.serve.slots import Job
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, StrictBool
 
 router = APIRouter(prefix="/v1", tags=["answer"], dependencies=[Depends(require_key)])
 
@@ -40,11 +40,16 @@ class AnswerRequest(SamplingFields):
         None, ge=1, le=16,
         description="tries: > 1 resamples until the explanation is complete (not streamed); default: server",
     )  # fmt: skip
+    calculator: StrictBool | None = Field(
+        None, description="correct a false result as it is written (not streamed); default: server"
+    )
 
     def job(self, settings: Settings, choice: int = 0) -> Job:
+        calculator = settings.calculator if self.calculator is None else self.calculator
         return Job(
             self.question, self.explain, resolve_limits(settings, self.question, self.max_tokens),
             self.sampling(choice), self.stops(), self.verify or settings.verify, settings.verify_budget_s,
+            calculator,
         )  # fmt: skip
 
 

@@ -9,7 +9,8 @@ seed, seed+1, ...; not with ``stream``).
 
 The reply carries a ``nestling`` extension field (the last chunk when streaming): the question, the answer,
 every step with its ``ok`` and ``status`` mark (grounded | false | ungrounded | unchecked) and ``reason``,
-``marks`` (the statuses in order), ``answer_derived``, ``complete``, ``verified``, ``tries`` and the latency.
+``marks`` (the statuses in order), ``answer_derived``, ``complete``, ``verified``, ``tries``, ``corrections``
+(with the ``calculator`` extension: results it replaced; such a step has ``corrected_from``) and the latency.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from nestling.serve.routers.common import (
 from nestling.serve.runtime import Answer
 from nestling.serve.settings import Settings
 from nestling.serve.slots import Job
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from nestling.core.errors import ApiError
 from nestling.core.prompting import ANSWER_MARK
@@ -82,6 +83,7 @@ class ChatRequest(SamplingFields):
         None, description="deepseek: steps in reasoning_content, the answer in content; default: server"
     )
     verify: int | None = Field(None, ge=1, le=16, description="nestling extension: tries, see /v1/answer")
+    calculator: StrictBool | None = Field(None, description="nestling extension: see /v1/answer")
 
 
 # Fields that would change the reply but this server cannot honour: refused unless they ask for nothing.
@@ -193,7 +195,7 @@ def _nestling(a: Answer, question: str) -> dict[str, Any]:
     return {
         "question": question, "answer": a.answer, "steps": a.to_dict()["steps"],
         "marks": [s.status for s in a.steps], "answer_derived": a.answer_derived, "complete": a.complete,
-        "verified": a.verified, "tries": a.tries, "latency": asdict(a.latency),
+        "verified": a.verified, "tries": a.tries, "corrections": a.corrections, "latency": asdict(a.latency),
     }  # fmt: skip
 
 
@@ -211,8 +213,18 @@ async def chat_completions(req: ChatRequest, state: StateDep, settings: Settings
     question = chat_question(req.messages, settings)
     max_tokens = resolve_limits(settings, question, req.max_completion_tokens or req.max_tokens)
     verify = req.verify or settings.verify
+    calculator = settings.calculator if req.calculator is None else req.calculator
     jobs = [
-        Job(question, req.explain, max_tokens, req.sampling(i), req.stops(), verify, settings.verify_budget_s)
+        Job(
+            question,
+            req.explain,
+            max_tokens,
+            req.sampling(i),
+            req.stops(),
+            verify,
+            settings.verify_budget_s,
+            calculator,
+        )  # fmt: skip
         for i in range(req.n)
     ]
     # Answer-only replies have no steps: their text is the answer, whatever the format.

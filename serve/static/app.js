@@ -38,7 +38,8 @@ function showAnswer(a, clientTtft) {
     const li = document.createElement("li");
     li.className = "step " + cls;
     li.title = s.reason ? `${title}: ${s.reason}` : title;
-    li.textContent = `${sym} ${s.text}`;
+    li.textContent = `${sym} ${s.text}` +
+      (s.corrected_from != null ? ` (calculator: the model wrote ${s.corrected_from})` : "");
     ol.appendChild(li);
   }
   $("answer").textContent = "Answer: " + (a.answer ?? "(none)");
@@ -62,13 +63,22 @@ async function ask(ev) {
   const t0 = performance.now();
   let firstAt = null;
   try {
-    const body = { question: $("question").value, explain: $("explain").checked, stream: true };
+    // The calculator corrects text before it is shown, so its answer comes whole, not as a stream.
+    const calculator = $("calculator").checked;
+    const body = { question: $("question").value, explain: $("explain").checked, stream: !calculator };
+    if (calculator) body.calculator = true;
     const n = parseInt($("max_tokens").value, 10);
     if (n > 0) body.max_tokens = n;
     const r = await fetch("/v1/answer", { method: "POST", headers: headers(), body: JSON.stringify(body) });
     if (!r.ok) {
       const j = await r.json().catch(() => ({}));
       throw new Error(`${r.status}: ${(j.error && j.error.message) || r.statusText}`);
+    }
+    if (calculator) {
+      const a = await r.json();
+      $("live").textContent = a.text.replace(/^\n+/, "");
+      showAnswer(a, performance.now() - t0);
+      return;
     }
     const reader = r.body.getReader();
     const dec = new TextDecoder();
