@@ -8,6 +8,8 @@ accuracy is measured on the same questions as its PyTorch student (export-time p
 
     lat = measure_export(Path("runs/default/exports/tiny"), questions, n_threads=1, score=score)
     lat["gguf-q4_k_m"]["explain"]["median_s"], lat["gguf-q4_k_m"]["answer"]["accuracy"]
+    calc = measure_calculator(Path("runs/default/exports/tiny"), questions, score=score)  # default variant
+    calc["accuracy"], calc["complete_share"], calc["corrections_per_answer"]
 """
 
 from __future__ import annotations
@@ -51,6 +53,57 @@ def measure_variant(
 
     with Reasoner.load(export_dir, variant=variant, n_threads=n_threads) as r:
         return {mode: _time_answers(r, questions, explain, score) for mode, explain in MODES.items()}
+
+
+def measure_calculator(
+    export_dir: Path,
+    questions: list[str],
+    n_threads: int = 1,
+    cache: Path | None = None,
+    score: Score | None = None,
+) -> dict[str, Any]:
+    """The export's default variant explaining with the calculator in the loop (``Reasoner.ask(calculator=
+    True)``): seconds per answer, corrections, the share of complete explanations and (given `score`)
+    accuracy; cached in ``cache`` like measure_export."""
+    from nestling.serve.runtime import MAX_CORRECTIONS, Reasoner
+
+    manifest = read_manifest(export_dir, stage="export")
+    key = {
+        "files": manifest.get("files"),
+        "questions": questions,
+        "threads": n_threads,
+        "scored": bool(score),
+    }
+    key["max_corrections"] = MAX_CORRECTIONS
+    cached = read_cache(cache, key, "calculator") if cache else None
+    if cached is not None:
+        return cached
+    log.info("answering %d questions of %s with the calculator", len(questions), export_dir.name)
+    with Reasoner.load(export_dir, n_threads=n_threads) as r:
+        r.ask(questions[0], calculator=True)  # warm-up, as in _time_answers
+        seconds, answers = [], []
+        for q in questions:
+            t0 = time.perf_counter()
+            answers.append(r.ask(q, calculator=True))
+            seconds.append(time.perf_counter() - t0)
+        out = {"variant": r.variant, **_calculated(answers, seconds, score)}
+    if cache:
+        write_cache(cache, key, out, "calculator")
+    return out
+
+
+def _calculated(answers: list[Any], seconds: list[float], score: Score | None) -> dict[str, Any]:
+    n = len(answers)
+    out = {
+        "median_s": statistics.median(seconds), "mean_s": statistics.fmean(seconds), "n": n,
+        "complete_share": sum(a.complete is True for a in answers) / n,
+        "corrections_per_answer": sum(a.corrections for a in answers) / n,
+        "answers_corrected": sum(a.corrections > 0 for a in answers),
+    }  # fmt: skip
+    if score:
+        right = sum(bool(score(i, a.text)) for i, a in enumerate(answers))
+        out.update(correct=right, accuracy=right / n)
+    return out
 
 
 def measure_export(

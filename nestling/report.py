@@ -232,6 +232,7 @@ def _export_entries(run_dir: Path, export_dir: Path) -> dict[str, dict[str, Any]
     name = export_dir.name
     m = try_read_manifest(export_dir, "export") or {}
     timed = _read_json(RunDir(run_dir).latency(name)).get("variants") or {}
+    calc = _read_json(RunDir(run_dir).calculator(name)).get("calculator") or {}
     metrics = m.get("metrics") or {}
     entries = {}
     for variant, v in (m.get("variants") or {}).items():
@@ -257,7 +258,20 @@ def _export_entries(run_dir: Path, export_dir: Path) -> dict[str, dict[str, Any]
                 "parity": v.get("parity"),
             }
         )
+        if calc.get("variant") == variant and calc.get("accuracy") is not None:
+            entries[f"{name}-{variant}"]["calculator"] = _calculator_entry(calc)
     return entries
+
+
+def _calculator_entry(calc: dict[str, Any]) -> dict[str, Any]:
+    """The default variant explaining with the calculator in the loop (latency.measure_calculator)."""
+    from nestling.distill.stats import wilson
+
+    return {
+        "accuracy": calc["accuracy"], "accuracy_ci": wilson(calc["correct"], calc["n"]), "n": calc["n"],
+        "complete_share": calc.get("complete_share"), "answer_s": calc.get("median_s"),
+        "corrections_per_answer": calc.get("corrections_per_answer"),
+    }  # fmt: skip
 
 
 def recommend(exports: dict[str, dict[str, Any]], tolerance: float) -> str | None:
@@ -341,8 +355,35 @@ def _report_markdown(report: dict[str, Any]) -> str:
         "export-time parity check). Decode speed is single-stream on this machine; per-answer times are "
         "medians over those answers (prompt included; the teacher's through its own engine and prompt).",
     ]
+    lines += _calculator_markdown(report)
     lines += rounds_markdown(report)
     return "\n".join(lines) + "\n"
+
+
+def _calculator_markdown(report: dict[str, Any]) -> list[str]:
+    calc = {k: e for k, e in report.get("exports", {}).items() if e.get("calculator")}
+    if not calc:
+        return []
+    lines = [
+        "",
+        "## With the calculator in the loop",
+        "",
+        "Each export's default variant, explaining, with `calculator=True` (`nestling ask --calculator`): a "
+        "false result is replaced by the true one as it is written and the model goes on from it; the same "
+        "held-out questions.",
+        "",
+        "| export | accuracy | 95% interval | without the calculator | complete explanations "
+        "| corrections per answer | per answer, explained |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, e in calc.items():
+        c = e["calculator"]
+        lines.append(
+            f"| {name} | {_fmt(c['accuracy'], 'acc')} | {_fmt(c['accuracy_ci'], 'ci')} | "
+            f"{_fmt(e.get('accuracy'), 'acc')} | {_fmt(c.get('complete_share'), 'acc')} | "
+            f"{c.get('corrections_per_answer') or 0:.2f} | {_fmt(c.get('answer_s'), 's')} |"
+        )
+    return lines
 
 
 MARKERS = {"onnx-fp32": "s", "onnx-int8": "D", "gguf-f16": "^", "gguf-q8_0": "v", "gguf-q4_k_m": "P"}

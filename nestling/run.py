@@ -14,7 +14,7 @@ from nestling.core.config import check
 from nestling.core.manifest import read_manifest
 from nestling.core.rundir import RunDir
 from nestling.distill.pipeline import DistillConfig
-from nestling.latency import measure_export
+from nestling.latency import measure_calculator, measure_export
 from nestling.report import collect_report, write_report
 
 if TYPE_CHECKING:
@@ -210,6 +210,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         out = RunDir(run_dir).export(name)
         export_student(ExportConfig(student=str(student_dir), out=str(out), **_overrides(cfg, ExportConfig)))
         measure_export(out, questions, n_threads=1, cache=RunDir(run_dir).latency(name), score=score)
+        measure_calculator(out, questions, n_threads=1, cache=RunDir(run_dir).calculator(name), score=score)
     return write_report(run_dir, collect_report(run_dir), cfg.recommend_within)
 
 

@@ -125,6 +125,40 @@ def test_exports_are_scored_on_the_questions_they_answer_and_reported_so(tmp_pat
         assert e["accuracy_ci"][0] < 2 / 3 < e["accuracy_ci"][1]
 
 
+def test_the_default_variant_is_measured_with_the_calculator_and_reported_beside_its_greedy_figure(tmp_path):
+    from nestling.core.explain import answers_match
+    from nestling.core.rundir import RunDir
+    from nestling.latency import measure_calculator, measure_export
+
+    loaded = register_fake()
+    run = tmp_path / "run"
+    export = make_fake_export(run / "exports")
+    rows = [("slip: 9 * 8 + 3?", "75"), ("What is 2 + 3?", "5"), ("wrong: 9 * 8?", "72")]
+    questions = [q for q, _ in rows]
+
+    def score(i: int, text: str) -> bool:
+        from nestling.core.explain import extract_answer
+
+        return answers_match(extract_answer(text), rows[i][1])
+
+    measure_export(export, questions, cache=RunDir(run).latency("tiny"), score=score)
+    calc = measure_calculator(export, questions, cache=RunDir(run).calculator("tiny"), score=score)
+    assert calc["variant"] == "fake-a"  # the manifest's default: what `nestling serve` loads
+    assert (calc["n"], calc["correct"], calc["answers_corrected"]) == (3, 3, 2)
+    assert abs(calc["corrections_per_answer"] - 2 / 3) < 1e-9
+    calls = sum(e.calls for e in loaded)
+    assert measure_calculator(export, questions, cache=RunDir(run).calculator("tiny"), score=score) == calc
+    assert sum(e.calls for e in loaded) == calls  # cached
+
+    entries = nestling_report._export_entries(run, export)
+    c = entries["tiny-fake-a"]["calculator"]
+    assert c["accuracy"] == 1.0 and entries["tiny-fake-a"]["accuracy"] < 1.0  # greedy slips on two of three
+    assert "calculator" not in entries["tiny-fake-b"]
+    md = nestling_report._report_markdown({"exports": entries, "tolerance": 0.02})
+    assert "## With the calculator in the loop" in md
+    assert "| tiny-fake-a | 100.0% |" in md
+
+
 def test_the_report_and_serve_pick_a_variant_by_one_rule(tmp_path):
     """export.choose_default (what `nestling serve` loads) and report.recommend call one rule: on an export
     whose manifest the run reads back, the report recommends the served variant, and with every variant

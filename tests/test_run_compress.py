@@ -19,7 +19,7 @@ def _stub_stages(tmp_path, monkeypatch) -> dict[str, list]:
     import nestling.distill.pipeline as pipeline_mod
     import nestling.export.pipeline as export_mod
 
-    calls: dict[str, list] = {"compress": [], "eval": [], "export": [], "timed": []}
+    calls: dict[str, list] = {"compress": [], "eval": [], "export": [], "timed": [], "calculator": []}
     students = tmp_path / "students"
     trained = {"tiny": students / "tiny" / "model", "smollm2": students / "smollm2" / "model"}
     monkeypatch.setattr(pipeline_mod, "run_distill", lambda cfg, **kw: {"students": dict(trained)})
@@ -46,6 +46,9 @@ def _stub_stages(tmp_path, monkeypatch) -> dict[str, list]:
     monkeypatch.setattr(evaluate_mod, "evaluate", lambda cfg: calls["eval"].append(cfg.students))
     monkeypatch.setattr(export_mod, "export_student", lambda cfg: calls["export"].append(Path(cfg.student)))
     monkeypatch.setattr(run_mod, "measure_export", fake_measure)
+    monkeypatch.setattr(
+        run_mod, "measure_calculator", lambda out, questions, **kw: calls["calculator"].append(out.name)
+    )
     monkeypatch.setattr(run_mod, "_heldout_rows", lambda run_dir, n: rows)
     monkeypatch.setattr(run_mod, "collect_report", lambda run_dir: {})
     monkeypatch.setattr(run_mod, "write_report", lambda run_dir, report, tol: {"paths": {}})
@@ -58,7 +61,7 @@ def test_the_default_compacts_smollm2_and_deploys_the_compact_student(tmp_path, 
     assert calls["compress"] == [("smollm2", 30, 768)]
     assert calls["eval"] == [["tiny", "smollm2", "smollm2-c30-w768", "smollm2-trim"]]
     assert [p.parent.name for p in calls["export"]] == ["tiny", "smollm2-c30-w768"]
-    assert calls["timed"] == ["tiny", "smollm2-c30-w768"]
+    assert calls["timed"] == calls["calculator"] == ["tiny", "smollm2-c30-w768"]
 
 
 def test_named_compact_students_and_exported_sources(tmp_path, monkeypatch):
@@ -102,7 +105,9 @@ def test_the_compact_recovery_is_sized_to_the_budget_by_the_sources_training_spe
     metrics = {"steps": 120, "train_seconds": 120 * seconds_per_step}
     write_manifest(tmp_path / "students" / "smollm2", stage="train", config={}, metrics=metrics)
     run_mod.run(run_mod.RunConfig(out=str(tmp_path), budget_minutes=budget))
-    assert calls["recover_steps"] == [steps]  # 300 at this machine's 2.13 s/step; fewer where training is slow
+    assert calls["recover_steps"] == [
+        steps
+    ]  # 300 at this machine's 2.13 s/step; fewer where training is slow
 
 
 def test_a_negative_budget_is_one_line():

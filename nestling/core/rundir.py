@@ -84,6 +84,10 @@ class RunDir:
     def latency(self, name: str) -> Path:
         return self.root / "latency" / f"{name}.json"
 
+    def calculator(self, name: str) -> Path:
+        """The default variant of export ``name`` answering with the calculator (nestling.latency)."""
+        return self.root / "latency" / f"{name}.calculator.json"
+
     def questions(self) -> list[dict[str, Any]]:
         """Every row of questions.jsonl: {id, task, question, gold, split, meta}."""
         return read_jsonl(self.questions_file, fix="re-run `nestling traces`")
