@@ -36,6 +36,7 @@ from nestling.export.gguf_arch import (
     add_space_prefix,
     family_for,
     gguf_model_name,
+    metaspace_problem,
     pre_tokenizer_name,
 )
 
@@ -75,7 +76,28 @@ def detect_pre_tokenizer(tok_json: dict[str, Any]) -> str:
 def _is_sentencepiece(tj: dict[str, Any]) -> bool:
     """Byte-fallback BPE over '▁'-escaped text (Gemma, Llama 2, Mistral, Phi-3). Byte-level BPE (a ByteLevel
     pre-tokenizer) may set byte_fallback too (transformers' GGUF tokenizer conversion does): not that."""
-    return bool(tj["model"].get("byte_fallback")) and "ByteLevel" not in json.dumps(tj.get("pre_tokenizer"))
+    return bool(tj["model"].get("byte_fallback")) and not _byte_level(tj)
+
+
+def _byte_level(tj: dict[str, Any]) -> bool:
+    return "ByteLevel" in json.dumps(tj.get("pre_tokenizer"))
+
+
+def _refuse_inexact(tok_path: Path, tj: dict[str, Any], spm: bool, pieces: list[str]) -> None:
+    """A one-line NestlingError for a tokenizer.json that no GGUF tokenizer reproduces exactly."""
+    model = tj["model"]
+    if model["type"] == "BPE" and not model.get("byte_fallback") and not _byte_level(tj):
+        # What transformers makes of a Phi-3 GGUF: no byte fallback, no normalizer, no pre-tokenizer, so HF
+        # drops every character outside the vocabulary, spaces included ("What is" -> "Wh a t i s"). llama.cpp
+        # cannot drop text: its SPM escapes spaces as '▁' and falls back to <0xNN> bytes (or aborts without
+        # them), its BPE byte-encodes every byte. No GGUF tokenizer reproduces it, even on plain ASCII.
+        raise NestlingError(
+            f"{tok_path}: BPE with neither byte fallback nor a byte-level pre-tokenizer (what transformers "
+            "makes of a Phi-3 GGUF) drops characters outside its vocabulary, which llama.cpp never does; "
+            "this tokenizer cannot be written as GGUF exactly"
+        )
+    if spm and (problem := metaspace_problem(tj, pieces)):
+        raise NestlingError(f"{tok_path}: {problem}; this tokenizer cannot be written as GGUF exactly")
 
 
 def _token_types(
@@ -164,6 +186,7 @@ def _tokenizer_fields(model_dir: Path, vocab_size: int, pre: str | None) -> dict
     unigram = kind == "Unigram"
     spm = unigram or _is_sentencepiece(tj)
     unk_id = model.get("unk_id") if unigram else vocab.get(model.get("unk_token") or "")
+    _refuse_inexact(tok_path, tj, spm, list(vocab))
     types = _token_types(tokens, tj, unk_id, byte_fallback=spm and bool(model.get("byte_fallback")))
     # The embedding may be padded past the tokenizer: llama.cpp wants a name for every row.
     names = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]

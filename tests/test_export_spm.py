@@ -28,6 +28,8 @@ CASES: dict[str, tuple[str, Kind]] = {
     "gemma3-unigram": ("gemma3_text", dataclasses.replace(KINDS["gemma3_text"], tokenizer=UNIGRAM)),
     "llama2-unigram": ("llama", dataclasses.replace(LLAMA2, tokenizer=UNIGRAM)),
     "llama2-spm-bpe": ("llama", LLAMA2),
+    # Phi-3 as released: Llama 2's sentencepiece BPE with byte fallback, '▁' prefix, rstrip on </s>, <|end|>.
+    "phi3-spm-bpe": ("phi3", KINDS["phi3"]),
 }
 # Beyond the parity probes: runs of spaces, a leading tab, accents, digits glued to words.
 MORE = ["a  b   c", " x", "\tx", "x\n\n\ny", "café 3x4 Ünï", "end ", "\n"]
@@ -125,6 +127,109 @@ def test_unigram_character_outside_the_vocab_is_refused(spm_student):
     assert "\n" not in str(e.value) and NOT_IN_VOCAB in str(e.value)
 
 
+def _metaspace_student(src: Path, dst: Path, scheme: str, split: bool = False) -> Path:
+    """`src` with its Prepend/Replace normalizer swapped for a Metaspace pre-tokenizer (what transformers
+    writes for a non-legacy Llama tokenizer: prepend_scheme "first", split false)."""
+    shutil.copytree(src, dst)
+    tj = json.loads((dst / "tokenizer.json").read_text())
+    tj["normalizer"] = None
+    tj["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": scheme, "split": split}
+    (dst / "tokenizer.json").write_text(json.dumps(tj))
+    return dst
+
+
+@pytest.mark.parametrize("case", ["llama2-spm-bpe", "llama2-unigram"])
+def test_metaspace_never_is_exact_without_a_space_prefix(spm_student, tmp_path, case):
+    """prepend_scheme "never" (split false) is llama.cpp's add_space_prefix=false: every probe identical."""
+    from nestling.serve.engines import load_engine
+    from transformers import AutoTokenizer
+
+    student = _metaspace_student(spm_student(case), tmp_path / "s", "never")
+    tok = AutoTokenizer.from_pretrained(student)
+    texts = (
+        TRICKY + MORE + [SPACES_ONLY] + [t + tok.eos_token + s for t in TRICKY[:3] for s in (" after", "x")]
+    )
+    path = write_gguf(student, tmp_path / "m.gguf")
+    assert _kv(path)["tokenizer.ggml.add_space_prefix"] is False
+    e = load_engine(path, kind="gguf")
+    try:
+        same = [e.tokenize(t) == tok(t)["input_ids"] for t in texts]
+    finally:
+        e.close()
+    assert sum(same) == len(texts) == 27, [t for t, ok in zip(texts, same, strict=True) if not ok]
+    assert check_gguf_writable(student) in ("llama", "t5")
+
+
+@pytest.mark.parametrize("scheme", ["first", "always"])
+@pytest.mark.parametrize("case", ["llama2-spm-bpe", "llama2-unigram"])
+def test_metaspace_that_prepends_is_refused_because_llama_cpp_differs(
+    spm_student, tmp_path, monkeypatch, case, scheme
+):
+    """ "first" and "always" prepend no '▁' before a leading space (and "first" none after a special token);
+    llama.cpp's add_space_prefix always does. Written anyway, llama.cpp differs exactly there; so both are
+    refused, naming the scheme."""
+    from nestling.export import gguf as gguf_mod
+    from nestling.serve.engines import load_engine
+    from transformers import AutoTokenizer
+
+    student = _metaspace_student(spm_student(case), tmp_path / "s", scheme)
+    with pytest.raises(
+        NestlingError, match=f"prepend_scheme '{scheme}'.*cannot be written as GGUF exactly"
+    ) as e:
+        check_gguf_writable(student)
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(gguf_mod, "metaspace_problem", lambda *a: None)  # what writing it would give
+    tok = AutoTokenizer.from_pretrained(student)
+    eng = load_engine(write_gguf(student, tmp_path / "m.gguf"), kind="gguf")
+    try:
+        assert eng.tokenize("x y") == tok("x y")["input_ids"]
+        assert eng.tokenize(" x") != tok(" x")["input_ids"]
+        after = f"x{tok.eos_token}y"
+        assert (eng.tokenize(after) == tok(after)["input_ids"]) is (scheme == "always")
+    finally:
+        eng.close()
+
+
+def test_metaspace_split_is_refused_when_a_piece_spans_words(spm_student, tmp_path):
+    student = _metaspace_student(spm_student("llama2-spm-bpe"), tmp_path / "s", "never", split=True)
+    with pytest.raises(NestlingError, match="split=true never forms pieces such as"):
+        check_gguf_writable(student)
+
+
+def test_phi3_gguf_student_without_byte_fallback_is_refused_at_once(tmp_path, capsys):
+    """transformers reads a Phi-3 GGUF into a BPE with no byte fallback, normalizer or pre-tokenizer: it
+    drops spaces and every character outside the vocabulary, which no llama.cpp tokenizer does. Refused
+    at second 0 with that reason, nothing written."""
+    import torch
+    from nestling.distill.students import init_student
+
+    from nestling import cli as nestling_cli
+
+    torch.set_num_threads(1)
+    texts = family_texts() + TRICKY * 3
+    model, tok = build_family("phi3", texts)
+    released = write_gguf(save_student(model, tok, tmp_path / "src" / "model"), tmp_path / "g" / "phi3.gguf")
+    student = save_student(*init_student(f"gguf:{released}"), tmp_path / "student" / "model")
+    tj = json.loads((student / "tokenizer.json").read_text())
+    assert (
+        tj["model"]["type"] == "BPE" and not tj["model"].get("byte_fallback") and tj["pre_tokenizer"] is None
+    )
+    from transformers import AutoTokenizer
+
+    assert "▁" not in "".join(
+        AutoTokenizer.from_pretrained(student).tokenize("What is 3 + 4?")
+    )  # spaces gone
+    out = tmp_path / "exports" / "x"
+    capsys.readouterr()  # what loading the GGUF printed
+    t0 = time.perf_counter()
+    rc = nestling_cli.main(["export", str(student), "--out", str(out)])
+    seconds = time.perf_counter() - t0
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and seconds < 5, (rc, seconds)
+    assert "neither byte fallback nor a byte-level pre-tokenizer" in err and "\n" not in err
+    assert "--variants onnx-fp32 onnx-int8" in err and not out.parent.exists()
+
+
 def _wordpiece_student(src: Path, dst: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -136,7 +241,7 @@ def _wordpiece_student(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("how", ["wordpiece", "config"])
+@pytest.mark.parametrize("how", ["wordpiece", "config", "metaspace-first"])
 def test_unwritable_student_is_refused_at_second_zero(spm_student, tmp_path, capsys, how):
     from nestling import cli as nestling_cli
 
@@ -144,6 +249,9 @@ def test_unwritable_student_is_refused_at_second_zero(spm_student, tmp_path, cap
     if how == "wordpiece":
         _wordpiece_student(spm_student("llama2-spm-bpe"), student)
         message = "WordPiece tokenizer"
+    elif how == "metaspace-first":
+        _metaspace_student(spm_student("llama2-spm-bpe"), student, "first")
+        message = "Metaspace prepend_scheme 'first'"
     else:
         shutil.copytree(spm_student("gemma3-unigram"), student)
         cfg = json.loads((student / "config.json").read_text())
