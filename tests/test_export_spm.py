@@ -297,12 +297,11 @@ def test_every_variant_exports_with_parity_and_reasoner_answers(spm_student, tmp
     assert answer.text.strip() == r.engine.detokenize(want).strip() or answer.stopped_by != "eos"
 
 
-def test_student_taken_from_a_gemma3_gguf_ships_back_as_gguf(tmp_path):
+def test_student_taken_from_a_gemma3_gguf_ships_back_as_gguf(tmp_path, caplog):
     """The issue's path, without a download: a Gemma 3 model with a sentencepiece vocabulary written as GGUF
     ("llama" SPM, as released), taken as a `gguf:FILE` student (transformers turns its vocabulary into a
     byte-fallback Unigram tokenizer.json), exports to every variant with parity, its tokenizer as "t5"."""
     import torch
-    from nestling.distill.students import init_student
 
     torch.set_num_threads(1)
     texts = family_texts() + TRICKY * 3
@@ -310,13 +309,112 @@ def test_student_taken_from_a_gemma3_gguf_ships_back_as_gguf(tmp_path):
     train_steps(model, tok, texts, steps=4)
     released = write_gguf(save_student(model, tok, tmp_path / "src" / "model"), tmp_path / "g" / "gemma.gguf")
     assert _kv(released)["tokenizer.ggml.model"] == "llama"
-    student = save_student(*init_student(f"gguf:{released}"), tmp_path / "student" / "model")
+    student = _trained_student_from(released, tmp_path / "run")
     tj = json.loads((student / "tokenizer.json").read_text())
     assert tj["model"]["type"] == "Unigram" and tj["model"]["byte_fallback"] is True
     out = tmp_path / "export"
-    m = export_student(ExportConfig(student=str(student), out=str(out), max_new_tokens=24), prompts=PROMPTS)
+    with caplog.at_level("INFO", logger="nestling.export.gguf"):
+        m = export_student(
+            ExportConfig(student=str(student), out=str(out), max_new_tokens=24), prompts=PROMPTS
+        )
+    # transformers' Gemma conversion renames the byte piece <0x09> to "\t": not the same tokens, so the
+    # source's fields are not carried; the export derives them and says why.
+    assert "not carried over (the source has token 13 is '<0x09>'" in caplog.text
     assert set(m["variants"]) == set(VARIANTS)
     for name in FAST:
         p = m["variants"][name]["parity"]
         assert p["tokenization_match"] == 1.0 and p["greedy_match_within_tol"] == 1.0, name
     assert _kv(out / "gguf" / "model-q8_0.gguf")["tokenizer.ggml.model"] == "t5"
+
+
+def _trained_student_from(released: Path, run: Path) -> Path:
+    """What `nestling train --student gguf:FILE` leaves: RUN/students/NAME/model and a train manifest naming
+    the source (training itself is not what is tested here)."""
+    from nestling.distill.students import init_student
+
+    from nestling.core.manifest import write_manifest
+
+    student = save_student(*init_student(f"gguf:{released}"), run / "students" / "s" / "model")
+    write_manifest(student.parent, stage="train", files=["model"], student={"source": f"gguf:{released}"})
+    return student
+
+
+def _released_spm_gguf(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A Llama 2-style GGUF as released: sentencepiece scores (not merge ranks: here 0.25 * -rank - 2, in the
+    same order) that transformers turns into BPE merges, written with gguf-py's GGUFWriter."""
+    import torch
+    from nestling.export import gguf as gguf_mod
+
+    torch.set_num_threads(1)
+    texts = family_texts() + TRICKY * 3 + MORE * 3
+    model, tok = build_family("llama", texts, kind=LLAMA2)
+    ranks = gguf_mod._merge_scores
+    with monkeypatch.context() as m:
+        m.setattr(
+            gguf_mod, "_merge_scores", lambda names, merges: [0.25 * s - 2 for s in ranks(names, merges)]
+        )
+        return write_gguf(save_student(model, tok, root / "src" / "model"), root / "g" / "llama2.gguf")
+
+
+def test_tokenizer_fields_carried_over_from_the_source_gguf(tmp_path, monkeypatch, caplog):
+    """A student from `gguf:FILE` exports with the source's scores and types (not re-derived merge ranks),
+    checked first against its tokenizer.json, and llama.cpp still tokenizes every probe exactly as HF."""
+    from nestling.export.gguf import source_gguf
+    from nestling.serve.engines import load_engine
+    from transformers import AutoTokenizer
+
+    released = _released_spm_gguf(tmp_path, monkeypatch)
+    student = _trained_student_from(released, tmp_path / "run")
+    assert source_gguf(student) == released
+    src, derived = _kv(released), _kv(write_gguf(student, tmp_path / "derived.gguf", vocab_only=True))
+    assert src["tokenizer.ggml.scores"] != derived["tokenizer.ggml.scores"]  # what carrying changes
+    with caplog.at_level("INFO", logger="nestling.export.gguf"):
+        path = write_gguf(student, tmp_path / "m.gguf", source=source_gguf(student))
+    assert "tokenizer scores, types carried over from" in caplog.text
+    kv = _kv(path)
+    for key in ("scores", "token_type", "tokens", "add_space_prefix", "add_bos_token", "bos_token_id"):
+        assert kv[f"tokenizer.ggml.{key}"] == src[f"tokenizer.ggml.{key}"], key
+    assert kv["tokenizer.ggml.model"] == "llama"
+    tok = AutoTokenizer.from_pretrained(student)
+    texts = (
+        TRICKY
+        + MORE
+        + [NOT_IN_VOCAB, f"x {NOT_IN_VOCAB}y"]
+        + [t + tok.eos_token + " after" for t in TRICKY[:3]]
+    )
+    e = load_engine(path, kind="gguf")
+    try:
+        same = [e.tokenize(t) == tok(t)["input_ids"] for t in texts]
+    finally:
+        e.close()
+    assert sum(same) == len(texts) == 25, [t for t, ok in zip(texts, same, strict=True) if not ok]
+    assert check_gguf_writable(student, source=released) == "llama"
+
+
+def test_source_gguf_that_does_not_match_is_logged_and_derived(tmp_path, monkeypatch, caplog):
+    """Another vocabulary (or a changed flag) in the source: nothing is carried, the reason is logged."""
+    import torch
+
+    released = _released_spm_gguf(tmp_path, monkeypatch)
+    student = _trained_student_from(released, tmp_path / "run")
+    derived = _kv(write_gguf(student, tmp_path / "derived.gguf", vocab_only=True))
+    torch.set_num_threads(1)
+    model, tok = build_family("llama", family_texts()[:50], kind=LLAMA2)
+    other = write_gguf(save_student(model, tok, tmp_path / "o" / "model"), tmp_path / "o" / "other.gguf")
+    with caplog.at_level("INFO", logger="nestling.export.gguf"):
+        kv = _kv(write_gguf(student, tmp_path / "m.gguf", vocab_only=True, source=other))
+    assert "not carried over (the source has" in caplog.text and "tokens" in caplog.text
+    assert kv["tokenizer.ggml.scores"] == derived["tokenizer.ggml.scores"]
+
+
+def test_export_of_a_gguf_student_carries_its_source_tokenizer(tmp_path, monkeypatch):
+    """Through `export_student`: preflight and the f16 writer find the source in the train manifest."""
+    released = _released_spm_gguf(tmp_path, monkeypatch)
+    student = _trained_student_from(released, tmp_path / "run")
+    out = tmp_path / "export"
+    cfg = ExportConfig(student=str(student), out=str(out), variants=["gguf-f16"], max_new_tokens=16)
+    m = export_student(cfg, prompts=PROMPTS)
+    p = m["variants"]["gguf-f16"]["parity"]
+    assert p["tokenization_match"] == 1.0 and p["greedy_match_within_tol"] == 1.0
+    kv = _kv(out / "gguf" / "model-f16.gguf")
+    assert kv["tokenizer.ggml.scores"] == _kv(released)["tokenizer.ggml.scores"]
