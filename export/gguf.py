@@ -9,7 +9,8 @@ tensor names, token types and file types come from gguf-py's tables, per-family 
 permutation, norm offsets, sliding window, hard-coded hyper-parameters) from the one table in gguf_arch, and
 the tokenizer is described so that llama.cpp tokenizes exactly like Hugging Face (byte-level BPE as "gpt2"
 with its pre-tokenizer name; byte-fallback BPE as sentencepiece-style "llama" with scores; Unigram, what
-transformers makes of a Gemma or other sentencepiece GGUF, as "t5" with its log-probabilities).
+transformers makes of a Gemma or other sentencepiece GGUF, as "t5" with its log-probabilities). A student
+taken from a GGUF (``source_gguf``) gets that file's tokenizer fields where they match its tokenizer.json.
 ``check_gguf_writable`` proves that on a vocab-only GGUF in about a second, before any artifact is built;
 export.parity checks the result again at export time.
 """
