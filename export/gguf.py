@@ -9,7 +9,8 @@ tensor names, token types and file types come from gguf-py's tables, per-family 
 permutation, norm offsets, sliding window, hard-coded hyper-parameters) from the one table in gguf_arch, and
 the tokenizer is described so that llama.cpp tokenizes exactly like Hugging Face (byte-level BPE as "gpt2"
 with its pre-tokenizer name; byte-fallback BPE as sentencepiece-style "llama" with scores; Unigram, what
-transformers makes of a Gemma or other sentencepiece GGUF, as "t5" with its log-probabilities).
+transformers makes of a Gemma or other sentencepiece GGUF, as "t5" with its log-probabilities). A student
+taken from a GGUF (``source_gguf``) gets that file's tokenizer fields where they match its tokenizer.json.
 ``check_gguf_writable`` proves that on a vocab-only GGUF in about a second, before any artifact is built;
 export.parity checks the result again at export time.
 """
@@ -36,11 +37,12 @@ from nestling.export.gguf_arch import (
     add_space_prefix,
     family_for,
     gguf_model_name,
+    metaspace_problem,
     pre_tokenizer_name,
 )
 
 from nestling.core.errors import NestlingError
-from nestling.core.manifest import read_json
+from nestling.core.manifest import read_json, try_read_manifest
 from nestling.core.prompting import CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -75,7 +77,28 @@ def detect_pre_tokenizer(tok_json: dict[str, Any]) -> str:
 def _is_sentencepiece(tj: dict[str, Any]) -> bool:
     """Byte-fallback BPE over '▁'-escaped text (Gemma, Llama 2, Mistral, Phi-3). Byte-level BPE (a ByteLevel
     pre-tokenizer) may set byte_fallback too (transformers' GGUF tokenizer conversion does): not that."""
-    return bool(tj["model"].get("byte_fallback")) and "ByteLevel" not in json.dumps(tj.get("pre_tokenizer"))
+    return bool(tj["model"].get("byte_fallback")) and not _byte_level(tj)
+
+
+def _byte_level(tj: dict[str, Any]) -> bool:
+    return "ByteLevel" in json.dumps(tj.get("pre_tokenizer"))
+
+
+def _refuse_inexact(tok_path: Path, tj: dict[str, Any], spm: bool, pieces: list[str]) -> None:
+    """A one-line NestlingError for a tokenizer.json that no GGUF tokenizer reproduces exactly."""
+    model = tj["model"]
+    if model["type"] == "BPE" and not model.get("byte_fallback") and not _byte_level(tj):
+        # What transformers makes of a Phi-3 GGUF: no byte fallback, no normalizer, no pre-tokenizer, so HF
+        # drops every character outside the vocabulary, spaces included ("What is" -> "Wh a t i s"). llama.cpp
+        # cannot drop text: its SPM escapes spaces as '▁' and falls back to <0xNN> bytes (or aborts without
+        # them), its BPE byte-encodes every byte. No GGUF tokenizer reproduces it, even on plain ASCII.
+        raise NestlingError(
+            f"{tok_path}: BPE with neither byte fallback nor a byte-level pre-tokenizer (what transformers "
+            "makes of a Phi-3 GGUF) drops characters outside its vocabulary, which llama.cpp never does; "
+            "this tokenizer cannot be written as GGUF exactly"
+        )
+    if spm and (problem := metaspace_problem(tj, pieces)):
+        raise NestlingError(f"{tok_path}: {problem}; this tokenizer cannot be written as GGUF exactly")
 
 
 def _token_types(
@@ -164,6 +187,7 @@ def _tokenizer_fields(model_dir: Path, vocab_size: int, pre: str | None) -> dict
     unigram = kind == "Unigram"
     spm = unigram or _is_sentencepiece(tj)
     unk_id = model.get("unk_id") if unigram else vocab.get(model.get("unk_token") or "")
+    _refuse_inexact(tok_path, tj, spm, list(vocab))
     types = _token_types(tokens, tj, unk_id, byte_fallback=spm and bool(model.get("byte_fallback")))
     # The embedding may be padded past the tokenizer: llama.cpp wants a name for every row.
     names = [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)]
@@ -194,6 +218,97 @@ def _tokenizer_fields(model_dir: Path, vocab_size: int, pre: str | None) -> dict
         "add_bos": first is not None and first == text_of("bos_token"),
         "add_eos": last is not None and last == text_of("eos_token"),
     }
+
+
+def source_gguf(model_dir: str | Path) -> Path | None:
+    """The GGUF a trained student started from (`nestling train --student gguf:FILE`), as its train manifest
+    (RUN/students/NAME/manifest.json) names it; None for any other student or a source no longer there."""
+    manifest = try_read_manifest(Path(model_dir).parent, "train")
+    source = str(((manifest or {}).get("student") or {}).get("source", ""))
+    if not source.startswith("gguf:") or Path(model_dir).name != "model":
+        return None
+    target = source.removeprefix("gguf:")
+    if target == "smollm2":
+        from nestling.distill.students import bundled_smollm2
+
+        return bundled_smollm2()
+    path = Path(target)
+    if not path.is_file():
+        log.info("%s: its source %s is not a file here; tokenizer fields derived", model_dir, source)
+        return None
+    return path
+
+
+# tokenizer.* fields taken from the source GGUF as they are (tokenizer.ggml.model is always derived: it is
+# what reproduces the student's tokenizer.json, e.g. "t5" for the Unigram transformers makes of an SPM GGUF).
+CARRIED = {
+    "scores": gguf.Keys.Tokenizer.SCORES,
+    "types": gguf.Keys.Tokenizer.TOKEN_TYPE,
+    "pre": gguf.Keys.Tokenizer.PRE,
+    "merges": gguf.Keys.Tokenizer.MERGES,
+    "charsmap": gguf.Keys.Tokenizer.PRECOMPILED_CHARSMAP,
+}
+# Flags and ids HF's tokenizer.json decides: the source must agree with the student's, or nothing is carried.
+MUST_AGREE = {
+    "add_bos": gguf.Keys.Tokenizer.ADD_BOS,
+    "add_eos": gguf.Keys.Tokenizer.ADD_EOS,
+    "add_space_prefix": gguf.Keys.Tokenizer.ADD_PREFIX,
+}
+SPECIAL_IDS = {
+    "bos": gguf.Keys.Tokenizer.BOS_ID,
+    "eos": gguf.Keys.Tokenizer.EOS_ID,
+    "unk": gguf.Keys.Tokenizer.UNK_ID,
+}
+
+
+def _read_tokenizer_kv(path: Path) -> dict[str, Any]:
+    """tokenizer.* fields of a GGUF through gguf-py's reader (the file is mapped; no tensor is read)."""
+    try:
+        fields = gguf.GGUFReader(str(path)).fields
+    except Exception as e:  # truncated or not a GGUF
+        raise NestlingError(
+            f"{path}: not a readable GGUF ({type(e).__name__}); pass its right path"
+        ) from None
+    return {k: f.contents() for k, f in fields.items() if k.startswith("tokenizer.ggml.")}
+
+
+def _mismatch(kv: dict[str, Any], tokf: dict[str, Any], special: dict[str, int]) -> str | None:
+    """Why the source GGUF's tokenizer is not the student's, or None when it is."""
+    src = kv.get(gguf.Keys.Tokenizer.LIST) or []
+    if len(src) != len(tokf["tokens"]):
+        return f"{len(src)} tokens, the student has {len(tokf['tokens'])}"
+    if src != tokf["tokens"]:
+        i = next(i for i, (a, b) in enumerate(zip(src, tokf["tokens"], strict=True)) if a != b)
+        return f"token {i} is {src[i]!r}, the student's is {tokf['tokens'][i]!r}"
+    for name, key in SPECIAL_IDS.items():
+        if key in kv and kv[key] != special.get(name):
+            return f"{name} id {kv[key]}, the student's is {special.get(name)}"
+    for name, key in MUST_AGREE.items():
+        if key in kv and bool(kv[key]) != tokf[name]:
+            return f"{key} {bool(kv[key])}, the student's tokenizer.json says {tokf[name]}"
+    return None
+
+
+def _carry_over(src: Path, tokf: dict[str, Any], special: dict[str, int], pre: str | None) -> dict[str, Any]:
+    """`tokf` with the source GGUF's scores, token types, pre, merges and charsmap when its tokens, special
+    ids and flags match the student's; `tokf` as derived (and why, logged) otherwise."""
+    try:
+        kv = _read_tokenizer_kv(src)
+    except NestlingError as e:  # the student is complete without it
+        log.warning("%s; tokenizer fields derived", e)
+        return tokf
+    why = _mismatch(kv, tokf, special)
+    if why:
+        log.info("%s: tokenizer fields derived, not carried over (the source has %s)", src, why)
+        return tokf
+    # llama.cpp reads pre and merges for BPE ("gpt2") only and the charsmap for UGM ("t5"); --gguf-pre wins.
+    skip = {"pre", "merges"} if tokf["model"] != "gpt2" else {"pre"} if pre else set()
+    skip |= {"charsmap"} if tokf["model"] != "t5" else set()
+    carried = {name: kv[key] for name, key in CARRIED.items() if key in kv and name not in skip}
+    if "charsmap" in carried:
+        carried["charsmap"] = bytes(carried["charsmap"])
+    log.info("tokenizer %s carried over from %s", ", ".join(carried) or "nothing", src)
+    return {**tokf, **carried}
 
 
 def _precompiled_charsmap(tj: dict[str, Any]) -> bytes | None:
@@ -278,20 +393,15 @@ def _add_hparams(w: gguf.GGUFWriter, cfg: dict[str, Any], fam: Family, shape: _S
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == "f16" else gguf.LlamaFileType.ALL_F32)
 
 
-def _add_tokenizer(w: gguf.GGUFWriter, d: Path, tokf: dict[str, Any]) -> None:
-    w.add_tokenizer_model(tokf["model"])
-    if tokf["pre"]:
-        w.add_tokenizer_pre(tokf["pre"])
-    w.add_token_list(tokf["tokens"])
-    w.add_token_types(tokf["types"])
-    if tokf["scores"] is not None:
-        w.add_token_scores(tokf["scores"])
-    # Merges (byte-level BPE), special token ids and the chat template, read as llama.cpp's converter does.
-    special = gguf.SpecialVocab(d, load_merges=tokf["scores"] is None, n_vocab=len(tokf["tokens"]))
+def _special_vocab(d: Path, tokf: dict[str, Any]) -> gguf.SpecialVocab:
+    """Merges (byte-level BPE), special ids and the chat template, read as llama.cpp's converter does."""
+    special = gguf.SpecialVocab(d, load_merges=tokf["model"] == "gpt2", n_vocab=len(tokf["tokens"]))
     gen = _read_json(d / "generation_config.json")
     eos = gen.get("eos_token_id")
     if eos is not None:  # what generate() stops at, when the tokenizer config says otherwise
         special.special_token_ids["eos"] = int(eos[0] if isinstance(eos, list) else eos)
+    if tokf["unk_id"] is not None:  # UGM scores unknown characters with it; the model names it by id
+        special.special_token_ids["unk"] = int(tokf["unk_id"])
     special.add_special_token = {}  # decided from the post-processor below: what HF's encode() does
     template = special.chat_template if special.chat_template is not None else CHAT_TEMPLATE
     special.chat_template = template
@@ -299,8 +409,19 @@ def _add_tokenizer(w: gguf.GGUFWriter, d: Path, tokf: dict[str, Any]) -> None:
         # Chat servers tokenize a rendered template without adding bos (llama-cpp-python) or strip a leading
         # one before adding it (llama.cpp): either way the template must start with it, as HF templates do.
         special.chat_template = "{{- bos_token -}}" + special.chat_template
-    if tokf["unk_id"] is not None:  # UGM scores unknown characters with it; the model names it by id
-        special.special_token_ids["unk"] = int(tokf["unk_id"])
+    return special
+
+
+def _add_tokenizer(w: gguf.GGUFWriter, tokf: dict[str, Any], special: gguf.SpecialVocab) -> None:
+    w.add_tokenizer_model(tokf["model"])
+    if tokf["pre"]:
+        w.add_tokenizer_pre(tokf["pre"])
+    w.add_token_list(tokf["tokens"])
+    w.add_token_types(tokf["types"])
+    if tokf["scores"] is not None:
+        w.add_token_scores(tokf["scores"])
+    if tokf.get("merges"):  # carried over from a source GGUF
+        special.merges = list(tokf["merges"])
     special.add_to_gguf(w, quiet=True)
     if tokf["charsmap"]:
         w.add_precompiled_charsmap(tokf["charsmap"])
@@ -364,16 +485,21 @@ def write_gguf(
     dtype: str = "f16",
     pre: str | None = None,
     vocab_only: bool = False,
+    source: str | Path | None = None,
 ) -> Path:
     """Write a student of any family in gguf_arch.FAMILIES as GGUF (f16 or f32; 1-D tensors always F32).
 
     vocab_only=True writes the metadata and tokenizer without tensors: what llama.cpp's vocab_only
     loader needs, in about a second whatever the model's size (check_gguf_writable).
+    source: the GGUF the student came from (source_gguf); its tokenizer fields are written when they match.
     """
-    return _write(Path(model_dir), Path(out_path), dtype, pre, vocab_only)[0]
+    src = Path(source) if source is not None else None
+    return _write(Path(model_dir), Path(out_path), dtype, pre, vocab_only, src)[0]
 
 
-def _write(d: Path, out: Path, dtype: str, pre: str | None, vocab_only: bool) -> tuple[Path, str]:
+def _write(
+    d: Path, out: Path, dtype: str, pre: str | None, vocab_only: bool, source: Path | None = None
+) -> tuple[Path, str]:
     """write_gguf; also returns the tokenizer model written ("gpt2", "llama" or "t5")."""
     if dtype not in ("f16", "f32"):
         raise NestlingError(f"GGUF base dtype {dtype!r}: use f16 or f32")
@@ -381,6 +507,9 @@ def _write(d: Path, out: Path, dtype: str, pre: str | None, vocab_only: bool) ->
     fam = family_for(cfg, d)
     shape = _Shape(cfg)
     tokf = _tokenizer_fields(d, int(cfg["vocab_size"]), pre)
+    special = _special_vocab(d, tokf)
+    if source is not None:
+        tokf = _carry_over(source, tokf, special.special_token_ids, pre)
     tensors = {} if vocab_only else _load_tensors(d)
     names = _tensor_names(d, list(tensors), cfg, fam)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -392,7 +521,7 @@ def _write(d: Path, out: Path, dtype: str, pre: str | None, vocab_only: bool) ->
         _add_hparams(w, cfg, fam, shape, dtype)
         extra = {} if vocab_only else _rope_scaling(w, d, cfg, fam)
         w.add_vocab_size(len(tokf["tokens"]))
-        _add_tokenizer(w, d, tokf)
+        _add_tokenizer(w, tokf, special)
         for hf_name, name in names.items():
             arr = _convert(hf_name, tensors[hf_name], fam, shape)
             # Norms and biases (1-D) stay F32: llama.cpp expects it and they cost nothing.
@@ -425,7 +554,9 @@ def check_student_weights(model_dir: str | Path) -> None:
     _safetensors_keys(Path(model_dir))
 
 
-def check_gguf_writable(model_dir: str | Path, pre: str | None = None, texts: Sequence[str] = ()) -> str:
+def check_gguf_writable(
+    model_dir: str | Path, pre: str | None = None, texts: Sequence[str] = (), source: str | Path | None = None
+) -> str:
     """Everything write_gguf would refuse, found in about a second and before any artifact: the family
     and its config, every tensor's llama.cpp name, rope scaling, and the tokenizer, which llama.cpp must
     tokenize exactly like HF on the export's probe strings (and `texts`). Returns the tokenizer model
@@ -438,7 +569,8 @@ def check_gguf_writable(model_dir: str | Path, pre: str | None = None, texts: Se
     if scaling.get("rope_type", scaling.get("type", "default")) not in ("default", "linear", "llama3"):
         raise NestlingError(f"{d}: rope_scaling {scaling} is not supported (default, linear, llama3 are)")
     with tempfile.TemporaryDirectory(prefix="nestling-vocab-") as tmp:
-        path, model = _write(d, Path(tmp) / "vocab.gguf", "f16", pre, vocab_only=True)
+        src = Path(source) if source is not None else None
+        path, model = _write(d, Path(tmp) / "vocab.gguf", "f16", pre, vocab_only=True, source=src)
         _compare_tokenization(d, path, model, list(texts))
     return model
 

@@ -135,10 +135,8 @@ def pre_tokenizer_name(tok_json: dict[str, Any]) -> str:
     )
 
 
-def add_space_prefix(tok_json: dict[str, Any]) -> bool:
-    """Does a byte-fallback (sentencepiece-style) tokenizer prepend '▁' to the text (llama 2, Mistral, Phi-3
-    do; Gemma does not)? llama.cpp's add_space_prefix prepends it at the start and after each special token,
-    as HF's Prepend normalizer does per segment."""
+def _tokenizer_nodes(tok_json: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every normalizer and pre-tokenizer step of a tokenizer.json, Sequences flattened."""
 
     def walk(node: Any) -> list[dict[str, Any]]:
         if not isinstance(node, dict):
@@ -146,12 +144,54 @@ def add_space_prefix(tok_json: dict[str, Any]) -> bool:
         subs = node.get("normalizers") or node.get("pretokenizers") or []
         return [node, *(n for s in subs for n in walk(s))]
 
-    nodes = walk(tok_json.get("normalizer")) + walk(tok_json.get("pre_tokenizer"))
+    return walk(tok_json.get("normalizer")) + walk(tok_json.get("pre_tokenizer"))
+
+
+def _prepend_scheme(node: dict[str, Any]) -> str:
+    """A Metaspace's prepend_scheme; tokenizers < 0.15 wrote add_prefix_space (true = "always")."""
+    if "prepend_scheme" in node:
+        return str(node["prepend_scheme"])
+    return "always" if node.get("add_prefix_space", True) else "never"
+
+
+def add_space_prefix(tok_json: dict[str, Any]) -> bool:
+    """Does a byte-fallback (sentencepiece-style) tokenizer prepend '▁' to the text (llama 2, Mistral, Phi-3
+    do; Gemma does not)? llama.cpp's add_space_prefix prepends it at the start and after each special token,
+    as HF's Prepend normalizer does per segment. A Metaspace that prepends is refused by metaspace_problem."""
     return any(
         (n.get("type") == "Prepend" and n.get("prepend") == "▁")
-        or (n.get("type") == "Metaspace" and n.get("prepend_scheme", "always") != "never")
-        for n in nodes
+        or (n.get("type") == "Metaspace" and _prepend_scheme(n) != "never")
+        for n in _tokenizer_nodes(tok_json)
     )
+
+
+def metaspace_problem(tok_json: dict[str, Any], pieces: list[str]) -> str | None:
+    """Why llama.cpp cannot reproduce this tokenizer's Metaspace pre-tokenizer, or None.
+
+    Measured on SPM-BPE and Unigram vocabularies (tests/test_export_spm.py), 33 probe strings each:
+    - "never" with split=false is what add_space_prefix=false does: 33 of 33 identical.
+    - "first" and "always" add no '▁' where the text already starts with a space (or a '▁'), so " x" is "▁x";
+      llama.cpp's add_space_prefix always prepends one (" x" -> "▁▁x"), and after every special token, where
+      "first" adds none: 22-24 of 33 identical with add_space_prefix=true, 6-7 with false.
+    - split=true cuts the text before every '▁', so no piece can span a word boundary; llama.cpp's SPM and UGM
+      tokenize the whole text: identical only when no piece holds a '▁' past its first character.
+    """
+    for n in _tokenizer_nodes(tok_json):
+        if n.get("type") != "Metaspace":
+            continue
+        if n.get("replacement", "▁") != "▁":
+            return f"Metaspace replacement {n['replacement']!r} (llama.cpp escapes spaces as '▁')"
+        scheme = _prepend_scheme(n)
+        if scheme != "never":
+            return (
+                f"Metaspace prepend_scheme {scheme!r} adds no '▁' before a leading space"
+                + (" or after a special token" if scheme == "first" else "")
+                + ", where llama.cpp's add_space_prefix always does"
+            )
+        inner = next((p for p in pieces if "▁" in p[1:]), None)
+        if n.get("split", True) and inner is not None:
+            return f"Metaspace split=true never forms pieces such as {inner!r}, which llama.cpp does"
+    return None
 
 
 # llama.cpp sets tokenizer attributes from general.name (src/llama-vocab.cpp): a name containing "phi3" or

@@ -216,7 +216,7 @@ def _rows_to_prompts(rows: list[dict[str, Any]], task: str | None) -> list[Promp
 
 
 def _build(name: str, cfg: ExportConfig, student: Path, root: Path) -> Path:
-    from nestling.export.gguf import quantize_gguf, write_gguf
+    from nestling.export.gguf import quantize_gguf, source_gguf, write_gguf
     from nestling.export.onnx import INT8_RECIPES, export_onnx_fp32, quantize_onnx_int8
 
     dst = root / VARIANTS[name]["path"]
@@ -225,7 +225,7 @@ def _build(name: str, cfg: ExportConfig, student: Path, root: Path) -> Path:
     if name == "onnx-int8":
         return quantize_onnx_int8(root / VARIANTS["onnx-fp32"]["path"], dst, **INT8_RECIPES[cfg.onnx_int8])
     if name == "gguf-f16":
-        return write_gguf(student, dst, dtype="f16", pre=cfg.gguf_pre)
+        return write_gguf(student, dst, dtype="f16", pre=cfg.gguf_pre, source=source_gguf(student))
     return quantize_gguf(root / VARIANTS["gguf-f16"]["path"], dst, name.removeprefix("gguf-"), cfg.threads)
 
 
@@ -298,12 +298,13 @@ def preflight(cfg: ExportConfig, prompts: Sequence[Prompt] = ()) -> None:
     wanted = set(cfg.variants) | {SOURCE_OF[v] for v in cfg.variants if v in SOURCE_OF}
     if not any(VARIANTS[v]["engine"] == "gguf" for v in wanted):
         return
-    from nestling.export.gguf import check_gguf_writable, check_student_weights
+    from nestling.export.gguf import check_gguf_writable, check_student_weights, source_gguf
 
     check_student_weights(cfg.student)  # not a GGUF limit: no --variants advice
     onnx_only = " ".join(v for v in VARIANTS if VARIANTS[v]["engine"] == "onnx")
     try:
-        check_gguf_writable(cfg.student, cfg.gguf_pre, [p.text for p in prompts])
+        source = source_gguf(cfg.student)
+        check_gguf_writable(cfg.student, cfg.gguf_pre, [p.text for p in prompts], source)
     except NestlingError as e:
         raise NestlingError(
             f"GGUF export refused: {e}; to export ONNX only pass --variants {onnx_only}"

@@ -28,6 +28,8 @@ CASES: dict[str, tuple[str, Kind]] = {
     "gemma3-unigram": ("gemma3_text", dataclasses.replace(KINDS["gemma3_text"], tokenizer=UNIGRAM)),
     "llama2-unigram": ("llama", dataclasses.replace(LLAMA2, tokenizer=UNIGRAM)),
     "llama2-spm-bpe": ("llama", LLAMA2),
+    # Phi-3 as released: Llama 2's sentencepiece BPE with byte fallback, '▁' prefix, rstrip on </s>, <|end|>.
+    "phi3-spm-bpe": ("phi3", KINDS["phi3"]),
 }
 # Beyond the parity probes: runs of spaces, a leading tab, accents, digits glued to words.
 MORE = ["a  b   c", " x", "\tx", "x\n\n\ny", "café 3x4 Ünï", "end ", "\n"]
@@ -125,6 +127,109 @@ def test_unigram_character_outside_the_vocab_is_refused(spm_student):
     assert "\n" not in str(e.value) and NOT_IN_VOCAB in str(e.value)
 
 
+def _metaspace_student(src: Path, dst: Path, scheme: str, split: bool = False) -> Path:
+    """`src` with its Prepend/Replace normalizer swapped for a Metaspace pre-tokenizer (what transformers
+    writes for a non-legacy Llama tokenizer: prepend_scheme "first", split false)."""
+    shutil.copytree(src, dst)
+    tj = json.loads((dst / "tokenizer.json").read_text())
+    tj["normalizer"] = None
+    tj["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": scheme, "split": split}
+    (dst / "tokenizer.json").write_text(json.dumps(tj))
+    return dst
+
+
+@pytest.mark.parametrize("case", ["llama2-spm-bpe", "llama2-unigram"])
+def test_metaspace_never_is_exact_without_a_space_prefix(spm_student, tmp_path, case):
+    """prepend_scheme "never" (split false) is llama.cpp's add_space_prefix=false: every probe identical."""
+    from nestling.serve.engines import load_engine
+    from transformers import AutoTokenizer
+
+    student = _metaspace_student(spm_student(case), tmp_path / "s", "never")
+    tok = AutoTokenizer.from_pretrained(student)
+    texts = (
+        TRICKY + MORE + [SPACES_ONLY] + [t + tok.eos_token + s for t in TRICKY[:3] for s in (" after", "x")]
+    )
+    path = write_gguf(student, tmp_path / "m.gguf")
+    assert _kv(path)["tokenizer.ggml.add_space_prefix"] is False
+    e = load_engine(path, kind="gguf")
+    try:
+        same = [e.tokenize(t) == tok(t)["input_ids"] for t in texts]
+    finally:
+        e.close()
+    assert sum(same) == len(texts) == 27, [t for t, ok in zip(texts, same, strict=True) if not ok]
+    assert check_gguf_writable(student) in ("llama", "t5")
+
+
+@pytest.mark.parametrize("scheme", ["first", "always"])
+@pytest.mark.parametrize("case", ["llama2-spm-bpe", "llama2-unigram"])
+def test_metaspace_that_prepends_is_refused_because_llama_cpp_differs(
+    spm_student, tmp_path, monkeypatch, case, scheme
+):
+    """ "first" and "always" prepend no '▁' before a leading space (and "first" none after a special token);
+    llama.cpp's add_space_prefix always does. Written anyway, llama.cpp differs exactly there; so both are
+    refused, naming the scheme."""
+    from nestling.export import gguf as gguf_mod
+    from nestling.serve.engines import load_engine
+    from transformers import AutoTokenizer
+
+    student = _metaspace_student(spm_student(case), tmp_path / "s", scheme)
+    with pytest.raises(
+        NestlingError, match=f"prepend_scheme '{scheme}'.*cannot be written as GGUF exactly"
+    ) as e:
+        check_gguf_writable(student)
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(gguf_mod, "metaspace_problem", lambda *a: None)  # what writing it would give
+    tok = AutoTokenizer.from_pretrained(student)
+    eng = load_engine(write_gguf(student, tmp_path / "m.gguf"), kind="gguf")
+    try:
+        assert eng.tokenize("x y") == tok("x y")["input_ids"]
+        assert eng.tokenize(" x") != tok(" x")["input_ids"]
+        after = f"x{tok.eos_token}y"
+        assert (eng.tokenize(after) == tok(after)["input_ids"]) is (scheme == "always")
+    finally:
+        eng.close()
+
+
+def test_metaspace_split_is_refused_when_a_piece_spans_words(spm_student, tmp_path):
+    student = _metaspace_student(spm_student("llama2-spm-bpe"), tmp_path / "s", "never", split=True)
+    with pytest.raises(NestlingError, match="split=true never forms pieces such as"):
+        check_gguf_writable(student)
+
+
+def test_phi3_gguf_student_without_byte_fallback_is_refused_at_once(tmp_path, capsys):
+    """transformers reads a Phi-3 GGUF into a BPE with no byte fallback, normalizer or pre-tokenizer: it
+    drops spaces and every character outside the vocabulary, which no llama.cpp tokenizer does. Refused
+    at second 0 with that reason, nothing written."""
+    import torch
+    from nestling.distill.students import init_student
+
+    from nestling import cli as nestling_cli
+
+    torch.set_num_threads(1)
+    texts = family_texts() + TRICKY * 3
+    model, tok = build_family("phi3", texts)
+    released = write_gguf(save_student(model, tok, tmp_path / "src" / "model"), tmp_path / "g" / "phi3.gguf")
+    student = save_student(*init_student(f"gguf:{released}"), tmp_path / "student" / "model")
+    tj = json.loads((student / "tokenizer.json").read_text())
+    assert (
+        tj["model"]["type"] == "BPE" and not tj["model"].get("byte_fallback") and tj["pre_tokenizer"] is None
+    )
+    from transformers import AutoTokenizer
+
+    assert "▁" not in "".join(
+        AutoTokenizer.from_pretrained(student).tokenize("What is 3 + 4?")
+    )  # spaces gone
+    out = tmp_path / "exports" / "x"
+    capsys.readouterr()  # what loading the GGUF printed
+    t0 = time.perf_counter()
+    rc = nestling_cli.main(["export", str(student), "--out", str(out)])
+    seconds = time.perf_counter() - t0
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and seconds < 5, (rc, seconds)
+    assert "neither byte fallback nor a byte-level pre-tokenizer" in err and "\n" not in err
+    assert "--variants onnx-fp32 onnx-int8" in err and not out.parent.exists()
+
+
 def _wordpiece_student(src: Path, dst: Path) -> Path:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -136,7 +241,7 @@ def _wordpiece_student(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("how", ["wordpiece", "config"])
+@pytest.mark.parametrize("how", ["wordpiece", "config", "metaspace-first"])
 def test_unwritable_student_is_refused_at_second_zero(spm_student, tmp_path, capsys, how):
     from nestling import cli as nestling_cli
 
@@ -144,6 +249,9 @@ def test_unwritable_student_is_refused_at_second_zero(spm_student, tmp_path, cap
     if how == "wordpiece":
         _wordpiece_student(spm_student("llama2-spm-bpe"), student)
         message = "WordPiece tokenizer"
+    elif how == "metaspace-first":
+        _metaspace_student(spm_student("llama2-spm-bpe"), student, "first")
+        message = "Metaspace prepend_scheme 'first'"
     else:
         shutil.copytree(spm_student("gemma3-unigram"), student)
         cfg = json.loads((student / "config.json").read_text())
@@ -189,12 +297,11 @@ def test_every_variant_exports_with_parity_and_reasoner_answers(spm_student, tmp
     assert answer.text.strip() == r.engine.detokenize(want).strip() or answer.stopped_by != "eos"
 
 
-def test_student_taken_from_a_gemma3_gguf_ships_back_as_gguf(tmp_path):
+def test_student_taken_from_a_gemma3_gguf_ships_back_as_gguf(tmp_path, caplog):
     """The issue's path, without a download: a Gemma 3 model with a sentencepiece vocabulary written as GGUF
     ("llama" SPM, as released), taken as a `gguf:FILE` student (transformers turns its vocabulary into a
     byte-fallback Unigram tokenizer.json), exports to every variant with parity, its tokenizer as "t5"."""
     import torch
-    from nestling.distill.students import init_student
 
     torch.set_num_threads(1)
     texts = family_texts() + TRICKY * 3
@@ -202,13 +309,112 @@ def test_student_taken_from_a_gemma3_gguf_ships_back_as_gguf(tmp_path):
     train_steps(model, tok, texts, steps=4)
     released = write_gguf(save_student(model, tok, tmp_path / "src" / "model"), tmp_path / "g" / "gemma.gguf")
     assert _kv(released)["tokenizer.ggml.model"] == "llama"
-    student = save_student(*init_student(f"gguf:{released}"), tmp_path / "student" / "model")
+    student = _trained_student_from(released, tmp_path / "run")
     tj = json.loads((student / "tokenizer.json").read_text())
     assert tj["model"]["type"] == "Unigram" and tj["model"]["byte_fallback"] is True
     out = tmp_path / "export"
-    m = export_student(ExportConfig(student=str(student), out=str(out), max_new_tokens=24), prompts=PROMPTS)
+    with caplog.at_level("INFO", logger="nestling.export.gguf"):
+        m = export_student(
+            ExportConfig(student=str(student), out=str(out), max_new_tokens=24), prompts=PROMPTS
+        )
+    # transformers' Gemma conversion renames the byte piece <0x09> to "\t": not the same tokens, so the
+    # source's fields are not carried; the export derives them and says why.
+    assert "not carried over (the source has token 13 is '<0x09>'" in caplog.text
     assert set(m["variants"]) == set(VARIANTS)
     for name in FAST:
         p = m["variants"][name]["parity"]
         assert p["tokenization_match"] == 1.0 and p["greedy_match_within_tol"] == 1.0, name
     assert _kv(out / "gguf" / "model-q8_0.gguf")["tokenizer.ggml.model"] == "t5"
+
+
+def _trained_student_from(released: Path, run: Path) -> Path:
+    """What `nestling train --student gguf:FILE` leaves: RUN/students/NAME/model and a train manifest naming
+    the source (training itself is not what is tested here)."""
+    from nestling.distill.students import init_student
+
+    from nestling.core.manifest import write_manifest
+
+    student = save_student(*init_student(f"gguf:{released}"), run / "students" / "s" / "model")
+    write_manifest(student.parent, stage="train", files=["model"], student={"source": f"gguf:{released}"})
+    return student
+
+
+def _released_spm_gguf(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A Llama 2-style GGUF as released: sentencepiece scores (not merge ranks: here 0.25 * -rank - 2, in the
+    same order) that transformers turns into BPE merges, written with gguf-py's GGUFWriter."""
+    import torch
+    from nestling.export import gguf as gguf_mod
+
+    torch.set_num_threads(1)
+    texts = family_texts() + TRICKY * 3 + MORE * 3
+    model, tok = build_family("llama", texts, kind=LLAMA2)
+    ranks = gguf_mod._merge_scores
+    with monkeypatch.context() as m:
+        m.setattr(
+            gguf_mod, "_merge_scores", lambda names, merges: [0.25 * s - 2 for s in ranks(names, merges)]
+        )
+        return write_gguf(save_student(model, tok, root / "src" / "model"), root / "g" / "llama2.gguf")
+
+
+def test_tokenizer_fields_carried_over_from_the_source_gguf(tmp_path, monkeypatch, caplog):
+    """A student from `gguf:FILE` exports with the source's scores and types (not re-derived merge ranks),
+    checked first against its tokenizer.json, and llama.cpp still tokenizes every probe exactly as HF."""
+    from nestling.export.gguf import source_gguf
+    from nestling.serve.engines import load_engine
+    from transformers import AutoTokenizer
+
+    released = _released_spm_gguf(tmp_path, monkeypatch)
+    student = _trained_student_from(released, tmp_path / "run")
+    assert source_gguf(student) == released
+    src, derived = _kv(released), _kv(write_gguf(student, tmp_path / "derived.gguf", vocab_only=True))
+    assert src["tokenizer.ggml.scores"] != derived["tokenizer.ggml.scores"]  # what carrying changes
+    with caplog.at_level("INFO", logger="nestling.export.gguf"):
+        path = write_gguf(student, tmp_path / "m.gguf", source=source_gguf(student))
+    assert "tokenizer scores, types carried over from" in caplog.text
+    kv = _kv(path)
+    for key in ("scores", "token_type", "tokens", "add_space_prefix", "add_bos_token", "bos_token_id"):
+        assert kv[f"tokenizer.ggml.{key}"] == src[f"tokenizer.ggml.{key}"], key
+    assert kv["tokenizer.ggml.model"] == "llama"
+    tok = AutoTokenizer.from_pretrained(student)
+    texts = (
+        TRICKY
+        + MORE
+        + [NOT_IN_VOCAB, f"x {NOT_IN_VOCAB}y"]
+        + [t + tok.eos_token + " after" for t in TRICKY[:3]]
+    )
+    e = load_engine(path, kind="gguf")
+    try:
+        same = [e.tokenize(t) == tok(t)["input_ids"] for t in texts]
+    finally:
+        e.close()
+    assert sum(same) == len(texts) == 25, [t for t, ok in zip(texts, same, strict=True) if not ok]
+    assert check_gguf_writable(student, source=released) == "llama"
+
+
+def test_source_gguf_that_does_not_match_is_logged_and_derived(tmp_path, monkeypatch, caplog):
+    """Another vocabulary (or a changed flag) in the source: nothing is carried, the reason is logged."""
+    import torch
+
+    released = _released_spm_gguf(tmp_path, monkeypatch)
+    student = _trained_student_from(released, tmp_path / "run")
+    derived = _kv(write_gguf(student, tmp_path / "derived.gguf", vocab_only=True))
+    torch.set_num_threads(1)
+    model, tok = build_family("llama", family_texts()[:50], kind=LLAMA2)
+    other = write_gguf(save_student(model, tok, tmp_path / "o" / "model"), tmp_path / "o" / "other.gguf")
+    with caplog.at_level("INFO", logger="nestling.export.gguf"):
+        kv = _kv(write_gguf(student, tmp_path / "m.gguf", vocab_only=True, source=other))
+    assert "not carried over (the source has" in caplog.text and "tokens" in caplog.text
+    assert kv["tokenizer.ggml.scores"] == derived["tokenizer.ggml.scores"]
+
+
+def test_export_of_a_gguf_student_carries_its_source_tokenizer(tmp_path, monkeypatch):
+    """Through `export_student`: preflight and the f16 writer find the source in the train manifest."""
+    released = _released_spm_gguf(tmp_path, monkeypatch)
+    student = _trained_student_from(released, tmp_path / "run")
+    out = tmp_path / "export"
+    cfg = ExportConfig(student=str(student), out=str(out), variants=["gguf-f16"], max_new_tokens=16)
+    m = export_student(cfg, prompts=PROMPTS)
+    p = m["variants"]["gguf-f16"]["parity"]
+    assert p["tokenization_match"] == 1.0 and p["greedy_match_within_tol"] == 1.0
+    kv = _kv(out / "gguf" / "model-f16.gguf")
+    assert kv["tokenizer.ggml.scores"] == _kv(released)["tokenizer.ggml.scores"]
