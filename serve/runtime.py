@@ -650,7 +650,7 @@ def _mark_corrections(a: Answer, slips: list[Slip]) -> None:
     i = 0
     for slip in slips:
         for j in range(i, len(a.steps)):
-            if slip.claim in a.steps[j].text:
+            if slip.stated_in(a.steps[j].text):
                 a.steps[j].corrected_from = slip.stated
                 i = j + 1
                 break

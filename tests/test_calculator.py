@@ -38,6 +38,7 @@ def test_a_false_result_is_cut_and_corrected(line: str, fixed: str, stated: str)
     assert slip.text == fixed
     assert slip.stated == stated
     assert fixed.endswith(slip.value)
+    assert slip.stated_in(fixed.split(":", 1)[-1])  # the step the runtime marks: spacing and signs aside
 
 
 @pytest.mark.parametrize(

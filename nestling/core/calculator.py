@@ -46,6 +46,10 @@ class Slip:
     def claim(self) -> str:
         return f"{self.expr} = {self.value}"
 
+    def stated_in(self, text: str) -> bool:
+        """Does ``text`` (a step) state the corrected claim, however it spaces it or writes its signs?"""
+        return "".join(self.claim.split()) in "".join(_translate(text).split())
+
 
 def first_slip(line: str) -> Slip | None:
     """The first ``expr = result`` on ``line`` whose result is false, corrected; None when all hold."""
