@@ -118,8 +118,11 @@ def teacher_reasoner(spec: str, task: str | None):
     from nestling.serve.runtime import Reasoner
 
     eng = GGUFEngine(resolve_gguf(spec.removeprefix("gguf:")), n_threads=1)
-    llm = eng._llm
-    text = lambda i: llm._model.token_get_text(i) if i >= 0 else ""  # noqa: E731
+    llm = eng._llm  # the template and special tokens the GGUF carries, as create_chat_completion reads them
+
+    def text(token_id: int) -> str:
+        return llm.detokenize([token_id], special=True).decode("utf-8", "replace") if token_id >= 0 else ""
+
     fmt = Jinja2ChatFormatter(
         template=llm.metadata["tokenizer.chat_template"], eos_token=text(llm.token_eos()),
         bos_token=text(llm.token_bos()),

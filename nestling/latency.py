@@ -55,6 +55,12 @@ def measure_variant(
         return {mode: _time_answers(r, questions, explain, score) for mode, explain in MODES.items()}
 
 
+def _identity(manifest: dict[str, Any], questions: list[str], n_threads: int, score: Score | None) -> dict:
+    """What a timing pass is computed from, its cache key: the export's files, questions, threads, scoring."""
+    files = manifest.get("files")
+    return {"files": files, "questions": questions, "threads": n_threads, "scored": bool(score)}
+
+
 def measure_calculator(
     export_dir: Path,
     questions: list[str],
@@ -68,13 +74,7 @@ def measure_calculator(
     from nestling.serve.runtime import MAX_CORRECTIONS, Reasoner
 
     manifest = read_manifest(export_dir, stage="export")
-    key = {
-        "files": manifest.get("files"),
-        "questions": questions,
-        "threads": n_threads,
-        "scored": bool(score),
-    }
-    key["max_corrections"] = MAX_CORRECTIONS
+    key = {**_identity(manifest, questions, n_threads, score), "max_corrections": MAX_CORRECTIONS}
     cached = read_cache(cache, key, "calculator") if cache else None
     if cached is not None:
         return cached
@@ -115,12 +115,7 @@ def measure_export(
 ) -> dict[str, dict[str, Any]]:
     """Every variant of an export; cached in ``cache`` (keyed by the export's files and the questions)."""
     manifest = read_manifest(export_dir, stage="export")
-    key = {
-        "files": manifest.get("files"),
-        "questions": questions,
-        "threads": n_threads,
-        "scored": bool(score),
-    }
+    key = _identity(manifest, questions, n_threads, score)
     cached = read_cache(cache, key, "variants") if cache else None
     if cached is not None:
         return cached
