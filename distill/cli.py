@@ -22,89 +22,126 @@ def traces_main(cfg: TracesConfig) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from nestling.core.fmt import pct
-
     out = run_traces(cfg)
     card = json.loads((out / "datacard.json").read_text())
     table = Table(title=f"traces: {out}", show_header=False)
-    q = card["questions"]
-    table.add_row("teacher", f"{card['teacher']['spec']} ({card['teacher']['params'] or '?'} params)")
-    table.add_row("questions", f"{q['train']} train + {q['heldout']} held-out (asked {q['requested']})")
-    sampling = card["sampling"]
+    for name, value in [*_sample_rows(card), *_kept_rows(card), *_cost_rows(card)]:
+        table.add_row(name, value)
+    Console().print(table)
+    return 0
+
+
+Rows = list[tuple[str, str]]
+
+
+def _sample_rows(card: dict) -> Rows:
+    """The data card's teacher, questions, samples and what was wrong with them."""
+    from nestling.core.fmt import pct
+
+    q, sampling = card["questions"], card["sampling"]
     per_q = (
         f"adaptive, up to {sampling['max_samples_per_question']}"
         if sampling.get("adaptive")
         else sampling["samples_per_question"]
     )
-    table.add_row("rationales", f"{card['records']} ({per_q} per question)")
-    table.add_row(
-        "right answers",
-        f"{pct(card['sample_accuracy'])} of samples; {pct(card['questions_any_correct'])} "
-        "of questions have one",
-    )
     base = card["trivial_baseline"]
     always = ", ".join(repr(a) for a in base["answers"].values()) or "-"
-    table.add_row(
-        "trivial baseline",
-        f"always {always}: {pct(base['train_accuracy'])} of train, {pct(base['heldout_accuracy'])} held-out",
-    )
-    for f in card["filters"]:
-        table.add_row(f"filter {f['name']}", f"{f['kept']}/{f['in']} kept ({pct(f['yield'])})")
-    table.add_row("right answer, wrong steps", f"{card['right_answer_wrong_steps']} removed")
+    rows = [
+        ("teacher", f"{card['teacher']['spec']} ({card['teacher']['params'] or '?'} params)"),
+        ("questions", f"{q['train']} train + {q['heldout']} held-out (asked {q['requested']})"),
+        ("rationales", f"{card['records']} ({per_q} per question)"),
+        (
+            "right answers",
+            f"{pct(card['sample_accuracy'])} of samples; {pct(card['questions_any_correct'])} "
+            "of questions have one",
+        ),
+        (
+            "trivial baseline",
+            f"always {always}: {pct(base['train_accuracy'])} of train, "
+            f"{pct(base['heldout_accuracy'])} held-out",
+        ),
+    ]
+    rows += [
+        (f"filter {f['name']}", f"{f['kept']}/{f['in']} kept ({pct(f['yield'])})") for f in card["filters"]
+    ]
+    rows.append(("right answer, wrong steps", f"{card['right_answer_wrong_steps']} removed"))
     chains = {k: v for k, v in (card.get("chains") or {}).items() if v and k != "none"}
     if chains:
-        table.add_row("chains", ", ".join(f"{v} in {k}" for k, v in chains.items()))
+        rows.append(("chains", ", ".join(f"{v} in {k}" for k, v in chains.items())))
     bad = {k: card.get(k) or 0 for k in ("truncated", "no_final_answer", "unclosed_think")}
-    table.add_row("bad output", ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in bad.items()))
+    rows.append(("bad output", ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in bad.items())))
     errors = card.get("teacher_errors") or {}
     if errors.get("samples_missing"):
         failed = (
             ", ".join(f"{v} {k}" for k, v in errors["failed_requests_last_run"].items()) or "none this run"
         )
-        table.add_row(
-            "failed requests", f"{failed}; {errors['samples_missing']} samples missing: re-run to retry"
+        rows.append(
+            ("failed requests", f"{failed}; {errors['samples_missing']} samples missing: re-run to retry")
         )
-    table.add_row(
-        "kept",
-        f"{card['kept']} rationales; {card['questions_covered']} questions "
-        f"({pct(card['coverage'])} of train)",
-    )
+    return rows
+
+
+def _kept_rows(card: dict) -> Rows:
+    """What the filters kept, overall and by task."""
+    from nestling.core.fmt import pct
+
+    rows = [
+        (
+            "kept",
+            f"{card['kept']} rationales; {card['questions_covered']} questions "
+            f"({pct(card['coverage'])} of train)",
+        )
+    ]
     by_task = card.get("coverage_by_task") or {}
     if len(by_task) > 1:
-        table.add_row(
-            "kept by task",
-            "; ".join(f"{pct(v['coverage'])} of {v['train']} {_short_task(k)}" for k, v in by_task.items()),
+        rows.append(
+            (
+                "kept by task",
+                "; ".join(
+                    f"{pct(v['coverage'])} of {v['train']} {_short_task(k)}" for k, v in by_task.items()
+                ),
+            )
         )
+    return rows
+
+
+def _cost_rows(card: dict) -> Rows:
+    """Adaptive sampling, teacher tokens against a flat k, the coverage curve and the time."""
+    from nestling.core.fmt import pct
+
+    rows: Rows = []
     ad, cost = card.get("adaptive"), card.get("sampling_cost") or {}
     if ad:
-        table.add_row(
-            "adaptive",
-            f"{ad['questions_solved']} solved, {ad['questions_never_solved']} never solved in "
-            f"{ad['max_samples']} samples, {ad['questions_unfinished']} unfinished (stopped by "
-            f"{ad['stopped_by'].replace('_', ' ')})",
+        rows.append(
+            (
+                "adaptive",
+                f"{ad['questions_solved']} solved, {ad['questions_never_solved']} never solved in "
+                f"{ad['max_samples']} samples, {ad['questions_unfinished']} unfinished (stopped by "
+                f"{ad['stopped_by'].replace('_', ' ')})",
+            )
         )
     same = cost.get("flat_same_coverage") or {}
     if same.get("adaptive_token_share") is not None:
-        table.add_row(
-            "teacher tokens",
-            f"{cost['adaptive']['tokens']:,} adaptive vs {same['tokens']:,} for the flat k={same['k']} "
-            f"that reaches the same coverage ({pct(same['adaptive_token_share'])})"
-            + ("" if ad else "; adaptive simulated from these samples"),
+        rows.append(
+            (
+                "teacher tokens",
+                f"{cost['adaptive']['tokens']:,} adaptive vs {same['tokens']:,} for the flat k={same['k']} "
+                f"that reaches the same coverage ({pct(same['adaptive_token_share'])})"
+                + ("" if ad else "; adaptive simulated from these samples"),
+            )
         )
     if cost.get("curve"):
-        table.add_row(
-            "coverage curve",
-            "  ".join(f"k={p['samples_per_question']} {pct(p['coverage'])}" for p in cost["curve"])
-            + "  (coverage.png)",
-        )
+        curve = "  ".join(f"k={p['samples_per_question']} {pct(p['coverage'])}" for p in cost["curve"])
+        rows.append(("coverage curve", curve + "  (coverage.png)"))
     t = card["time"]
-    table.add_row(
-        "time",
-        f"{t['teacher_seconds']:.0f} s teacher; {card['rationales_per_s'] or 0:.2f} rationales/s, "
-        f"{card['tokens_per_s'] or 0:.0f} tokens/s",
+    rows.append(
+        (
+            "time",
+            f"{t['teacher_seconds']:.0f} s teacher; {card['rationales_per_s'] or 0:.2f} rationales/s, "
+            f"{card['tokens_per_s'] or 0:.0f} tokens/s",
+        )
     )
-    Console().print(table)
-    return 0
+    return rows
 
 
 def _short_task(spec: str) -> str:
