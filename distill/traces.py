@@ -621,7 +621,7 @@ class _Writer:
         todo = [ex for ex in todo if wanted.get(ex.id)]
         if not todo:
             return []
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress
 
         cfg = self.cfg
         if self.teacher is None:
@@ -633,16 +633,6 @@ class _Writer:
         need = sum(len(job.samples) for job in jobs)
         done, right, failed, added = 0, 0, 0, []
         t0 = time.perf_counter()
-        columns = [
-            TextColumn(f"[bold]traces {label}".rstrip()),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn(
-                "{task.fields[rate]:.1f} rationales/s  right {task.fields[yield_]:.0%}  "
-                "failed {task.fields[failed]}"
-            ),
-            TimeRemainingColumn(),
-        ]
         log.info(
             "teacher %s: %d rationales to write for %d of %d training questions%s",
             cfg.teacher,
@@ -652,28 +642,11 @@ class _Writer:
             f" ({label})" if label else "",
         )
         hashes = {job.key: prompt_hash(job.messages) for job in jobs}
-        with Progress(*columns, disable=not self.progress, transient=False) as bar:
+        with Progress(*_progress_columns(label), disable=not self.progress, transient=False) as bar:
             tid = bar.add_task("traces", total=need, rate=0.0, yield_=0.0, failed=0)
             for group in self.teacher.stream_batches(jobs, self.sampling):
-                recs = []
-                for qid, j, g in group:
-                    if g.error:
-                        self.errors[g.error.partition(":")[0]] += 1
-                        failed += 1
-                        log.debug("teacher request for %s:%d failed: %s", qid, j, g.error)
-                    else:
-                        recs.append(
-                            trace_record(
-                                cfg,
-                                self.task,
-                                by_id[qid],
-                                j,
-                                g,
-                                self.sampling,
-                                self.sampling_rec,
-                                hashes[qid],
-                            )
-                        )
+                recs = self._records(group, by_id, hashes)
+                failed += len(group) - len(recs)
                 fresh = [r for r in recs if r["id"] not in self.store.ids]
                 done += self.store.append_many(fresh)
                 added += fresh
@@ -692,6 +665,35 @@ class _Writer:
                 if stop and stop():
                     break
         return added
+
+    def _records(self, group: list, by_id: dict[str, Example], hashes: dict[str, str]) -> list[dict]:
+        """The group's answers as trace records; a failed request is counted by its kind and left out."""
+        recs = []
+        for qid, j, g in group:
+            if g.error:
+                self.errors[g.error.partition(":")[0]] += 1
+                log.debug("teacher request for %s:%d failed: %s", qid, j, g.error)
+                continue
+            rec = trace_record(
+                self.cfg, self.task, by_id[qid], j, g, self.sampling, self.sampling_rec, hashes[qid]
+            )
+            recs.append(rec)
+        return recs
+
+
+def _progress_columns(label: str) -> list:
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    return [
+        TextColumn(f"[bold]traces {label}".rstrip()),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(
+            "{task.fields[rate]:.1f} rationales/s  right {task.fields[yield_]:.0%}  "
+            "failed {task.fields[failed]}"
+        ),
+        TimeRemainingColumn(),
+    ]
 
 
 def trace_record(
