@@ -72,6 +72,12 @@ class DistillConfig:
     )
     budget_tokens: int | None = field(default=None, metadata={"help": "adaptive: teacher tokens in all"})
     budget_seconds: float | None = field(default=None, metadata={"help": "adaptive: teacher seconds in all"})
+    teacher_calculator: bool | None = field(
+        default=None,
+        metadata={
+            "help": "gguf teachers write with the calculator in the loop (traces --calculator); default off"
+        },
+    )
     min_coverage: float = field(
         default=0.03,
         metadata={
@@ -343,6 +349,7 @@ def traces_config(cfg: DistillConfig) -> TracesConfig:
         "concurrency": cfg.concurrency,
         "request_extra": cfg.request_extra,
         "rationale_style": cfg.rationale_style,
+        "calculator": cfg.teacher_calculator,
         "seed": cfg.seed,
         "threads": cfg.threads,
     }

@@ -33,7 +33,7 @@ import importlib.util
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -86,6 +86,7 @@ class Generation:
     reasoning: str | None = None  # the chain of a reasoning teacher, apart from the answer
     reasoning_source: str | None = None  # "reasoning_content" | "reasoning" | "think"
     unclosed_think: bool = False  # "<think>" opened and never closed: there is no answer part
+    corrections: int = 0  # false results the calculator replaced while the teacher wrote (gguf calculator)
     error: str | None = None  # "kind: detail" when the request failed after retries; nothing else is set
 
 
@@ -232,29 +233,69 @@ def resolve_gguf(name: str) -> Path:
 
 
 class GGUFTeacher(Teacher):
-    def __init__(self, spec: str, path: Path, n_threads: int, n_ctx: int = 2048):
+    """llama.cpp through its chat template. ``calculator``: the serving runtime writes each rationale with the
+    calculator in the loop (core.calculator: a finished line's false result is replaced by the true value
+    and the teacher goes on from there), so a teacher that decomposes right but slips on a sum still
+    yields a checkable chain, as GSM8K's calculator annotations do for its solutions."""
+
+    def __init__(self, spec: str, path: Path, n_threads: int, n_ctx: int = 2048, calculator: bool = False):
         try:
             from llama_cpp import Llama, llama_model_n_params
         except ImportError:
             raise NestlingError("gguf teachers need llama-cpp-python; pip install 'nestling[gguf]'") from None
-        self.spec, self.path = spec, path
-        try:
-            # n_threads_batch defaults to every core whatever n_threads says; under contention that made
-            # prompt processing ~100x slower (measured on 2 cores), so pin both.
-            self.llm = Llama(
-                model_path=str(path),
-                n_ctx=n_ctx,
-                n_threads=n_threads,
-                n_threads_batch=n_threads,
-                verbose=False,
-            )
-        except (ValueError, RuntimeError) as e:
-            raise NestlingError(
-                f"teacher {spec!r}: llama.cpp cannot load {path} ({e}); is it a GGUF model?"
-            ) from None
+        self.spec, self.path, self.calculator = spec, path, calculator
+        self.reasoner: Any = None
+        if calculator:
+            self.reasoner = self._calculator_reasoner(n_threads, n_ctx)
+            self.llm = self.reasoner.engines[0].llm
+        else:
+            try:
+                # n_threads_batch defaults to every core whatever n_threads says; under contention that made
+                # prompt processing ~100x slower (measured on 2 cores), so pin both.
+                self.llm = Llama(
+                    model_path=str(path),
+                    n_ctx=n_ctx,
+                    n_threads=n_threads,
+                    n_threads_batch=n_threads,
+                    verbose=False,
+                )
+            except (ValueError, RuntimeError) as e:
+                raise NestlingError(
+                    f"teacher {spec!r}: llama.cpp cannot load {path} ({e}); is it a GGUF model?"
+                ) from None
         self.params = int(llama_model_n_params(self.llm.model))
 
+    def _calculator_reasoner(self, n_threads: int, n_ctx: int) -> Any:
+        from nestling.serve.engines import GGUFEngine
+        from nestling.serve.runtime import Reasoner
+
+        eng = GGUFEngine(self.path, n_threads=n_threads, n_ctx=n_ctx)
+        self.chat_render = render = chat_renderer(eng.llm)
+        self._messages: Messages = []
+        # The runtime asks by question; the prompt it reads is the job's messages through the chat template
+        # (one generation at a time: a teacher is not shared across threads).
+        return Reasoner(eng, variant="teacher", name=self.spec, prompt=lambda _q, _e: render(self._messages))
+
+    def _calculated(self, messages: Messages, sampling: Sampling, seed: int) -> Generation:
+        from nestling.serve.sampling import SamplingParams
+
+        t0 = time.perf_counter()
+        self._messages = messages
+        params = SamplingParams(sampling.temperature, sampling.top_p, seed=seed)
+        a = self.reasoner.ask(
+            messages[-1]["content"], max_tokens=sampling.max_tokens, sampling=params, calculator=True
+        )
+        return Generation(
+            text=a.text,
+            tokens=a.latency.completion_tokens,  # discarded tokens included: the teacher spent them
+            seconds=time.perf_counter() - t0,
+            truncated=a.finish_reason == "length",
+            corrections=a.corrections,
+        )
+
     def _generate_one(self, messages: Messages, sampling: Sampling, seed: int) -> Generation:
+        if self.calculator:
+            return self._calculated(messages, sampling, seed)
         t0 = time.perf_counter()
         try:
             resp = self.llm.create_chat_completion(
@@ -282,10 +323,30 @@ class GGUFTeacher(Teacher):
         return with_chain(g)
 
     def close(self) -> None:
+        if self.reasoner is not None:
+            self.reasoner.close()
+            self.reasoner = self.llm = None
         llm = getattr(self, "llm", None)
         if llm is not None:
             llm.close()
             self.llm = None
+
+
+def chat_renderer(llm: Any) -> Callable[[Messages], str]:
+    """messages -> the prompt text a llama.cpp model's own chat template makes of them, as
+    create_chat_completion renders it (llama-cpp-python's formatter: a sandboxed Jinja environment)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    def text(token_id: int) -> str:
+        return llm.detokenize([token_id], special=True).decode("utf-8", "replace") if token_id >= 0 else ""
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise NestlingError("this GGUF carries no chat template; the calculator needs the teacher's own")
+    fmt = Jinja2ChatFormatter(
+        template=template, eos_token=text(llm.token_eos()), bos_token=text(llm.token_bos())
+    )
+    return lambda messages: fmt(messages=messages).prompt
 
 
 # ---- openai-compatible ---------------------------------------------------------------------------------

@@ -121,7 +121,14 @@ class TracesConfig:
             "other gguf: and hf:, 4096 for openai: reasoning servers)"
         },
     )
-    fewshot: bool = field(default=True, metadata={"help": "show a worked example in the prompt"})
+    fewshot: bool = field(default=True, metadata={"help": "show worked examples in the prompt"})
+    calculator: bool = field(
+        default=False,
+        metadata={
+            "help": "gguf teachers: write with the calculator in the loop, a finished line's false result "
+            "replaced by the true value before the teacher goes on (records count the corrections)"
+        },
+    )
     threads: int | None = field(
         default=None, metadata={"help": "CPU threads for the teacher (default: half the cores)"}
     )
@@ -202,6 +209,11 @@ class TracesConfig:
             f"--rationale-style {self.rationale_style!r}: use one of {', '.join(RATIONALE_STYLES)}",
         )
         self.request_fields()  # validates the JSON
+        check(
+            not self.calculator or self.teacher.startswith("gguf:"),
+            f"--calculator: only gguf: teachers (the teacher's own text is continued after each correction, "
+            f"which a chat API cannot do), not {self.teacher!r}",
+        )
         check(self.threads is None or self.threads >= 1, f"--threads {self.threads}: must be >= 1")
         check(self.batch is None or self.batch >= 1, f"--batch {self.batch}: must be >= 1")
         check(bool(self.out), "--out: pass a run directory, e.g. runs/x")
@@ -265,7 +277,7 @@ class TracesConfig:
 
     def teacher_options(self) -> dict[str, Any]:
         """load_teacher options for this config's teacher (speed knobs, context, extra request fields)."""
-        return teacher_options(
+        opts = teacher_options(
             self.teacher,
             self.sampling().max_tokens,
             concurrency=self.concurrency,
@@ -273,6 +285,7 @@ class TracesConfig:
             retries=self.retries,
             extra=self.request_fields() or None,
         )
+        return {**opts, "calculator": True} if self.calculator else opts
 
     def identity(self) -> dict[str, Any]:
         """The fields that decide the stage's output (threads, batch and request knobs only change speed)."""
@@ -284,6 +297,8 @@ class TracesConfig:
             d.pop("request_extra")
         if d["rationale_style"] == "full":
             d.pop("rationale_style")
+        if not d["calculator"]:
+            d.pop("calculator")
         if not self.adaptive:
             for adaptive_only in ("adaptive", "max_samples", "stop_after", "budget_tokens", "budget_seconds"):
                 d.pop(adaptive_only)
@@ -729,6 +744,7 @@ def trace_record(
         "seconds": round(g.seconds, 4),
         "truncated": g.truncated,
         "unclosed_think": g.unclosed_think,
+        **({"corrections": g.corrections} if cfg.calculator else {}),
     }
 
 
@@ -809,7 +825,19 @@ def datacard(
         "tokens_per_s": round(tokens / teacher_s, 1) if teacher_s else None,
         "rationales_per_s": round(len(records) / teacher_s, 3) if teacher_s else None,
         "torn_bytes_repaired": repaired_bytes,
+        "calculator": calculator_counts(records) if cfg.calculator else None,
         "config_fingerprint": fingerprint(cfg.identity()),
+    }
+
+
+def calculator_counts(records: list[dict]) -> dict[str, int]:
+    """How much of the teacher's text the calculator wrote: false results replaced, and in how many
+    rationales (all, and those with the right answer)."""
+    fixed = [r for r in records if r.get("corrections")]
+    return {
+        "corrections": sum(int(r["corrections"]) for r in fixed),
+        "rationales_corrected": len(fixed),
+        "right_answer_corrected": sum(bool(r.get("correct")) for r in fixed),
     }
 
 

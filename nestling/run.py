@@ -14,6 +14,7 @@ from nestling.core.config import check
 from nestling.core.manifest import read_manifest
 from nestling.core.rundir import RunDir
 from nestling.distill.pipeline import DistillConfig
+from nestling.distill.teachers import DEFAULT_TEACHER
 from nestling.latency import measure_calculator, measure_export
 from nestling.report import collect_report, write_report
 
@@ -62,6 +63,15 @@ class RunConfig(DistillConfig):
     max_samples: int | None = field(
         default=None, metadata={"help": "adaptive: most samples per question (default: 6 when adaptive)"}
     )
+    # On by default for a gguf teacher: with the calculator the bundled teacher's two-step rationales on the
+    # three-term half are right and fully checked for TODO of questions after 4 samples, against TODO
+    # without (benchmarks/bench_teacher_calculator.py).
+    teacher_calculator: bool | None = field(
+        default=None,
+        metadata={
+            "help": "the teacher writes with the calculator in the loop (default: on for gguf teachers)"
+        },
+    )
     parity_prompts: int | None = field(
         default=None, metadata={"help": "held-out prompts each export is checked and scored on (export's 32)"}
     )
@@ -109,6 +119,8 @@ class RunConfig(DistillConfig):
         super().__post_init__()
         if self.adaptive and self.max_samples is None:
             self.max_samples = RUN_MAX_SAMPLES
+        if self.teacher_calculator is None:
+            self.teacher_calculator = (self.teacher or DEFAULT_TEACHER).startswith("gguf:")
         check(
             0.0 <= self.recommend_within <= 1.0,
             f"--recommend-within {self.recommend_within}: must be in [0, 1], e.g. 0.02",

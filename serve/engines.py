@@ -130,6 +130,11 @@ class GGUFEngine:
         self.eos_id: int | None = eos if eos >= 0 else None
         self.bos_id: int | None = bos if bos >= 0 else None
 
+    @property
+    def llm(self) -> Any:
+        """The llama_cpp.Llama this engine drives (its metadata and chat template)."""
+        return self._llm
+
     def tokenize(self, text: str) -> list[int]:
         # special=True: HF parses special-token strings inside text; llama.cpp does so only with this flag.
         # add_bos=True adds bos only when the GGUF says add_bos_token, i.e. exactly when HF does.

@@ -51,6 +51,44 @@ def test_prompt_asks_for_steps_and_an_answer_line_with_a_worked_example():
     assert [m["role"] for m in teacher_messages("q", fewshot=False)] == ["system", "user"]
 
 
+@pytest.mark.parametrize(
+    "question, example_steps, example_start",
+    [
+        ("Calculate 2 + 5.", 1, "Calculate"),
+        ("Calculate 9 - 2 * 4.", 2, "Calculate"),
+        ("State the final answer to the following arithmetic problem: 4 + 5 - 1 =", 2, "State"),
+        ("Calculate 1 + 2 + 3 + 4.", 2, "Calculate"),
+        ("How many times does the letter r appear in 'strawberry'?", 1, "Calculate"),
+    ],
+)
+def test_each_question_is_shown_the_worked_example_of_its_shape(question, example_steps, example_start):
+    """One example per question, with as many operations as the question (or the nearest), in its form:
+    the bundled teacher copies the example's shape."""
+    msgs = teacher_messages(question)
+    shown_q, shown_a = msgs[1]["content"], msgs[2]["content"]
+    assert shown_a.count("Step ") == example_steps and shown_q.startswith(example_start)
+    assert len(msgs) == 4
+
+
+def test_the_calculator_is_for_gguf_teachers_only_and_leaves_other_fingerprints_alone(tmp_path):
+    from nestling.distill.traces import TracesConfig
+
+    with pytest.raises(NestlingError, match="--calculator: only gguf: teachers") as e:
+        TracesConfig(out=str(tmp_path), teacher="openai:m@http://127.0.0.1:9/v1", calculator=True)
+    assert "\n" not in str(e.value)
+    off, on = TracesConfig(out=str(tmp_path)), TracesConfig(out=str(tmp_path), calculator=True)
+    assert "calculator" not in off.identity() and on.identity()["calculator"] is True
+    assert on.teacher_options()["calculator"] is True and "calculator" not in off.teacher_options()
+
+
+def test_run_turns_the_calculator_on_for_gguf_teachers_only(tmp_path):
+    from nestling.run import RunConfig
+
+    assert RunConfig(out=str(tmp_path)).teacher_calculator is True
+    assert RunConfig(out=str(tmp_path), teacher="openai:m@http://127.0.0.1:9/v1").teacher_calculator is False
+    assert RunConfig(out=str(tmp_path), teacher_calculator=False).teacher_calculator is False
+
+
 # ---- openai backend against an in-process fake server ----------------------------------------------------
 
 
@@ -234,6 +272,24 @@ def test_gguf_smollm2_greedy_is_deterministic_and_samples_differ():
     assert [g.text for g in s] == [g.text for g in s2]
     assert len({g.text for g in s}) > 1
     t.close()
+
+
+@pytest.mark.slow
+def test_gguf_teacher_with_the_calculator_writes_no_false_result():
+    """The bundled teacher slips on these sums (measured); with the calculator every finished line holds,
+    each sample is counted, and a corrected rationale says how many results were replaced."""
+    from nestling.core.calculator import first_slip
+
+    qs = ["Calculate 9 * 8 - 5.", "State the final answer to the following arithmetic problem: 9 + 8 - 6 ="]
+    t = load_teacher("gguf:smollm2", n_threads=1, calculator=True)
+    gens = t.generate(
+        [teacher_messages(q) for q in qs], n=3, sampling=Sampling(temperature=0.7, max_tokens=64)
+    )
+    t.close()
+    flat = [g for gs in gens for g in gs]
+    assert len(flat) == 6 and all(g.tokens > 0 and g.seconds > 0 for g in flat)
+    assert all(first_slip(line) is None for g in flat for line in g.text.splitlines())
+    assert sum(g.corrections for g in flat) >= 1
 
 
 @pytest.mark.slow
