@@ -600,11 +600,12 @@ class _Calculated:
         returned) or the generation ends (None). ``check=False``: no line is read."""
         kw = {} if sampler is None else {"sampler": sampler}
         dec, head = _Decoder(self.eng, True, self.stop), self.text
-        if not self.text:
-            gen = self.eng.stream(self.prompt_ids, budget, **kw)
-        else:  # a restart: an engine that keeps the prefix it has read re-reads only the corrected tail
-            again = getattr(self.eng, "resume", self.eng.stream)
-            gen = again(self.eng.tokenize(self.prompt + self.text), budget, **kw)
+        # An engine that keeps the prefix it has read re-reads only what changed: after a correction the
+        # corrected tail; on a first piece, what differs from the previous request (a teacher's long
+        # system prompt and worked example are read once for all its questions).
+        again = getattr(self.eng, "resume", self.eng.stream)
+        ids = self.prompt_ids if not self.text else self.eng.tokenize(self.prompt + self.text)
+        gen = again(ids, budget, **kw)
         try:
             for tok in gen:
                 self.last = time.perf_counter()
