@@ -65,6 +65,15 @@ def _sample_rows(card: dict) -> Rows:
         (f"filter {f['name']}", f"{f['kept']}/{f['in']} kept ({pct(f['yield'])})") for f in card["filters"]
     ]
     rows.append(("right answer, wrong steps", f"{card['right_answer_wrong_steps']} removed"))
+    calc = card.get("calculator")
+    if calc:
+        rows.append(
+            (
+                "calculator",
+                f"{calc['corrections']} false results replaced in {calc['rationales_corrected']} rationales "
+                f"({calc['right_answer_corrected']} of them with the right answer)",
+            )
+        )
     chains = {k: v for k, v in (card.get("chains") or {}).items() if v and k != "none"}
     if chains:
         rows.append(("chains", ", ".join(f"{v} in {k}" for k, v in chains.items())))

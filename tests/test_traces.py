@@ -253,6 +253,37 @@ def test_cli_prints_a_summary_table(tmp_path, capsys, fake_teacher):
     assert "coverage curve" in out and "k=4 100.0%" in out.replace("\n", " ")
 
 
+def test_the_calculator_reaches_the_teacher_and_the_card_counts_its_corrections(
+    tmp_path, capsys, monkeypatch
+):
+    loaded = []
+
+    class Corrected(ScriptedTeacher):
+        """Sample 0 (the right one) as a calculator would hand it back: one false result replaced."""
+
+        def generate(self, prompts, n, sampling):
+            out = super().generate(prompts, n, sampling)
+            for row in out:
+                if sampling.seed % 1000 == 0:
+                    row[0].corrections = 1
+            return out
+
+    def load(spec, n_threads=None, **kw):
+        loaded.append(kw)
+        return Corrected()
+
+    monkeypatch.setattr("nestling.distill.traces.load_teacher", load)
+    run = tmp_path / "r"
+    argv = ["traces", "--task", EASY, "--n", "6", "--heldout", "2", "--out", str(run), "--calculator"]
+    assert nestling_cli.main(argv) == 0
+    assert loaded and all(kw["calculator"] is True for kw in loaded)
+    recs = read_jsonl(run / "traces" / "traces.jsonl")
+    assert sorted(r["corrections"] for r in recs) == [0] * 12 + [1] * 4
+    card = json.loads((run / "traces" / "datacard.json").read_text())
+    assert card["calculator"] == {"corrections": 4, "rationales_corrected": 4, "right_answer_corrected": 4}
+    assert "4 false results replaced in 4 rationales" in capsys.readouterr().out.replace("\n", " ")
+
+
 def test_cli_shows_a_mix_by_part_and_the_adaptive_cost(tmp_path, capsys, graded):
     three = EASY.replace("min_terms=2&max_terms=2", "min_terms=3&max_terms=3")
     args = ["traces", "--task", f"mix:{EASY},{three}", "--n", "12", "--heldout", "2", "--adaptive"]
