@@ -63,9 +63,10 @@ class RunConfig(DistillConfig):
     max_samples: int | None = field(
         default=None, metadata={"help": "adaptive: most samples per question (default: 6 when adaptive)"}
     )
-    # On by default for a gguf teacher: with the calculator the bundled teacher's two-step rationales on the
-    # three-term half are right and fully checked for TODO of questions after 4 samples, against TODO
-    # without (benchmarks/bench_teacher_calculator.py).
+    # On by default for a gguf teacher: the bundled teacher decomposes three-term questions in two steps but
+    # slips on the sums; with the calculator its greedy answers there went from 20% to 45% right and 35% of
+    # its samples at T=0.7 were a right, fully checked two-step procedure (40 training questions,
+    # benchmarks/bench_teacher_prompts.py). It costs teacher time: each correction restarts generation.
     teacher_calculator: bool | None = field(
         default=None,
         metadata={
