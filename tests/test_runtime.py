@@ -330,6 +330,29 @@ def test_the_sampler_keeps_only_top_k_and_top_p_tokens():
     assert SamplingParams().sampler() is None  # greedy: engines take argmax, bit for bit as before
 
 
+def test_the_nucleus_from_top_candidates_is_exactly_the_full_sorts_prefix():
+    """The shortcut (sort the 64 most likely first) must keep the same tokens in the same order as sorting the
+    whole vocabulary, ties included, whether the nucleus lies in the candidates or not."""
+    import numpy as np
+    from nestling.serve.sampling import _nucleus
+
+    def full(probs, top_p):
+        order = np.argsort(-probs, kind="stable")
+        return order[: int(np.searchsorted(np.cumsum(probs[order]), top_p)) + 1]
+
+    rng, shortcut = np.random.default_rng(0), 0
+    for t in range(600):
+        x = rng.normal(size=int(rng.choice([50, 300, 5000]))) * rng.choice([0.3, 3.0, 10.0])
+        x = np.round(x, 1) if t % 2 else x  # ties
+        p = np.exp(x - x.max())
+        p /= p.sum()
+        top_p = float(rng.choice([0.5, 0.9, 0.95, 0.999]))
+        got = _nucleus(p, top_p)
+        assert np.array_equal(got, full(p, top_p))
+        shortcut += len(p) > 128 and len(got) < 63
+    assert shortcut > 100  # the fast path was taken, not only the fallback
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
