@@ -121,6 +121,14 @@ def main() -> None:
     p.add_argument("--kd-alpha", type=float, default=0.5)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one compact student per seed and shape")
+    p.add_argument(
+        "--objectives",
+        nargs="+",
+        default=["off-policy"],
+        help="recovery objectives, OBJECTIVE[:STEPS] each (compress --objective; STEPS: its recovery steps, "
+        "default --recover-steps; give on-policy fewer to compare at equal wall-clock)",
+    )
+    p.add_argument("--beta", type=float, default=0.5, help="on-policy generalized JSD beta")
     p.add_argument("--threads", type=int, default=2, help="training and PyTorch eval threads")
     p.add_argument("--latency-questions", type=int, default=100, help="held-out questions timed one by one")
     p.add_argument("--out", default="benchmarks/results/compress")
@@ -139,24 +147,27 @@ def main() -> None:
     names, seconds = [args.source, trim_name(args.source)], {}
     for k in args.layers:
         for seed in args.seeds:
-            cfg = CompressConfig(
-                run=str(run),
-                source=args.source,
-                name=shape_name(args, k) + (f"-s{seed}" if len(args.seeds) > 1 else ""),
-                keep_layers=k,
-                intermediate_size=args.width,
-                recover_steps=args.recover_steps,
-                fresh=args.fresh,
-                kd_alpha=args.kd_alpha,
-                lr=args.lr,
-                seed=seed,
-                threads=args.threads,
-                progress=False,
-            )
-            t0 = time.perf_counter()
-            compress(cfg)
-            seconds[str(cfg.name)] = round(time.perf_counter() - t0, 1)
-            names.append(str(cfg.name))
+            for objective, steps in objectives(args):
+                cfg = CompressConfig(
+                    run=str(run),
+                    source=args.source,
+                    name=shape_name(args, k, objective) + (f"-s{seed}" if len(args.seeds) > 1 else ""),
+                    keep_layers=k,
+                    intermediate_size=args.width,
+                    recover_steps=steps,
+                    fresh=args.fresh,
+                    kd_alpha=args.kd_alpha,
+                    lr=args.lr,
+                    objective=objective,
+                    beta=args.beta,
+                    seed=seed,
+                    threads=args.threads,
+                    progress=False,
+                )
+                t0 = time.perf_counter()
+                compress(cfg)
+                seconds[str(cfg.name)] = round(time.perf_counter() - t0, 1)
+                names.append(str(cfg.name))
     ev = evaluate(
         EvalConfig(run=str(run), students=names, latency_samples=0, threads=args.threads, progress=False)
     )
@@ -212,17 +223,29 @@ def main() -> None:
         print("seeds", json.dumps(res["seeds"], indent=1))
 
 
-def shape_name(args: argparse.Namespace, layers: int) -> str:
-    return f"{args.source}-c{layers}" + (f"-w{args.width}" if args.width else "")
+def objectives(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """--objectives as (objective, recovery steps) pairs."""
+    out = []
+    for item in args.objectives:
+        name, _, steps = item.partition(":")
+        out.append((name, int(steps) if steps else args.recover_steps))
+    return out
+
+
+def shape_name(args: argparse.Namespace, layers: int, objective: str = "off-policy") -> str:
+    """The compact student's name: the off-policy one keeps the name it had before objectives existed."""
+    suffix = "" if objective == "off-policy" else "-" + objective.removesuffix("-policy")
+    return f"{args.source}-c{layers}" + (f"-w{args.width}" if args.width else "") + suffix
 
 
 def seed_summary(res: dict, args: argparse.Namespace) -> dict:
     """Mean and spread over seeds of each shape: accuracy (PyTorch, both modes) and speed-ups."""
     out = {}
-    for k in args.layers:
-        rows = [res["students"][f"{shape_name(args, k)}-s{s}"] for s in args.seeds]
+    for k, (objective, _) in ((k, o) for k in args.layers for o in objectives(args)):
+        name = shape_name(args, k, objective)
+        rows = [res["students"][f"{name}-s{s}"] for s in args.seeds]
         stat = lambda xs: {"mean": round(statistics.fmean(xs), 4), "stdev": round(statistics.stdev(xs), 4)}  # noqa: E731
-        out[shape_name(args, k)] = {
+        out[name] = {
             "seeds": args.seeds,
             "params": rows[0]["params"],
             "param_ratio": rows[0]["param_ratio"],
