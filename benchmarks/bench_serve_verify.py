@@ -111,28 +111,19 @@ def teacher_share(export: Path) -> dict | str:
 def teacher_reasoner(spec: str, task: str | None):
     """The teacher GGUF behind the student's runtime, reading the teacher's own prompt (its chat template over
     distill.prompts' messages, as traces and eval send it), so both get the same engine, cut and checks."""
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     from nestling.distill.prompts import teacher_messages
-    from nestling.distill.teachers import resolve_gguf
+    from nestling.distill.teachers import chat_renderer, resolve_gguf
     from nestling.serve.engines import GGUFEngine
     from nestling.serve.runtime import Reasoner
 
     eng = GGUFEngine(resolve_gguf(spec.removeprefix("gguf:")), n_threads=1)
-    llm = eng._llm  # the template and special tokens the GGUF carries, as create_chat_completion reads them
-
-    def text(token_id: int) -> str:
-        return llm.detokenize([token_id], special=True).decode("utf-8", "replace") if token_id >= 0 else ""
-
-    fmt = Jinja2ChatFormatter(
-        template=llm.metadata["tokenizer.chat_template"], eos_token=text(llm.token_eos()),
-        bos_token=text(llm.token_bos()),
-    )  # fmt: skip
+    render = chat_renderer(eng.llm)
     return Reasoner(
         eng,
         variant="teacher",
         name=spec,
         task=task,
-        prompt=lambda q, _explain: fmt(messages=teacher_messages(q)).prompt,
+        prompt=lambda q, _explain: render(teacher_messages(q)),
     )
 
 
