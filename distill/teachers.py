@@ -502,10 +502,15 @@ class OpenAITeacher(Teacher):
                 if not pending:
                     return
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                group = []
+                group, fatal = [], None
                 for fut in done:
                     job, js = pending.pop(fut)
-                    g = fut.result()
+                    try:
+                        g = fut.result()
+                    except NestlingError as e:  # 401, unknown model: no retry fixes it
+                        # Raised only after the group: samples that finished beside it are stored first.
+                        fatal = fatal or e
+                        continue
                     failures = failures + 1 if g.error else 0
                     if failures >= self.max_failures:
                         yield group  # what already arrived is the caller's to keep
@@ -515,6 +520,8 @@ class OpenAITeacher(Teacher):
                         )
                     group += [(job.key, j, g) for j in js]
                 yield group
+                if fatal is not None:
+                    raise fatal
         finally:
             # Requests still in flight after an error are abandoned: their results were never stored.
             pool.shutdown(wait=False, cancel_futures=True)
