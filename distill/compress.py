@@ -78,6 +78,12 @@ class CompressConfig:
     # 0.5 in both modes. The recovery set is a few hundred rows: a gentle, short schedule that leans on the
     # source's soft targets forgets least. What the defaults give now: benchmarks/results/default_run/.
     recover_steps: int = field(default=300, metadata={"help": "recovery optimizer steps (0 = none)"})
+    recover_minutes: float = field(
+        default=0.0,
+        metadata={
+            "help": "wall-clock budget of the recovery: its steps cut to what fits (train's --max-minutes)"
+        },
+    )
     lr: float = field(default=1e-4, metadata={"help": "recovery peak learning rate"})
     batch_size: int = field(default=8, metadata={"help": "recovery examples per step"})
     kd_alpha: float = field(
@@ -117,6 +123,7 @@ class CompressConfig:
         check(self.fresh >= 0, f"--fresh {self.fresh}: must be >= 0")
         check(self.vocab_questions >= 0, f"--vocab-questions {self.vocab_questions}: must be >= 0")
         check(self.recover_steps >= 0, f"--recover-steps {self.recover_steps}: must be >= 0")
+        check(self.recover_minutes >= 0, f"--recover-minutes {self.recover_minutes}: must be >= 0")
         check(self.lr > 0, f"--lr {self.lr}: must be > 0")
         check(self.batch_size > 0, f"--batch-size {self.batch_size}: must be > 0")
         check(0.0 <= self.kd_alpha <= 1.0, f"--kd-alpha {self.kd_alpha}: must be in [0, 1]")
@@ -303,6 +310,7 @@ def _recover(
         lr=cfg.lr,
         batch_size=cfg.batch_size,
         warmup=min(30, cfg.recover_steps // 10),
+        max_minutes=cfg.recover_minutes,
         kd_alpha=cfg.kd_alpha,
         kd_teacher=f"hf:{trim_dir.resolve()}",
         kd_temperature=cfg.kd_temperature,

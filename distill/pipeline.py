@@ -103,6 +103,13 @@ class DistillConfig:
     )
     seed: int = field(default=0, metadata={"help": "seed for traces, splits and training"})
     steps: int | None = field(default=None, metadata={"help": "optimizer steps for every student"})
+    train_minutes: float = field(
+        default=0.0,
+        metadata={
+            "help": "wall-clock budget of each student's training: its steps cut to what fits at the "
+            "measured speed (train's --max-minutes; 0 = no budget)"
+        },
+    )
     lr: float | None = field(default=None, metadata={"help": "peak learning rate for every student"})
     eval_limit: int | None = field(default=None, metadata={"help": "evaluate at most this many questions"})
     threads: int | None = field(default=None, metadata={"help": "CPU threads per process"})
@@ -206,6 +213,7 @@ class DistillConfig:
             f"--objective {self.objective!r}: use one of {', '.join(OBJECTIVES)}",
         )
         check(self.steps is None or self.steps > 0, f"--steps {self.steps}: must be > 0")
+        check(self.train_minutes >= 0, f"--train-minutes {self.train_minutes}: must be >= 0 (0 = no budget)")
         check(self.lr is None or self.lr > 0, f"--lr {self.lr}: must be > 0")
         check(0 <= self.min_coverage < 1, f"--min-coverage {self.min_coverage}: must be in [0, 1), e.g. 0.03")
         from nestling.distill.accel import launched_world
@@ -253,6 +261,7 @@ def train_config(cfg: DistillConfig, spec: str) -> TrainConfig:
         seed=cfg.seed,
         threads=cfg.threads,
         steps=cfg.steps,
+        max_minutes=cfg.train_minutes,
         lr=cfg.lr,
         lora=cfg.lora and parse_student_spec(spec).pretrained,
         precision=cfg.precision,

@@ -104,6 +104,13 @@ class TrainConfig:
     warmup: int | None = field(default=None, metadata={"help": "linear warmup steps (default: the recipe's)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = off)"})
+    max_minutes: float = field(
+        default=0.0,
+        metadata={
+            "help": "wall-clock budget: after a few steps, --steps is cut to what fits at the measured "
+            "speed (never under min(steps, 2 x warmup, 20)); the schedule follows the cut (0 = no budget)"
+        },
+    )
     max_len: int = field(default=192, metadata={"help": "longest example in tokens"})
     truncate: bool = field(
         default=True,
@@ -206,6 +213,7 @@ class TrainConfig:
         check(self.steps > 0, f"--steps {self.steps}: must be > 0")
         check(self.batch_size > 0, f"--batch-size {self.batch_size}: must be > 0")
         check(self.grad_accum > 0, f"--grad-accum {self.grad_accum}: must be > 0")
+        check(self.max_minutes >= 0, f"--max-minutes {self.max_minutes}: must be >= 0 (0 = no budget)")
         check(self.lr > 0, f"--lr {self.lr}: must be > 0")
         check(0.0 <= self.min_lr_ratio <= 1.0, f"--min-lr-ratio {self.min_lr_ratio}: must be in [0, 1]")
         check(self.warmup >= 0, f"--warmup {self.warmup}: must be >= 0")
@@ -401,11 +409,12 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "weights": weights}
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step."""
+def lr_at(step: int, cfg: TrainConfig, total: int | None = None) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step (`total`, the
+    budget's cut of cfg.steps, when there is one)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    progress = (step - cfg.warmup) / max(1, (total or cfg.steps) - cfg.warmup)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -770,7 +779,7 @@ def train_step(job: Job, step: int) -> tuple[float, int]:
     import torch
 
     cfg = job.cfg
-    lr = lr_at(step, cfg)
+    lr = lr_at(step, cfg, planned_steps(job))
     for group in job.optimizer.param_groups:
         group["lr"] = lr
     loss, tokens = 0.0, 0
@@ -808,7 +817,7 @@ def all_reduce_sum(value: float, rt: Runtime) -> float:
 def maybe_checkpoint(job: Job) -> None:
     """Every --checkpoint-every steps (not at the end: the final model supersedes it); rank 0 writes."""
     cfg, step = job.cfg, job.state["step"]
-    if not (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps):
+    if not (cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < planned_steps(job)):
         return
     if job.rt.is_main:
         sidecar = {**job.state, "recipe": cfg.recipe(), "inputs": job.inputs}
@@ -818,12 +827,13 @@ def maybe_checkpoint(job: Job) -> None:
 
 
 def fit(job: Job) -> None:
-    """The loop: one optimizer step at a time from state["step"] to cfg.steps, checkpointing as it goes."""
+    """The loop: one optimizer step at a time from state["step"] to the planned steps (cfg.steps, or the
+    budget's cut of them), checkpointing as it goes."""
     from tqdm.auto import tqdm
 
     cfg, state = job.cfg, job.state
     bar = tqdm(
-        total=cfg.steps,
+        total=planned_steps(job),
         initial=state["step"],
         desc=f"train {job.name}",
         unit="step",
@@ -833,7 +843,8 @@ def fit(job: Job) -> None:
     )
     t0, tokens0, seconds0 = time.perf_counter(), state["tokens"], state["seconds"]
     with stop_on_sigterm(job):
-        for step in range(state["step"], cfg.steps):
+        while state["step"] < planned_steps(job):
+            step = state["step"]
             try:
                 loss, tokens = train_step(job, step)
             except RuntimeError as e:
@@ -843,12 +854,50 @@ def fit(job: Job) -> None:
             elapsed = time.perf_counter() - t0
             state.update(step=step + 1, tokens=state["tokens"] + tokens, seconds=seconds0 + elapsed)
             state["losses"].append(round(loss, 5))
+            if plan_budget(job):
+                bar.total = planned_steps(job)
             bar.update(1)
             bar.set_postfix(
                 loss=f"{loss:.3f}", tok_s=f"{(state['tokens'] - tokens0) / max(elapsed, 1e-9):,.0f}"
             )
             maybe_checkpoint(job)
     bar.close()
+
+
+# --max-minutes measures the speed over these steps, after the first (which pays for allocation and warm-up).
+BUDGET_PROBE_STEPS = 4
+BUDGET_MIN_STEPS = 20
+
+
+def planned_steps(job: Job) -> int:
+    """cfg.steps, or the budget's cut of them once measured (kept in the checkpoints' sidecar, so a resumed
+    run follows the same schedule)."""
+    return int(job.state.get("planned_steps") or job.cfg.steps)
+
+
+def plan_budget(job: Job) -> bool:
+    """With --max-minutes, once the probe steps are done: cut the planned steps to what the budget affords at
+    their measured speed (the mean over processes, so every rank plans the same). True when it planned."""
+    cfg, state = job.cfg, job.state
+    if not cfg.max_minutes or "planned_steps" in state:
+        return False
+    if state["step"] == 1:
+        state["probe_from"] = state["seconds"]
+        return False
+    if state["step"] < 1 + BUDGET_PROBE_STEPS:
+        return False
+    per_step = (state["seconds"] - state.pop("probe_from", 0.0)) / BUDGET_PROBE_STEPS
+    per_step = all_reduce_sum(per_step, job.rt) / job.rt.world
+    floor = min(cfg.steps, max(2 * cfg.warmup, BUDGET_MIN_STEPS))
+    fit_steps = int(cfg.max_minutes * 60 / max(per_step, 1e-9))
+    state["planned_steps"] = max(floor, min(cfg.steps, fit_steps))
+    state["seconds_per_step"] = round(per_step, 3)
+    if state["planned_steps"] < cfg.steps:
+        log.info(
+            "%s: %d of %d steps fit --max-minutes %g at %.2f s/step; the schedule ends there",
+            job.name, state["planned_steps"], cfg.steps, cfg.max_minutes, per_step,
+        )  # fmt: skip
+    return True
 
 
 @contextmanager
@@ -918,6 +967,7 @@ def train_metrics(job: Job, params: int) -> dict[str, Any]:
     return {
         "params": params,
         "steps": state["step"],
+        "steps_asked": cfg.steps,
         "examples": len(job.examples),
         "examples_cut": sum(e.cut > 0 for e in job.examples),
         "examples_dropped": len(objective_pairs(job.rows, cfg.objective, cfg.alpha)) - len(job.examples),

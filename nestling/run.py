@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nestling.core.config import check
-from nestling.core.manifest import read_manifest
 from nestling.core.rundir import RunDir
 from nestling.distill.pipeline import DistillConfig
 from nestling.distill.teachers import DEFAULT_TEACHER
@@ -24,26 +23,29 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-# The compact student's recovery is the stage whose cost follows the CPU's training speed most: a recovery
-# step costs about what a step of its source's training did (2026-12-04 default run, 2 cores with AVX512-BF16:
-# 2.13 s/step for the source's 120 steps, 2.12 s/step for the 300 recovery steps), so compress's 300 steps
-# take ~10.7 min there, this share of 30 minutes. Where training runs ~3x slower (fp32 on CPUs without bf16)
-# the recovery gets ~100 steps in the same time; what that costs in accuracy is in the README.
-RECOVERY_SHARE = 0.36
-MIN_RECOVER_STEPS = 100
+# How --budget-minutes is spent. Three stages scale with how long one lets them run, and each gets a share:
+# the teacher's adaptive sampling (extra samples for unsolved questions stop when it is spent), the students'
+# training and each compact student's recovery (steps cut to what fits at the speed measured on their first
+# steps, distill.train's --max-minutes). The rest is fixed work that follows the held-out split: evaluation,
+# exports and their timing (--latency-questions). The shares come from the default run's stage times
+# (benchmarks/results/default_run_procedure/TIME.txt): on 2 cores with AVX512-BF16 the teacher needs ~8 min
+# for its adaptive samples and smollm2 ~6 min for its 120 steps, so only slower machines are cut; where
+# training runs ~3x slower (fp32 on CPUs without bf16) the students get about a third of their steps, and
+# what that costs is in the README.
+TRACES_SHARE = 0.25
+TRAIN_SHARE = 0.2
+RECOVERY_SHARE = 0.2
 
 
-def recovery_steps(budget_minutes: float, source_dir: Path, default: int) -> int:
-    """Recovery steps that fit the budget's share at the source's measured seconds per training step;
-    `default` when there is no budget or the source's manifest has no timing."""
-    if not budget_minutes or not (source_dir / "manifest.json").is_file():
-        return default
-    metrics = read_manifest(source_dir).get("metrics") or {}
-    seconds, steps = metrics.get("train_seconds"), metrics.get("steps")
-    if not seconds or not steps:
-        return default
-    fit = int(budget_minutes * 60 * RECOVERY_SHARE / (seconds / steps))
-    return max(min(MIN_RECOVER_STEPS, default), min(default, fit))
+RUN_MAX_SAMPLES = 6
+# The run's default students: SmolLM2 self-distilled, and (DEFAULT_COMPRESS) the compact student cut from it.
+# `nestling distill`'s from-scratch `tiny` is left out: on the multi-step default it learned nothing (8.5%
+# held-out against the trivial baseline's 7.5%) for ~4 min of training, evaluation and exports.
+RUN_STUDENTS = ["gguf:smollm2"]
+# Each export answers this many held-out questions one at a time, in both modes: ~4 s a question for the
+# five variants of the compact student, so all 200 would take a third of the budget; 100 keep its accuracy
+# within ~10 points (95%) and its latency medians stable.
+RUN_LATENCY_QUESTIONS = 100
 
 
 @dataclass
@@ -80,19 +82,24 @@ class RunConfig(DistillConfig):
         default=0.02,
         metadata={"help": "recommend the export with the quickest answers within this accuracy of the best"},
     )
+    students: list[str] = field(
+        default_factory=lambda: list(RUN_STUDENTS),
+        metadata={"help": "student specs, comma- or space-separated (see distill.students)"},
+    )
     budget_minutes: float = field(
         default=30.0,
         metadata={
-            "help": "size the compact student's recovery to this wall-clock budget by its source's measured "
-            f"training speed: a share of {RECOVERY_SHARE}, at most compress's steps, at least "
-            f"{MIN_RECOVER_STEPS}; 0 keeps compress's steps whatever they cost"
+            "help": "wall-clock budget the stages that can stop early are sized to, at this machine's "
+            f"measured speed, as shares of it: teacher sampling {TRACES_SHARE} (adaptive), students' "
+            f"training {TRAIN_SHARE}, each compact recovery {RECOVERY_SHARE}; --budget-seconds and "
+            "--train-minutes override their share; 0 = every stage runs its full recipe"
         },
     )
     latency_questions: int | None = field(
-        default=None,
+        default=RUN_LATENCY_QUESTIONS,
         metadata={
             "help": "held-out questions each export answers one at a time through Reasoner, timed and scored "
-            "(default: all, so exports and PyTorch students are scored on the same questions)"
+            "(its accuracy, beside the PyTorch student's on the same questions); 0 = all"
         },
     )
     compress: list[str] | None = field(
@@ -130,9 +137,12 @@ class RunConfig(DistillConfig):
             self.budget_minutes >= 0, f"--budget-minutes {self.budget_minutes}: must be >= 0 (0: no budget)"
         )
         check(
-            self.latency_questions is None or self.latency_questions >= 1,
-            f"--latency-questions {self.latency_questions}: must be >= 1",
+            self.latency_questions is None or self.latency_questions >= 0,
+            f"--latency-questions {self.latency_questions}: must be >= 0 (0 = all)",
         )
+        if self.latency_questions == 0:
+            self.latency_questions = None
+        self._share_budget()
         if self.variants is not None:
             from nestling.export.pipeline import VARIANTS
 
@@ -148,8 +158,14 @@ class RunConfig(DistillConfig):
             source = parse_compress(item)[0]
             check(source in names, f"--compress {item!r}: {source!r} is not one of the students {names}")
 
-
-RUN_MAX_SAMPLES = 6
+    def _share_budget(self) -> None:
+        """--budget-minutes' shares, where the user set no budget of that stage's own."""
+        if not self.budget_minutes:
+            return
+        if self.adaptive and self.budget_seconds is None and self.budget_tokens is None:
+            self.budget_seconds = round(TRACES_SHARE * self.budget_minutes * 60, 1)
+        if not self.train_minutes:
+            self.train_minutes = round(TRAIN_SHARE * self.budget_minutes / len(self.students), 2)
 
 
 # The embedded default's compact student: the self-distilled SmolLM2 with its vocabulary trimmed and half of
@@ -240,17 +256,12 @@ def _compress(cfg: RunConfig, trained: dict[str, Path]) -> tuple[dict[str, Path]
     sources: dict[str, Path] = {}
     for item in cfg.compress:
         source, layers, width = parse_compress(item)
-        default = next(f.default for f in fields(CompressConfig) if f.name == "recover_steps")
-        steps = recovery_steps(cfg.budget_minutes, trained[source].parent, default)
-        if steps < default:
-            log.info("compress %s: %d recovery steps instead of %d, to fit --budget-minutes %g at this "
-                     "machine's training speed", item, steps, default, cfg.budget_minutes)  # fmt: skip
         ccfg = CompressConfig(
             run=cfg.out,
             source=source,
             keep_layers=layers,
             intermediate_size=width,
-            recover_steps=steps,
+            recover_minutes=round(RECOVERY_SHARE * cfg.budget_minutes, 2),
             seed=cfg.seed,
             threads=cfg.threads,
         )

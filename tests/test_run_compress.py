@@ -22,11 +22,15 @@ def _stub_stages(tmp_path, monkeypatch) -> dict[str, list]:
     calls: dict[str, list] = {"compress": [], "eval": [], "export": [], "timed": [], "calculator": []}
     students = tmp_path / "students"
     trained = {"tiny": students / "tiny" / "model", "smollm2": students / "smollm2" / "model"}
-    monkeypatch.setattr(pipeline_mod, "run_distill", lambda cfg, **kw: {"students": dict(trained)})
+    monkeypatch.setattr(
+        pipeline_mod,
+        "run_distill",
+        lambda cfg, **kw: {"students": {n: trained[n] for n in cfg.student_names()}},
+    )
 
     def fake_compress(cfg):
         calls["compress"].append((cfg.source, cfg.keep_layers, cfg.intermediate_size))
-        calls.setdefault("recover_steps", []).append(cfg.recover_steps)
+        calls.setdefault("recover_minutes", []).append(cfg.recover_minutes)
         return students / str(cfg.name)
 
     def fake_measure(out, questions, **kw):
@@ -59,14 +63,16 @@ def test_the_default_compacts_smollm2_and_deploys_the_compact_student(tmp_path, 
     calls = _stub_stages(tmp_path, monkeypatch)
     run_mod.run(run_mod.RunConfig(out=str(tmp_path)))
     assert calls["compress"] == [("smollm2", 30, 768)]
-    assert calls["eval"] == [["tiny", "smollm2", "smollm2-c30-w768", "smollm2-trim"]]
-    assert [p.parent.name for p in calls["export"]] == ["tiny", "smollm2-c30-w768"]
-    assert calls["timed"] == calls["calculator"] == ["tiny", "smollm2-c30-w768"]
+    assert calls["eval"] == [["smollm2", "smollm2-c30-w768", "smollm2-trim"]]
+    assert [p.parent.name for p in calls["export"]] == ["smollm2-c30-w768"]
+    assert calls["timed"] == calls["calculator"] == ["smollm2-c30-w768"]
 
 
 def test_named_compact_students_and_exported_sources(tmp_path, monkeypatch):
     calls = _stub_stages(tmp_path, monkeypatch)
-    cfg = run_mod.RunConfig(out=str(tmp_path), compress=["smollm2:18"], export_sources=True)
+    cfg = run_mod.RunConfig(
+        out=str(tmp_path), students=["tiny", "gguf:smollm2"], compress=["smollm2:18"], export_sources=True
+    )
     run_mod.run(cfg)
     assert calls["compress"] == [("smollm2", 18, None)]
     assert [p.parent.name for p in calls["export"]] == ["tiny", "smollm2", "smollm2-c18", "smollm2-trim"]
@@ -75,7 +81,7 @@ def test_named_compact_students_and_exported_sources(tmp_path, monkeypatch):
 def test_no_compact_student_without_its_source_or_when_told(tmp_path, monkeypatch):
     calls = _stub_stages(tmp_path, monkeypatch)
     run_mod.run(run_mod.RunConfig(out=str(tmp_path), compress=["none"]))
-    assert calls["compress"] == [] and calls["timed"] == ["tiny", "smollm2"]
+    assert calls["compress"] == [] and calls["timed"] == ["smollm2"]
     assert run_mod.RunConfig(students=["tiny"]).compress == []  # the default applies only if smollm2 trains
 
 
@@ -93,21 +99,27 @@ def test_a_compress_source_that_is_not_a_student_is_refused_before_any_work():
 
 
 @pytest.mark.parametrize(
-    ("seconds_per_step", "budget", "steps"),
-    [(2.13, 30.0, 300), (6.4, 30.0, 101), (30.0, 30.0, 100), (6.4, 0.0, 300), (6.4, 60.0, 202)],
+    ("kw", "teacher_seconds", "train_minutes", "recover_minutes"),
+    [
+        ({}, 450.0, 6.0, 6.0),  # the default: 30 minutes
+        ({"budget_minutes": 60, "students": ["tiny", "gguf:smollm2"]}, 900.0, 6.0, 12.0),  # split by student
+        ({"budget_seconds": 100.0, "train_minutes": 2.5}, 100.0, 2.5, 6.0),  # the user's own budgets stand
+        ({"budget_minutes": 0}, None, 0.0, 0.0),  # no budget: every stage runs its full recipe
+        ({"adaptive": False}, None, 6.0, 6.0),  # flat sampling has no budget to cut
+    ],
 )
-def test_the_compact_recovery_is_sized_to_the_budget_by_the_sources_training_speed(
-    tmp_path, monkeypatch, seconds_per_step, budget, steps
+def test_the_budget_is_shared_among_the_stages_that_can_stop_early(
+    tmp_path, monkeypatch, kw, teacher_seconds, train_minutes, recover_minutes
 ):
-    from nestling.core.manifest import write_manifest
-
     calls = _stub_stages(tmp_path, monkeypatch)
-    metrics = {"steps": 120, "train_seconds": 120 * seconds_per_step}
-    write_manifest(tmp_path / "students" / "smollm2", stage="train", config={}, metrics=metrics)
-    run_mod.run(run_mod.RunConfig(out=str(tmp_path), budget_minutes=budget))
-    assert calls["recover_steps"] == [
-        steps
-    ]  # 300 at this machine's 2.13 s/step; fewer where training is slow
+    cfg = run_mod.RunConfig(out=str(tmp_path), **kw)
+    assert cfg.budget_seconds == teacher_seconds and cfg.train_minutes == train_minutes
+    dcfg = run_mod.DistillConfig(out=cfg.out, **run_mod._overrides(cfg, run_mod.DistillConfig))
+    from nestling.distill.pipeline import train_config
+
+    assert train_config(dcfg, "gguf:smollm2").max_minutes == train_minutes  # reaches each student's training
+    run_mod.run(cfg)
+    assert calls["recover_minutes"] == [recover_minutes]
 
 
 def test_a_negative_budget_is_one_line():

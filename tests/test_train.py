@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from fake_run import make_run
@@ -362,3 +363,39 @@ def test_rows_handed_over_train_into_the_named_directory_keyed_by_their_content(
     assert (out / "manifest.json").stat().st_mtime_ns != before
     with pytest.raises(NestlingError, match="lacks qid"):
         train(_cfg(run, steps=4), rows=[{"question": "1 + 1"}], out=out)
+
+
+@pytest.mark.parametrize(("seconds_per_step", "planned"), [(0.5, 40), (6.0, 20), (2.0, 30)])
+def test_a_time_budget_cuts_the_steps_to_what_fits_and_the_schedule_follows(
+    tmp_path, monkeypatch, seconds_per_step, planned
+):
+    """--max-minutes 1: 40 steps at 0.5 s fit, at 6 s/step the floor of 20 (2 x warmup 3 < 20) holds, at 2 s
+    30 fit. The clock is the loop's, stepped by a fixed amount per step, so the cut does not depend on this
+    machine's speed."""
+    import nestling.distill.train as train_mod
+
+    clock = {"t": 0.0}
+
+    def fake_clock() -> float:
+        clock["t"] += seconds_per_step  # read once before the loop and once after each step
+        return clock["t"]
+
+    lrs: list[float] = []
+    real_lr_at = train_mod.lr_at
+    monkeypatch.setattr(train_mod, "time", SimpleNamespace(perf_counter=fake_clock))
+    monkeypatch.setattr(
+        train_mod, "lr_at", lambda s, cfg, total=None: lrs.append(real_lr_at(s, cfg, total)) or lrs[-1]
+    )
+    run = make_run(tmp_path / "run")
+    out = train(_cfg(run, steps=40, max_minutes=1.0))
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert metrics["steps"] == planned and metrics["steps_asked"] == 40
+    # the cosine reaches its floor (3e-4) at the cut, where the uncut schedule would still be near its peak
+    assert len(lrs) == planned and lrs[-1] < 1.2 * 3e-4
+
+
+def test_no_budget_runs_every_step():
+    cfg = TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr_ratio=0.1)
+    assert lr_at(59, cfg, total=60) == pytest.approx(lr_at(99, cfg), rel=0.05)  # a cut schedule still decays
+    with pytest.raises(NestlingError, match="--max-minutes"):
+        TrainConfig(max_minutes=-1)
