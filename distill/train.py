@@ -108,7 +108,7 @@ class TrainConfig:
         default=0.0,
         metadata={
             "help": "wall-clock budget: after a few steps, --steps is cut to what fits at the measured "
-            "speed (never under min(steps, 2 x warmup, 20)); the schedule follows the cut (0 = no budget)"
+            "speed (never under min(steps, 20)); warmup and schedule follow the cut (0 = no budget)"
         },
     )
     max_len: int = field(default=192, metadata={"help": "longest example in tokens"})
@@ -409,12 +409,13 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "weights": weights}
 
 
-def lr_at(step: int, cfg: TrainConfig, total: int | None = None) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step (`total`, the
-    budget's cut of cfg.steps, when there is one)."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, (total or cfg.steps) - cfg.warmup)
+def lr_at(step: int, cfg: TrainConfig, total: int | None = None, warmup: int | None = None) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step (`total` and
+    `warmup`: the budget's cut of cfg.steps and cfg.warmup, when there is one)."""
+    warmup = cfg.warmup if warmup is None else warmup
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, (total or cfg.steps) - warmup)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -779,7 +780,7 @@ def train_step(job: Job, step: int) -> tuple[float, int]:
     import torch
 
     cfg = job.cfg
-    lr = lr_at(step, cfg, planned_steps(job))
+    lr = lr_at(step, cfg, planned_steps(job), job.state.get("planned_warmup"))
     for group in job.optimizer.param_groups:
         group["lr"] = lr
     loss, tokens = 0.0, 0
@@ -888,9 +889,11 @@ def plan_budget(job: Job) -> bool:
         return False
     per_step = (state["seconds"] - state.pop("probe_from", 0.0)) / BUDGET_PROBE_STEPS
     per_step = all_reduce_sum(per_step, job.rt) / job.rt.world
-    floor = min(cfg.steps, max(2 * cfg.warmup, BUDGET_MIN_STEPS))
     fit_steps = int(cfg.max_minutes * 60 / max(per_step, 1e-9))
-    state["planned_steps"] = max(floor, min(cfg.steps, fit_steps))
+    state["planned_steps"] = max(min(cfg.steps, BUDGET_MIN_STEPS), min(cfg.steps, fit_steps))
+    # A cut schedule keeps its warmup's share (cfg.warmup / cfg.steps), never ending before the probe did.
+    share = cfg.warmup * state["planned_steps"] // cfg.steps
+    state["planned_warmup"] = min(cfg.warmup, max(share, min(cfg.warmup, state["step"])))
     state["seconds_per_step"] = round(per_step, 3)
     if state["planned_steps"] < cfg.steps:
         log.info(
@@ -968,6 +971,7 @@ def train_metrics(job: Job, params: int) -> dict[str, Any]:
         "params": params,
         "steps": state["step"],
         "steps_asked": cfg.steps,
+        "warmup": state.get("planned_warmup", cfg.warmup),
         "examples": len(job.examples),
         "examples_cut": sum(e.cut > 0 for e in job.examples),
         "examples_dropped": len(objective_pairs(job.rows, cfg.objective, cfg.alpha)) - len(job.examples),

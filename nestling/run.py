@@ -26,15 +26,16 @@ log = logging.getLogger(__name__)
 # How --budget-minutes is spent. Three stages scale with how long one lets them run, and each gets a share:
 # the teacher's adaptive sampling (extra samples for unsolved questions stop when it is spent), the students'
 # training and each compact student's recovery (steps cut to what fits at the speed measured on their first
-# steps, distill.train's --max-minutes). The rest is fixed work that follows the held-out split: evaluation,
-# exports and their timing (--latency-questions). The shares come from the default run's stage times
-# (benchmarks/results/default_run_procedure/TIME.txt): on 2 cores with AVX512-BF16 the teacher needs ~8 min
-# for its adaptive samples and smollm2 ~6 min for its 120 steps, so only slower machines are cut; where
-# training runs ~3x slower (fp32 on CPUs without bf16) the students get about a third of their steps, and
-# what that costs is in the README.
-TRACES_SHARE = 0.25
-TRAIN_SHARE = 0.2
-RECOVERY_SHARE = 0.2
+# steps, distill.train's --max-minutes). The rest is work that follows the held-out split: evaluation (~6 min
+# on 2 cores with AVX512-BF16, the teacher's greedy pass half of it), exports and their parity checks (~3.5
+# min), timing (--latency-questions) and the calculator pass. With shares of 0.25/0.2/0.2 and 100 timed
+# questions the default ran 37.0 min there (benchmarks/results/default_run_budget/): the teacher's 6 rounds
+# took 7.6 min, smollm2 was cut from 120 to 71 steps (5.0 s/step) and still scored 67.5% (120 steps: 67.5%),
+# the recovery from 300 to 98 (3.6 s/step). Where training runs ~3x slower (fp32 on CPUs without bf16) the
+# students get about a third of those steps; what that costs is in the README.
+TRACES_SHARE = 0.2
+TRAIN_SHARE = 0.15
+RECOVERY_SHARE = 0.15
 
 
 RUN_MAX_SAMPLES = 6
@@ -42,10 +43,11 @@ RUN_MAX_SAMPLES = 6
 # `nestling distill`'s from-scratch `tiny` is left out: on the multi-step default it learned nothing (8.5%
 # held-out against the trivial baseline's 7.5%) for ~4 min of training, evaluation and exports.
 RUN_STUDENTS = ["gguf:smollm2"]
-# Each export answers this many held-out questions one at a time, in both modes: ~4 s a question for the
-# five variants of the compact student, so all 200 would take a third of the budget; 100 keep its accuracy
-# within ~10 points (95%) and its latency medians stable.
-RUN_LATENCY_QUESTIONS = 100
+# Each export answers this many held-out questions one at a time, in both modes: 2.9 s a question for the
+# five variants of the compact student (measured), so all 200 would take a third of the budget. 50 keep the
+# latency medians stable; their accuracy is compared with the PyTorch student's on the same 50 (the full
+# split's accuracy is the PyTorch student's, on 200).
+RUN_LATENCY_QUESTIONS = 50
 
 
 @dataclass
@@ -244,9 +246,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _compress(cfg: RunConfig, trained: dict[str, Path]) -> tuple[dict[str, Path], dict[str, Path]]:
-    """Compact students derived from trained ones, then evaluated beside them with each source's lossless
-    trim (evaluation is cached per student, so the trained ones are not scored again). Returns (compact
-    students, their sources and the sources' trims)."""
+    """Compact students derived from trained ones, then evaluated beside them (evaluation is cached per
+    student, so the trained ones are not scored again), with each source's lossless trim under
+    --export-sources. Returns (compact students, their sources and the sources' trims)."""
     if not cfg.compress:
         return {}, {}
     from nestling.distill.compress import CompressConfig, compress, trim_name
@@ -271,7 +273,7 @@ def _compress(cfg: RunConfig, trained: dict[str, Path]) -> tuple[dict[str, Path]
     evaluate(
         EvalConfig(
             run=cfg.out,
-            students=list(dict.fromkeys([*trained, *made, *sources])),
+            students=list(dict.fromkeys([*trained, *made, *(sources if cfg.export_sources else [])])),
             teacher=cfg.teacher,
             limit=cfg.eval_limit,
             threads=cfg.threads,

@@ -63,7 +63,7 @@ def test_the_default_compacts_smollm2_and_deploys_the_compact_student(tmp_path, 
     calls = _stub_stages(tmp_path, monkeypatch)
     run_mod.run(run_mod.RunConfig(out=str(tmp_path)))
     assert calls["compress"] == [("smollm2", 30, 768)]
-    assert calls["eval"] == [["smollm2", "smollm2-c30-w768", "smollm2-trim"]]
+    assert calls["eval"] == [["smollm2", "smollm2-c30-w768"]]  # the trim only with --export-sources
     assert [p.parent.name for p in calls["export"]] == ["smollm2-c30-w768"]
     assert calls["timed"] == calls["calculator"] == ["smollm2-c30-w768"]
 
@@ -101,11 +101,11 @@ def test_a_compress_source_that_is_not_a_student_is_refused_before_any_work():
 @pytest.mark.parametrize(
     ("kw", "teacher_seconds", "train_minutes", "recover_minutes"),
     [
-        ({}, 450.0, 6.0, 6.0),  # the default: 30 minutes
-        ({"budget_minutes": 60, "students": ["tiny", "gguf:smollm2"]}, 900.0, 6.0, 12.0),  # split by student
-        ({"budget_seconds": 100.0, "train_minutes": 2.5}, 100.0, 2.5, 6.0),  # the user's own budgets stand
+        ({}, 360.0, 4.5, 4.5),  # the default: 30 minutes
+        ({"budget_minutes": 60, "students": ["tiny", "gguf:smollm2"]}, 720.0, 4.5, 9.0),  # split by student
+        ({"budget_seconds": 100.0, "train_minutes": 2.5}, 100.0, 2.5, 4.5),  # the user's own budgets stand
         ({"budget_minutes": 0}, None, 0.0, 0.0),  # no budget: every stage runs its full recipe
-        ({"adaptive": False}, None, 6.0, 6.0),  # flat sampling has no budget to cut
+        ({"adaptive": False}, None, 4.5, 4.5),  # flat sampling has no budget to cut
     ],
 )
 def test_the_budget_is_shared_among_the_stages_that_can_stop_early(
