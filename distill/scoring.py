@@ -48,6 +48,9 @@ def score_outputs(
         "n": n,
         "by_task": {t: round(sum(v) / len(v), 4) for t, v in sorted(by_task.items())},
         "by_task_ci": {t: wilson(sum(v), len(v)) for t, v in sorted(by_task.items())},
+        # One character per question in the split's order: an export timed on the first N questions is
+        # compared with its PyTorch student on those same N (nestling.report).
+        "correct": "".join("1" if ok else "0" for ok in correct),
     }
     if explain:
         out["steps_all_right"] = all_right / n  # every checked step right (and at least one checkable)

@@ -170,11 +170,21 @@ def _plot_rounds(ax: Any, report: dict[str, Any]) -> None:
 
 
 def _delta_vs_pytorch(export: dict[str, Any], student: dict[str, Any]) -> None:
-    """Export minus PyTorch accuracy, where both scored the same held-out questions (the run's timed pass
-    over the split its student was evaluated on); the export-time parity delta covers only a few prompts."""
-    same = export.get("n") and export.get("n") == student.get("n")
-    if same and export.get("accuracy") is not None and student.get("accuracy") is not None:
-        export["accuracy_delta_vs_pytorch"] = round(export["accuracy"] - student["accuracy"], 4)
+    """Export minus PyTorch accuracy on the same held-out questions: the run's timed pass answers the first
+    n of the split its student was evaluated on, and the student's per-question record gives its accuracy on
+    those n (without the record, only when both scored the whole split). The export-time parity delta
+    covers only a few prompts."""
+    n, correct = export.get("n"), student.get("correct") or ""
+    if not n or export.get("accuracy") is None or student.get("accuracy") is None:
+        return
+    if len(correct) >= n:
+        reference = correct[:n].count("1") / n
+    elif n == student.get("n"):
+        reference = student["accuracy"]
+    else:
+        return
+    export["accuracy_delta_vs_pytorch"] = round(export["accuracy"] - reference, 4)
+    export["pytorch_accuracy_same_questions"] = round(reference, 4)
 
 
 def _with_ci(entry: dict[str, Any]) -> dict[str, Any]:
@@ -201,6 +211,7 @@ def _teacher_entry(run_dir: Path) -> dict[str, Any]:
             "tokens_per_s": teacher.get("tokens_per_s"),
             "answer_s": {"explain": teacher.get("latency_s")},
             "n": explain.get("n"),
+            "correct": explain.get("correct"),
         }
     )
 
@@ -322,6 +333,14 @@ def _fmt(x: Any, kind: str) -> str:
     return f"{x:,.0f}"
 
 
+def _questions(entry: dict[str, Any]) -> str:
+    """How many questions an accuracy is over, with the PyTorch student's accuracy on those same ones where
+    an export answered only some of the split."""
+    same = entry.get("pytorch_accuracy_same_questions")
+    n = entry.get("n") or "-"
+    return f"{n} (PyTorch {pct(same)})" if same is not None else str(n)
+
+
 def _report_markdown(report: dict[str, Any]) -> str:
     rows = [("teacher", "", report.get("teacher", {}))]
     rows += [(f"student {k}", "", v) for k, v in report.get("students", {}).items()]
@@ -342,7 +361,7 @@ def _report_markdown(report: dict[str, Any]) -> str:
         answer_s = e.get("answer_s") or {}
         lines.append(
             f"| {name} | {student} | {_fmt(e.get('accuracy'), 'acc')} | {_fmt(e.get('accuracy_ci'), 'ci')} | "
-            f"{_fmt(e.get('accuracy_answer_only'), 'acc')} | {e.get('n') or '-'} | "
+            f"{_fmt(e.get('accuracy_answer_only'), 'acc')} | {_questions(e)} | "
             f"{_fmt(e.get('params'), 'params')} | "
             f"{_fmt(e.get('bytes'), 'bytes')} | {_fmt(e.get('tokens_per_s'), 'tps')} | "
             f"{_fmt(answer_s.get('explain'), 's')} | {_fmt(answer_s.get('answer'), 's')} |"
@@ -350,9 +369,10 @@ def _report_markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "Teacher and students are scored on the held-out split (explain mode, greedy); each export on the "
-        "held-out questions it answered one at a time through `Reasoner` (all of them by default, the same "
-        "questions as its PyTorch student: `accuracy_delta_vs_pytorch` in report.json, beside the "
-        "export-time parity check). Decode speed is single-stream on this machine; per-answer times are "
+        "first held-out questions, answered one at a time through `Reasoner` (`--latency-questions`; its "
+        "PyTorch student's accuracy on those same questions is `pytorch_accuracy_same_questions` in "
+        "report.json, the difference `accuracy_delta_vs_pytorch`, beside the export-time parity check). "
+        "Decode speed is single-stream on this machine; per-answer times are "
         "medians over those answers (prompt included; the teacher's through its own engine and prompt).",
     ]
     lines += _calculator_markdown(report)

@@ -78,6 +78,7 @@ def test_explanation_metrics_tell_right_steps_from_lucky_answers():
     assert m["steps_checkable"] == pytest.approx(3 / 4)
     assert m["consistent"] == pytest.approx(2 / 4)
     assert m["by_task"] == {"rg:basic_arithmetic": 0.75}
+    assert m["correct"] == "1101"  # per question, in order: what an export's subset is compared on
 
 
 def test_complete_explanations_are_grounded_in_the_question():

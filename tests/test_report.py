@@ -187,3 +187,18 @@ def test_the_report_and_serve_pick_a_variant_by_one_rule(tmp_path):
         assert nestling_report.recommend(entries, tol) == f"tiny-{default}"
         competing = {k: {**e, "default": True} for k, e in entries.items()}
         assert nestling_report.recommend(competing, tol) == f"tiny-{default}"
+
+
+def test_an_export_timed_on_the_first_questions_is_compared_with_its_student_on_those():
+    student = {"accuracy": 0.5, "n": 4, "correct": "1100"}
+    export = {"accuracy": 0.5, "n": 2}
+    nestling_report._delta_vs_pytorch(export, student)
+    assert export["pytorch_accuracy_same_questions"] == 1.0 and export["accuracy_delta_vs_pytorch"] == -0.5
+    whole = {"accuracy": 0.75, "n": 4}
+    nestling_report._delta_vs_pytorch(whole, {"accuracy": 0.5, "n": 4})  # no record: only the same split
+    assert whole["accuracy_delta_vs_pytorch"] == 0.25
+    other = {"accuracy": 0.5, "n": 3}
+    nestling_report._delta_vs_pytorch(other, {"accuracy": 0.5, "n": 4})
+    assert "accuracy_delta_vs_pytorch" not in other  # different questions are not compared
+    md = nestling_report._report_markdown({"tolerance": 0.02, "exports": {"x": {**export, "student": "s"}}})
+    assert "| 2 (PyTorch 100.0%) |" in md

@@ -366,14 +366,14 @@ def test_rows_handed_over_train_into_the_named_directory_keyed_by_their_content(
 
 
 @pytest.mark.parametrize(
-    ("seconds_per_step", "planned", "warmup"), [(0.5, 40, 10), (6.0, 20, 5), (2.0, 30, 7)]
+    ("seconds_per_step", "planned", "warmup"), [(0.5, 80, 20), (2.0, 60, 15), (6.0, 20, 9)]
 )
 def test_a_time_budget_cuts_the_steps_to_what_fits_and_the_schedule_follows(
     tmp_path, monkeypatch, seconds_per_step, planned, warmup
 ):
-    """--max-minutes 1: 40 steps at 0.5 s fit, at 6 s/step the floor of 20 holds, at 2 s 30 fit; the warmup
-    keeps its quarter of the steps, never ending before the 5 probe steps. The clock is the loop's, stepped by
-    a fixed amount per step, so the cut does not depend on this machine's speed."""
+    """--max-minutes 2: 80 steps at 0.5 s fit, at 2 s 60, at 6 s/step the floor of 20 holds; the warmup keeps
+    its quarter of the steps, never ending before the 9 steps that measured the speed. The clock is the
+    loop's, stepped by a fixed amount per step, so the cut does not depend on this machine's speed."""
     import nestling.distill.train as train_mod
 
     clock = {"t": 0.0}
@@ -386,12 +386,14 @@ def test_a_time_budget_cuts_the_steps_to_what_fits_and_the_schedule_follows(
     real_lr_at = train_mod.lr_at
     monkeypatch.setattr(train_mod, "time", SimpleNamespace(perf_counter=fake_clock))
     monkeypatch.setattr(
-        train_mod, "lr_at", lambda s, cfg, total=None: lrs.append(real_lr_at(s, cfg, total)) or lrs[-1]
+        train_mod,
+        "lr_at",
+        lambda s, cfg, total=None, warmup=None: lrs.append(real_lr_at(s, cfg, total, warmup)) or lrs[-1],
     )
     run = make_run(tmp_path / "run")
-    out = train(_cfg(run, steps=40, warmup=10, max_minutes=1.0))
+    out = train(_cfg(run, steps=80, warmup=20, max_minutes=2.0))
     metrics = json.loads((out / "manifest.json").read_text())["metrics"]
-    assert metrics["steps"] == planned and metrics["steps_asked"] == 40 and metrics["warmup"] == warmup
+    assert metrics["steps"] == planned and metrics["steps_asked"] == 80 and metrics["warmup"] == warmup
     assert lrs[warmup] == pytest.approx(3e-3) and lrs[warmup - 2] < 3e-3  # the peak where warmup ends
     # the cosine reaches its floor (3e-4) at the cut, where the uncut schedule would still be near its peak
     assert len(lrs) == planned and lrs[-1] < 1.2 * 3e-4
