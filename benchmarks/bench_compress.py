@@ -8,8 +8,8 @@ per-answer latency; one student per shape and seed.
         --seeds 0 1 2 --recover-steps 300 --lr 1e-4 --kd-alpha 0.9 --latency-questions 100 \
         --out benchmarks/results/compact_3seeds
 
-For each --layers K (and seed), distill.compress builds RUN/students/smollm2-cK[-wW][-sS] (resumable). Every
-model is then
+For each --layers K (and seed), distill.compress builds RUN/students/smollm2-cK[-wW][-sS] (-sS for seeds
+above 0; resumable). Every model is then
   - scored in PyTorch on the whole held-out split, explain and answer-only modes (nestling eval, cached),
   - exported to GGUF Q8_0 (parity-checked by the export stage) and asked the first --latency-questions
     held-out questions one at a time through nestling.serve.Reasoner (llama.cpp, 1 thread): per-answer
@@ -151,7 +151,7 @@ def main() -> None:
                 cfg = CompressConfig(
                     run=str(run),
                     source=args.source,
-                    name=shape_name(args, k, objective) + (f"-s{seed}" if len(args.seeds) > 1 else ""),
+                    name=seeded(shape_name(args, k, objective), seed),
                     keep_layers=k,
                     intermediate_size=args.width,
                     recover_steps=steps,
@@ -238,12 +238,18 @@ def shape_name(args: argparse.Namespace, layers: int, objective: str = "off-poli
     return f"{args.source}-c{layers}" + (f"-w{args.width}" if args.width else "") + suffix
 
 
+def seeded(name: str, seed: int) -> str:
+    """A compact student's name for a seed: seed 0 keeps the plain name, so a run of seeds 0 1 2 reuses the
+    cached seed-0 student of an earlier single-seed run (and seeds never share a directory)."""
+    return f"{name}-s{seed}" if seed else name
+
+
 def seed_summary(res: dict, args: argparse.Namespace) -> dict:
     """Mean and spread over seeds of each shape: accuracy (PyTorch, both modes) and speed-ups."""
     out = {}
     for k, (objective, _) in ((k, o) for k in args.layers for o in objectives(args)):
         name = shape_name(args, k, objective)
-        rows = [res["students"][f"{name}-s{s}"] for s in args.seeds]
+        rows = [res["students"][seeded(name, s)] for s in args.seeds]
         stat = lambda xs: {"mean": round(statistics.fmean(xs), 4), "stdev": round(statistics.stdev(xs), 4)}  # noqa: E731
         out[name] = {
             "seeds": args.seeds,
