@@ -7,39 +7,19 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
-
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-SKIP = shutil.ignore_patterns(".git", "runs", "build", "dist", "*.egg-info", "__pycache__", "*.gguf")
+sys.path.insert(0, str(ROOT / "scripts"))
+from lint_imports import SKIP, lint_imports  # noqa: E402  (the same check as `python3 scripts/lint_imports.py`)
 
 
 def _copy_tree(dest: Path) -> Path:
     shutil.copytree(ROOT, dest, ignore=SKIP)
     return dest
-
-
-def package_view(tree: Path, dest: Path) -> Path:
-    """The installed package's layout (pyproject's package-dir mapping applied), as a folder import-linter can
-    walk: it reads packages from the file system, where nestling.serve is ../serve."""
-    mapping = tomllib.loads((tree / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
-    shutil.copytree(tree / "nestling", dest / "nestling", ignore=SKIP)
-    for name, folder in mapping.items():
-        shutil.copytree(tree / folder, dest / Path(*name.split(".")), ignore=SKIP)
-    return dest
-
-
-def lint_imports(tree: Path, tmp: Path) -> subprocess.CompletedProcess:
-    # import-linter puts its working directory first on sys.path: run it in the view, with the contracts.
-    view = package_view(tree, tmp / "view")
-    exe = shutil.which("lint-imports") or pytest.fail("import-linter missing: pip install -e .[dev]")
-    cmd = [exe, "--no-cache", "--config", str(tree / "pyproject.toml")]
-    return subprocess.run(cmd, cwd=view, capture_output=True, text=True, timeout=120)
 
 
 def test_the_contracts_hold(tmp_path):
