@@ -896,7 +896,6 @@ def plan_budget(job: Job) -> bool:
     # A cut schedule keeps its warmup's share (cfg.warmup / cfg.steps), never ending before the probe did.
     share = cfg.warmup * state["planned_steps"] // cfg.steps
     state["planned_warmup"] = min(cfg.warmup, max(share, min(cfg.warmup, state["step"])))
-    state["seconds_per_step"] = round(per_step, 3)
     if state["planned_steps"] < cfg.steps:
         log.info(
             "%s: %d of %d steps fit --max-minutes %g at %.2f s/step; the schedule ends there",
