@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nestling.distill.accel import PRECISIONS
 from nestling.distill.fresh import draw_fresh, fresh_rows
 from nestling.distill.prune import keep_layers, layer_importance, prune_mlp, select_layers
 from nestling.distill.vocab import trim_vocab
@@ -107,10 +108,18 @@ class CompressConfig:
         default=0, metadata={"help": "on-policy: the source's top-k tokens only (0 = full distribution)"}
     )
     seed: int = field(default=0, metadata={"help": "seed for fresh questions and recovery"})
+    precision: str = field(
+        default="auto",
+        metadata={"help": "recovery: auto | fp32 | bf16 autocast (nestling train)", "choices": PRECISIONS},
+    )
     threads: int | None = field(default=None, metadata={"help": "CPU threads (default min(2, cores))"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
+        check(
+            self.precision in PRECISIONS,
+            f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}",
+        )
         check(
             self.keep_layers is None or self.keep_layers >= 2,
             f"--keep-layers {self.keep_layers}: must be >= 2",
@@ -320,6 +329,7 @@ def _recover(
         kd_top_k=cfg.kd_top_k,
         onpolicy_fresh=cfg.fresh if cfg.objective != "off-policy" else 0,
         seed=cfg.seed,
+        precision=cfg.precision,
         threads=cfg.threads,
         progress=cfg.progress,
     )

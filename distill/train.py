@@ -865,9 +865,12 @@ def fit(job: Job) -> None:
     bar.close()
 
 
-# --max-minutes measures the speed over these steps, after the first (which pays for allocation and warm-up).
-# Steps differ in cost with their batch's longest row: over 4 steps the default run measured 7.3 s/step
-# where its 37 steps then averaged 5.9, so the cut was a fifth deeper than the budget asked.
+# --max-minutes measures the speed over windows of these steps, the first after step 1 (which pays for
+# allocation and warm-up), and plans the steps that fit. Steps differ in cost with their batch's longest row,
+# and the first ones run slow: the default run's first 4 steps measured 7.3 s/step where its 37 steps then
+# averaged 5.9, and a recovery's first 8 steps 4.04 s/step where the next 57 took 3.1, so one early
+# measurement left a fifth of the budget unspent. Each later window re-plans from its own speed and the time
+# left, while the run is in the first half of its plan (the cosine then moves by a few percent at most).
 BUDGET_PROBE_STEPS = 8
 BUDGET_MIN_STEPS = 20
 
@@ -879,24 +882,30 @@ def planned_steps(job: Job) -> int:
 
 
 def plan_budget(job: Job) -> bool:
-    """With --max-minutes, once the probe steps are done: cut the planned steps to what the budget affords at
-    their measured speed (the mean over processes, so every rank plans the same). True when it planned."""
+    """With --max-minutes, at the end of each window of probe steps: plan the steps the budget affords at the
+    window's measured speed (the mean over processes, so every rank plans the same). True when it planned."""
     cfg, state = job.cfg, job.state
-    if not cfg.max_minutes or "planned_steps" in state:
+    step = state["step"]
+    if not cfg.max_minutes:
         return False
-    if state["step"] == 1:
-        state["probe_from"] = state["seconds"]
+    if step == 1:
+        state["budget_from"] = state["window_from"] = state["seconds"]
         return False
-    if state["step"] < 1 + BUDGET_PROBE_STEPS:
+    first = "planned_steps" not in state
+    late = not first and 2 * step > planned_steps(job)
+    if (step - 1) % BUDGET_PROBE_STEPS or "window_from" not in state or late:
         return False
-    per_step = (state["seconds"] - state.pop("probe_from", 0.0)) / BUDGET_PROBE_STEPS
+    per_step = (state["seconds"] - state["window_from"]) / BUDGET_PROBE_STEPS
     per_step = all_reduce_sum(per_step, job.rt) / job.rt.world
-    fit_steps = int(cfg.max_minutes * 60 / max(per_step, 1e-9))
-    state["planned_steps"] = max(min(cfg.steps, BUDGET_MIN_STEPS), min(cfg.steps, fit_steps))
-    # A cut schedule keeps its warmup's share (cfg.warmup / cfg.steps), never ending before the probe did.
-    share = cfg.warmup * state["planned_steps"] // cfg.steps
-    state["planned_warmup"] = min(cfg.warmup, max(share, min(cfg.warmup, state["step"])))
-    if state["planned_steps"] < cfg.steps:
+    state["window_from"] = state["seconds"]
+    left = cfg.max_minutes * 60 - (state["seconds"] - state["budget_from"])
+    fit_steps = step - 1 + int(max(left, 0.0) / max(per_step, 1e-9))
+    before = planned_steps(job)
+    state["planned_steps"] = max(min(cfg.steps, BUDGET_MIN_STEPS), min(cfg.steps, fit_steps), step)
+    if first:  # a cut keeps the warmup's share (cfg.warmup / cfg.steps), never ending before the probe
+        share = cfg.warmup * state["planned_steps"] // cfg.steps
+        state["planned_warmup"] = min(cfg.warmup, max(share, min(cfg.warmup, step)))
+    if state["planned_steps"] != before:
         log.info(
             "%s: %d of %d steps fit --max-minutes %g at %.2f s/step; the schedule ends there",
             job.name, state["planned_steps"], cfg.steps, cfg.max_minutes, per_step,

@@ -265,6 +265,7 @@ def _compress(cfg: RunConfig, trained: dict[str, Path]) -> tuple[dict[str, Path]
             intermediate_size=width,
             recover_minutes=round(RECOVERY_SHARE * cfg.budget_minutes, 2),
             seed=cfg.seed,
+            precision=cfg.precision,
             threads=cfg.threads,
         )
         made[str(ccfg.name)] = compress(ccfg) / "model"

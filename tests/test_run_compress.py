@@ -31,6 +31,7 @@ def _stub_stages(tmp_path, monkeypatch) -> dict[str, list]:
     def fake_compress(cfg):
         calls["compress"].append((cfg.source, cfg.keep_layers, cfg.intermediate_size))
         calls.setdefault("recover_minutes", []).append(cfg.recover_minutes)
+        calls.setdefault("precision", []).append(cfg.precision)
         return students / str(cfg.name)
 
     def fake_measure(out, questions, **kw):
@@ -120,6 +121,15 @@ def test_the_budget_is_shared_among_the_stages_that_can_stop_early(
     assert train_config(dcfg, "gguf:smollm2").max_minutes == train_minutes  # reaches each student's training
     run_mod.run(cfg)
     assert calls["recover_minutes"] == [recover_minutes]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_run_precision_reaches_the_recovery(tmp_path, monkeypatch, precision):
+    """--precision fp32 (a CPU without bf16, or a check of one) holds for the compact student's recovery too,
+    not only for the students' training."""
+    calls = _stub_stages(tmp_path, monkeypatch)
+    run_mod.run(run_mod.RunConfig(out=str(tmp_path), precision=precision))
+    assert calls["precision"] == [precision]
 
 
 def test_a_negative_budget_is_one_line():

@@ -399,6 +399,30 @@ def test_a_time_budget_cuts_the_steps_to_what_fits_and_the_schedule_follows(
     assert len(lrs) == planned and lrs[-1] < 1.2 * 3e-4
 
 
+@pytest.mark.parametrize(("probe_s", "then_s", "planned"), [(3.0, 1.0, 104), (1.0, 3.0, 45)])
+def test_a_time_budget_replans_when_the_speed_changes(tmp_path, monkeypatch, probe_s, then_s, planned):
+    """--max-minutes 2 of 120 steps, the first 9 steps at PROBE_S s and the rest at THEN_S. Planned on the
+    first window alone, a slow start would cut to 40 steps and leave half the budget unspent, and a fast
+    start would keep all 120 and overrun it threefold; each later window re-plans from its own speed and the
+    time left (first half of the plan only), so the run ends within the budget and near it."""
+    import nestling.distill.train as train_mod
+
+    clock = {"calls": 0, "t": 0.0}
+
+    def fake_clock() -> float:  # read once before the loop and once after each step: call k ends step k
+        clock["t"] += probe_s if clock["calls"] <= 9 else then_s
+        clock["calls"] += 1
+        return clock["t"]
+
+    monkeypatch.setattr(train_mod, "time", SimpleNamespace(perf_counter=fake_clock))
+    run = make_run(tmp_path / "run")
+    out = train(_cfg(run, steps=120, warmup=20, max_minutes=2.0))
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    assert metrics["steps"] == planned and metrics["steps_asked"] == 120
+    spent = 8 * probe_s + (planned - 9) * then_s  # after step 1, which the budget does not count
+    assert 120 - 2 * then_s <= spent <= 120  # short by under two steps (the plan counts step 1 as one)
+
+
 def test_no_budget_runs_every_step():
     cfg = TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr_ratio=0.1)
     assert lr_at(59, cfg, total=60) == pytest.approx(lr_at(99, cfg), rel=0.05)  # a cut schedule still decays
