@@ -107,8 +107,9 @@ class TrainConfig:
     max_minutes: float = field(
         default=0.0,
         metadata={
-            "help": "wall-clock budget: after a few steps, --steps is cut to what fits at the measured "
-            "speed (never under min(steps, 20)); warmup and schedule follow the cut (0 = no budget)"
+            "help": "wall-clock budget: --steps is cut to what fits at the speed measured every 8 steps "
+            "through the first half of the plan (never under min(steps, 20)); warmup and schedule follow "
+            "the cut (0 = no budget)"
         },
     )
     max_len: int = field(default=192, metadata={"help": "longest example in tokens"})
