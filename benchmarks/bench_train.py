@@ -1,7 +1,9 @@
-"""Training throughput here: 1 vs 2 processes, and families x precision x full/LoRA. JSON + PNG out.
+"""Training throughput here: 1 vs 2 processes, families x precision x full/LoRA, and precision by row length.
+JSON + PNG out.
 
     python3 benchmarks/bench_train.py processes --steps 120     # -> benchmarks/results/train_processes.json
     python3 benchmarks/bench_train.py families --steps 4        # -> benchmarks/results/train_families.json
+    python3 benchmarks/bench_train.py lengths --steps 6         # -> benchmarks/results/train_lengths.json
 
 processes: the tiny preset on a generated trace store (one-digit sums, no teacher), the same recipe and
 global batch run by `nestling train` (one process, 2 threads) and by `torchrun --nproc_per_node 2` (two
@@ -12,6 +14,11 @@ families: random models of every supported family built from transformers' confi
 SmolLM2-135M-shaped llama; forward + backward + AdamW on random tokens (batch 8 x 128, loss on the last 96
 positions as the recipe computes it), fp32 vs bf16 autocast, full fine-tuning vs LoRA (distill.lora's
 family recipe). Steps are timed after one warm-up step, cells interleaved so machine load hits all alike.
+
+lengths: the SmolLM2-135M shape, full fine-tuning, batch 8, rows of 32, 64 and 128 tokens (the embedded
+default's batches hold ~270 tokens: rows of ~34), fp32 vs bf16 autocast, the loss on every position; per
+length both precisions are built and their timed steps alternate, so load hits both alike. The question: does
+bf16's speed-up hold as rows get shorter? Autocast casts every weight to bf16 each step, whatever the batch.
 """
 
 from __future__ import annotations
@@ -235,6 +242,66 @@ def families(args: argparse.Namespace) -> dict:
     }
 
 
+# ---- lengths -------------------------------------------------------------------------------------------
+
+
+def _timed_step(cell: dict, ids: object, precision: str) -> float:
+    """One full step with the loss on every position; its seconds."""
+    import torch
+    import torch.nn.functional as F
+    from nestling.distill.accel import autocast, resolve_precision
+
+    device, t0 = torch.device("cpu"), time.perf_counter()
+    with autocast(device, resolve_precision(precision, device)):
+        logits = cell["model"](input_ids=ids[:, :-1]).logits
+    F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
+    cell["opt"].step()
+    cell["opt"].zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def lengths(args: argparse.Namespace) -> dict:
+    import gc
+
+    import torch
+    from bench_install import cpu_info
+
+    torch.set_num_threads(args.threads)
+    batch, rows = 8, []
+    for length in (32, 64, 128):
+        ids = torch.randint(1, 49152, (batch, length), generator=torch.Generator().manual_seed(0))
+        cells = {p: _cell("llama", SMOLLM2_SHAPE, False) for p in ("fp32", "bf16")}
+        for precision, cell in cells.items():
+            _timed_step(cell, ids, precision)  # warm-up
+        seconds = {p: 0.0 for p in cells}
+        for _ in range(args.steps):
+            for precision, cell in cells.items():
+                seconds[precision] += _timed_step(cell, ids, precision)
+        for precision, total in seconds.items():
+            rows.append(
+                {
+                    "length": length,
+                    "precision": precision,
+                    "steps": args.steps,
+                    "seconds_per_step": round(total / args.steps, 3),
+                    "tokens_per_s": round(batch * (length - 1) * args.steps / total, 1),
+                }
+            )
+            print(rows[-1], flush=True)
+        del cells
+        gc.collect()
+    by = {(r["length"], r["precision"]): r["tokens_per_s"] for r in rows}
+    return {
+        "question": "SmolLM2-135M full fine-tuning tokens/s by row length: fp32 vs bf16 autocast",
+        "machine": {**cpu_info(), "cpu_bf16": _cpu_bf16()},
+        "batch": batch,
+        "threads": args.threads,
+        "loadavg_after": _load(),
+        "rows": rows,
+        "bf16_over_fp32": {str(n): round(by[(n, "bf16")] / by[(n, "fp32")], 2) for n in (32, 64, 128)},
+    }
+
+
 def _cpu_bf16() -> bool:
     from nestling.distill.accel import cpu_has_bf16
 
@@ -279,15 +346,20 @@ def _plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("question", choices=("processes", "families"))
-    parser.add_argument("--steps", type=int, default=None, help="processes: 120; families: 4 (timed)")
-    parser.add_argument("--threads", type=int, default=2, help="families: torch threads")
+    parser.add_argument("question", choices=("processes", "families", "lengths"))
+    parser.add_argument(
+        "--steps", type=int, default=None, help="processes: 120; families: 4; lengths: 6 (timed)"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="families, lengths: torch threads")
     parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/train_<q>.json)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.question == "processes":
         args.steps = args.steps or 120
         result = processes(args)
+    elif args.question == "lengths":
+        args.steps = args.steps or 6
+        result = lengths(args)
     else:
         args.steps = args.steps or 4
         result = families(args)
