@@ -152,28 +152,40 @@ def barrier() -> None:
 def resolve_precision(name: str, device: Any) -> Any:
     """'fp32' | 'bf16' | 'auto' -> the autocast dtype, None for plain fp32.
 
-    auto: bf16 on a GPU that supports it, and on a CPU with bf16 instructions: on AVX512-BF16 cores (2
-    threads) bf16 autocast trained every family 2.1-3.1x faster than fp32, full or LoRA, a SmolLM2-135M shape
-    2.1x (benchmarks/results/train_families.json), the tiny preset 1.8x (train_processes.json). Elsewhere
-    bf16 is emulated on CPU, so fp32.
+    auto: bf16 on a GPU that supports it and on a CPU with AMX (bf16 tile matrix units); fp32 elsewhere. On
+    AVX512-BF16 cores without AMX (2 threads, quiet), bf16 autocast trained every family at 0.52-0.84x of
+    fp32's tokens/s, full or LoRA (benchmarks/results/train_families.json), a SmolLM2-135M shape at 0.60x,
+    0.81x and 0.93x with rows of 32, 64 and 128 tokens (train_lengths.json), and the embedded default's own
+    rows at 61 tokens/s against fp32's 92: autocast casts every weight each step, and those cores' bf16 dot
+    products do not win it back at these sizes. Without bf16 instructions bf16 is emulated, so fp32.
     """
     import torch
 
     if name not in PRECISIONS:
         raise NestlingError(f"--precision {name!r}: use one of {', '.join(PRECISIONS)}")
     if name == "auto":
-        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16()
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_amx_bf16()
         name = "bf16" if native else "fp32"
     return torch.bfloat16 if name == "bf16" else None
 
 
-def cpu_has_bf16() -> bool:
-    """The CPU computes bf16 natively (AVX512-BF16 or AMX); Linux flags, False where they cannot be read."""
+def _cpu_flags() -> set[str]:
+    """Linux's CPU flags; empty where they cannot be read."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split()}
+
+
+def cpu_has_bf16() -> bool:
+    """The CPU computes bf16 natively (AVX512-BF16 or AMX)."""
+    return bool({"avx512_bf16", "amx_bf16"} & _cpu_flags())
+
+
+def cpu_has_amx_bf16() -> bool:
+    """The CPU has AMX bf16 tiles: where auto picks bf16 autocast on a CPU."""
+    return "amx_bf16" in _cpu_flags()
 
 
 def autocast(device: Any, dtype: Any) -> AbstractContextManager:

@@ -166,7 +166,7 @@ class TrainConfig:
     precision: str = field(
         default="auto",
         metadata={
-            "help": "auto | fp32 | bf16 autocast (auto: bf16 on GPUs and bf16-capable CPUs)",
+            "help": "auto | fp32 | bf16 autocast (auto: bf16 on GPUs that have it and on AMX CPUs)",
             "choices": PRECISIONS,
         },
     )
