@@ -38,7 +38,7 @@ def lint_imports(tree: Path, tmp: Path) -> subprocess.CompletedProcess:
         raise SystemExit("import-linter missing: pip install -e .[dev]")
     # import-linter puts its working directory first on sys.path: run it in the view, with the contracts.
     view = package_view(tree, tmp / "view")
-    cmd = [exe, "--no-cache", "--config", str(tree / "pyproject.toml")]
+    cmd = [exe, "--no-cache", str(tree / "pyproject.toml")]
     return subprocess.run(cmd, cwd=view, capture_output=True, text=True, timeout=120)
 
 
