@@ -132,6 +132,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="training and PyTorch eval threads")
     p.add_argument("--latency-questions", type=int, default=100, help="held-out questions timed one by one")
     p.add_argument("--out", default="benchmarks/results/compress")
+    p.add_argument(
+        "--tag",
+        default="",
+        help="appended to each compact student's name, so a changed recipe (say, more recovery steps) gets its "
+        "own directory beside the cached ones",
+    )
     args = p.parse_args()
 
     import logging
@@ -235,7 +241,7 @@ def objectives(args: argparse.Namespace) -> list[tuple[str, int]]:
 def shape_name(args: argparse.Namespace, layers: int, objective: str = "off-policy") -> str:
     """The compact student's name: the off-policy one keeps the name it had before objectives existed."""
     suffix = "" if objective == "off-policy" else "-" + objective.removesuffix("-policy")
-    return f"{args.source}-c{layers}" + (f"-w{args.width}" if args.width else "") + suffix
+    return f"{args.source}-c{layers}" + (f"-w{args.width}" if args.width else "") + suffix + args.tag
 
 
 def seeded(name: str, seed: int) -> str:

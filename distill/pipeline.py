@@ -195,6 +195,14 @@ class DistillConfig:
             "hint) are tagged :rationalized"
         },
     )
+    round_calculator: bool = field(
+        default=False,
+        metadata={
+            "help": "rounds: students sample with the calculator in the loop (as the teacher's --calculator: "
+            "a line's false result is replaced by the true value before the student goes on), so kept rows "
+            "carry the student's procedure with true arithmetic; tagged :calculator"
+        },
+    )
 
     def student_names(self) -> list[str]:
         from nestling.distill.students import parse_student_spec

@@ -56,6 +56,8 @@ if TYPE_CHECKING:
     from nestling.distill.tasks import Example
     from nestling.distill.train import TrainConfig
 
+    from nestling.core.calculator import Slip
+
 log = logging.getLogger(__name__)
 
 # Long enough for the multi-step chains the students write in explain mode: eval's budget.
@@ -75,6 +77,9 @@ class RoundsConfig:
     rationalize: bool = field(
         default=False, metadata={"help": "STaR rationalization: unsolved questions again, gold as a hint"}
     )
+    calculator: bool = field(
+        default=False, metadata={"help": "students sample with the calculator in the loop, as the teacher"}
+    )
     seed: int = field(default=0, metadata={"help": "seed for questions and samples"})
 
     def __post_init__(self) -> None:
@@ -85,7 +90,10 @@ class RoundsConfig:
         check(self.temperature > 0, f"--round-temperature {self.temperature}: must be > 0")
 
     def sampling(self) -> dict[str, Any]:
-        keep = ("samples", "fresh", "temperature", "seed") + (("rationalize",) if self.rationalize else ())
+        # Options off keep their key out, so rounds sampled before an option existed stay cached.
+        keep = ("samples", "fresh", "temperature", "seed") + tuple(
+            k for k in ("rationalize", "calculator") if getattr(self, k)
+        )
         return {k: getattr(self, k) for k in keep} | {"max_new_tokens": MAX_NEW_TOKENS}
 
 
@@ -97,6 +105,7 @@ def rounds_config(cfg: DistillConfig) -> RoundsConfig:
         dev=cfg.round_dev,
         temperature=cfg.round_temperature,
         rationalize=cfg.round_rationalize,
+        calculator=cfg.round_calculator,
         seed=cfg.seed,
     )
 
@@ -271,7 +280,6 @@ def sample_records(
     """k explain-mode samples per question from the student, as trace records the filters read. hint: the
     question carries its gold answer (STaR's rationalization); the record, and the row the filters make of
     it, keep the question as asked, so the student learns to reach the answer without the hint."""
-    from nestling.distill.onpolicy import sample
     from nestling.distill.students import load_student
     from nestling.distill.tasks import TaskScorer
     from tqdm.auto import tqdm
@@ -282,31 +290,118 @@ def sample_records(
     records = []
     for i in tqdm(range(0, len(jobs), SAMPLE_BATCH), desc=f"round {r} samples", mininterval=1.0):
         batch = jobs[i : i + SAMPLE_BATCH]
-        outs = sample(
-            model,
-            [tok(student_prompt(_hinted(ex) if hint else ex.question))["input_ids"] for ex, _ in batch],
-            seeds=[question_seed(rcfg.seed, r, ex.question, j + 1000 * hint) for ex, j in batch],
-            max_new=MAX_NEW_TOKENS,
-            temperature=rcfg.temperature,
-            eos_id=tok.eos_token_id,
-            pad_id=tok.pad_token_id,
-        )
-        for (ex, j), ids in zip(batch, outs, strict=True):
-            text = tok.decode(ids, skip_special_tokens=True)
-            answer = scorer.task(ex.task).extract(text) if text.strip() else None
+        prompts = [student_prompt(_hinted(ex) if hint else ex.question) for ex, _ in batch]
+        seeds = [question_seed(rcfg.seed, r, ex.question, j + 1000 * hint) for ex, j in batch]
+        if rcfg.calculator:
+            outs = sample_calculated(model, tok, prompts, seeds, MAX_NEW_TOKENS, rcfg.temperature)
+        else:
+            outs = [_Sampled.of(tok, ids) for ids in _sample_texts(model, tok, prompts, seeds, MAX_NEW_TOKENS,
+                                                                   rcfg.temperature)]  # fmt: skip
+        for (ex, j), out in zip(batch, outs, strict=True):
+            answer = scorer.task(ex.task).extract(out.text) if out.text.strip() else None
             records.append(
                 {
                     "id": f"{ex.id}:{j}",
                     "qid": ex.id,
                     "sample": j,
                     "task": ex.task,
-                    "rationale": text,
+                    "rationale": out.text,
                     "answer": answer,
                     "correct": scorer.score_example(ex, answer) if ex.gold is not None else None,
-                    "truncated": tok.eos_token_id not in ids and len(ids) >= MAX_NEW_TOKENS,
+                    "truncated": out.truncated,
+                    **({"corrections": out.corrections} if rcfg.calculator else {}),
                 }
             )
     return records
+
+
+@dataclass
+class _Sampled:
+    """One sampled rationale: its text, whether the token budget cut it, the calculator's corrections."""
+
+    text: str = ""
+    truncated: bool = False
+    corrections: int = 0
+    spent: int = 0  # tokens generated in all, a corrected piece's discarded tail included
+    checked: int = 0  # where the first line the calculator has not read yet starts in text
+
+    @classmethod
+    def of(cls, tok: Any, ids: list[int]) -> _Sampled:
+        ended = tok.eos_token_id in ids
+        return cls(tok.decode(ids, skip_special_tokens=True), not ended and len(ids) >= MAX_NEW_TOKENS)
+
+    def read(self, text: str, final: bool) -> Slip | None:
+        """The calculator on each finished line of ``text`` (and its last one when ``final``): on the first
+        false result, self.text is cut right after it with the true value written; else self.text = text."""
+        from nestling.core.calculator import first_slip
+
+        self.text = text
+        while True:
+            end = text.find("\n", self.checked)
+            if end < 0 and not final:
+                return None
+            slip = first_slip(text[self.checked : end if end >= 0 else len(text)])
+            if slip is not None:
+                self.text = text[: self.checked] + slip.text
+                self.corrections += 1
+                return slip
+            if end < 0:
+                return None
+            self.checked = end + 1
+
+
+def _sample_texts(
+    model: Any, tok: Any, texts: list[str], seeds: list[int], max_new: list[int] | int, temperature: float
+) -> list[list[int]]:
+    from nestling.distill.onpolicy import sample
+
+    return sample(
+        model,
+        [tok(t)["input_ids"] for t in texts],
+        seeds=seeds,
+        max_new=max_new,
+        temperature=temperature,
+        eos_id=tok.eos_token_id,
+        pad_id=tok.pad_token_id,
+    )
+
+
+def sample_calculated(
+    model: Any, tok: Any, prompts: list[str], seeds: list[int], max_new: int, temperature: float
+) -> list[_Sampled]:
+    """Batched sampling with the calculator in the loop, as the teacher's `traces --calculator` and
+    `Reasoner.ask(calculator=True)` write: a row whose finished line states a false result is cut right
+    after it, the true value written, and sampled on from the corrected text (prompt and text read again,
+    the next piece's noise seeded from the row's seed and the piece), at most MAX_CORRECTIONS times and
+    within max_new tokens in all. The rows a round keeps then carry the student's procedure with true
+    arithmetic: what the teacher's calculator traces carry."""
+    from nestling.serve.runtime import MAX_CORRECTIONS
+
+    rows = [_Sampled() for _ in prompts]
+    active, piece = list(range(len(prompts))), 0
+    while active:
+        outs = _sample_texts(
+            model,
+            tok,
+            [prompts[i] + rows[i].text for i in active],
+            [(seeds[i] + 1_000_003 * piece) % 2**63 for i in active],
+            [max_new - rows[i].spent for i in active],
+            temperature,
+        )
+        again = []
+        for i, ids in zip(active, outs, strict=True):
+            row, ended = rows[i], tok.eos_token_id in ids
+            row.spent += len(ids)
+            text = row.text + tok.decode(ids, skip_special_tokens=True)
+            slip = row.read(text, final=ended) if row.corrections < MAX_CORRECTIONS else None
+            if slip is None:
+                row.text, row.truncated = text, not ended and row.spent >= max_new
+            elif row.spent < max_new:
+                again.append(i)
+            else:
+                row.truncated = True
+        active, piece = again, piece + 1
+    return rows
 
 
 def _hinted(ex: Example) -> str:
@@ -319,7 +414,7 @@ def verify(ctx: _Ctx, r: int, records: list[dict], examples: list[Example]) -> t
 
     kept, stats = filter_traces(records, examples, ctx.filters)
     for row in kept:
-        row["source"] = f"student:{ctx.name}:round{r}"
+        row["source"] = f"student:{ctx.name}:round{r}" + (":calculator" if ctx.rcfg.calculator else "")
     train_ids = {ex.id for ex in examples if not ex.id.startswith(f"r{r}f")}
     solved = {row["qid"] for row in kept}
     counts = {
@@ -335,6 +430,10 @@ def verify(ctx: _Ctx, r: int, records: list[dict], examples: list[Example]) -> t
         "right_answer_wrong_steps": stats["right_answer_wrong_steps"],
         "right_answer_ungrounded_steps": stats["right_answer_ungrounded_steps"],
     }
+    if ctx.rcfg.calculator:
+        from nestling.distill.traces import calculator_counts
+
+        counts["calculator"] = calculator_counts(records)
     return kept, counts
 
 

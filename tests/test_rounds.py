@@ -267,11 +267,81 @@ def test_cli_flags_reach_distill_and_run():
     from nestling.run import RunConfig, _overrides
 
     cfg = RunConfig(
-        students=["tiny"], rounds=3, round_samples=2, round_fresh=7, round_dev=0, compress=["none"]
-    )
+        students=["tiny"], rounds=3, round_samples=2, round_fresh=7, round_dev=0, round_calculator=True,
+        compress=["none"],
+    )  # fmt: skip
     dcfg = DistillConfig(out=cfg.out, **_overrides(cfg, DistillConfig))
     r = rounds.rounds_config(dcfg)
-    assert (r.rounds, r.samples, r.fresh, r.dev) == (3, 2, 7, 0)
+    assert (r.rounds, r.samples, r.fresh, r.dev, r.calculator) == (3, 2, 7, 0, True)
+    assert "calculator" in r.sampling() and "calculator" not in rounds.RoundsConfig().sampling()
+
+
+class _CharTok:
+    """Token i is chr(i); 0 is eos."""
+
+    eos_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids if i)
+
+
+def _chars(text: str, eos: bool = True) -> list[int]:
+    return [ord(c) for c in text] + ([0] if eos else [])
+
+
+def test_calculator_sampling_corrects_a_slip_and_samples_on_from_the_true_value(monkeypatch):
+    """A row whose line states a false result is cut after it, the true value written, and sampled again from
+    there (new noise); a row without a slip is sampled once; the budget counts the discarded tail."""
+    calls = []
+
+    def scripted(model, tok, texts, seeds, max_new, temperature):
+        calls.append((list(texts), list(seeds), list(max_new)))
+        out = []
+        for t in texts:
+            if t.endswith("= 72"):
+                out.append(_chars("\nStep 2: 72 + 3 = 75\nAnswer: 75"))
+            elif t.startswith("slip"):
+                out.append(_chars("Step 1: 9 * 8 = 64\nStep 2: 64 + 3 = 67\nAnswer: 67"))
+            else:
+                out.append(_chars("Step 1: 2 + 2 = 4\nAnswer: 4"))
+        return out
+
+    monkeypatch.setattr(rounds, "_sample_texts", scripted)
+    rows = rounds.sample_calculated(None, _CharTok(), ["slip:", "fine:"], [5, 6], 128, 0.7)
+    assert rows[0].text == "Step 1: 9 * 8 = 72\nStep 2: 72 + 3 = 75\nAnswer: 75"
+    assert (rows[0].corrections, rows[0].truncated) == (1, False)
+    assert rows[1].text == "Step 1: 2 + 2 = 4\nAnswer: 4" and rows[1].corrections == 0
+    assert [c[0] for c in calls] == [["slip:", "fine:"], ["slip:Step 1: 9 * 8 = 72"]]
+    assert calls[1][1] != [5] and calls[1][2] == [
+        128 - len(_chars("Step 1: 9 * 8 = 64\nStep 2: 64 + 3 = 67\nAnswer: 67"))
+    ]
+    # a budget spent by the first piece: the corrected text is kept, cut, and marked truncated
+    calls.clear()
+    rows = rounds.sample_calculated(None, _CharTok(), ["slip:"], [5], 40, 0.7)
+    assert rows[0].text == "Step 1: 9 * 8 = 72" and rows[0].truncated and len(calls) == 1
+
+
+def test_a_calculator_round_tags_its_rows_and_counts_the_corrections(tmp_path, fake, monkeypatch):
+    scripted, seen = rounds.sample_records, []
+
+    def corrected(model_dir, examples, rcfg, r, hint=False):
+        seen.append(rcfg.calculator)
+        return [
+            {**x, "corrections": 1 if x["correct"] else 0} for x in scripted(model_dir, examples, rcfg, r)
+        ]
+
+    monkeypatch.setattr(rounds, "sample_records", corrected)
+    monkeypatch.setattr(
+        rounds, "dev_score", lambda ctx, student, dev: {"accuracy": 0.1 * int(student.parent.name[1:])}
+    )
+    pipeline.run_distill(config(tmp_path, rounds=2, round_calculator=True))
+    run = tmp_path / "run" / "rounds" / "nano" / "r2"
+    rows = read_jsonl(run / "rows.jsonl")
+    m = json.loads((run / "manifest.json").read_text())
+    assert seen == [True] and rows and all(r["source"] == "student:nano:round2:calculator" for r in rows)
+    assert m["config"]["calculator"] is True
+    calc = m["metrics"]["calculator"]
+    assert calc["rationales_corrected"] == calc["corrections"] == calc["right_answer_corrected"] > 0
 
 
 def test_question_seeds_depend_on_the_question_round_and_sample_only():
@@ -292,3 +362,18 @@ def test_a_real_student_samples_verifiable_records(tiny_student_dir):
     assert [r["rationale"] for r in a] == [r["rationale"] for r in b]
     assert all(r["correct"] == (r["answer"] is not None and r["answer"] == ex.gold)
                for r, ex in zip(a, [e for e in examples for _ in range(2)], strict=True))  # fmt: skip
+
+
+def test_a_real_student_samples_with_the_calculator(tiny_student_dir):
+    """The calculator path on a real model and tokenizer: seeded, every record counts its corrections, and
+    no kept line states a false result."""
+    from nestling.core.calculator import first_slip
+    from nestling.distill.tasks import Example
+
+    examples = [Example(f"q{i}", "rg:basic_arithmetic", f"What is {i} + 1?", str(i + 1)) for i in range(3)]
+    rcfg = rounds.RoundsConfig(rounds=2, samples=2, calculator=True)
+    a = rounds.sample_records(tiny_student_dir, examples, rcfg, 2)
+    b = rounds.sample_records(tiny_student_dir, examples, rcfg, 2)
+    assert [r["rationale"] for r in a] == [r["rationale"] for r in b]
+    assert all(isinstance(r["corrections"], int) for r in a)
+    assert not any(first_slip(line) for r in a if not r["truncated"] for line in r["rationale"].splitlines())
