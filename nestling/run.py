@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from nestling.core.config import check
 from nestling.core.rundir import RunDir
@@ -107,10 +107,10 @@ class RunConfig(DistillConfig):
     compress: list[str] | None = field(
         default=None,
         metadata={
-            "help": "compact students derived after training, SOURCE:LAYERS[:WIDTH]: vocabulary trimmed, "
-            "layers and MLP channels pruned by measured importance, recovered by KD; each is evaluated, "
-            "exported and timed (SOURCE-trim evaluated). Default: smollm2:30:768 when smollm2 is trained; "
-            "'none' for no compact student"
+            "help": "compact students derived after training, SOURCE:LAYERS[:WIDTH[:STEPS]]: vocabulary "
+            "trimmed, layers and MLP channels pruned by measured importance, recovered by KD (the budget's "
+            "recovery share, or STEPS run whole); each is evaluated, exported and timed (SOURCE-trim "
+            "evaluated). Default: smollm2:30:768 when smollm2 is trained; 'none' for no compact student"
         },
     )
     variants: list[str] | None = field(
@@ -177,26 +177,43 @@ class RunConfig(DistillConfig):
 DEFAULT_COMPRESS = ["smollm2:30:768"]
 
 
-def parse_compress(item: str) -> tuple[str, int, int | None]:
-    """SOURCE:LAYERS[:WIDTH] -> (source, layers kept, MLP channels kept or None)."""
+class CompressSpec(NamedTuple):
+    """One --compress item: SOURCE:LAYERS[:WIDTH[:STEPS]]."""
+
+    source: str
+    layers: int
+    width: int | None
+    steps: int | None  # recovery steps, run whole: the budget's recovery share does not cut them
+
+    @property
+    def name(self) -> str | None:
+        """A fixed recipe gets its own directory (-rSTEPS), so it never resumes onto a budgeted one."""
+        if self.steps is None:
+            return None
+        return f"{self.source}-c{self.layers}" + (f"-w{self.width}" if self.width else "") + f"-r{self.steps}"
+
+
+def parse_compress(item: str) -> CompressSpec:
+    """SOURCE:LAYERS[:WIDTH[:STEPS]] -> its CompressSpec (WIDTH: MLP channels kept; STEPS: recovery steps)."""
     source, *numbers = item.split(":")
     check(
         bool(source)
-        and 1 <= len(numbers) <= 2
+        and 1 <= len(numbers) <= 3
         and all(n.isdigit() for n in numbers)
         and int(numbers[0]) >= 2
-        and (len(numbers) == 1 or int(numbers[1]) >= 1),
-        f"--compress {item!r}: write SOURCE:LAYERS[:WIDTH] (a trained student, >= 2 layers, MLP channels "
-        "kept), e.g. smollm2:30:768",
+        and all(int(n) >= 1 for n in numbers[1:]),
+        f"--compress {item!r}: write SOURCE:LAYERS[:WIDTH[:STEPS]] (a trained student, >= 2 layers, MLP "
+        "channels kept, recovery steps run whole), e.g. smollm2:30:768 or smollm2:25:256:600",
     )
-    return source, int(numbers[0]), int(numbers[1]) if len(numbers) == 2 else None
+    values = [int(n) for n in numbers] + [None] * (3 - len(numbers))
+    return CompressSpec(source, values[0], values[1], values[2])
 
 
 def check_compress_shapes(items: list[str], shapes: dict[str, StudentShape]) -> None:
     """Each SOURCE:LAYERS[:WIDTH] within its source's layers and MLP channels (where the source's shape
     is known before training: presets, local checkpoints, GGUF files)."""
     for item in items:
-        source, layers, width = parse_compress(item)
+        source, layers, width, _ = parse_compress(item)
         shape = shapes[source]
         check(
             shape.layers is None or layers <= shape.layers,
@@ -257,13 +274,19 @@ def _compress(cfg: RunConfig, trained: dict[str, Path]) -> tuple[dict[str, Path]
     made: dict[str, Path] = {}
     sources: dict[str, Path] = {}
     for item in cfg.compress:
-        source, layers, width = parse_compress(item)
+        spec = parse_compress(item)
+        source = spec.source
         ccfg = CompressConfig(
             run=cfg.out,
             source=source,
-            keep_layers=layers,
-            intermediate_size=width,
-            recover_minutes=round(RECOVERY_SHARE * cfg.budget_minutes, 2),
+            name=spec.name,
+            keep_layers=spec.layers,
+            intermediate_size=spec.width,
+            **(
+                {"recover_steps": spec.steps}
+                if spec.steps
+                else {"recover_minutes": round(RECOVERY_SHARE * cfg.budget_minutes, 2)}
+            ),
             seed=cfg.seed,
             precision=cfg.precision,
             threads=cfg.threads,

@@ -31,6 +31,7 @@ def _stub_stages(tmp_path, monkeypatch) -> dict[str, list]:
     def fake_compress(cfg):
         calls["compress"].append((cfg.source, cfg.keep_layers, cfg.intermediate_size))
         calls.setdefault("recover_minutes", []).append(cfg.recover_minutes)
+        calls.setdefault("recover_steps", []).append(cfg.recover_steps)
         calls.setdefault("precision", []).append(cfg.precision)
         return students / str(cfg.name)
 
@@ -79,6 +80,17 @@ def test_named_compact_students_and_exported_sources(tmp_path, monkeypatch):
     assert [p.parent.name for p in calls["export"]] == ["tiny", "smollm2", "smollm2-c18", "smollm2-trim"]
 
 
+def test_a_compact_recipe_with_steps_runs_them_whole_under_its_own_name(tmp_path, monkeypatch):
+    """SOURCE:LAYERS:WIDTH:STEPS: the budget's recovery share does not cut it, and its directory is not the
+    budgeted shape's, beside which it runs."""
+    calls = _stub_stages(tmp_path, monkeypatch)
+    run_mod.run(run_mod.RunConfig(out=str(tmp_path), compress=["smollm2:25:256:600", "smollm2:25:256"]))
+    assert calls["compress"] == [("smollm2", 25, 256)] * 2
+    assert calls["recover_steps"][0] == 600 and calls["recover_minutes"][0] == 0
+    assert calls["recover_minutes"][1] > 0
+    assert [p.parent.name for p in calls["export"]] == ["smollm2-c25-w256-r600", "smollm2-c25-w256"]
+
+
 def test_no_compact_student_without_its_source_or_when_told(tmp_path, monkeypatch):
     calls = _stub_stages(tmp_path, monkeypatch)
     run_mod.run(run_mod.RunConfig(out=str(tmp_path), compress=["none"]))
@@ -87,7 +99,8 @@ def test_no_compact_student_without_its_source_or_when_told(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize(
-    "item", ["smollm2", "smollm2:x", ":18", "smollm2:1", "smollm2:30:0", "smollm2:3:4:5"]
+    "item",
+    ["smollm2", "smollm2:x", ":18", "smollm2:1", "smollm2:30:0", "smollm2:30:256:0", "smollm2:3:4:5:6"],
 )
 def test_a_bad_compress_item_is_one_line(item):
     with pytest.raises(NestlingError, match=r"--compress .*SOURCE:LAYERS"):
