@@ -117,6 +117,12 @@ def main() -> None:
     p.add_argument("--layers", type=int, nargs="+", default=[18, 10], help="layers kept, one student each")
     p.add_argument("--width", type=int, default=None, help="MLP channels kept (default: all)")
     p.add_argument("--recover-steps", type=int, default=600)
+    p.add_argument(
+        "--recover-minutes",
+        type=float,
+        default=0.0,
+        help="each recovery's wall-clock budget (steps: at most --recover-steps): objectives at equal time",
+    )
     p.add_argument("--fresh", type=int, default=400)
     p.add_argument("--kd-alpha", type=float, default=0.5)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -135,8 +141,8 @@ def main() -> None:
     p.add_argument(
         "--tag",
         default="",
-        help="appended to each compact student's name, so a changed recipe (say, more recovery steps) gets its "
-        "own directory beside the cached ones",
+        help="appended to each compact student's name, so a changed recipe (say, more recovery steps) gets "
+        "its own directory beside the cached ones",
     )
     args = p.parse_args()
 
@@ -161,6 +167,7 @@ def main() -> None:
                     keep_layers=k,
                     intermediate_size=args.width,
                     recover_steps=steps,
+                    recover_minutes=args.recover_minutes,
                     fresh=args.fresh,
                     kd_alpha=args.kd_alpha,
                     lr=args.lr,

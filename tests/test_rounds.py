@@ -367,8 +367,9 @@ def test_a_real_student_samples_verifiable_records(tiny_student_dir):
 def test_a_real_student_samples_with_the_calculator(tiny_student_dir):
     """The calculator path on a real model and tokenizer: seeded, every record counts its corrections, and
     no kept line states a false result."""
-    from nestling.core.calculator import first_slip
     from nestling.distill.tasks import Example
+
+    from nestling.core.calculator import first_slip
 
     examples = [Example(f"q{i}", "rg:basic_arithmetic", f"What is {i} + 1?", str(i + 1)) for i in range(3)]
     rcfg = rounds.RoundsConfig(rounds=2, samples=2, calculator=True)
