@@ -195,12 +195,13 @@ class DistillConfig:
             "hint) are tagged :rationalized"
         },
     )
-    round_calculator: bool = field(
-        default=False,
+    round_calculator: bool | None = field(
+        default=None,
         metadata={
-            "help": "rounds: students sample with the calculator in the loop (as the teacher's --calculator: "
-            "a line's false result is replaced by the true value before the student goes on), so kept rows "
-            "carry the student's procedure with true arithmetic; tagged :calculator"
+            "help": "rounds: students sample with the calculator in the loop (a line's false result is "
+            "replaced by the true value before the student goes on), so kept rows carry the student's "
+            "procedure with true arithmetic; tagged :calculator (default: as the teacher wrote, "
+            "--teacher-calculator)"
         },
     )
 

@@ -105,7 +105,8 @@ def rounds_config(cfg: DistillConfig) -> RoundsConfig:
         dev=cfg.round_dev,
         temperature=cfg.round_temperature,
         rationalize=cfg.round_rationalize,
-        calculator=cfg.round_calculator,
+        # The students sample as the teacher wrote: its rows and theirs then carry the same arithmetic.
+        calculator=bool(cfg.teacher_calculator) if cfg.round_calculator is None else cfg.round_calculator,
         seed=cfg.seed,
     )
 

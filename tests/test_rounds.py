@@ -276,6 +276,22 @@ def test_cli_flags_reach_distill_and_run():
     assert "calculator" in r.sampling() and "calculator" not in rounds.RoundsConfig().sampling()
 
 
+def test_students_sample_as_the_teacher_wrote_unless_told():
+    from nestling.run import RunConfig, _overrides
+
+    def calc(cls, **kw) -> bool:
+        cfg = cls(students=["tiny"], rounds=2, **kw)
+        if cls is RunConfig:
+            cfg = DistillConfig(out=cfg.out, **_overrides(cfg, DistillConfig))
+        return rounds.rounds_config(cfg).calculator
+
+    assert calc(RunConfig) is True  # run: the bundled gguf teacher writes with the calculator
+    assert calc(RunConfig, teacher_calculator=False) is False
+    assert calc(RunConfig, round_calculator=False) is False
+    assert calc(DistillConfig) is False  # distill: the teacher's calculator is off unless asked
+    assert calc(DistillConfig, teacher_calculator=True) is True
+
+
 class _CharTok:
     """Token i is chr(i); 0 is eos."""
 
