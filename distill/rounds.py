@@ -334,21 +334,12 @@ class _Sampled:
     def read(self, text: str, final: bool) -> Slip | None:
         """The calculator on each finished line of ``text`` (and its last one when ``final``): on the first
         false result, self.text is cut right after it with the true value written; else self.text = text."""
-        from nestling.core.calculator import first_slip
+        from nestling.core.calculator import read_lines
 
-        self.text = text
-        while True:
-            end = text.find("\n", self.checked)
-            if end < 0 and not final:
-                return None
-            slip = first_slip(text[self.checked : end if end >= 0 else len(text)])
-            if slip is not None:
-                self.text = text[: self.checked] + slip.text
-                self.corrections += 1
-                return slip
-            if end < 0:
-                return None
-            self.checked = end + 1
+        self.checked, slip = read_lines(text, self.checked, final)
+        self.text = text if slip is None else text[: self.checked] + slip.text
+        self.corrections += slip is not None
+        return slip
 
 
 def _sample_texts(

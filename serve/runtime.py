@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from nestling.serve.sampling import SamplingParams
 
-from nestling.core.calculator import Slip, first_slip
+from nestling.core.calculator import Slip, read_lines
 from nestling.core.config import check
 from nestling.core.errors import NestlingError
 from nestling.core.explain import clean_answer, extract_answer, ground, parse_steps
@@ -629,20 +629,11 @@ class _Calculated:
 
     def _read(self, text: str, final: bool) -> Slip | None:
         """Check each finished line (and the last one when ``final``); on a slip, cut the text there."""
-        self.text = text
-        while True:
-            end = text.find("\n", self.checked)
-            if end < 0 and not final:
-                return None
-            line = text[self.checked : end if end >= 0 else len(text)]
-            slip = first_slip(line)
-            if slip is not None:
-                self.text = text[: self.checked] + slip.text
-                self.slips.append(slip)
-                return slip
-            if end < 0:
-                return None
-            self.checked = end + 1
+        self.checked, slip = read_lines(text, self.checked, final)
+        self.text = text if slip is None else text[: self.checked] + slip.text
+        if slip is not None:
+            self.slips.append(slip)
+        return slip
 
 
 def _mark_corrections(a: Answer, slips: list[Slip]) -> None:

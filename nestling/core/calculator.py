@@ -69,6 +69,19 @@ def first_slip(line: str) -> Slip | None:
     return None
 
 
+def read_lines(text: str, start: int, final: bool) -> tuple[int, Slip | None]:
+    """The calculator over ``text``'s finished lines from ``start`` (and its last line when ``final``):
+    (where the first line not yet read starts, the first slip). On a slip that is the slipped line's start."""
+    while True:
+        end = text.find("\n", start)
+        if end < 0 and not final:
+            return start, None
+        slip = first_slip(text[start : end if end >= 0 else len(text)])
+        if slip is not None or end < 0:
+            return start, slip
+        start = end + 1
+
+
 def format_value(x: Fraction) -> str:
     """An exact integer, else a decimal of at most 6 places (what a student writes for 7 / 2)."""
     if x.denominator == 1:
