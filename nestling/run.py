@@ -185,13 +185,6 @@ class CompressSpec(NamedTuple):
     width: int | None
     steps: int | None  # recovery steps, run whole: the budget's recovery share does not cut them
 
-    @property
-    def name(self) -> str | None:
-        """A fixed recipe gets its own directory (-rSTEPS), so it never resumes onto a budgeted one."""
-        if self.steps is None:
-            return None
-        return f"{self.source}-c{self.layers}" + (f"-w{self.width}" if self.width else "") + f"-r{self.steps}"
-
 
 def parse_compress(item: str) -> CompressSpec:
     """SOURCE:LAYERS[:WIDTH[:STEPS]] -> its CompressSpec (WIDTH: MLP channels kept; STEPS: recovery steps)."""
@@ -279,7 +272,6 @@ def _compress(cfg: RunConfig, trained: dict[str, Path]) -> tuple[dict[str, Path]
         ccfg = CompressConfig(
             run=cfg.out,
             source=source,
-            name=spec.name,
             keep_layers=spec.layers,
             intermediate_size=spec.width,
             **(
@@ -291,6 +283,8 @@ def _compress(cfg: RunConfig, trained: dict[str, Path]) -> tuple[dict[str, Path]
             precision=cfg.precision,
             threads=cfg.threads,
         )
+        if spec.steps:  # a fixed recipe gets its own directory, so it never resumes onto a budgeted one
+            ccfg.name = f"{ccfg.name}-r{spec.steps}"
         made[str(ccfg.name)] = compress(ccfg) / "model"
         sources[source] = trained[source]
         sources[trim_name(source)] = RunDir(cfg.out).student(trim_name(source)) / "model"
