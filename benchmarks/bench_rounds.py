@@ -3,7 +3,7 @@
     python benchmarks/bench_rounds.py --from-run runs/default --students tiny --rounds 3 --seeds 0
     python benchmarks/bench_rounds.py --from-run runs/x --students gguf:smollm2 --adopt smollm2 --rounds 2
     python benchmarks/bench_rounds.py --from-run runs/default --students gguf:smollm2 --rounds 2 \
-        --round-fresh 400 --round-samples 2 --round-calculator
+        --round-fresh 400 --round-samples 2 --round-calculator [--round-rationalize]
     python benchmarks/bench_rounds.py --task rg:chain_sum?min_terms=3&max_terms=3 --n 400 --seeds 0 1 2
 
 --from-run copies an existing run's traces and cached teacher eval (no teacher time; the run is only read);
@@ -66,7 +66,8 @@ def one_seed(run: Path, seed: int, args: argparse.Namespace) -> dict:
     cfg = DistillConfig(
         out=str(run), students=args.students, rounds=args.rounds, round_samples=args.round_samples,
         round_fresh=args.round_fresh, round_dev=args.round_dev, round_calculator=args.round_calculator,
-        seed=seed, steps=args.steps, eval_limit=args.eval_limit, threads=args.threads,
+        round_rationalize=args.round_rationalize, seed=seed, steps=args.steps, eval_limit=args.eval_limit,
+        threads=args.threads,
     )  # fmt: skip
     t0 = time.perf_counter()
     for spec in cfg.students:
@@ -162,6 +163,9 @@ def main() -> None:
     p.add_argument("--round-fresh", type=int, default=100)
     p.add_argument("--round-dev", type=int, default=50)
     p.add_argument("--round-calculator", action="store_true", help="students sample with the calculator")
+    p.add_argument(
+        "--round-rationalize", action="store_true", help="STaR's hint (the gold) for questions left unsolved"
+    )
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--eval-limit", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
