@@ -6,7 +6,8 @@ accuracy against the parameter ratio, one line per objective, the teacher's gree
         --out benchmarks/results/objectives_run_budget
 
 Each compact student's objective (off-policy, on-policy with its beta, mix with its lmbda) is read from its
-compress manifest in the run directory, not guessed from its name.
+compress manifest in the run directory, not guessed from its name. The run directory is read as each input
+recorded it, so run this from where bench_compress.py ran (a relative --run is relative to there).
 """
 
 from __future__ import annotations
