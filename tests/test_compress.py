@@ -238,6 +238,35 @@ def test_compress_stage_end_to_end_and_skip_on_rerun(
     assert compress(cfg) == out
 
 
+def test_students_cut_with_one_seed_share_the_sources_fresh_answers(tmp_path, tiny_student_dir, monkeypatch):
+    """Another shape with the same seed reuses the trimmed source's fresh answers; another seed asks other
+    questions and generates its own."""
+    import shutil
+
+    import nestling.distill.compress as compress_mod
+    from fake_run import make_run
+    from nestling.distill.compress import CompressConfig, compress
+
+    from nestling.core.manifest import read_jsonl
+
+    run = make_run(tmp_path / "run", n=60, heldout=20)
+    shutil.copytree(tiny_student_dir, run / "students" / "tiny" / "model")
+    base = dict(
+        run=str(run), source="tiny", recover_steps=0, fresh=8, vocab_questions=16, threads=1, progress=False
+    )
+    first = compress(CompressConfig(keep_layers=2, **base))
+    calls: list[int] = []
+    real = compress_mod.fresh_rows
+    monkeypatch.setattr(
+        compress_mod, "fresh_rows", lambda m, t, ex, p: calls.append(len(ex)) or real(m, t, ex, p)
+    )
+    second = compress(CompressConfig(keep_layers=2, intermediate_size=256, **base))
+    assert second != first and calls == []
+    assert read_jsonl(second / "fresh.jsonl") == read_jsonl(first / "fresh.jsonl")
+    compress(CompressConfig(keep_layers=2, intermediate_size=256, name="tiny-c2-w256-s1", seed=1, **base))
+    assert calls == [8]
+
+
 def test_prune_mlp_ranks_channels_by_what_they_write_not_how_loud_they_are(tok):
     model = tiny_llama(tok, layers=2, seed=3)
     for layer in model.model.layers:  # channels 0-63 fire loudest but write nothing into the residual
