@@ -149,6 +149,7 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from nestling.distill.accel import cpu_info
     from nestling.distill.compress import CompressConfig, compress, trim_name
     from nestling.distill.evaluate import EvalConfig, evaluate
     from nestling.distill.tasks import TaskScorer
@@ -190,6 +191,7 @@ def main() -> None:
     teacher = ev["teacher"]
     res: dict = {
         "run": str(run),
+        "machine": cpu_info(),
         "heldout": len(held),
         "latency_questions": len(timed),
         "engine": "llama.cpp via nestling.serve.Reasoner (students, GGUF Q8_0) and the teacher backend "

@@ -73,7 +73,19 @@ def merge(paths: list[Path]) -> dict:
                 "precision": recovery["precision"],
                 "source": str(path),
             }
-    return {"teacher": teacher, "students": rows, "groups": groups(rows)}
+    machines = sorted(
+        {
+            json.dumps(m, sort_keys=True)
+            for m in (json.loads(p.read_text()).get("machine") for p in paths)
+            if m
+        }
+    )
+    return {
+        "machines": [json.loads(m) for m in machines],
+        "teacher": teacher,
+        "students": rows,
+        "groups": groups(rows),
+    }
 
 
 def stat(xs: list[float]) -> dict:
@@ -129,9 +141,12 @@ def plot(res: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120, sharey=True)
     objectives = sorted({g["objective"] for g in res["groups"]})
+    ratios = [g["param_ratio"] for g in res["groups"]]
+    span = (max(ratios) - min(ratios)) or 0.1  # one size: a 0.1-wide axis around it
     for ax, mode in zip(axes, ("explain", "answer"), strict=True):
+        ax.set_xlim(min(ratios) - 0.15 * span, max(ratios) + 0.15 * span)
         for i, obj in enumerate(objectives):
-            dx = 0.004 * (i - (len(objectives) - 1) / 2)  # side by side where sizes coincide
+            dx = 0.015 * span * (i - (len(objectives) - 1) / 2)  # side by side where sizes coincide
             cells = sorted(
                 (g for g in res["groups"] if g["objective"] == obj), key=lambda g: g["param_ratio"]
             )
@@ -146,11 +161,11 @@ def plot(res: dict, path: Path) -> None:
                 if len(by_seed) > 1:
                     color = drawn.lines[0].get_color()
                     ax.scatter(
-                        [g["param_ratio"]] * len(by_seed), [100 * a for a in by_seed], s=9, color=color
+                        [g["param_ratio"] + dx] * len(by_seed), [100 * a for a in by_seed], s=9, color=color
                     )
                 label = "/".join(map(str, g["steps"]))
                 ax.annotate(
-                    label, (g["param_ratio"], y), fontsize=6, xytext=(3, 3), textcoords="offset points"
+                    label, (g["param_ratio"] + dx, y), fontsize=6, xytext=(3, 3), textcoords="offset points"
                 )
         t = 100 * res["teacher"]["heldout"]["accuracy"]
         ax.axhline(t, color="black", ls=":", label=f"teacher greedy, explain ({t:.1f}%)")
@@ -174,9 +189,10 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     res = merge(args.inputs)
-    out = Path(args.out)
-    atomic_write_json(out.with_suffix(".json"), res)
-    plot(res, out.with_suffix(".png"))
+    # appended, not with_suffix: a name such as run_t4.5_3seeds has a dot that is not a suffix
+    out = args.out.removesuffix(".json").removesuffix(".png")
+    atomic_write_json(Path(f"{out}.json"), res)
+    plot(res, Path(f"{out}.png"))
     for name, r in sorted(
         res["students"].items(), key=lambda kv: (-kv[1]["param_ratio"], kv[1]["objective"])
     ):

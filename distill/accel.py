@@ -19,6 +19,7 @@ import atexit
 import datetime
 import logging
 import os
+import platform
 import sys
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -176,6 +177,27 @@ def _cpu_flags() -> set[str]:
     except OSError:
         return set()
     return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split()}
+
+
+def cpu_info() -> dict[str, Any]:
+    """What a benchmark records of the CPU it ran on: its model and the flags that change training speed
+    here (machines of one kind differ: AVX-512 or not, AVX512-BF16, AMX)."""
+    model = ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        model = next(
+            (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), ""
+        )
+    except OSError:
+        pass
+    flags = _cpu_flags()
+    return {
+        "cpu": model or platform.processor(),
+        "cores": os.cpu_count(),
+        "avx512": "avx512f" in flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "amx_bf16": "amx_bf16" in flags,
+    }
 
 
 def cpu_has_bf16() -> bool:
