@@ -119,10 +119,7 @@ def test_on_policy_recovery_lowers_the_divergence_on_the_students_samples(tmp_pa
     m = json.loads((out / "manifest.json").read_text())["metrics"]
     after = _divergence(load_student(out / "model")[0], teacher, tok, questions, 0.5)
     assert m["onpolicy_steps"] == 20 and m["onpolicy_prompts"] == 30
-    # The drop is CPU-dependent (kernels change the samples): under 0.7x on the Xeon where this was written,
-    # 0.68-0.73x on a 2-core AMD EPYC with AVX-512 (three sets of 4 questions); training that learns
-    # nothing stays near 1x.
-    assert after < 0.8 * before, (before, after)
+    assert after < 0.7 * before, (before, after)
 
 
 def test_mix_takes_its_share_of_steps_on_policy(tmp_path, student_dir, teacher_dir):
