@@ -115,10 +115,12 @@ def test_on_policy_recovery_lowers_the_divergence_on_the_students_samples(tmp_pa
     teacher, tok = load_student(teacher_dir)
     questions = [f"What is {a} + {b}?" for a, b in ((2, 3), (4, 1), (6, 2), (0, 5))]
     before = _divergence(load_student(student_dir)[0], teacher, tok, questions, 0.5)
-    out = train(_cfg(run, student_dir, teacher_dir, steps=20))
+    # 30 steps: after 20 the divergence had fallen to 0.71x on a 2-core AMD EPYC (the samples follow the
+    # CPU's kernels) and under 0.7x on a Xeon; after 30 it is 0.59x on the EPYC.
+    out = train(_cfg(run, student_dir, teacher_dir, steps=30))
     m = json.loads((out / "manifest.json").read_text())["metrics"]
     after = _divergence(load_student(out / "model")[0], teacher, tok, questions, 0.5)
-    assert m["onpolicy_steps"] == 20 and m["onpolicy_prompts"] == 30
+    assert m["onpolicy_steps"] == 30 and m["onpolicy_prompts"] == 30
     assert after < 0.7 * before, (before, after)
 
 
