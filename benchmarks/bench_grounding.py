@@ -20,20 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-
-def cpu() -> dict:
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "")
-    flags = next((ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), [])
-    return {"model": model or platform.processor(), "avx512": "avx512f" in flags}
 
 
 def labelled(seeds: list[int]) -> dict:
@@ -118,9 +110,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "grounding.json")
     args = ap.parse_args()
 
+    from nestling.distill.accel import cpu_info
+
     from nestling.core.manifest import atomic_write_json
 
-    out = {"cpu": cpu(), "labelled": labelled(args.seeds), "bounded": bounded()}
+    out = {"cpu": cpu_info(), "labelled": labelled(args.seeds), "bounded": bounded()}
     real = args.traces or next(iter(sorted(ROOT.glob("benchmarks/results/**/traces.jsonl"))), None)
     out["real_traces"] = real_traces(real) if real else "none committed under benchmarks/results"
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
 import subprocess
 import sys
@@ -36,12 +35,6 @@ for d in md.distributions():
     out[d.metadata["Name"]] = total
 print(json.dumps(out))
 """
-
-
-def cpu_info() -> dict[str, object]:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = re.search(r"model name\s*:\s*(.+)", text)
-    return {"cpu": model[1] if model else platform.processor(), "avx512": "avx512f" in text}
 
 
 def constraints(variant: list[str], tmp: Path) -> Path:
@@ -118,6 +111,8 @@ def main() -> None:
     variants = [[]] + [v.split(",") for v in args.variant]
     results = [measure(args.extra, v) for v in variants]
     out = args.out or RESULTS / f"install_{args.extra}.json"
+    from nestling.distill.accel import cpu_info
+
     out.write_text(json.dumps({**cpu_info(), "extra": args.extra, "results": results}, indent=2) + "\n")
     plot(results, out.with_suffix(".png"))
     for r in results:

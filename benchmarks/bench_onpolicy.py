@@ -14,7 +14,6 @@ accuracy the right way on this machine, not what SmolLM2 students will do.
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,13 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from nestling.distill.accel import cpu_info  # noqa: E402
+
 from nestling.core.manifest import atomic_write_json  # noqa: E402
-
-
-def cpu_info() -> dict:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "")
-    return {"cpu": model or platform.processor(), "avx512": "avx512f" in text}
 
 
 def accuracy(model_dir: Path, held: list[dict]) -> float:

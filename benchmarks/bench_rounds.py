@@ -17,27 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import time
 from pathlib import Path
 
+from nestling.distill.accel import cpu_info
+
 from nestling.core.manifest import read_json
 
 HERE = Path(__file__).resolve().parent
-
-
-def cpu_info() -> dict:
-    flags = ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        model = next(
-            (line.split(":", 1)[1].strip() for line in text.splitlines() if "model name" in line), ""
-        )
-        flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    except OSError:
-        model = platform.processor()
-    return {"cpu": model, "avx512": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags}
 
 
 def prepare(run: Path, args: argparse.Namespace) -> None:

@@ -48,11 +48,13 @@ def objective_of(c: dict) -> str:
 
 def merge(paths: list[Path]) -> dict:
     rows: dict[str, dict] = {}
-    teacher = None
+    teacher, machines = None, []
     for path in paths:
         res = json.loads(path.read_text())
         run = Path(res["run"])
         teacher = teacher or res["teacher"]
+        if res.get("machine") and res["machine"] not in machines:
+            machines.append(res["machine"])
         for name, row in res["students"].items():
             config = compress_config(run, name)
             if config is None or name in rows:
@@ -73,15 +75,8 @@ def merge(paths: list[Path]) -> dict:
                 "precision": recovery["precision"],
                 "source": str(path),
             }
-    machines = sorted(
-        {
-            json.dumps(m, sort_keys=True)
-            for m in (json.loads(p.read_text()).get("machine") for p in paths)
-            if m
-        }
-    )
     return {
-        "machines": [json.loads(m) for m in machines],
+        "machines": machines,
         "teacher": teacher,
         "students": rows,
         "groups": groups(rows),

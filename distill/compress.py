@@ -223,7 +223,9 @@ def compress(cfg: CompressConfig) -> Path:
     teacher_params = count_params(model)
     data = _Data.load(run, cfg)
     model, tok, trim_dir, kept = _trim(model, tok, run, cfg, data, inputs)
-    fresh, stats = _fresh_answers(model, tok, trim_dir.parent, data.drawn[: cfg.fresh], kept, inputs, cfg)
+    fresh, stats = _fresh_answers(
+        model, tok, trim_dir.parent, data.drawn[: cfg.fresh], kept, inputs, cfg.progress
+    )
     model, layers, scores = _prune(model, tok, cfg, data.rows)
     params = count_params(model)
     log.info("compact %s: layers %s, %.2fM parameters (%.2fx)", cfg.name, layers, params / 1e6,
@@ -308,7 +310,7 @@ def _fresh_answers(
     drawn: list[Any],
     kept: list[int],
     inputs: dict[str, Any],
-    cfg: CompressConfig,
+    progress: bool,
 ) -> tuple[list[dict], dict[str, Any]]:
     """The trimmed source's verified answers to `drawn`, cached under trim_dir/fresh: 400 of them took 1.2-2
     minutes on 2 cores, beside a 4.5-minute recovery, and every student cut from one source with one seed
@@ -321,7 +323,7 @@ def _fresh_answers(
     if cached is not None:
         log.info("fresh answers: %d rows cached in %s", len(cached["rows"]), path)
         return cached["rows"], cached["stats"]
-    rows, stats = fresh_rows(model, tok, drawn, cfg.progress)
+    rows, stats = fresh_rows(model, tok, drawn, progress)
     atomic_write_json(path, {"questions": len(questions), "rows": rows, "stats": stats})
     return rows, stats
 
