@@ -1,5 +1,5 @@
 """`nestling traces | train | eval | distill`: what distill's commands print. The command map (flags from each
-config dataclass) is nestling/cli.py; heavy imports stay inside these functions."""
+config dataclass) is the root's cli.py; heavy imports stay inside these functions."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """`nestling export STUDENT_DIR --out DIR`: what the export command prints. The command map (flags from
-ExportConfig) is nestling/cli.py; torch loads inside export_student."""
+ExportConfig) is the root's cli.py; torch loads inside export_student."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
-"""Check the import contracts (pyproject's [tool.importlinter]) on this checkout:
+"""Check the import contracts (pyproject's [tool.importlinter]) on a tree:
 
-    python3 scripts/lint_imports.py
+    python3 scripts/lint_imports.py        # this checkout; the same as a bare `lint-imports` at its root
 
-A bare `lint-imports` cannot: it reads packages from the file system, where nestling.distill, nestling.export
-and nestling.serve are ../distill, ../export and ../serve (pyproject's package-dir mapping), so it reports
-"module nestling.export does not exist". This lays the package out as installed, in a temporary folder, and
-runs lint-imports there with the checkout's contracts. tests/test_layers.py runs the same function.
+The repository root is the package (pyproject: package-dir nestling = "."), so at the root a bare
+`lint-imports` walks the installed tree. A copy of the tree elsewhere (tests/test_layers.py plants a forbidden
+import in one) is not what `import nestling` finds, so this lays the copy out as a `nestling/` folder in a
+temporary directory and runs lint-imports there, where its working directory comes first on sys.path.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,12 +21,8 @@ SKIP = shutil.ignore_patterns(".git", "runs", "build", "dist", "*.egg-info", "__
 
 
 def package_view(tree: Path, dest: Path) -> Path:
-    """The installed package's layout (pyproject's package-dir mapping applied), as a folder import-linter can
-    walk."""
-    mapping = tomllib.loads((tree / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
-    shutil.copytree(tree / "nestling", dest / "nestling", ignore=SKIP)
-    for name, folder in mapping.items():
-        shutil.copytree(tree / folder, dest / Path(*name.split(".")), ignore=SKIP)
+    """`tree` as a `nestling/` folder under `dest`, which import-linter finds before the installed package."""
+    shutil.copytree(tree, dest / "nestling", ignore=SKIP)
     return dest
 
 

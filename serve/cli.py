@@ -1,5 +1,5 @@
 """`nestling serve | ask`: what the runtime's commands do and print (torch-free; the command map, with flags
-from AskConfig and Settings, is nestling/cli.py).
+from AskConfig and Settings, is the root's cli.py).
 
     nestling ask runs/default/exports/tiny "What is 7 + 5?"            # steps, answer, one latency line
     nestling ask runs/default/exports/tiny "What is 7 + 5?" --no-explain

@@ -307,9 +307,8 @@ def test_chat_answer_only_mode_via_the_explain_extension(client):
 def test_cli_serve_exits_2_when_the_background_load_fails(tmp_path, capsys):
     import socket
 
-    from serve_fakes import make_fake_export
-
     from nestling import cli as nestling_cli
+    from serve_fakes import make_fake_export
 
     export = make_fake_export(tmp_path, variants={"gguf-x": "gguf"})
     (export / "gguf" / "gguf-x.bin").write_text("fake-model gguf-x\n" + "y" * 100)  # same size, new bytes

@@ -7,11 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from nestling import cli as nestling_cli
 from nestling.distill.tasks import TaskScorer
 from nestling.export.parity import Prompt
 from nestling.export.pipeline import VARIANTS, ExportConfig, export_student, student_fingerprint
 
-from nestling import cli as nestling_cli
 from nestling.core.errors import NestlingError
 from nestling.core.manifest import read_manifest, verify_files
 

@@ -201,9 +201,8 @@ def test_phi3_gguf_student_without_byte_fallback_is_refused_at_once(tmp_path, ca
     drops spaces and every character outside the vocabulary, which no llama.cpp tokenizer does. Refused
     at second 0 with that reason, nothing written."""
     import torch
-    from nestling.distill.students import init_student
-
     from nestling import cli as nestling_cli
+    from nestling.distill.students import init_student
 
     torch.set_num_threads(1)
     texts = family_texts() + TRICKY * 3

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+from nestling import cli as nestling_cli
 from nestling.distill.filters import FilterConfig, filter_traces, shorten, training_steps, training_text
 from nestling.distill.prompts import teacher_messages
 from nestling.distill.tasks import Example
@@ -26,7 +27,6 @@ from nestling.distill.teachers import (
 from nestling.distill.traces import TracesConfig, run_traces
 from teacher_fakes import StandIn
 
-from nestling import cli as nestling_cli
 from nestling.core.errors import NestlingError
 from nestling.core.manifest import read_manifest
 

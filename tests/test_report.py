@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
-from serve_fakes import make_fake_export, register_fake
-
 from nestling import report as nestling_report
+from serve_fakes import make_fake_export, register_fake
 
 
 def _report():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from nestling import cli as nestling_cli
 
 pytestmark = pytest.mark.slow

@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from nestling import cli as nestling_cli
 from nestling.distill.teachers import Generation, Teacher
 from nestling.distill.traces import TracesConfig, TraceStore, run_traces
 
-from nestling import cli as nestling_cli
 from nestling.core.errors import NestlingError
 from nestling.core.manifest import read_manifest
 

@@ -10,10 +10,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from nestling.core.config import check
-from nestling.core.rundir import RunDir
 from nestling.distill.pipeline import DistillConfig
 from nestling.distill.teachers import DEFAULT_TEACHER
+
+from nestling.core.config import check
+from nestling.core.rundir import RunDir
 from nestling.latency import measure_calculator, measure_export
 from nestling.report import collect_report, write_report
 
