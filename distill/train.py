@@ -107,9 +107,9 @@ class TrainConfig:
     max_minutes: float = field(
         default=0.0,
         metadata={
-            "help": "wall-clock budget: --steps is cut to what fits at the speed measured every 8 steps "
-            "through the first half of the plan (never under min(steps, 20)); warmup and schedule follow "
-            "the cut (0 = no budget)"
+            "help": "wall-clock budget: --steps is cut to what fits at the speed measured every 8 steps, "
+            "re-planned to the end (never under min(steps, 20)); warmup and schedule follow the cut "
+            "(0 = no budget)"
         },
     )
     max_len: int = field(default=192, metadata={"help": "longest example in tokens"})
@@ -410,15 +410,32 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, Any]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "weights": weights}
 
 
-def lr_at(step: int, cfg: TrainConfig, total: int | None = None, warmup: int | None = None) -> float:
+def lr_at(
+    step: int,
+    cfg: TrainConfig,
+    total: int | None = None,
+    warmup: int | None = None,
+    anchor: tuple[int, float] | None = None,
+) -> float:
     """Linear warmup to cfg.lr, then cosine decay to cfg.lr * min_lr_ratio at the last step (`total` and
-    `warmup`: the budget's cut of cfg.steps and cfg.warmup, when there is one)."""
+    `warmup`: the budget's cut of cfg.steps and cfg.warmup, when there is one). `anchor` (step, progress):
+    where the budget last re-planned `total`, so the cosine goes on from the progress it had reached there
+    and spreads the rest over the new plan, without a jump in the learning rate."""
     warmup = cfg.warmup if warmup is None else warmup
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, (total or cfg.steps) - warmup)
+    return cosine_lr(cfg, cosine_progress(step, total or cfg.steps, warmup, anchor))
+
+
+def cosine_progress(step: int, total: int, warmup: int, anchor: tuple[int, float] | None) -> float:
+    """How far along the cosine `step` is (0 at the end of warmup, 1 at `total`)."""
+    at, done = anchor if anchor and anchor[0] >= warmup else (warmup, 0.0)
+    return min(1.0, done + (1.0 - done) * max(0, step - at) / max(1, total - at))
+
+
+def cosine_lr(cfg: TrainConfig, progress: float) -> float:
     floor = cfg.lr * cfg.min_lr_ratio
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
 def target_positions(labels: Any) -> Any:
@@ -781,7 +798,7 @@ def train_step(job: Job, step: int) -> tuple[float, int]:
     import torch
 
     cfg = job.cfg
-    lr = lr_at(step, cfg, planned_steps(job), job.state.get("planned_warmup"))
+    lr = lr_at(step, cfg, planned_steps(job), job.state.get("planned_warmup"), lr_anchor(job))
     for group in job.optimizer.param_groups:
         group["lr"] = lr
     loss, tokens = 0.0, 0
@@ -868,10 +885,11 @@ def fit(job: Job) -> None:
 
 # --max-minutes measures the speed over windows of these steps, the first after step 1 (which pays for
 # allocation and warm-up), and plans the steps that fit. Steps differ in cost with their batch's longest row,
-# and the first ones run slow: the default run's first 4 steps measured 7.3 s/step where its 37 steps then
-# averaged 5.9, and a recovery's first 8 steps 4.04 s/step where the next 57 took 3.1, so one early
-# measurement left a fifth of the budget unspent. Each later window re-plans from its own speed and the time
-# left, while the run is in the first half of its plan (the cosine then moves by a few percent at most).
+# and the speed drifts: the default run's first 4 steps measured 7.3 s/step where its 37 steps then averaged
+# 5.9, a recovery's first 8 steps 4.04 s/step where the next 57 took 3.1, and on-policy steps get faster all
+# through a run as the student learns to stop (its samples shorten): re-planned only in the first half of the
+# plan, three 0.248x on-policy recoveries trained 186-254 s of a 270 s budget. So every window re-plans, to
+# the end, from its own speed and the time left, and the cosine goes on from where it was (lr_anchor).
 BUDGET_PROBE_STEPS = 8
 BUDGET_MIN_STEPS = 20
 
@@ -880,6 +898,11 @@ def planned_steps(job: Job) -> int:
     """cfg.steps, or the budget's cut of them once measured (kept in the checkpoints' sidecar, so a resumed
     run follows the same schedule)."""
     return int(job.state.get("planned_steps") or job.cfg.steps)
+
+
+def lr_anchor(job: Job) -> tuple[int, float] | None:
+    anchor = job.state.get("lr_anchor")
+    return (int(anchor[0]), float(anchor[1])) if anchor else None
 
 
 def plan_budget(job: Job) -> bool:
@@ -892,24 +915,26 @@ def plan_budget(job: Job) -> bool:
     if step == 1:
         state["budget_from"] = state["window_from"] = state["seconds"]
         return False
-    first = "planned_steps" not in state
-    late = not first and 2 * step > planned_steps(job)
-    if (step - 1) % BUDGET_PROBE_STEPS or "window_from" not in state or late:
+    if (step - 1) % BUDGET_PROBE_STEPS or "window_from" not in state:
         return False
     per_step = (state["seconds"] - state["window_from"]) / BUDGET_PROBE_STEPS
     per_step = all_reduce_sum(per_step, job.rt) / job.rt.world
     state["window_from"] = state["seconds"]
     left = cfg.max_minutes * 60 - (state["seconds"] - state["budget_from"])
     fit_steps = step - 1 + int(max(left, 0.0) / max(per_step, 1e-9))
-    before = planned_steps(job)
-    state["planned_steps"] = max(min(cfg.steps, BUDGET_MIN_STEPS), min(cfg.steps, fit_steps), step)
+    first, before = "planned_steps" not in state, planned_steps(job)
+    after = max(min(cfg.steps, BUDGET_MIN_STEPS), min(cfg.steps, fit_steps), step)
     if first:  # a cut keeps the warmup's share (cfg.warmup / cfg.steps), never ending before the probe
-        share = cfg.warmup * state["planned_steps"] // cfg.steps
+        share = cfg.warmup * after // cfg.steps
         state["planned_warmup"] = min(cfg.warmup, max(share, min(cfg.warmup, step)))
-    if state["planned_steps"] != before:
+    elif after != before and step > state["planned_warmup"]:
+        warmup = state["planned_warmup"]
+        state["lr_anchor"] = [step, cosine_progress(step, before, warmup, lr_anchor(job))]
+    state["planned_steps"] = after
+    if after != before:
         log.info(
             "%s: %d of %d steps fit --max-minutes %g at %.2f s/step; the schedule ends there",
-            job.name, state["planned_steps"], cfg.steps, cfg.max_minutes, per_step,
+            job.name, after, cfg.steps, cfg.max_minutes, per_step,
         )  # fmt: skip
     return True
 

@@ -18,6 +18,7 @@ from nestling.distill.train import (
     batch_indices,
     build_examples,
     collate,
+    cosine_progress,
     lr_at,
     train,
     training_rows,
@@ -403,7 +404,7 @@ def test_a_time_budget_cuts_the_steps_to_what_fits_and_the_schedule_follows(
     monkeypatch.setattr(
         train_mod,
         "lr_at",
-        lambda s, cfg, total=None, warmup=None: lrs.append(real_lr_at(s, cfg, total, warmup)) or lrs[-1],
+        lambda *a, **k: lrs.append(real_lr_at(*a, **k)) or lrs[-1],
     )
     run = make_run(tmp_path / "run")
     out = train(_cfg(run, steps=80, warmup=20, max_minutes=2.0))
@@ -436,6 +437,46 @@ def test_a_time_budget_replans_when_the_speed_changes(tmp_path, monkeypatch, pro
     assert metrics["steps"] == planned and metrics["steps_asked"] == 120
     spent = 8 * probe_s + (planned - 9) * then_s  # after step 1, which the budget does not count
     assert 120 - 2 * then_s <= spent <= 120  # short by under two steps (the plan counts step 1 as one)
+
+
+def test_a_time_budget_follows_steps_that_speed_up_to_the_end_without_a_jump_in_the_lr(tmp_path, monkeypatch):
+    """On-policy steps get faster all through a run (the student's samples shorten): here step k takes
+    max(0.6, 3 - 0.04 k) s against --max-minutes 2 of 300 steps. Planned from the early windows alone (or
+    re-planned only in the first half of the plan) the run ends with a fifth of the budget unspent; every
+    window re-planning to the end spends it to within two steps. The learning rate never rises after warmup
+    and still ends at the cosine's floor, so no re-plan makes it jump."""
+    import nestling.distill.train as train_mod
+
+    clock = {"calls": 0, "t": 0.0}
+    step_s = [max(0.6, 3.0 - 0.04 * k) for k in range(400)]
+
+    def fake_clock() -> float:  # read once before the loop and once after each step: call k ends step k
+        clock["t"] += step_s[clock["calls"]]
+        clock["calls"] += 1
+        return clock["t"]
+
+    lrs: list[float] = []
+    real_lr_at = train_mod.lr_at
+    monkeypatch.setattr(train_mod, "time", SimpleNamespace(perf_counter=fake_clock))
+    monkeypatch.setattr(train_mod, "lr_at", lambda *a, **k: lrs.append(real_lr_at(*a, **k)) or lrs[-1])
+    run = make_run(tmp_path / "run")
+    out = train(_cfg(run, steps=300, warmup=20, max_minutes=2.0))
+    metrics = json.loads((out / "manifest.json").read_text())["metrics"]
+    steps, warmup = metrics["steps"], metrics["warmup"]
+    spent = sum(step_s[2 : steps + 1])  # after step 1, which the budget does not count
+    assert 120 - 2 * 0.6 <= spent <= 120 + 0.6 and steps < 300
+    after_warmup = lrs[warmup:]
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(after_warmup, after_warmup[1:], strict=False))
+    assert lrs[-1] < 1.05 * 3e-4  # the floor (lr 3e-3 x 0.1), reached at the last planned step
+
+
+def test_re_planned_cosine_goes_on_from_where_it_was():
+    cfg = TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr_ratio=0.1)
+    before = lr_at(40, cfg, total=60)
+    progress = cosine_progress(40, 60, 10, None)
+    assert lr_at(40, cfg, total=90, anchor=(40, progress)) == pytest.approx(before)  # no jump at the re-plan
+    assert lr_at(40, cfg, total=90) > before * 1.2  # where an unanchored re-plan would have jumped to
+    assert lr_at(90, cfg, total=90, anchor=(40, progress)) == pytest.approx(1e-4)  # the floor at the new end
 
 
 def test_no_budget_runs_every_step():
