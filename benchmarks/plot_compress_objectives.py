@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -46,7 +47,9 @@ def objective_of(c: dict) -> str:
     return c["objective"]
 
 
-def merge(paths: list[Path]) -> dict:
+def merge(paths: list[Path], skip: str | None = None) -> dict:
+    """The compact students of every input, but those whose name matches `skip` (a regular expression): a
+    cell re-run with a changed recipe under its own --tag replaces the old one in the merge."""
     rows: dict[str, dict] = {}
     teacher, machines = None, []
     for path in paths:
@@ -57,7 +60,7 @@ def merge(paths: list[Path]) -> dict:
             machines.append(res["machine"])
         for name, row in res["students"].items():
             config = compress_config(run, name)
-            if config is None or name in rows:
+            if config is None or name in rows or (skip and re.search(skip, name)):
                 continue
             recovery = row["compress"]["recovery"]
             rows[name] = {
@@ -182,8 +185,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("inputs", nargs="+", type=Path, help="bench_compress.py JSON outputs")
     p.add_argument("--out", required=True)
+    p.add_argument("--skip", help="leave out the students whose name matches this regular expression")
     args = p.parse_args()
-    res = merge(args.inputs)
+    res = merge(args.inputs, args.skip)
     # appended, not with_suffix: a name such as run_t4.5_3seeds has a dot that is not a suffix
     out = args.out.removesuffix(".json").removesuffix(".png")
     atomic_write_json(Path(f"{out}.json"), res)
