@@ -470,6 +470,58 @@ def test_a_time_budget_follows_steps_that_speed_up_to_the_end_without_a_jump_in_
     assert lrs[-1] < 1.05 * 3e-4  # the floor (lr 3e-3 x 0.1), reached at the last planned step
 
 
+def test_a_budgeted_run_killed_after_late_re_plans_resumes_on_the_same_schedule(tmp_path, monkeypatch):
+    """The plan and the cosine's anchor live in the checkpoint's sidecar: a budgeted run that fails after its
+    late re-plans and is run again takes the same learning rates and ends at the same step as one that never
+    stopped. The clock advances by each step's own cost, so both runs see the same speeds."""
+    import nestling.distill.train as train_mod
+
+    step_s = [max(0.6, 3.0 - 0.04 * k) for k in range(400)]
+    clock = {"t": 0.0, "done": None}
+    real_train_step, real_lr_at = train_mod.train_step, train_mod.lr_at
+
+    def fake_clock() -> float:  # a step's cost lands when the loop reads the clock after it
+        if clock["done"] is not None:
+            clock["t"] += step_s[clock["done"]]
+            clock["done"] = None
+        return clock["t"]
+
+    def run_once(out: Path, fail_at: int | None) -> dict[int, float]:
+        lrs: dict[int, float] = {}
+
+        def step_fn(job, step):
+            if step == fail_at:
+                raise RuntimeError("killed")
+            clock["done"] = step
+            return real_train_step(job, step)
+
+        def lr_fn(step, *a, **k):
+            lrs[step] = real_lr_at(step, *a, **k)
+            return lrs[step]
+
+        monkeypatch.setattr(train_mod, "train_step", step_fn)
+        monkeypatch.setattr(train_mod, "lr_at", lr_fn)
+        cfg = _cfg(run, steps=300, warmup=20, max_minutes=2.0, checkpoint_every=8)
+        try:
+            train(cfg, out=out)
+        except RuntimeError:
+            pass
+        return lrs
+
+    monkeypatch.setattr(train_mod, "time", SimpleNamespace(perf_counter=fake_clock))
+    run = make_run(tmp_path / "run")
+    ref = run_once(tmp_path / "ref", None)
+    run_once(tmp_path / "b", 75)  # after the re-plans at steps 41-65, each past the first half of its plan
+    resumed = run_once(tmp_path / "b", None)
+    assert min(resumed) == 72  # from the checkpoint at step 72
+    assert resumed == pytest.approx({k: v for k, v in ref.items() if k >= 72}, rel=1e-12)
+    steps = [
+        json.loads((d / "manifest.json").read_text())["metrics"]["steps"]
+        for d in (tmp_path / "ref", tmp_path / "b")
+    ]
+    assert steps[0] == steps[1] == max(ref) + 1
+
+
 def test_re_planned_cosine_goes_on_from_where_it_was():
     cfg = TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr_ratio=0.1)
     before = lr_at(40, cfg, total=60)
