@@ -424,18 +424,15 @@ def lr_at(
     warmup = cfg.warmup if warmup is None else warmup
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    return cosine_lr(cfg, cosine_progress(step, total or cfg.steps, warmup, anchor))
+    progress = cosine_progress(step, total or cfg.steps, warmup, anchor)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
 def cosine_progress(step: int, total: int, warmup: int, anchor: tuple[int, float] | None) -> float:
     """How far along the cosine `step` is (0 at the end of warmup, 1 at `total`)."""
-    at, done = anchor if anchor and anchor[0] >= warmup else (warmup, 0.0)
+    at, done = anchor or (warmup, 0.0)
     return min(1.0, done + (1.0 - done) * max(0, step - at) / max(1, total - at))
-
-
-def cosine_lr(cfg: TrainConfig, progress: float) -> float:
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
 def target_positions(labels: Any) -> Any:
@@ -927,7 +924,8 @@ def plan_budget(job: Job) -> bool:
     if first:  # a cut keeps the warmup's share (cfg.warmup / cfg.steps), never ending before the probe
         share = cfg.warmup * after // cfg.steps
         state["planned_warmup"] = min(cfg.warmup, max(share, min(cfg.warmup, step)))
-    elif after != before and step > state["planned_warmup"]:
+    # Past warmup (a first plan gets there when cfg.warmup < the probe), pin the progress reached.
+    if after != before and step > state["planned_warmup"]:
         warmup = state["planned_warmup"]
         state["lr_anchor"] = [step, cosine_progress(step, before, warmup, lr_anchor(job))]
     state["planned_steps"] = after

@@ -522,6 +522,33 @@ def test_a_budgeted_run_killed_after_late_re_plans_resumes_on_the_same_schedule(
     assert steps[0] == steps[1] == max(ref) + 1
 
 
+@pytest.mark.parametrize("warmup", [3, 20])
+def test_every_re_plan_keeps_the_next_steps_learning_rate(warmup):
+    """Driven window by window, each plan (the first too, which a warmup shorter than the probe leaves past
+    warmup) hands the next step the learning rate the plan before it would have: the cosine never jumps."""
+    from nestling.distill.train import lr_anchor, plan_budget, planned_steps
+
+    cfg = TrainConfig(steps=300, warmup=warmup, lr=1e-3, min_lr_ratio=0.1, max_minutes=2.0)
+    job = SimpleNamespace(
+        cfg=cfg, state={"seconds": 0.0}, rt=SimpleNamespace(distributed=False, world=1), name="x"
+    )
+
+    def next_lr() -> float:
+        s = job.state
+        return lr_at(s["step"], cfg, planned_steps(job), s.get("planned_warmup"), lr_anchor(job))
+
+    checked = 0
+    for k in range(300):
+        job.state.update(step=k + 1, seconds=job.state["seconds"] + max(0.6, 3.0 - 0.04 * k))
+        if job.state["step"] >= planned_steps(job):
+            break
+        before = next_lr()
+        if plan_budget(job) and job.state["step"] > job.state["planned_warmup"]:
+            assert next_lr() == pytest.approx(before, rel=1e-12), f"step {k + 1}"
+            checked += 1
+    assert checked >= 8 and planned_steps(job) < 300
+
+
 def test_re_planned_cosine_goes_on_from_where_it_was():
     cfg = TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr_ratio=0.1)
     before = lr_at(40, cfg, total=60)
