@@ -170,29 +170,27 @@ def resolve_precision(name: str, device: Any) -> Any:
     return torch.bfloat16 if name == "bf16" else None
 
 
-def _cpu_flags() -> set[str]:
-    """Linux's CPU flags; empty where they cannot be read."""
+def _cpuinfo() -> str:
+    """Linux's /proc/cpuinfo; empty where it cannot be read."""
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return ""
+
+
+def _cpu_flags(text: str | None = None) -> set[str]:
+    text = _cpuinfo() if text is None else text
     return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split()}
 
 
 def cpu_info() -> dict[str, Any]:
     """What a benchmark records of the CPU it ran on: its model and the flags that change training speed
     here (machines of one kind differ: AVX-512 or not, AVX512-BF16, AMX)."""
-    model = ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        model = next(
-            (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), ""
-        )
-    except OSError:
-        pass
-    flags = _cpu_flags()
+    text = _cpuinfo()
+    lines = (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name"))
+    flags = _cpu_flags(text)
     return {
-        "cpu": model or platform.processor(),
+        "cpu": next(lines, "") or platform.processor(),
         "cores": os.cpu_count(),
         "avx512": "avx512f" in flags,
         "avx512_bf16": "avx512_bf16" in flags,
